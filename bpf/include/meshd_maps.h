@@ -1,0 +1,78 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause) */
+/* Maps of the socket load balancer. Names carry the project prefix and a layout version;
+ * the same names are used in Python (meshd/names.py) and as pin file names. Sizes are the
+ * defaults documented in docs/datapath.md; the loader may resize before load. */
+#ifndef MESHD_MAPS_H
+#define MESHD_MAPS_H
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "meshd_structs.h"
+
+#define MESHD_MAX_FRONTENDS 65536
+#define MESHD_MAX_GROUPS 65536
+#define MESHD_MAX_BACKENDS 262144
+#define MESHD_MAX_REVNAT 262144
+#define MESHD_DEFAULT_MAGLEV_M 16381
+
+/* VIP:port/proto -> frontend group id and backend count. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MESHD_MAX_FRONTENDS);
+	__type(key, struct meshd_svc_key);
+	__type(value, struct meshd_svc_val);
+} meshd_svc_v1 SEC(".maps");
+
+/* backend id -> address. Ids are allocated by the reconciler and stable while a backend exists. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MESHD_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct meshd_backend);
+} meshd_be_v1 SEC(".maps");
+
+/* Inner map template: ONE value holding the whole Maglev table (maglev_m backend ids), so
+ * that replacing a table is a single atomic swap of the inner map in the outer map. The
+ * loader sets value_size = maglev_m * 4 before load. */
+struct meshd_maglev_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(key_size, 4); /* no BTF types: value_size changes at load, BTF would not match */
+	__uint(value_size, MESHD_DEFAULT_MAGLEV_M * 4);
+};
+
+/* frontend group id -> its Maglev table (inner map). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, MESHD_MAX_GROUPS);
+	__type(key, __u32);
+	__array(values, struct meshd_maglev_inner);
+} meshd_maglev_v1 SEC(".maps");
+
+/* (socket cookie, backend) -> VIP, for recvmsg/getpeername. LRU: entries of closed sockets
+ * age out without a delete on close. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MESHD_MAX_REVNAT);
+	__type(key, struct meshd_revnat_key);
+	__type(value, struct meshd_revnat_val);
+} meshd_revnat_v1 SEC(".maps");
+
+/* [0] -> what the pinned maps were created with (see struct meshd_meta). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct meshd_meta);
+} meshd_meta_v1 SEC(".maps");
+
+/* frontend group id -> its group key for tools; never read by BPF, so not preallocated. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESHD_MAX_GROUPS);
+	__type(key, __u32);
+	__type(value, struct meshd_svc_name);
+} meshd_names_v1 SEC(".maps");
+
+#endif

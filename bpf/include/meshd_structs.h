@@ -1,0 +1,81 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause) */
+/* Structs shared by the BPF programs and the Python control plane.
+ *
+ * Every struct here has exactly one Python mirror in meshd/dataplane/structs.py, and
+ * tests/kernel/test_btf_layout.py compares sizes and field offsets against the BTF of the
+ * compiled object. Rules: explicit padding, no bitfields, padding written as zero.
+ *
+ * Addresses are always 16 bytes in network byte order. IPv4 is stored IPv4-mapped
+ * (::ffff:a.b.c.d): a dual-stack AF_INET6 socket connecting to ::ffff:VIP (what Java and many
+ * runtimes do) then finds the same service entry as an AF_INET socket, with one lookup.
+ */
+#ifndef MESHD_STRUCTS_H
+#define MESHD_STRUCTS_H
+
+#include <linux/types.h>
+
+/* A frontend: VIP, port and protocol. Key of meshd_svc_v1. */
+struct meshd_svc_key {
+	__u32 addr[4];	/* VIP, network order, IPv4 as ::ffff:a.b.c.d */
+	__u16 port;	/* VIP port, network order */
+	__u8 proto;	/* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;	/* zero */
+};
+
+/* Value of meshd_svc_v1. */
+struct meshd_svc_val {
+	__u32 id;	/* frontend group id (host order): key of meshd_maglev_v1 */
+	__u16 count;	/* usable backends (host order); 0: connect() fails ECONNREFUSED */
+	__u16 flags;	/* MESHD_SVC_F_*, host order; zero today */
+};
+
+/* Value of meshd_be_v1, keyed by a backend id (__u32, host order, never 0). */
+struct meshd_backend {
+	__u32 addr[4];	/* backend address, network order, IPv4 as ::ffff:a.b.c.d */
+	__u16 port;	/* backend port, network order */
+	__u8 proto;	/* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;	/* AF_INET or AF_INET6: the backend's own family */
+	__u32 flags;	/* zero today */
+};
+
+/* Reverse translation for one socket talking to one backend: key of meshd_revnat_v1.
+ * Written by connect/sendmsg, read by recvmsg/getpeername to show the VIP, not the backend. */
+struct meshd_revnat_key {
+	__u64 cookie;	/* bpf_get_socket_cookie() of the client socket */
+	__u32 addr[4];	/* backend address, network order, IPv4-mapped */
+	__u16 port;	/* backend port, network order */
+	__u16 pad;	/* zero */
+	__u32 pad2;	/* zero */
+};
+
+/* Value of meshd_revnat_v1: the address the application asked for. */
+struct meshd_revnat_val {
+	__u32 addr[4];	/* VIP, network order, IPv4-mapped */
+	__u16 port;	/* VIP port, network order */
+	__u16 pad;	/* zero */
+};
+
+/* Load-time settings (.rodata, set before load; the verifier sees them as constants). */
+struct meshd_cfg {
+	__u32 maglev_m;	/* Maglev table size (prime); inner map value is maglev_m * 4 bytes */
+	__u32 pad;	/* zero */
+};
+
+/* Value of meshd_meta_v1[0]: what the pinned maps were created with, so a restarted
+ * daemon can refuse to adopt maps of an incompatible layout instead of corrupting them. */
+struct meshd_meta {
+	__u32 maglev_m;	/* table size of every inner map in meshd_maglev_v1 */
+	__u32 layout;	/* MESHD_LAYOUT_VERSION at creation */
+};
+
+#define MESHD_LAYOUT_VERSION 1
+#define MESHD_SVC_NAME_LEN 160
+
+/* Value of meshd_names_v1 keyed by frontend group id: the group key, e.g.
+ * "namespace/name:port-name/ipv4", NUL-terminated.
+ * Not read by BPF; kept in the kernel so `meshd services` can label what the maps hold. */
+struct meshd_svc_name {
+	char name[MESHD_SVC_NAME_LEN];
+};
+
+#endif

@@ -1,0 +1,79 @@
+"""The `meshd` command. Errors are printed as one line with what to do, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from meshd import __version__
+from meshd.errors import MeshdError
+
+log = logging.getLogger("meshd")
+
+
+def _config(args):
+    from meshd.config import load_config
+    return load_config(Path(args.config) if args.config else None)
+
+
+def cmd_run(args) -> int:
+    from meshd import daemon
+    return daemon.run(Path(args.config) if args.config else None)
+
+
+def cmd_services(args) -> int:
+    from meshd.show import format_report, services_report
+    report = services_report(_config(args))
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    from meshd.dataplane import loader
+    cfg = _config(args)
+    removed = loader.remove(cfg.bpffs, cfg.instance)
+    print(f"removed {len(removed)} pins and links of instance {cfg.instance!r}"
+          if removed else f"instance {cfg.instance!r} had nothing pinned")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="meshd", description=__doc__)
+    p.add_argument("--version", action="version", version=f"meshd {__version__}")
+    p.add_argument("--log-level", default=None, help="debug|info|warning|error")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the daemon (keeps the kernel maps equal to the registry)")
+    r.add_argument("--config", "-c", help="config file (YAML); default: built-in defaults")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("services", help="print what the kernel maps hold")
+    s.add_argument("--config", "-c")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(fn=cmd_services)
+
+    c = sub.add_parser("cleanup", help="detach and unpin everything of this instance")
+    c.add_argument("--config", "-c")
+    c.set_defaults(fn=cmd_cleanup)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = (args.log_level or "info").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except MeshdError as e:
+        print(f"meshd: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""The reconciler's Dataplane, on the real pinned maps (see meshd.reconciler.Dataplane)."""
+
+from __future__ import annotations
+
+import ctypes as C
+import ipaddress
+import socket
+
+import numpy as np
+
+from meshd import names
+from meshd.desired import BackendRef, Frontend
+from meshd.reconciler import KernelSnapshot
+from meshd.dataplane import libbpf as bpf
+from meshd.dataplane import structs as S
+from meshd.dataplane.loader import Maps
+
+
+class KernelDataplane:
+    def __init__(self, maps: Maps):
+        self.maps = maps
+        self.maglev_m = maps.maglev_m
+
+    # ---- writes -----------------------------------------------------------------------------
+    def put_backend(self, bid: int, ref: BackendRef) -> None:
+        self.maps.backends.update(C.c_uint32(bid), S.backend(ref.address, ref.port, ref.protocol))
+
+    def delete_backend(self, bid: int) -> None:
+        self.maps.backends.delete(C.c_uint32(bid))
+
+    def put_table(self, gid: int, table: np.ndarray) -> None:
+        """Writes the table into a fresh inner map, then swaps it in: one atomic update."""
+        m = self.maglev_m
+        if table.shape != (m,):
+            raise ValueError(f"table has {table.shape[0]} slots, the maps hold {m}")
+        value = (C.c_uint32 * m).from_buffer_copy(np.ascontiguousarray(table, dtype=np.uint32))
+        fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, names.MAGLEV_INNER_NAME, 4, 4 * m, 1)
+        try:
+            inner = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m)
+            inner.update(C.c_uint32(0), value)
+            self.maps.maglev.update(C.c_uint32(gid), C.c_uint32(fd))
+        finally:
+            bpf.close_fd(fd)  # the outer map holds the reference now
+
+    def get_table(self, gid: int) -> np.ndarray | None:
+        inner_id = self.maps.maglev.lookup(C.c_uint32(gid))
+        if inner_id is None:
+            return None
+        fd = bpf.map_fd_by_id(inner_id.value, f"{names.MAP_MAGLEV}[{gid}]")
+        try:
+            m = self.maglev_m
+            value = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m).lookup(
+                C.c_uint32(0))
+        finally:
+            bpf.close_fd(fd)
+        return None if value is None else np.frombuffer(bytes(value), dtype=np.uint32).copy()
+
+    def delete_table(self, gid: int) -> None:
+        self.maps.maglev.delete(C.c_uint32(gid))
+
+    def put_frontend(self, fe: Frontend, gid: int, count: int) -> None:
+        self.maps.svc.update(S.svc_key(fe.vip, fe.port, fe.protocol), S.SvcVal(id=gid, count=count))
+
+    def delete_frontend(self, fe: Frontend) -> None:
+        self.maps.svc.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
+
+    def put_name(self, gid: int, key: str) -> None:
+        self.maps.names.update(C.c_uint32(gid), S.SvcName(name=key.encode()[:159]))
+
+    def delete_name(self, gid: int) -> None:
+        self.maps.names.delete(C.c_uint32(gid))
+
+    # ---- reads ------------------------------------------------------------------------------
+    def snapshot(self) -> KernelSnapshot:
+        snap = KernelSnapshot()
+        for k, v in self.maps.svc.items():
+            proto = S.PROTO_NAME.get(k.proto)
+            if proto is None:
+                continue
+            fe = Frontend(S.unpack_addr(k.addr), S.port_host(k.port), proto)
+            snap.frontends[fe] = (v.id, v.count)
+        for k, v in self.maps.backends.items():
+            addr = S.unpack_addr(v.addr)
+            if v.family == socket.AF_INET6 and addr.version == 4:
+                addr = ipaddress.IPv6Address(bytes(v.addr))  # a real ::ffff: backend
+            snap.backends[k.value] = BackendRef(addr, S.port_host(v.port),
+                                                S.PROTO_NAME.get(v.proto, str(v.proto)))
+        for k, v in self.maps.names.items():
+            snap.names[k.value] = v.name.decode(errors="replace")
+        snap.tables = {k.value for k in self.maps.maglev.keys()}
+        return snap

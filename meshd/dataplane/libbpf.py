@@ -1,0 +1,314 @@
+"""ctypes binding over the system libbpf.so.1 (Debian 12: libbpf 1.1.2).
+
+The only module in meshd that touches ctypes. Every failing call raises
+`BpfError(errno, op, object)`; libbpf's own log goes to the "meshd.libbpf" logger.
+Int-returning libbpf calls return -errno; pointer-returning calls return NULL and set errno.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import errno as _errno
+import logging
+import os
+from pathlib import Path
+from typing import Iterator
+
+from meshd.errors import BpfError
+
+log = logging.getLogger("meshd.libbpf")
+
+# enum bpf_map_type / bpf_attach_type values used by meshd (linux/bpf.h).
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_HASH_OF_MAPS = 13
+ATTACH_TYPES = {
+    "cgroup_sock_ops": 3,
+    "cgroup_inet4_connect": 10,
+    "cgroup_inet6_connect": 11,
+    "cgroup_udp4_sendmsg": 14,
+    "cgroup_udp6_sendmsg": 15,
+    "cgroup_udp4_recvmsg": 19,
+    "cgroup_udp6_recvmsg": 20,
+    "cgroup_inet4_getpeername": 29,
+    "cgroup_inet6_getpeername": 30,
+}
+BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
+
+_lib = C.CDLL("libbpf.so.1", use_errno=True)
+_libc = C.CDLL(None, use_errno=True)
+
+
+def _fn(name: str, restype, *argtypes):
+    f = getattr(_lib, name)
+    f.restype = restype
+    f.argtypes = list(argtypes)
+    return f
+
+
+vp, cp, i32, u32, u64, sz = C.c_void_p, C.c_char_p, C.c_int, C.c_uint32, C.c_uint64, C.c_size_t
+_open_file = _fn("bpf_object__open_file", vp, cp, vp)
+_obj_load = _fn("bpf_object__load", i32, vp)
+_obj_close = _fn("bpf_object__close", None, vp)
+_find_prog = _fn("bpf_object__find_program_by_name", vp, vp, cp)
+_find_map = _fn("bpf_object__find_map_by_name", vp, vp, cp)
+_prog_fd = _fn("bpf_program__fd", i32, vp)
+_map_fd = _fn("bpf_map__fd", i32, vp)
+_map_reuse_fd = _fn("bpf_map__reuse_fd", i32, vp, i32)
+_map_set_value_size = _fn("bpf_map__set_value_size", i32, vp, u32)
+_map_set_max_entries = _fn("bpf_map__set_max_entries", i32, vp, u32)
+_map_inner = _fn("bpf_map__inner_map", vp, vp)
+_map_set_initial = _fn("bpf_map__set_initial_value", i32, vp, vp, sz)
+_attach_cgroup = _fn("bpf_program__attach_cgroup", vp, vp, i32)
+_link_pin = _fn("bpf_link__pin", i32, vp, cp)
+_link_destroy = _fn("bpf_link__destroy", i32, vp)
+_link_fd = _fn("bpf_link__fd", i32, vp)
+_link_update = _fn("bpf_link_update", i32, i32, i32, vp)
+_link_detach = _fn("bpf_link_detach", i32, i32)
+_obj_get = _fn("bpf_obj_get", i32, cp)
+_obj_pin = _fn("bpf_obj_pin", i32, i32, cp)
+_get_info = _fn("bpf_obj_get_info_by_fd", i32, i32, vp, C.POINTER(u32))
+_prog_query = _fn("bpf_prog_query", i32, i32, i32, u32, C.POINTER(u32), vp, C.POINTER(u32))
+_update = _fn("bpf_map_update_elem", i32, i32, vp, vp, u64)
+_lookup = _fn("bpf_map_lookup_elem", i32, i32, vp, vp)
+_delete = _fn("bpf_map_delete_elem", i32, i32, vp)
+_next_key = _fn("bpf_map_get_next_key", i32, i32, vp, vp)
+_map_fd_by_id = _fn("bpf_map_get_fd_by_id", i32, u32)
+_map_create = _fn("bpf_map_create", i32, i32, cp, u32, u32, u32, vp)
+_num_cpus = _fn("libbpf_num_possible_cpus", i32)
+_set_print = _fn("libbpf_set_print", vp, vp)
+_vsnprintf = _libc.vsnprintf
+_vsnprintf.restype = i32
+_vsnprintf.argtypes = [C.c_char_p, sz, C.c_char_p, vp]
+
+# ---- libbpf log -> Python logging -------------------------------------------------------
+_PRINT_FN = C.CFUNCTYPE(i32, i32, C.c_char_p, vp)
+_LEVELS = {0: logging.WARNING, 1: logging.INFO, 2: logging.DEBUG}
+
+
+def _on_print(level: int, fmt: bytes, va_list: int) -> int:
+    buf = C.create_string_buffer(4096)
+    _vsnprintf(buf, len(buf), fmt, va_list)
+    text = buf.value.decode(errors="replace").rstrip()
+    if text:
+        log.log(_LEVELS.get(level, logging.DEBUG), "%s", text)
+    return 0
+
+
+_print_cb = _PRINT_FN(_on_print)  # module-level: ctypes must keep it alive
+_set_print(C.cast(_print_cb, vp))
+
+
+# ---- helpers ------------------------------------------------------------------------------
+def _check(ret: int, op: str, obj: str = "") -> int:
+    if ret < 0:
+        raise BpfError(-ret, op, obj)
+    return ret
+
+
+def _check_ptr(ptr: int | None, op: str, obj: str = "") -> int:
+    if not ptr:
+        raise BpfError(C.get_errno() or _errno.EINVAL, op, obj)
+    return ptr
+
+
+class _MapCreateOpts(C.Structure):
+    _fields_ = [("sz", sz), ("btf_fd", u32), ("btf_key_type_id", u32),
+                ("btf_value_type_id", u32), ("btf_vmlinux_value_type_id", u32),
+                ("inner_map_fd", u32), ("map_flags", u32), ("map_extra", u64),
+                ("numa_node", u32), ("map_ifindex", u32)]
+
+
+class MapInfo(C.Structure):
+    """Head of struct bpf_map_info (enough to check a pinned map's layout)."""
+    _fields_ = [("type", u32), ("id", u32), ("key_size", u32), ("value_size", u32),
+                ("max_entries", u32), ("map_flags", u32), ("name", C.c_char * 16),
+                ("ifindex", u32), ("btf_vmlinux_value_type_id", u32), ("netns_dev", u64),
+                ("netns_ino", u64), ("btf_id", u32), ("btf_key_type_id", u32),
+                ("btf_value_type_id", u32), ("_pad", u32), ("map_extra", u64)]
+
+
+class LinkInfo(C.Structure):
+    """Head of struct bpf_link_info with the cgroup union member."""
+    _fields_ = [("type", u32), ("id", u32), ("prog_id", u32), ("_pad", u32),
+                ("cgroup_id", u64), ("attach_type", u32), ("_pad2", u32),
+                ("_rest", C.c_uint8 * 64)]
+
+
+def num_possible_cpus() -> int:
+    return _check(_num_cpus(), "libbpf_num_possible_cpus")
+
+
+def close_fd(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# ---- objects, programs, links -------------------------------------------------------------
+class BpfObject:
+    """One opened (then loaded) ELF object: open -> configure -> load -> use -> close."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BpfError(_errno.ENOENT, "bpf_object__open_file",
+                           f"{self.path} (run scripts/setup to build the BPF objects)")
+        self._obj = _check_ptr(_open_file(str(self.path).encode(), None),
+                               "bpf_object__open_file", str(self.path))
+
+    def _map(self, name: str) -> int:
+        return _check_ptr(_find_map(self._obj, name.encode()), "bpf_object__find_map_by_name", name)
+
+    def _prog(self, name: str) -> int:
+        return _check_ptr(_find_prog(self._obj, name.encode()),
+                          "bpf_object__find_program_by_name", name)
+
+    def set_rodata(self, data: bytes, section: str = ".rodata") -> None:
+        buf = C.create_string_buffer(data, len(data))
+        _check(_map_set_initial(self._map(section), buf, len(data)),
+               "bpf_map__set_initial_value", section)
+
+    def set_inner_value_size(self, outer: str, size: int) -> None:
+        inner = _check_ptr(_map_inner(self._map(outer)), "bpf_map__inner_map", outer)
+        _check(_map_set_value_size(inner, size), "bpf_map__set_value_size", f"{outer}.inner")
+
+    def set_max_entries(self, name: str, n: int) -> None:
+        _check(_map_set_max_entries(self._map(name), n), "bpf_map__set_max_entries", name)
+
+    def reuse_map_fd(self, name: str, fd: int) -> None:
+        _check(_map_reuse_fd(self._map(name), fd), "bpf_map__reuse_fd", name)
+
+    def load(self) -> None:
+        _check(_obj_load(self._obj), "bpf_object__load", self.path.name)
+
+    def map_fd(self, name: str) -> int:
+        return _check(_map_fd(self._map(name)), "bpf_map__fd", name)
+
+    def prog_fd(self, name: str) -> int:
+        return _check(_prog_fd(self._prog(name)), "bpf_program__fd", name)
+
+    def attach_cgroup(self, prog: str, cgroup_fd: int, pin_path: Path) -> None:
+        """Attaches `prog` to a cgroup as a link and pins the link (it then outlives us)."""
+        link = _check_ptr(_attach_cgroup(self._prog(prog), cgroup_fd),
+                          "bpf_program__attach_cgroup", prog)
+        try:
+            _check(_link_pin(link, str(pin_path).encode()), "bpf_link__pin", str(pin_path))
+        finally:
+            _link_destroy(link)  # closes our fd; the pin keeps the link (or it detaches)
+
+    def close(self) -> None:
+        if self._obj:
+            _obj_close(self._obj)
+            self._obj = 0
+
+    def __enter__(self) -> "BpfObject":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def obj_get(path: Path) -> int:
+    return _check(_obj_get(str(path).encode()), "bpf_obj_get", str(path))
+
+
+def obj_pin(fd: int, path: Path) -> None:
+    _check(_obj_pin(fd, str(path).encode()), "bpf_obj_pin", str(path))
+
+
+def link_update(link_fd: int, prog_fd: int, what: str) -> None:
+    """Atomically replaces the program behind a link (zero-downtime upgrade)."""
+    _check(_link_update(link_fd, prog_fd, None), "bpf_link_update", what)
+
+
+def link_detach(link_fd: int, what: str) -> None:
+    _check(_link_detach(link_fd), "bpf_link_detach", what)
+
+
+def map_info(fd: int, what: str) -> MapInfo:
+    info = MapInfo()
+    n = u32(C.sizeof(info))
+    _check(_get_info(fd, C.byref(info), C.byref(n)), "bpf_obj_get_info_by_fd", what)
+    return info
+
+
+def link_info(fd: int, what: str) -> LinkInfo:
+    info = LinkInfo()
+    n = u32(C.sizeof(info))
+    _check(_get_info(fd, C.byref(info), C.byref(n)), "bpf_obj_get_info_by_fd", what)
+    return info
+
+
+def prog_query(cgroup_fd: int, attach_type: str) -> list[int]:
+    """Program ids attached to a cgroup at one attach point (links and legacy attachments)."""
+    ids = (u32 * 64)()
+    cnt = u32(64)
+    flags = u32(0)
+    _check(_prog_query(cgroup_fd, ATTACH_TYPES[attach_type], 0, C.byref(flags), ids,
+                       C.byref(cnt)), "bpf_prog_query", attach_type)
+    return list(ids[: cnt.value])
+
+
+# ---- maps ---------------------------------------------------------------------------------
+def map_fd_by_id(map_id: int, what: str) -> int:
+    return _check(_map_fd_by_id(map_id), "bpf_map_get_fd_by_id", what)
+
+
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+               inner_map_fd: int | None = None) -> int:
+    opts = None
+    if inner_map_fd is not None:
+        o = _MapCreateOpts(sz=C.sizeof(_MapCreateOpts), inner_map_fd=inner_map_fd)
+        opts = C.byref(o)
+    return _check(_map_create(map_type, name.encode(), key_size, value_size, max_entries, opts),
+                  "bpf_map_create", name)
+
+
+class Map:
+    """A map fd with ctypes key/value types. Owns the fd unless told otherwise."""
+
+    def __init__(self, fd: int, name: str, key_type, value_type):
+        self.fd, self.name = fd, name
+        self.key_type, self.value_type = key_type, value_type
+
+    def update(self, key, value, flags: int = BPF_ANY) -> None:
+        """`key`/`value` are ctypes objects (any buffer of the map's sizes)."""
+        _check(_update(self.fd, C.byref(key), C.byref(value), flags), "bpf_map_update_elem",
+               self.name)
+
+    def lookup(self, key):
+        value = self.value_type()
+        ret = _lookup(self.fd, C.byref(key), C.byref(value))
+        if ret == -_errno.ENOENT:
+            return None
+        _check(ret, "bpf_map_lookup_elem", self.name)
+        return value
+
+    def delete(self, key) -> bool:
+        """Deletes `key`; False if it was not there."""
+        ret = _delete(self.fd, C.byref(key))
+        if ret == -_errno.ENOENT:
+            return False
+        _check(ret, "bpf_map_delete_elem", self.name)
+        return True
+
+    def keys(self) -> Iterator:
+        prev, key = None, self.key_type()
+        while True:
+            ret = _next_key(self.fd, C.byref(prev) if prev is not None else None, C.byref(key))
+            if ret == -_errno.ENOENT:
+                return
+            _check(ret, "bpf_map_get_next_key", self.name)
+            yield key
+            prev, key = key, self.key_type()
+
+    def items(self) -> Iterator[tuple]:
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:  # deleted while we walked
+                yield key, value
+
+    def close(self) -> None:
+        close_fd(self.fd)

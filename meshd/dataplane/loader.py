@@ -1,0 +1,219 @@
+"""Load, pin, adopt and remove the socket-LB data plane of one meshd instance.
+
+Lifecycle: open the object -> set load-time config (.rodata, inner map size) -> reuse the
+maps already pinned under <bpffs>/meshd/<instance> (a restart or upgrade keeps every entry)
+-> load -> pin new maps -> attach each program to the cgroup as a pinned link, or swap the
+program inside an existing pinned link (bpf_link_update: atomic, no window without a hook).
+Pinned maps and links keep serving while no daemon runs; `remove()` takes it all away.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import logging
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshd import names
+from meshd.errors import DataplaneError
+from meshd.dataplane import libbpf as bpf
+from meshd.dataplane import structs as S
+
+log = logging.getLogger("meshd.dataplane")
+
+BPF_OBJ_DIR = Path(__file__).resolve().parent.parent / "bpf_obj"
+
+# Map name -> (key type, value type) as seen from user space. The Maglev outer map's value
+# is an inner map fd on update and an inner map id on lookup.
+MAP_TYPES = {
+    names.MAP_SVC: (S.SvcKey, S.SvcVal),
+    names.MAP_BACKENDS: (C.c_uint32, S.Backend),
+    names.MAP_MAGLEV: (C.c_uint32, C.c_uint32),
+    names.MAP_REVNAT: (S.RevnatKey, S.RevnatVal),
+    names.MAP_META: (C.c_uint32, S.Meta),
+    names.MAP_NAMES: (C.c_uint32, S.SvcName),
+}
+
+
+def object_path(name: str) -> Path:
+    return BPF_OBJ_DIR / name
+
+
+def ensure_bpffs(bpffs: Path) -> None:
+    """Mounts bpffs at `bpffs` if nothing of type bpf is mounted there."""
+    bpffs = Path(bpffs)
+    with open("/proc/self/mounts") as f:
+        if any(line.split()[1] == str(bpffs) and line.split()[2] == "bpf" for line in f):
+            return
+    bpffs.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise DataplaneError(f"cannot mount bpffs at {bpffs}: {r.stderr.strip()} "
+                             "(run as root, or mount it: mount -t bpf bpf /sys/fs/bpf)")
+    log.info("mounted bpffs at %s", bpffs)
+
+
+def cgroup_id(path: Path) -> int:
+    """cgroup v2 id = inode number of its directory."""
+    return os.stat(path).st_ino
+
+
+@dataclass
+class Maps:
+    """Open handles on the pinned maps of one instance."""
+    pin_dir: Path
+    maglev_m: int
+    svc: bpf.Map
+    backends: bpf.Map
+    maglev: bpf.Map
+    revnat: bpf.Map
+    meta: bpf.Map
+    names: bpf.Map
+
+    def close(self) -> None:
+        for m in (self.svc, self.backends, self.maglev, self.revnat, self.meta, self.names):
+            m.close()
+
+
+def _open_map(pin: Path, name: str) -> bpf.Map:
+    key_t, val_t = MAP_TYPES[name]
+    return bpf.Map(bpf.obj_get(pin), name, key_t, val_t)
+
+
+def open_pinned(bpffs: Path, instance: str) -> Maps:
+    """Opens the maps a running (or stopped) instance pinned, without loading anything."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    missing = [n for n in names.SOCK_LB_MAPS if not (pin_dir / n).exists()]
+    if missing:
+        raise DataplaneError(f"instance {instance!r} has no data plane at {pin_dir} "
+                             f"(missing {', '.join(missing)}); is `meshd run` started?")
+    opened = {n: _open_map(pin_dir / n, n) for n in names.SOCK_LB_MAPS}
+    meta = opened[names.MAP_META].lookup(C.c_uint32(0))
+    return Maps(pin_dir, meta.maglev_m if meta else 0, opened[names.MAP_SVC],
+                opened[names.MAP_BACKENDS], opened[names.MAP_MAGLEV], opened[names.MAP_REVNAT],
+                opened[names.MAP_META], opened[names.MAP_NAMES])
+
+
+def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
+    meta_pin = pin_dir / names.MAP_META
+    if not meta_pin.exists():
+        return
+    meta_map = _open_map(meta_pin, names.MAP_META)
+    try:
+        meta = meta_map.lookup(C.c_uint32(0))
+    finally:
+        meta_map.close()
+    if meta is None or meta.layout == 0:
+        return  # created but never stamped (crash during first setup): nothing to protect
+    if meta.layout != S.LAYOUT_VERSION:
+        raise DataplaneError(f"maps pinned at {pin_dir} have layout v{meta.layout}, this meshd "
+                             f"uses v{S.LAYOUT_VERSION}: run `meshd cleanup` for this instance")
+    if meta.maglev_m != maglev_m:
+        raise DataplaneError(
+            f"maps pinned at {pin_dir} hold Maglev tables of size {meta.maglev_m}, the config "
+            f"says maglev.table_size={maglev_m}: set it back to {meta.maglev_m}, or run "
+            "`meshd cleanup` (drops the pinned state) and start again")
+
+
+def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int) -> Maps:
+    """Loads (or adopts) the socket LB of `instance` and attaches it to `cgroup`."""
+    cgroup = Path(cgroup)
+    if not (cgroup / "cgroup.procs").exists():
+        raise DataplaneError(f"cgroup {cgroup} is not a cgroup v2 directory (on this machine "
+                             "cgroup2 is usually at /sys/fs/cgroup/unified); fix `cgroup:`")
+    ensure_bpffs(bpffs)
+    pin_dir = names.pin_dir(bpffs, instance)
+    pin_dir.mkdir(parents=True, exist_ok=True)
+    _check_adoptable(pin_dir, maglev_m)
+
+    with bpf.BpfObject(object_path(names.OBJ_SOCK_LB)) as obj:
+        obj.set_rodata(bytes(S.Cfg(maglev_m=maglev_m)))
+        obj.set_inner_value_size(names.MAP_MAGLEV, 4 * maglev_m)
+        adopted = []
+        for name in names.SOCK_LB_MAPS:
+            pin = pin_dir / name
+            if pin.exists():
+                fd = bpf.obj_get(pin)
+                try:
+                    obj.reuse_map_fd(name, fd)
+                finally:
+                    bpf.close_fd(fd)
+                adopted.append(name)
+        obj.load()
+        for name in names.SOCK_LB_MAPS:
+            if name not in adopted:
+                bpf.obj_pin(obj.map_fd(name), pin_dir / name)
+        log.info("socket LB loaded (maglev m=%d); adopted %d pinned maps", maglev_m, len(adopted))
+        _attach_all(obj, pin_dir, cgroup)
+        maps = {n: _open_map(pin_dir / n, n) for n in names.SOCK_LB_MAPS}
+
+    maps[names.MAP_META].update(C.c_uint32(0), S.Meta(maglev_m=maglev_m,
+                                                      layout=S.LAYOUT_VERSION))
+    return Maps(pin_dir, maglev_m, maps[names.MAP_SVC], maps[names.MAP_BACKENDS],
+                maps[names.MAP_MAGLEV], maps[names.MAP_REVNAT], maps[names.MAP_META],
+                maps[names.MAP_NAMES])
+
+
+def _attach_all(obj: bpf.BpfObject, pin_dir: Path, cgroup: Path) -> None:
+    want_cg = cgroup_id(cgroup)
+    cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for prog, attach in names.SOCK_LB_PROGRAMS.items():
+            pin = pin_dir / names.link_pin_name(prog)
+            if pin.exists():
+                link_fd = bpf.obj_get(pin)
+                try:
+                    info = bpf.link_info(link_fd, str(pin))
+                    if info.cgroup_id == want_cg:
+                        bpf.link_update(link_fd, obj.prog_fd(prog), prog)
+                        continue
+                    log.warning("%s was attached to another cgroup; moving it to %s", prog, cgroup)
+                    bpf.link_detach(link_fd, prog)
+                finally:
+                    bpf.close_fd(link_fd)
+                pin.unlink()
+            obj.attach_cgroup(prog, cg_fd, pin)
+    finally:
+        os.close(cg_fd)
+
+
+def attached_cgroup_ids(pin_dir: Path) -> dict[str, int | None]:
+    """program -> cgroup id its pinned link is attached to (None: no pinned link)."""
+    out: dict[str, int | None] = {}
+    for prog in names.SOCK_LB_PROGRAMS:
+        pin = pin_dir / names.link_pin_name(prog)
+        if not pin.exists():
+            out[prog] = None
+            continue
+        fd = bpf.obj_get(pin)
+        try:
+            out[prog] = bpf.link_info(fd, str(pin)).cgroup_id
+        finally:
+            bpf.close_fd(fd)
+    return out
+
+
+def remove(bpffs: Path, instance: str) -> list[str]:
+    """Detaches every link and removes every pin of `instance`. Returns what it removed."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    removed: list[str] = []
+    if not pin_dir.exists():
+        return removed
+    for pin in sorted(pin_dir.iterdir()):
+        if pin.name.startswith("link_"):
+            fd = bpf.obj_get(pin)
+            try:
+                bpf.link_detach(fd, pin.name)
+            finally:
+                bpf.close_fd(fd)
+        pin.unlink()
+        removed.append(str(pin))
+    pin_dir.rmdir()
+    removed.append(str(pin_dir))
+    try:
+        pin_dir.parent.rmdir()  # <bpffs>/meshd, if no other instance is left
+    except OSError:
+        pass
+    return removed

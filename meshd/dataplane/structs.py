@@ -1,0 +1,98 @@
+"""Python mirrors of the C structs in bpf/include/meshd_structs.h — one mirror per struct.
+
+tests/kernel/test_btf_layout.py checks every size and field offset here against the BTF of
+the compiled object, so a change on either side that is not made on the other fails CI.
+Addresses are 16 bytes, network order, IPv4 stored as ::ffff:a.b.c.d; ports network order.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import ipaddress
+import socket
+
+IPPROTO = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP}
+PROTO_NAME = {v: k for k, v in IPPROTO.items()}
+
+Addr16 = C.c_uint8 * 16
+
+
+class SvcKey(C.Structure):
+    _fields_ = [("addr", Addr16), ("port", C.c_uint16), ("proto", C.c_uint8), ("pad", C.c_uint8)]
+
+
+class SvcVal(C.Structure):
+    _fields_ = [("id", C.c_uint32), ("count", C.c_uint16), ("flags", C.c_uint16)]
+
+
+class Backend(C.Structure):
+    _fields_ = [("addr", Addr16), ("port", C.c_uint16), ("proto", C.c_uint8),
+                ("family", C.c_uint8), ("flags", C.c_uint32)]
+
+
+class RevnatKey(C.Structure):
+    _fields_ = [("cookie", C.c_uint64), ("addr", Addr16), ("port", C.c_uint16),
+                ("pad", C.c_uint16), ("pad2", C.c_uint32)]
+
+
+class RevnatVal(C.Structure):
+    _fields_ = [("addr", Addr16), ("port", C.c_uint16), ("pad", C.c_uint16)]
+
+
+class Cfg(C.Structure):
+    _fields_ = [("maglev_m", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class Meta(C.Structure):
+    _fields_ = [("maglev_m", C.c_uint32), ("layout", C.c_uint32)]
+
+
+class SvcName(C.Structure):
+    _fields_ = [("name", C.c_char * 160)]
+
+
+LAYOUT_VERSION = 1
+
+# C struct name -> mirror, for the BTF layout test.
+MIRRORS = {
+    "meshd_svc_key": SvcKey,
+    "meshd_svc_val": SvcVal,
+    "meshd_backend": Backend,
+    "meshd_revnat_key": RevnatKey,
+    "meshd_revnat_val": RevnatVal,
+    "meshd_cfg": Cfg,
+    "meshd_meta": Meta,
+    "meshd_svc_name": SvcName,
+}
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def pack_addr(ip: IPAddress) -> Addr16:
+    """16-byte network-order address; IPv4 as ::ffff:a.b.c.d."""
+    raw = ip.packed if ip.version == 6 else b"\0" * 10 + b"\xff\xff" + ip.packed
+    return Addr16.from_buffer_copy(raw)
+
+
+def unpack_addr(a: Addr16) -> IPAddress:
+    v6 = ipaddress.IPv6Address(bytes(a))
+    return v6.ipv4_mapped or v6
+
+
+def port_be(port: int) -> int:
+    """A host-order port as the c_uint16 whose memory holds it in network order."""
+    return socket.htons(port)
+
+
+def port_host(raw: int) -> int:
+    return socket.ntohs(raw)
+
+
+def svc_key(vip: IPAddress, port: int, protocol: str) -> SvcKey:
+    return SvcKey(addr=pack_addr(vip), port=port_be(port), proto=IPPROTO[protocol])
+
+
+def backend(addr: IPAddress, port: int, protocol: str) -> Backend:
+    family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
+    return Backend(addr=pack_addr(addr), port=port_be(port), proto=IPPROTO[protocol],
+                   family=family)

@@ -1,0 +1,43 @@
+"""Names shared by the BPF C code, pin paths and Python. Change them only with a layout bump."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+OBJ_SOCK_LB = "sock_lb.bpf.o"
+
+# Maps (C identifiers in bpf/include/meshd_maps.h; also the pin file names).
+MAP_SVC = "meshd_svc_v1"
+MAP_BACKENDS = "meshd_be_v1"
+MAP_MAGLEV = "meshd_maglev_v1"
+MAP_REVNAT = "meshd_revnat_v1"
+MAP_META = "meshd_meta_v1"
+MAP_NAMES = "meshd_names_v1"
+SOCK_LB_MAPS = (MAP_SVC, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_META, MAP_NAMES)
+
+# Name of each Maglev inner map the reconciler creates (kernel names are at most 15 chars).
+MAGLEV_INNER_NAME = "meshd_mglv_tbl"
+
+# Programs (C function names in bpf/sock_lb.bpf.c) and the cgroup attach point each one uses.
+# The pinned link of a program is called "link_<program>".
+SOCK_LB_PROGRAMS: dict[str, str] = {
+    "meshd_connect4": "cgroup_inet4_connect",
+    "meshd_connect6": "cgroup_inet6_connect",
+    "meshd_sendmsg4": "cgroup_udp4_sendmsg",
+    "meshd_sendmsg6": "cgroup_udp6_sendmsg",
+    "meshd_recvmsg4": "cgroup_udp4_recvmsg",
+    "meshd_recvmsg6": "cgroup_udp6_recvmsg",
+    "meshd_getpeer4": "cgroup_inet4_getpeername",
+    "meshd_getpeer6": "cgroup_inet6_getpeername",
+}
+
+RODATA = ".rodata"
+
+
+def pin_dir(bpffs: Path, instance: str) -> Path:
+    """Where one instance pins its maps and links: <bpffs>/meshd/<instance>."""
+    return Path(bpffs) / "meshd" / instance
+
+
+def link_pin_name(program: str) -> str:
+    return f"link_{program}"

@@ -1,0 +1,76 @@
+"""What the kernel maps of one instance hold, as data (`meshd services`)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from meshd.config import Config
+from meshd.daemon import status_path
+from meshd.dataplane import loader
+from meshd.dataplane.kernel import KernelDataplane
+
+
+def services_report(cfg: Config) -> dict:
+    maps = loader.open_pinned(cfg.bpffs, cfg.instance)
+    try:
+        dp = KernelDataplane(maps)
+        snap = dp.snapshot()
+        groups: dict[int, dict] = {}
+        for gid, key in snap.names.items():
+            groups[gid] = {"group": key, "id": gid, "frontends": [], "backends": [],
+                           "count": 0}
+        for fe, (gid, count) in sorted(snap.frontends.items(), key=lambda kv: str(kv[0])):
+            g = groups.setdefault(gid, {"group": f"<unnamed {gid}>", "id": gid, "frontends": [],
+                                        "backends": [], "count": 0})
+            g["frontends"].append(str(fe))
+            g["count"] = count
+        for gid, g in groups.items():
+            table = dp.get_table(gid) if gid in snap.tables else None
+            if table is not None:
+                for bid, slots in sorted(Counter(table.tolist()).items()):
+                    ref = snap.backends.get(bid)
+                    g["backends"].append({
+                        "id": bid, "backend": ref.name if ref else f"<missing {bid}>",
+                        "slots": slots, "share": round(slots / len(table), 4)})
+            g["state"] = ("serving" if g["count"] and g["backends"] else
+                          "no-backends (connect: ECONNREFUSED)" if g["frontends"] else "idle")
+        report = {"instance": cfg.instance, "pin_dir": str(maps.pin_dir),
+                  "maglev_table_size": maps.maglev_m,
+                  "cgroups": sorted({c for c in loader.attached_cgroup_ids(maps.pin_dir).values()
+                                     if c is not None}),
+                  "services": sorted(groups.values(), key=lambda g: g["group"])}
+    finally:
+        maps.close()
+    status = status_path(cfg)
+    if status.exists():
+        try:
+            doc = json.loads(status.read_text())
+            report["daemon"] = {k: doc.get(k) for k in ("pid", "synced_at", "source",
+                                                         "source_error", "services")}
+            report["rejected"] = doc.get("rejected", [])
+            report["errors"] = doc.get("errors", {})
+        except (OSError, ValueError):
+            pass
+    return report
+
+
+def format_report(r: dict) -> str:
+    lines = [f"instance {r['instance']}  pins {r['pin_dir']}  maglev m={r['maglev_table_size']}"]
+    if not r["services"]:
+        lines.append("  (no services in the kernel maps)")
+    for g in r["services"]:
+        lines.append(f"{g['group']}  [{g['state']}]")
+        for fe in g["frontends"]:
+            lines.append(f"  frontend {fe}")
+        for b in g["backends"]:
+            lines.append(f"  backend  {b['backend']:<32} slots {b['slots']:>6}  "
+                         f"share {b['share'] * 100:5.1f}%")
+    for rej in r.get("rejected", []):
+        lines.append(f"rejected: {rej['where']}: {rej['reason']}")
+    for what, err in r.get("errors", {}).items():
+        lines.append(f"error: {what}: {err}")
+    if r.get("daemon", {}).get("source_error"):
+        lines.append(f"source error: {r['daemon']['source_error']}")
+    return "\n".join(lines)

@@ -1,0 +1,231 @@
+"""Reconciler: fewest operations, safe order, errors contained — against an in-memory kernel
+that checks after EVERY map operation what a connecting socket could observe."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from meshd.desired import BackendRef, Frontend, desired_groups
+from meshd.errors import BpfError
+from meshd.model import parse_service
+from meshd.reconciler import KernelSnapshot, Reconciler
+
+M = 251
+
+
+class FakeKernel:
+    """Dict-backed maps. `check()` runs after each op: no frontend with backends may point at
+    a missing table, and no table may name a missing backend (a half-written service)."""
+
+    def __init__(self, m: int = M, backend_capacity: int = 10_000):
+        self.maglev_m = m
+        self.backends: dict[int, BackendRef] = {}
+        self.tables: dict[int, np.ndarray] = {}
+        self.frontends: dict[Frontend, tuple[int, int]] = {}
+        self.names: dict[int, str] = {}
+        self.capacity = backend_capacity
+        self.ops = 0
+
+    def check(self) -> None:
+        self.ops += 1
+        for fe, (gid, count) in self.frontends.items():
+            if count:
+                assert gid in self.tables, f"{fe} points at group {gid} with no table"
+        for gid, table in self.tables.items():
+            missing = set(table.tolist()) - set(self.backends)
+            assert not missing, f"table {gid} names missing backends {missing}"
+
+    def put_backend(self, bid, ref):
+        if bid not in self.backends and len(self.backends) >= self.capacity:
+            raise BpfError(errno.E2BIG, "bpf_map_update_elem", "meshd_be_v1")
+        self.backends[bid] = ref
+        self.check()
+
+    def delete_backend(self, bid):
+        del self.backends[bid]
+        self.check()
+
+    def put_table(self, gid, table):
+        assert table.shape == (self.maglev_m,)
+        self.tables[gid] = table.copy()
+        self.check()
+
+    def get_table(self, gid):
+        return self.tables.get(gid)
+
+    def delete_table(self, gid):
+        del self.tables[gid]
+        self.check()
+
+    def put_frontend(self, fe, gid, count):
+        self.frontends[fe] = (gid, count)
+        self.check()
+
+    def delete_frontend(self, fe):
+        del self.frontends[fe]
+        self.check()
+
+    def put_name(self, gid, key):
+        self.names[gid] = key
+
+    def delete_name(self, gid):
+        del self.names[gid]
+
+    def snapshot(self) -> KernelSnapshot:
+        return KernelSnapshot(dict(self.frontends), dict(self.backends), dict(self.names),
+                              set(self.tables))
+
+    def serving(self) -> dict[str, set[str]]:
+        """frontend -> backend names a socket could reach (what a user observes)."""
+        out = {}
+        for fe, (gid, count) in self.frontends.items():
+            out[str(fe)] = ({self.backends[b].name for b in self.tables[gid].tolist()}
+                            if count else set())
+        return out
+
+
+def svc(name: str, vip: str, eps: list[tuple[str, int]], port: int = 80, proto: str = "TCP",
+        ready: bool = True):
+    return parse_service({
+        "namespace": "default", "name": name, "vips": [vip],
+        "ports": [{"name": "p", "port": port, "protocol": proto}],
+        "endpoints": [{"address": a, "ports": {"p": 8080}, "weight": w, "ready": ready}
+                      for a, w in eps]}, where=name)
+
+
+def expected(services) -> dict[str, set[str]]:
+    out = {}
+    for g in desired_groups(services).values():
+        for fe in g.frontends:
+            out[str(fe)] = {r.name for r, _w in g.backends}
+    return out
+
+
+def test_add_update_remove_follow_desired_state():
+    k = FakeKernel()
+    r = Reconciler(k)
+    a = svc("a", "10.96.0.1", [("10.0.0.1", 1), ("10.0.0.2", 1)])
+    b = svc("b", "10.96.0.2", [("10.0.0.2", 1), ("10.0.0.3", 2)])
+    rep = r.apply(desired_groups([a, b]))
+    assert not rep.errors
+    assert k.serving() == expected([a, b])
+    assert len(k.backends) == 3  # 10.0.0.2:8080 shared by both, stored once
+
+    a2 = svc("a", "10.96.0.1", [("10.0.0.1", 1)])
+    r.apply(desired_groups([a2, b]))
+    assert k.serving() == expected([a2, b])
+
+    r.apply(desired_groups([b]))
+    assert k.serving() == expected([b])
+    assert set(k.names.values()) == {"default/b:p/ipv4"}
+    assert {ref.name for ref in k.backends.values()} == {"10.0.0.2:8080/TCP", "10.0.0.3:8080/TCP"}
+
+    r.apply({})
+    assert (k.frontends, k.tables, k.backends, k.names) == ({}, {}, {}, {})
+
+
+def test_unchanged_state_costs_no_map_operation():
+    k = FakeKernel()
+    r = Reconciler(k)
+    d = desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)])])
+    r.apply(d)
+    before = k.ops
+    rep = r.apply(d)
+    assert sum(rep.ops.values()) == 0 and k.ops == before
+
+
+def test_one_endpoint_change_rewrites_one_table_only():
+    k = FakeKernel()
+    r = Reconciler(k)
+    many = [svc(f"s{i}", f"10.96.1.{i}", [("10.0.0.1", 1)]) for i in range(1, 50)]
+    r.apply(desired_groups(many))
+    many[7] = svc("s8", "10.96.1.8", [("10.0.0.1", 1), ("10.0.0.9", 1)])
+    rep = r.apply(desired_groups(many))
+    assert rep.ops == {"put_backend": 1, "put_table": 1, "put_frontend": 1}
+
+
+def test_no_usable_backend_keeps_frontend_with_count_zero():
+    k = FakeKernel()
+    r = Reconciler(k)
+    r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)])]))
+    r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)], ready=False)]))
+    (fe, (gid, count)), = k.frontends.items()
+    assert count == 0 and gid not in k.tables and not k.backends
+
+
+def test_map_full_fails_one_service_and_leaves_the_others_serving():
+    k = FakeKernel(backend_capacity=3)
+    r = Reconciler(k)
+    ok = svc("a", "10.96.0.1", [("10.0.0.1", 1), ("10.0.0.2", 1)])
+    r.apply(desired_groups([ok]))
+    big = svc("b", "10.96.0.2", [("10.0.1.1", 1), ("10.0.1.2", 1)])
+    rep = r.apply(desired_groups([ok, big]))
+    assert rep.errors["default/b:p/ipv4"].startswith("backends not written: 10.0.1.2:8080/TCP")
+    assert "the map is full" in rep.errors["backend 10.0.1.2:8080/TCP"]
+    assert k.serving()["10.96.0.1:80/TCP"] == {"10.0.0.1:8080/TCP", "10.0.0.2:8080/TCP"}
+    assert "10.96.0.2:80/TCP" not in k.serving()  # never exposed half-written
+    # capacity comes back: the next sync converges
+    k.capacity = 10
+    rep = r.apply(desired_groups([ok, big]))
+    assert not rep.errors and k.serving() == expected([ok, big])
+
+
+def test_vip_moving_between_services_is_one_overwrite():
+    k = FakeKernel()
+    r = Reconciler(k)
+    a = svc("a", "10.96.0.1", [("10.0.0.1", 1)])
+    r.apply(desired_groups([a]))
+    b = svc("b", "10.96.0.1", [("10.0.0.2", 1)])
+    r.apply(desired_groups([b]))
+    assert k.serving() == {"10.96.0.1:80/TCP": {"10.0.0.2:8080/TCP"}}
+
+
+def test_restart_adopts_kernel_state_without_rewriting_it():
+    k = FakeKernel()
+    services = [svc("a", "10.96.0.1", [("10.0.0.1", 1), ("10.0.0.2", 3)]),
+                svc("b", "10.96.0.2", [("10.0.0.3", 1)], proto="UDP")]
+    Reconciler(k).apply(desired_groups(services))
+    before = k.ops
+    r2 = Reconciler(k)
+    r2.adopt(k.snapshot())
+    rep = r2.apply(desired_groups(services))
+    assert sum(rep.ops.values()) == 0 and k.ops == before
+    assert k.serving() == expected(services)
+
+
+addrs = st.sampled_from([f"10.0.0.{i}" for i in range(1, 9)])
+service_st = st.builds(
+    lambda i, eps, proto: svc(f"s{i}", f"10.96.0.{i}", eps, proto=proto),
+    st.integers(1, 6),
+    st.lists(st.tuples(addrs, st.integers(1, 4)), max_size=5, unique_by=lambda t: t[0]),
+    st.sampled_from(["TCP", "UDP"]))
+state_st = st.lists(service_st, max_size=6, unique_by=lambda s: s.name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(state_st, min_size=1, max_size=6))
+def test_any_sequence_of_states_converges_and_never_shows_a_half_written_service(states):
+    k = FakeKernel()
+    r = Reconciler(k)
+    for services in states:
+        rep = r.apply(desired_groups(services))  # FakeKernel.check() asserts at every op
+        assert not rep.errors
+        assert k.serving() == expected(services)
+    # a restarted daemon adopting this state and applying it again writes nothing
+    r2 = Reconciler(k)
+    r2.adopt(k.snapshot())
+    assert sum(r2.apply(desired_groups(states[-1])).ops.values()) == 0
+
+
+def test_backends_ordered_by_stable_name_not_by_input_order():
+    a1 = svc("a", "10.96.0.1", [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)])
+    a2 = svc("a", "10.96.0.1", [("10.0.0.3", 1), ("10.0.0.1", 1), ("10.0.0.2", 1)])
+    assert desired_groups([a1]) == desired_groups([a2])
+    ip = ipaddress.ip_address
+    assert [r for r, _ in desired_groups([a1])["default/a:p/ipv4"].backends] == [
+        BackendRef(ip("10.0.0.1"), 8080, "TCP"), BackendRef(ip("10.0.0.2"), 8080, "TCP"),
+        BackendRef(ip("10.0.0.3"), 8080, "TCP")]
