@@ -1,0 +1,77 @@
+"""Test layers: tests/unit (pure, no root), tests/kernel (root, real BPF), tests/lab (root,
+namespaces, real traffic). Privileged tests skip without root — except where
+MESHD_REQUIRE_PRIVILEGED=1 (CI), where a skip would hide a broken data plane: it fails."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["netns_lab.pytest_plugin"]
+
+CGROUP2 = Path("/sys/fs/cgroup/unified")
+BPFFS = Path("/sys/fs/bpf")
+TEST_PREFIX = "mtest-"  # instance names, pin dirs and cgroups of kernel tests
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "kernel" in parts:
+            item.add_marker(pytest.mark.kernel)
+        if "lab" in parts:
+            item.add_marker(pytest.mark.lab)
+
+
+def pytest_runtest_setup(item):
+    if ("kernel" in item.keywords or "lab" in item.keywords) and os.geteuid() != 0:
+        if os.environ.get("MESHD_REQUIRE_PRIVILEGED") == "1":
+            pytest.fail("privileged test run without root while MESHD_REQUIRE_PRIVILEGED=1")
+        pytest.skip("needs root: loads BPF into the kernel / builds network namespaces")
+
+
+def _sweep_kernel_leftovers() -> None:
+    """Pins and cgroups of kernel tests of a crashed run (by name prefix)."""
+    from meshd.dataplane import loader
+    pins = BPFFS / "meshd"
+    if pins.is_dir():
+        for d in pins.glob(TEST_PREFIX + "*"):
+            loader.remove(BPFFS, d.name)
+    for cg in CGROUP2.glob(TEST_PREFIX + "*"):
+        try:
+            cg.rmdir()
+        except OSError:
+            pass
+
+
+def pytest_sessionstart(session):
+    if os.geteuid() == 0 and CGROUP2.is_dir():
+        _sweep_kernel_leftovers()
+
+
+@pytest.fixture
+def kernel_instance():
+    """(instance name, own cgroup2 dir): removed with every pin after the test."""
+    from meshd.dataplane import loader
+    name = TEST_PREFIX + secrets.token_hex(4)
+    cg = CGROUP2 / name
+    cg.mkdir()
+    try:
+        yield name, cg
+    finally:
+        loader.remove(BPFFS, name)
+        cg.rmdir()
+
+
+@pytest.fixture
+def require_tool():
+    def need(tool: str) -> str:
+        path = shutil.which(tool)
+        if path is None:
+            pytest.fail(f"{tool} is not installed: run scripts/setup")
+        return path
+    return need

@@ -1,0 +1,122 @@
+"""Loading, pinning, adopting and removing the socket LB in the real kernel."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import ipaddress
+import os
+
+import numpy as np
+import pytest
+
+from meshd import names
+from meshd.dataplane import libbpf as bpf
+from meshd.dataplane import loader
+from meshd.dataplane.kernel import KernelDataplane
+from meshd.desired import BackendRef, Frontend
+from meshd.errors import BpfError, DataplaneError
+
+BPFFS = loader.Path("/sys/fs/bpf")
+M = 1021
+ip = ipaddress.ip_address
+
+
+def attached(cg) -> dict[str, list[int]]:
+    fd = os.open(cg, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return {a: bpf.prog_query(fd, a) for a in set(names.SOCK_LB_PROGRAMS.values())}
+    finally:
+        os.close(fd)
+
+
+def test_load_pins_every_map_and_attaches_every_hook_to_the_cgroup(kernel_instance):
+    inst, cg = kernel_instance
+    maps = loader.load(BPFFS, inst, cg, M)
+    maps.close()
+    pins = {p.name for p in names.pin_dir(BPFFS, inst).iterdir()}
+    assert set(names.SOCK_LB_MAPS) <= pins
+    assert {names.link_pin_name(p) for p in names.SOCK_LB_PROGRAMS} <= pins
+    assert all(len(ids) == 1 for ids in attached(cg).values()), attached(cg)
+    assert set(loader.attached_cgroup_ids(names.pin_dir(BPFFS, inst)).values()) == {
+        loader.cgroup_id(cg)}
+
+
+def test_restart_keeps_entries_and_swaps_programs_in_place(kernel_instance):
+    inst, cg = kernel_instance
+    maps = loader.load(BPFFS, inst, cg, M)
+    dp = KernelDataplane(maps)
+    dp.put_backend(1, BackendRef(ip("10.201.1.2"), 8080, "TCP"))
+    dp.put_table(3, np.full(M, 1, dtype=np.uint32))
+    dp.put_frontend(Frontend(ip("10.96.0.10"), 80, "TCP"), 3, 1)
+    dp.put_name(3, "default/web:http/ipv4")
+    before = attached(cg)
+    maps.close()
+
+    maps2 = loader.load(BPFFS, inst, cg, M)  # what a restarted or upgraded daemon does
+    snap = KernelDataplane(maps2).snapshot()
+    maps2.close()
+    assert snap.frontends == {Frontend(ip("10.96.0.10"), 80, "TCP"): (3, 1)}
+    assert snap.names == {3: "default/web:http/ipv4"} and snap.tables == {3}
+    after = attached(cg)
+    assert all(len(ids) == 1 for ids in after.values())  # replaced, not added twice
+    assert after != before  # new program ids inside the same links
+
+
+def test_table_size_change_is_refused_with_the_fix(kernel_instance):
+    inst, cg = kernel_instance
+    loader.load(BPFFS, inst, cg, M).close()
+    with pytest.raises(DataplaneError, match=r"maglev.table_size=4093: set it back to 1021"):
+        loader.load(BPFFS, inst, cg, 4093)
+
+
+def test_not_a_cgroup_is_refused_clearly(kernel_instance, tmp_path):
+    inst, _cg = kernel_instance
+    with pytest.raises(DataplaneError, match="is not a cgroup v2 directory"):
+        loader.load(BPFFS, inst, tmp_path, M)
+    assert not names.pin_dir(BPFFS, inst).exists()
+
+
+def test_remove_detaches_and_unpins_everything(kernel_instance):
+    inst, cg = kernel_instance
+    loader.load(BPFFS, inst, cg, M).close()
+    removed = loader.remove(BPFFS, inst)
+    assert str(names.pin_dir(BPFFS, inst)) in removed
+    assert not names.pin_dir(BPFFS, inst).exists()
+    assert all(ids == [] for ids in attached(cg).values())
+    assert loader.remove(BPFFS, inst) == []  # idempotent
+
+
+def test_table_swap_replaces_the_whole_table(kernel_instance):
+    inst, cg = kernel_instance
+    maps = loader.load(BPFFS, inst, cg, M)
+    try:
+        dp = KernelDataplane(maps)
+        dp.put_table(5, np.arange(M, dtype=np.uint32))
+        dp.put_table(5, np.full(M, 9, dtype=np.uint32))
+        assert (dp.get_table(5) == 9).all()
+        dp.delete_table(5)
+        assert dp.get_table(5) is None
+        with pytest.raises(ValueError, match="table has 7 slots, the maps hold 1021"):
+            dp.put_table(5, np.zeros(7, dtype=np.uint32))
+    finally:
+        maps.close()
+
+
+def test_full_map_error_names_the_map_and_the_fix():
+    fd = bpf.map_create(bpf.MAP_TYPE_HASH, "meshd_tiny", 4, 4, 1)
+    m = bpf.Map(fd, "meshd_tiny", ctypes.c_uint32, ctypes.c_uint32)
+    try:
+        m.update(ctypes.c_uint32(1), ctypes.c_uint32(1))
+        with pytest.raises(BpfError) as ei:
+            m.update(ctypes.c_uint32(2), ctypes.c_uint32(2))
+        assert ei.value.errno == errno.E2BIG
+        assert "bpf_map_update_elem(meshd_tiny)" in str(ei.value)
+        assert "the map is full" in str(ei.value)
+    finally:
+        m.close()
+
+
+def test_missing_object_error_says_how_to_build(tmp_path):
+    with pytest.raises(BpfError, match="run scripts/setup"):
+        bpf.BpfObject(tmp_path / "nope.bpf.o")
