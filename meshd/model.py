@@ -1,0 +1,396 @@
+"""Validated, immutable control-plane types and the checks that need every record at once.
+
+Owns:
+  * what a service record *is*: PortSpec, Endpoint, LbSettings, Service (frozen, extra keys
+    rejected, hashable, comparable);
+  * turning raw registry data (static file entries, etcd JSON) into those types with one-line,
+    user-readable reasons: parse_service, parse_endpoint -> RecordError(where, reason);
+  * explain_errors: pydantic ValidationError -> [(loc, message)] in meshd's wording (config.py
+    reuses it for the config file);
+  * check_services: VIPs inside service_cidrs, not a forbidden address, no frontend collisions.
+Pure: stdlib + pydantic only, no I/O.
+"""
+
+from __future__ import annotations
+
+import difflib
+import reprlib
+import re
+import types
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainValidator,
+                      StrictBool, StrictInt, StrictStr, ValidationError, model_validator)
+from pydantic_core import PydanticCustomError
+
+from meshd.errors import RecordError
+
+IPAddress = IPv4Address | IPv6Address
+IPNetwork = IPv4Network | IPv6Network
+
+_repr = reprlib.Repr()
+_repr.maxstring = _repr.maxother = 40
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 4
+_repr.maxlevel = 2
+
+
+def show(value: object) -> str:
+    """A short, single-line repr of a user-supplied value for error messages."""
+    return _repr.repr(value)
+
+
+def _fail(kind: str, template: str, **ctx: Any) -> PydanticCustomError:
+    """A validation error with `template.format(**ctx)` as its message, used verbatim later."""
+    return PydanticCustomError(kind, "{msg}", {"msg": template.format(**ctx)})
+
+
+def _in_range(lo: int, hi: int) -> AfterValidator:
+    def check(v: int) -> int:
+        if not lo <= v <= hi:
+            raise _fail("range", "must be {lo}-{hi} (got {got})", lo=lo, hi=hi, got=v)
+        return v
+    return AfterValidator(check)
+
+
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+def _label(maxlen: int) -> AfterValidator:
+    def check(v: str) -> str:
+        if len(v) > maxlen or not _LABEL.fullmatch(v):
+            size = f", {len(v)} characters" if len(v) > maxlen else ""
+            raise _fail("name", "must be 1-{n} lowercase letters, digits or '-', starting and ending "
+                        "with a letter or digit (got {got}{size})", n=maxlen, got=show(v), size=size)
+        return v
+    return AfterValidator(check)
+
+
+def _text(v: str) -> str:
+    if not 1 <= len(v) <= 253 or any(not c.isprintable() or c.isspace() for c in v):
+        raise _fail("text", "must be 1-253 printable characters without spaces (got {got})", got=show(v))
+    return v
+
+
+def _ip(v: object) -> IPAddress:
+    if isinstance(v, (IPv4Address, IPv6Address)):
+        addr = v
+    else:
+        try:
+            addr = ip_address(v) if isinstance(v, str) else None
+        except ValueError:
+            addr = None
+        if addr is None:
+            raise _fail("ip", "must be an IPv4 or IPv6 address (got {got})", got=show(v))
+    if isinstance(addr, IPv6Address) and addr.scope_id:
+        raise _fail("ip", "must not carry a zone index (got {got})", got=show(str(addr)))
+    if isinstance(addr, IPv6Address) and addr.ipv4_mapped:
+        raise _fail("ip", "IPv4-mapped address; write it as {v4} (got {got})",
+                    v4=addr.ipv4_mapped, got=show(v))
+    if addr.is_unspecified or addr.is_multicast or addr == IPv4Address("255.255.255.255"):
+        raise _fail("ip", "must be a unicast address, not unspecified, multicast or broadcast "
+                    "(got {got})", got=str(addr))
+    return addr
+
+
+def _or_default(default: object) -> BeforeValidator:
+    """YAML `key:` with nothing after it is null; treat it like the key being absent."""
+    return BeforeValidator(lambda v: default if v is None else v)
+
+
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that cannot change after creation and hashes by content (keeps Endpoint hashable)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(frozenset(self.items()))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (dict(self),))
+
+    def _immutable(self, *_: object, **__: object) -> None:
+        raise TypeError("FrozenDict is immutable")
+
+    __setitem__ = __delitem__ = __ior__ = _immutable  # type: ignore[assignment]
+    clear = pop = popitem = setdefault = update = _immutable  # type: ignore[assignment]
+
+
+def _frozen_ports(v: dict[str, int]) -> FrozenDict:
+    if not v:
+        raise _fail("empty", "must map at least one service port name to a port number")
+    return FrozenDict(v)
+
+
+PortNumber = Annotated[StrictInt, _in_range(1, 65535)]
+PortName = Annotated[StrictStr, _label(15)]
+DnsLabel = Annotated[StrictStr, _label(63)]
+IPAddr = Annotated[IPAddress, PlainValidator(_ip)]
+
+
+class StrictModel(BaseModel):
+    """Base of every meshd input type: immutable, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PortSpec(StrictModel):
+    name: PortName
+    port: PortNumber
+    protocol: Literal["TCP", "UDP"] = "TCP"
+
+
+class Endpoint(StrictModel):
+    """One backend. `ports` maps a service port name to the backend's port; an endpoint serves
+    exactly the service ports it names."""
+
+    address: IPAddr
+    ports: Annotated[dict[PortName, PortNumber], AfterValidator(_frozen_ports)]
+    weight: Annotated[StrictInt, _in_range(0, 65535)] = 1
+    zone: Annotated[StrictStr, AfterValidator(_text)] | None = None
+    node: Annotated[StrictStr, AfterValidator(_text)] | None = None
+    ready: StrictBool = True
+    terminating: StrictBool = False
+
+    @property
+    def usable(self) -> bool:
+        """Gets new connections: ready, not terminating, weight > 0 (weight 0 = drained)."""
+        return self.ready and not self.terminating and self.weight > 0
+
+
+class LbSettings(StrictModel):
+    algorithm: Literal["maglev"] = "maglev"
+
+
+def _check_vips(vips: tuple[IPAddress, ...]) -> tuple[IPAddress, ...]:
+    if not vips:
+        raise _fail("empty", "must list at least one address")
+    first: dict[IPAddress, int] = {}
+    for i, vip in enumerate(vips):
+        if vip in first:
+            raise _fail("duplicate", "{vip} is listed twice (vips[{a}] and vips[{b}])",
+                        vip=vip, a=first[vip], b=i)
+        first[vip] = i
+    return vips
+
+
+def _check_ports(ports: tuple[PortSpec, ...]) -> tuple[PortSpec, ...]:
+    if not ports:
+        raise _fail("empty", "must list at least one port")
+    names: dict[str, int] = {}
+    numbers: dict[tuple[int, str], int] = {}
+    for i, p in enumerate(ports):
+        if p.name in names:
+            raise _fail("duplicate", "port name {n!r} is used twice (ports[{a}] and ports[{b}])",
+                        n=p.name, a=names[p.name], b=i)
+        if (p.port, p.protocol) in numbers:
+            raise _fail("duplicate", "{port}/{proto} is listed twice (ports[{a}] and ports[{b}])",
+                        port=p.port, proto=p.protocol, a=numbers[(p.port, p.protocol)], b=i)
+        names[p.name] = i
+        numbers[(p.port, p.protocol)] = i
+    return ports
+
+
+class Service(StrictModel):
+    namespace: DnsLabel
+    name: DnsLabel
+    vips: Annotated[tuple[IPAddr, ...], AfterValidator(_check_vips)]
+    ports: Annotated[tuple[PortSpec, ...], AfterValidator(_check_ports)]
+    session_affinity: Annotated[Literal["None", "ClientIP"], _or_default("None")] = "None"
+    lb: Annotated[LbSettings, _or_default({})] = LbSettings()
+    endpoints: Annotated[tuple[Endpoint, ...], _or_default(())] = ()
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @model_validator(mode="after")
+    def _endpoints_match_ports(self) -> Service:
+        known = {p.name for p in self.ports}
+        problems: list[str] = []
+        backends: dict[tuple[str, IPAddress, int], int] = {}
+        for i, ep in enumerate(self.endpoints):
+            for pname, number in ep.ports.items():
+                if pname not in known:
+                    problems.append(f"endpoints[{i}].ports: unknown port name {pname!r} "
+                                    f"(service ports: {', '.join(sorted(known))})")
+                elif (pname, ep.address, number) in backends:
+                    problems.append(f"endpoints[{i}]: {_hostport(ep.address, number)} for port {pname!r} "
+                                    f"duplicates endpoints[{backends[(pname, ep.address, number)]}]")
+                else:
+                    backends[(pname, ep.address, number)] = i
+        if problems:
+            raise _fail("endpoints", "{p}", p="; ".join(problems))
+        return self
+
+
+# ---- ValidationError -> one line -------------------------------------------------------------
+
+_TYPE_WORDS = {
+    "int_type": "an integer", "int_parsing": "an integer", "int_from_float": "an integer",
+    "float_type": "a number", "float_parsing": "a number", "string_type": "a string",
+    "bool_type": "true or false", "bool_parsing": "true or false", "model_type": "a mapping",
+    "dict_type": "a mapping", "model_attributes_type": "a mapping", "list_type": "a list",
+    "tuple_type": "a list", "path_type": "a path", "finite_number": "a finite number",
+}
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    """('ports', 0, 'port') -> 'ports[0].port'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _PLAIN_KEY.fullmatch(part):
+            out += f"[{show(part)}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def did_you_mean(word: object, valid: Iterable[str]) -> str:
+    """' (did you mean 'port'?)' or ''."""
+    close = difflib.get_close_matches(str(word), list(valid), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unwrap(t: Any) -> Any:
+    while True:
+        if get_origin(t) is Annotated:
+            t = get_args(t)[0]
+        elif get_origin(t) in (Union, types.UnionType):
+            args = [a for a in get_args(t) if a is not type(None)]
+            models = [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+            t = models[0] if models else args[0]
+        else:
+            return t
+
+
+def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    t: Any = root
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            field = t.model_fields.get(part) if isinstance(part, str) else None
+            if field is None:
+                return None
+            t = field.annotation
+        elif get_origin(t) in (list, tuple, set, frozenset) and isinstance(part, int):
+            t = get_args(t)[0]
+        elif get_origin(t) is dict:
+            t = get_args(t)[1]
+        else:
+            return None
+    t = _unwrap(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _message(err: Any, root: type[BaseModel], hide_input: bool) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    got = "" if hide_input or "input" not in err else f" (got {show(err['input'])})"
+    if kind == "missing":
+        return "required"
+    if kind == "extra_forbidden":
+        model = _model_at(root, err["loc"][:-1])
+        valid = list(model.model_fields) if model else []
+        return (f"unknown key{did_you_mean(err['loc'][-1], valid)}"
+                + (f"; valid keys: {', '.join(valid)}" if valid else ""))
+    if kind in _TYPE_WORDS:
+        return f"must be {_TYPE_WORDS[kind]}{got}"
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected', 'one of the allowed values')}{got}"
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op, bound = next((_BOUNDS[k], v) for k, v in ctx.items() if k in _BOUNDS)
+        return f"must be {op} {bound}{got}"
+    msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    if set(ctx) == {"msg"}:  # our own PydanticCustomError: already worded for users
+        return msg
+    return (msg[:1].lower() + msg[1:] + got).replace("\n", " ")
+
+
+def explain_errors(exc: ValidationError, root: type[BaseModel],
+                   secret_keys: frozenset[str] = frozenset()) -> list[tuple[tuple[int | str, ...], str]]:
+    """[(loc, message)] per pydantic error, worded for users; values under `secret_keys` are not echoed."""
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = tuple(err["loc"])
+        if err["type"] == "invalid_key":
+            out.append((loc[:-1], f"key {show(loc[-1])}: keys must be strings"))
+            continue
+        if loc[-1:] == ("[key]",):  # a bad dict key: name the key, not a path through it
+            out.append((loc[:-2], f"key {show(loc[-2])}: {_message(err, root, True)}"))
+            continue
+        out.append((loc, _message(err, root, any(p in secret_keys for p in loc))))
+    return out
+
+
+def _reason(exc: ValidationError, root: type[BaseModel], limit: int = 6) -> str:
+    parts = [f"{format_loc(loc)}: {msg}" if loc else msg for loc, msg in explain_errors(exc, root)]
+    more = f"; (+{len(parts) - limit} more)" if len(parts) > limit else ""
+    return "; ".join(parts[:limit]) + more
+
+
+def parse_service(data: object, where: str) -> Service:
+    """Validate one raw service record; RecordError(where, one-line reason) if it is bad."""
+    try:
+        return Service.model_validate(data)
+    except ValidationError as e:
+        raise RecordError(where, _reason(e, Service)) from None
+
+
+def parse_endpoint(data: object, where: str) -> Endpoint:
+    """Validate one raw endpoint record on its own (etcd stores endpoints separately)."""
+    try:
+        return Endpoint.model_validate(data)
+    except ValidationError as e:
+        raise RecordError(where, _reason(e, Endpoint)) from None
+
+
+# ---- cross-record checks ---------------------------------------------------------------------
+
+def _hostport(addr: IPAddress, port: int) -> str:
+    return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
+
+
+def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwork],
+                   forbidden: Iterable[IPAddress | str] = ()) -> tuple[list[Service], list[RecordError]]:
+    """Keep services whose VIPs all lie in `service_cidrs`, are not `forbidden` (node/etcd
+    addresses) and whose (vip, port, protocol) frontends are free. Services are processed in
+    (key, content) order, so the same set always yields the same winners; identical duplicates
+    are merged silently. Returns (kept in that order, errors with where=service key)."""
+    cidrs = tuple(service_cidrs)
+    banned = {ip_address(str(a)) for a in forbidden}
+    owner: dict[tuple[IPAddress, int, str], str] = {}
+    kept: dict[str, Service] = {}
+    errors: list[RecordError] = []
+    for svc in sorted(services, key=lambda s: (s.key, s.model_dump_json())):
+        if svc.key in kept:
+            if kept[svc.key] != svc:
+                errors.append(RecordError(svc.key, "conflicting definitions from more than one "
+                                          "source; another definition was kept"))
+            continue
+        problems: list[str] = []
+        for vip in svc.vips:
+            if not any(vip in net for net in cidrs):
+                problems.append(f"vip {vip} is outside service_cidrs "
+                                f"({', '.join(map(str, cidrs)) or 'none configured'})")
+            if vip in banned:
+                problems.append(f"vip {vip} is an address of this node or of etcd; pick another VIP")
+        taken: dict[str, list[str]] = {}
+        for vip in svc.vips:
+            for p in svc.ports:
+                other = owner.get((vip, p.port, p.protocol))
+                if other:
+                    taken.setdefault(other, []).append(f"{_hostport(vip, p.port)}/{p.protocol}")
+        for other, fronts in taken.items():
+            problems.append(f"frontend{'s' if len(fronts) > 1 else ''} {', '.join(fronts)} "
+                            f"already used by service {other}")
+        if problems:
+            errors.append(RecordError(svc.key, "; ".join(problems)))
+            continue
+        kept[svc.key] = svc
+        owner.update({(vip, p.port, p.protocol): svc.key for vip in svc.vips for p in svc.ports})
+    return list(kept.values()), errors
