@@ -40,6 +40,11 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from meshd import demo
+    return demo.main()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="meshd", description=__doc__)
     p.add_argument("--version", action="version", version=f"meshd {__version__}")
@@ -58,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="detach and unpin everything of this instance")
     c.add_argument("--config", "-c")
     c.set_defaults(fn=cmd_cleanup)
+    d = sub.add_parser("demo", help="live demo in a throw-away netns lab (root)")
+    d.set_defaults(fn=cmd_demo)
     return p
 
 

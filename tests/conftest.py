@@ -11,11 +11,9 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["netns_lab.pytest_plugin"]
+from testlib import BPFFS, CGROUP2, TEST_PREFIX
 
-CGROUP2 = Path("/sys/fs/cgroup/unified")
-BPFFS = Path("/sys/fs/bpf")
-TEST_PREFIX = "mtest-"  # instance names, pin dirs and cgroups of kernel tests
+pytest_plugins = ["netns_lab.pytest_plugin"]
 
 
 def pytest_collection_modifyitems(config, items):
