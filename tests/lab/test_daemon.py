@@ -1,0 +1,194 @@
+"""`meshd run` as users run it: a real daemon process, a services file, signals, the CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshd.dataplane import loader
+
+from testlib import BPFFS, TEST_PREFIX
+
+VIP = "10.96.0.10"
+
+
+def meshd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "meshd", *args], capture_output=True,
+                          text=True, timeout=60, check=check)
+
+
+def svc(lab, name: str, vip: str, backends: list[int], port: int = 80) -> dict:
+    return {"namespace": "default", "name": name, "vips": [vip],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+            "endpoints": [{"address": lab.backend_addr(i), "ports": {"http": 8080}}
+                          for i in backends]}
+
+
+class Daemon:
+    def __init__(self, lab, tmp: Path):
+        self.lab = lab
+        self.instance = TEST_PREFIX + lab.prefix
+        self.services_file = tmp / "services.yaml"
+        self.config = tmp / "meshd.yaml"
+        self.config.write_text(yaml.safe_dump({
+            "instance": self.instance, "cgroup": str(lab.cgroup), "bpffs": str(BPFFS),
+            "state_dir": str(tmp / "state"), "services_file": str(self.services_file),
+            "maglev": {"table_size": 1021}}))
+        self.log = tmp / "meshd.log"
+        self.proc: subprocess.Popen | None = None
+
+    def write(self, *services: dict, raw: str | None = None) -> None:
+        tmp = self.services_file.with_suffix(".tmp")
+        tmp.write_text(raw if raw is not None else yaml.safe_dump({"services": list(services)}))
+        tmp.replace(self.services_file)
+
+    def start(self) -> None:
+        with open(self.log, "ab") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "meshd", "run", "--config",
+                                          str(self.config)], stdout=f, stderr=f)
+
+    def stop(self, sig=signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(timeout=15)
+        self.proc = None
+        return rc
+
+    def services(self) -> dict:
+        return json.loads(meshd("services", "--json", "--config", str(self.config)).stdout)
+
+    def wait(self, pred, what: str, timeout: float = 15) -> dict:
+        end = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < end:
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"meshd exited {self.proc.returncode}: {self.log.read_text()}")
+            r = meshd("services", "--json", "--config", str(self.config), check=False)
+            if r.returncode == 0:
+                last = json.loads(r.stdout)
+                if pred(last):
+                    return last
+            time.sleep(0.2)
+        pytest.fail(f"timed out waiting for {what}; last report {last}; log:\n"
+                    f"{self.log.read_text() if self.log.exists() else ''}")
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        loader.remove(BPFFS, self.instance)
+
+
+@pytest.fixture
+def daemon(lab, tmp_path):
+    d = Daemon(lab, tmp_path)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def backends_of(report: dict, group: str) -> set[str]:
+    for g in report["services"]:
+        if g["group"] == group:
+            return {b["backend"] for b in g["backends"]}
+    return set()
+
+
+def reach(lab, vip=VIP, count=30) -> dict:
+    return lab.agent("tcp", cgroup=True, addr=vip, port=80, count=count, timeout=2)
+
+
+def test_bad_entry_is_reported_with_position_and_skipped(lab, daemon):
+    good = svc(lab, "web", VIP, [1, 2])
+    bad = svc(lab, "broken", "10.96.0.11", [3])
+    bad["ports"][0]["port"] = 70000
+    outside = svc(lab, "outside", "192.168.77.1", [3])  # not in service_cidrs
+    daemon.write(good, bad, outside)
+    daemon.start()
+    rep = daemon.wait(lambda r: r.get("rejected") and r["services"], "first sync")
+    reasons = {r["where"]: r["reason"] for r in rep["rejected"]}
+    assert any("services[1] (default/broken)" in w and "ports[0].port: must be 1-65535" in r
+               for w, r in reasons.items()), reasons
+    assert any("default/outside" in w and "service_cidrs" in r for w, r in reasons.items())
+    assert [g["group"] for g in rep["services"]] == ["default/web:http/ipv4"]
+    assert set(reach(lab)["by_backend"]) == {"b1", "b2"}
+    text = meshd("services", "--config", str(daemon.config)).stdout
+    assert "rejected:" in text and "ports[0].port" in text
+
+
+def test_file_edit_and_sighup_reach_the_kernel(lab, daemon):
+    daemon.write(svc(lab, "web", VIP, [1]))
+    daemon.start()
+    daemon.wait(lambda r: backends_of(r, "default/web:http/ipv4") == {"10.201.1.2:8080/TCP"},
+                "first sync")
+    daemon.write(svc(lab, "web", VIP, [1, 3]))  # picked up by the file watch
+    daemon.wait(lambda r: len(backends_of(r, "default/web:http/ipv4")) == 2, "file watch")
+    assert set(reach(lab, count=60)["by_backend"]) == {"b1", "b3"}
+    daemon.write(svc(lab, "web", VIP, [2]))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait(lambda r: backends_of(r, "default/web:http/ipv4") == {"10.201.2.2:8080/TCP"},
+                "SIGHUP reload")
+    assert reach(lab)["by_backend"] == {"b2": 30}
+
+
+def test_broken_file_keeps_serving_what_the_kernel_has(lab, daemon):
+    daemon.write(svc(lab, "web", VIP, [1]))
+    daemon.start()
+    daemon.wait(lambda r: r["services"], "first sync")
+    daemon.write(raw="services: [ {unclosed\n")
+    rep = daemon.wait(lambda r: (r.get("daemon") or {}).get("source_error"), "source error")
+    assert "services.yaml" in rep["daemon"]["source_error"]
+    assert reach(lab)["by_backend"] == {"b1": 30}
+
+
+def test_sigterm_leaves_the_data_plane_serving_and_restart_adopts_it(lab, daemon):
+    daemon.write(svc(lab, "web", VIP, [1, 2, 3]))
+    daemon.start()
+    daemon.wait(lambda r: len(backends_of(r, "default/web:http/ipv4")) == 3, "first sync")
+    assert daemon.stop() == 0
+    assert set(reach(lab, count=60)["by_backend"]) == {"b1", "b2", "b3"}  # no daemon
+    # a new daemon adopts the pins; a client connecting all through the restart sees no error
+    client = lab.run("cli", [sys.executable, "-m", "netns_lab.agent", "connrate", "--addr", VIP,
+                             "--port", "80", "--duration", "6", "--max", "200000",
+                             "--timeout", "2"],
+                     cgroup=True, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    daemon.start()
+    daemon.wait(lambda r: (r.get("daemon") or {}).get("pid") == daemon.proc.pid, "restart sync")
+    assert client.poll() is None, "the client must still be connecting after the restart"
+    out, _ = client.communicate(timeout=60)
+    res = json.loads(out)
+    assert res["errors"] == {} and res["count"] > 1000
+    assert set(res["by_backend"]) == {"b1", "b2", "b3"}
+    assert "adopted 6 pinned maps" in daemon.log.read_text()
+
+
+def test_kill_9_and_cleanup(lab, daemon):
+    daemon.write(svc(lab, "web", VIP, [1]))
+    daemon.start()
+    daemon.wait(lambda r: r["services"], "first sync")
+    daemon.stop(signal.SIGKILL)
+    assert reach(lab)["by_backend"] == {"b1": 30}  # pinned: survives a crash
+    out = meshd("cleanup", "--config", str(daemon.config)).stdout
+    assert "removed 15 pins and links" in out
+    assert reach(lab, count=3)["errors"] == {"ENETUNREACH": 3}
+    r = meshd("services", "--config", str(daemon.config), check=False)
+    assert r.returncode == 1 and "is `meshd run` started?" in r.stderr
+
+
+def test_bad_config_is_one_line_naming_the_key(tmp_path):
+    cfg = tmp_path / "meshd.yaml"
+    cfg.write_text("maglev:\n  table_size: 1000\nbogus: 1\n")
+    r = meshd("run", "--config", str(cfg), check=False)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert r.stderr.startswith("meshd: error: ")
+    assert "bogus" in r.stderr and "table_size" in r.stderr
