@@ -56,6 +56,7 @@ class BpfError(DataplaneError):
         self.errno = abs(err)
         self.op = op
         self.obj = obj
+        self.done = 0  # batch calls: entries processed before the failure
         what = f"{op}({obj})" if obj else op
         msg = f"{what} failed: {os.strerror(self.errno)} [errno {self.errno}]"
         hint = _HINTS.get(self.errno)

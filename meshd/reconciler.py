@@ -2,7 +2,8 @@
 
 Order, so a connecting socket never sees a half-written service:
   1. backends that are new                   (nothing points at them yet)
-  2. per group: its Maglev table, built aside and swapped in as one inner map
+  2. per group: its Maglev table, built aside and swapped in as one inner map (all changed
+     tables in one batch: every map-in-map update syscall waits an RCU grace period)
   3. frontends (VIP:port -> group, count)    (now everything they point at exists)
   4. tables and names of groups that are gone, after their frontends
   5. backends no table references any more
@@ -42,9 +43,9 @@ class Dataplane(Protocol):
 
     def put_backend(self, bid: int, ref: BackendRef) -> None: ...
     def delete_backend(self, bid: int) -> None: ...
-    def put_table(self, gid: int, table: np.ndarray) -> None: ...
+    def put_tables(self, items: list[tuple[int, np.ndarray]]) -> dict[int, str]: ...
     def get_table(self, gid: int) -> np.ndarray | None: ...
-    def delete_table(self, gid: int) -> None: ...
+    def delete_tables(self, gids: list[int]) -> dict[int, str]: ...
     def put_frontend(self, fe: Frontend, gid: int, count: int) -> None: ...
     def delete_frontend(self, fe: Frontend) -> None: ...
     def put_name(self, gid: int, key: str) -> None: ...
@@ -113,10 +114,7 @@ class Reconciler:
     def apply(self, desired: dict[str, Group]) -> Report:
         rep = Report()
         failed_refs = self._add_backends(desired, rep)
-        ok: dict[str, Group] = {}
-        for key in sorted(desired):
-            if self._write_group(desired[key], failed_refs, rep):
-                ok[key] = desired[key]
+        ok = self._write_groups(desired, failed_refs, rep)
         self._write_frontends(desired, ok, rep)
         self._remove_groups(desired, ok, rep)
         self._collect_backends(desired, ok, rep)
@@ -142,30 +140,48 @@ class Reconciler:
                 rep.errors[f"backend {ref.name}"] = str(e)
         return failed
 
-    def _write_group(self, g: Group, failed_refs: set[BackendRef], rep: Report) -> bool:
-        cur = self.groups.get(g.key)
-        broken = [r.name for r, _w in g.backends if r in failed_refs]
-        if broken:
-            rep.errors[g.key] = f"backends not written: {', '.join(broken)}"
-            return False
-        try:
-            if cur is None:
-                cur = _Applied(self._gids.take(), (), False)
-                self.groups[g.key] = cur
-                self._op(rep, "put_name", self.dp.put_name, cur.gid, g.key)
-            if g.backends and (cur.backends != g.backends or not cur.has_table):
-                table = self._table(g)
-                adopted_same = cur.backends is None and cur.has_table and \
-                    np.array_equal(self.dp.get_table(cur.gid), table)
-                if not adopted_same:
-                    self._op(rep, "put_table", self.dp.put_table, cur.gid, table)
-                cur.has_table = True
-            cur.backends = g.backends
-            return True
-        except (DataplaneError, ValueError) as e:
-            log.error("service group %s not updated: %s", g.key, e)
-            rep.errors[g.key] = str(e)
-            return False
+    def _write_groups(self, desired: dict[str, Group], failed_refs: set[BackendRef],
+                      rep: Report) -> dict[str, Group]:
+        """Names and tables of every group; returns the groups whose frontends may be written."""
+        ok: dict[str, Group] = {}
+        pending: dict[str, tuple[int, np.ndarray]] = {}
+        for key in sorted(desired):
+            g = desired[key]
+            broken = [r.name for r, _w in g.backends if r in failed_refs]
+            if broken:
+                rep.errors[key] = f"backends not written: {', '.join(broken)}"
+                continue
+            try:
+                cur = self.groups.get(key)
+                if cur is None:
+                    cur = _Applied(self._gids.take(), (), False)
+                    self.groups[key] = cur
+                    self._op(rep, "put_name", self.dp.put_name, cur.gid, key)
+                if g.backends and (cur.backends != g.backends or not cur.has_table):
+                    table = self._table(g)
+                    adopted_same = cur.backends is None and cur.has_table and \
+                        np.array_equal(self.dp.get_table(cur.gid), table)
+                    if not adopted_same:
+                        pending[key] = (cur.gid, table)
+                        continue
+                cur.backends = g.backends
+                ok[key] = g
+            except (DataplaneError, ValueError) as e:
+                log.error("service group %s not updated: %s", key, e)
+                rep.errors[key] = str(e)
+        if pending:
+            failed = self.dp.put_tables(list(pending.values()))
+            if len(pending) > len(failed):
+                rep.ops["put_table"] += len(pending) - len(failed)
+            for key, (gid, _t) in pending.items():
+                if gid in failed:
+                    log.error("service group %s: table not written: %s", key, failed[gid])
+                    rep.errors[key] = failed[gid]
+                    continue
+                cur = self.groups[key]
+                cur.has_table, cur.backends = True, desired[key].backends
+                ok[key] = desired[key]
+        return ok
 
     def _table(self, g: Group) -> np.ndarray:
         idx = maglev.build_table([(ref.name, w) for ref, w in g.backends], self.dp.maglev_m)
@@ -199,33 +215,36 @@ class Reconciler:
 
     def _remove_groups(self, desired: dict[str, Group], ok: dict[str, Group], rep: Report) -> None:
         in_use = {gid for gid, _c in self.frontends.values()}
-        for key in sorted(set(self.groups) - set(desired)):
+        gone = [k for k in sorted(set(self.groups) - set(desired))
+                if self.groups[k].gid not in in_use]  # else a frontend delete failed: retry
+        empty = [k for k, g in ok.items() if not g.backends and self.groups[k].has_table]
+        drop = [self.groups[k].gid for k in gone + empty if self.groups[k].has_table]
+        drop += sorted(self._orphan_tables)
+        failed = self.dp.delete_tables(drop) if drop else {}
+        if len(drop) > len(failed):
+            rep.ops["delete_table"] += len(drop) - len(failed)
+        for gid in sorted(self._orphan_tables):
+            if gid in failed:
+                rep.errors[f"group id {gid}"] = failed[gid]
+            else:
+                self._orphan_tables.discard(gid)
+                self._gids.free(gid)
+        for key in empty:
+            if self.groups[key].gid in failed:
+                rep.errors[key] = failed[self.groups[key].gid]
+            else:
+                self.groups[key].has_table = False
+        for key in gone:
             cur = self.groups[key]
-            if cur.gid in in_use:
-                continue  # a frontend delete failed above; retry next time
+            if cur.gid in failed:
+                rep.errors[key] = failed[cur.gid]
+                continue
             try:
-                if cur.has_table:
-                    self._op(rep, "delete_table", self.dp.delete_table, cur.gid)
                 self._op(rep, "delete_name", self.dp.delete_name, cur.gid)
                 del self.groups[key]
                 self._gids.free(cur.gid)
             except DataplaneError as e:
                 rep.errors[key] = str(e)
-        for key, g in ok.items():
-            cur = self.groups[key]
-            if not g.backends and cur.has_table:
-                try:
-                    self._op(rep, "delete_table", self.dp.delete_table, cur.gid)
-                    cur.has_table = False
-                except DataplaneError as e:
-                    rep.errors[key] = str(e)
-        for gid in sorted(self._orphan_tables):
-            try:
-                self._op(rep, "delete_table", self.dp.delete_table, gid)
-                self._orphan_tables.discard(gid)
-                self._gids.free(gid)
-            except DataplaneError as e:
-                rep.errors[f"group id {gid}"] = str(e)
 
     def _collect_backends(self, desired: dict[str, Group], ok: dict[str, Group],
                           rep: Report) -> None:

@@ -10,10 +10,15 @@ import numpy as np
 
 from meshd import names
 from meshd.desired import BackendRef, Frontend
+from meshd.errors import BpfError, DataplaneError
 from meshd.reconciler import KernelSnapshot
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
 from meshd.dataplane.loader import Maps
+
+
+# Tables swapped per batch syscall (each holds an inner-map fd open until the swap).
+TABLE_BATCH = 256
 
 
 class KernelDataplane:
@@ -28,19 +33,55 @@ class KernelDataplane:
     def delete_backend(self, bid: int) -> None:
         self.maps.backends.delete(C.c_uint32(bid))
 
-    def put_table(self, gid: int, table: np.ndarray) -> None:
-        """Writes the table into a fresh inner map, then swaps it in: one atomic update."""
+    def _inner(self, table: np.ndarray) -> int:
+        """A fresh inner map holding `table`; returns its fd (the caller closes it)."""
         m = self.maglev_m
         if table.shape != (m,):
             raise ValueError(f"table has {table.shape[0]} slots, the maps hold {m}")
         value = (C.c_uint32 * m).from_buffer_copy(np.ascontiguousarray(table, dtype=np.uint32))
         fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, names.MAGLEV_INNER_NAME, 4, 4 * m, 1)
         try:
-            inner = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m)
-            inner.update(C.c_uint32(0), value)
-            self.maps.maglev.update(C.c_uint32(gid), C.c_uint32(fd))
-        finally:
-            bpf.close_fd(fd)  # the outer map holds the reference now
+            bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m).update(
+                C.c_uint32(0), value)
+        except BaseException:
+            bpf.close_fd(fd)
+            raise
+        return fd
+
+    def put_tables(self, items: list[tuple[int, np.ndarray]]) -> dict[int, str]:
+        """Writes each table into a fresh inner map, then swaps them in: each swap is atomic,
+        and a batch pays the kernel's RCU wait for map-in-map updates once, not per table.
+        Returns {gid: error} for the tables that were not written."""
+        failed: dict[int, str] = {}
+        for start in range(0, len(items), TABLE_BATCH):
+            gids, fds = [], []
+            try:
+                for gid, table in items[start:start + TABLE_BATCH]:
+                    try:
+                        fds.append(self._inner(table))
+                        gids.append(gid)
+                    except (BpfError, ValueError) as e:
+                        failed[gid] = str(e)
+                if not gids:
+                    continue
+                n = len(gids)
+                try:
+                    self.maps.maglev.update_batch((C.c_uint32 * n)(*gids), (C.c_uint32 * n)(*fds))
+                except BpfError as e:  # find out which ones: the rest one by one
+                    for gid, fd in list(zip(gids, fds))[e.done:]:
+                        try:
+                            self.maps.maglev.update(C.c_uint32(gid), C.c_uint32(fd))
+                        except BpfError as e1:
+                            failed[gid] = str(e1)
+            finally:
+                for fd in fds:
+                    bpf.close_fd(fd)  # the outer map holds its own reference
+        return failed
+
+    def put_table(self, gid: int, table: np.ndarray) -> None:
+        failed = self.put_tables([(gid, table)])
+        if failed:
+            raise DataplaneError(failed[gid])
 
     def get_table(self, gid: int) -> np.ndarray | None:
         inner_id = self.maps.maglev.lookup(C.c_uint32(gid))
@@ -54,6 +95,21 @@ class KernelDataplane:
         finally:
             bpf.close_fd(fd)
         return None if value is None else np.frombuffer(bytes(value), dtype=np.uint32).copy()
+
+    def delete_tables(self, gids: list[int]) -> dict[int, str]:
+        """Removes tables in batches (one RCU wait per batch). Missing ones count as removed."""
+        failed: dict[int, str] = {}
+        for start in range(0, len(gids), TABLE_BATCH):
+            chunk = gids[start:start + TABLE_BATCH]
+            try:
+                self.maps.maglev.delete_batch((C.c_uint32 * len(chunk))(*chunk))
+            except BpfError as e:
+                for gid in chunk[e.done:]:
+                    try:
+                        self.maps.maglev.delete(C.c_uint32(gid))
+                    except BpfError as e1:
+                        failed[gid] = str(e1)
+        return failed
 
     def delete_table(self, gid: int) -> None:
         self.maps.maglev.delete(C.c_uint32(gid))

@@ -74,6 +74,8 @@ _lookup = _fn("bpf_map_lookup_elem", i32, i32, vp, vp)
 _delete = _fn("bpf_map_delete_elem", i32, i32, vp)
 _next_key = _fn("bpf_map_get_next_key", i32, i32, vp, vp)
 _map_fd_by_id = _fn("bpf_map_get_fd_by_id", i32, u32)
+_update_batch = _fn("bpf_map_update_batch", i32, i32, vp, vp, C.POINTER(u32), vp)
+_delete_batch = _fn("bpf_map_delete_batch", i32, i32, vp, C.POINTER(u32), vp)
 _map_create = _fn("bpf_map_create", i32, i32, cp, u32, u32, u32, vp)
 _num_cpus = _fn("libbpf_num_possible_cpus", i32)
 _set_print = _fn("libbpf_set_print", vp, vp)
@@ -293,6 +295,27 @@ class Map:
             return False
         _check(ret, "bpf_map_delete_elem", self.name)
         return True
+
+    def update_batch(self, keys, values) -> int:
+        """One syscall for many entries (`keys`/`values`: ctypes arrays of equal length).
+        Returns how many were written; on failure raises BpfError with `.done` set."""
+        n = u32(len(keys))
+        ret = _update_batch(self.fd, keys, values, C.byref(n), None)
+        if ret < 0:
+            err = BpfError(-ret, "bpf_map_update_batch", self.name)
+            err.done = n.value
+            raise err
+        return n.value
+
+    def delete_batch(self, keys) -> int:
+        """Deletes many keys in one syscall; all must exist (else ENOENT, `.done` set)."""
+        n = u32(len(keys))
+        ret = _delete_batch(self.fd, keys, C.byref(n), None)
+        if ret < 0:
+            err = BpfError(-ret, "bpf_map_delete_batch", self.name)
+            err.done = n.value
+            raise err
+        return n.value
 
     def keys(self) -> Iterator:
         prev, key = None, self.key_type()

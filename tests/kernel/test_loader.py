@@ -97,8 +97,26 @@ def test_table_swap_replaces_the_whole_table(kernel_instance):
         assert (dp.get_table(5) == 9).all()
         dp.delete_table(5)
         assert dp.get_table(5) is None
-        with pytest.raises(ValueError, match="table has 7 slots, the maps hold 1021"):
+        with pytest.raises(DataplaneError, match="table has 7 slots, the maps hold 1021"):
             dp.put_table(5, np.zeros(7, dtype=np.uint32))
+    finally:
+        maps.close()
+
+
+def test_batched_table_writes_and_deletes(kernel_instance):
+    """More tables than one batch; a bad table fails alone; deleting a missing one is fine."""
+    inst, cg = kernel_instance
+    maps = loader.load(BPFFS, inst, cg, M)
+    try:
+        dp = KernelDataplane(maps)
+        items = [(gid, np.full(M, gid, dtype=np.uint32)) for gid in range(1, 301)]
+        items[10] = (11, np.zeros(5, dtype=np.uint32))
+        failed = dp.put_tables(items)
+        assert list(failed) == [11] and "table has 5 slots" in failed[11]
+        assert dp.snapshot().tables == set(range(1, 301)) - {11}
+        assert (dp.get_table(300) == 300).all()
+        assert dp.delete_tables(list(range(1, 301))) == {}
+        assert dp.snapshot().tables == set()
     finally:
         maps.close()
 

@@ -28,6 +28,7 @@ class FakeKernel:
         self.frontends: dict[Frontend, tuple[int, int]] = {}
         self.names: dict[int, str] = {}
         self.capacity = backend_capacity
+        self.fail_tables: set[int] = set()
         self.ops = 0
 
     def check(self) -> None:
@@ -49,17 +50,25 @@ class FakeKernel:
         del self.backends[bid]
         self.check()
 
-    def put_table(self, gid, table):
-        assert table.shape == (self.maglev_m,)
-        self.tables[gid] = table.copy()
-        self.check()
+    def put_tables(self, items):
+        failed = {}
+        for gid, table in items:  # a batch applies its elements one after the other
+            assert table.shape == (self.maglev_m,)
+            if gid in self.fail_tables:
+                failed[gid] = "injected failure"
+                continue
+            self.tables[gid] = table.copy()
+            self.check()
+        return failed
 
     def get_table(self, gid):
         return self.tables.get(gid)
 
-    def delete_table(self, gid):
-        del self.tables[gid]
-        self.check()
+    def delete_tables(self, gids):
+        for gid in gids:
+            self.tables.pop(gid, None)
+            self.check()
+        return {}
 
     def put_frontend(self, fe, gid, count):
         self.frontends[fe] = (gid, count)
@@ -172,6 +181,20 @@ def test_map_full_fails_one_service_and_leaves_the_others_serving():
     k.capacity = 10
     rep = r.apply(desired_groups([ok, big]))
     assert not rep.errors and k.serving() == expected([ok, big])
+
+
+def test_failed_table_write_keeps_the_old_table_serving():
+    k = FakeKernel()
+    r = Reconciler(k)
+    r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)])]))
+    (gid,) = k.tables
+    k.fail_tables.add(gid)
+    rep = r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.2", 1)])]))
+    assert rep.errors == {"default/a:p/ipv4": "injected failure"}
+    assert k.serving() == {"10.96.0.1:80/TCP": {"10.0.0.1:8080/TCP"}}
+    k.fail_tables.clear()
+    assert not r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.2", 1)])])).errors
+    assert k.serving() == {"10.96.0.1:80/TCP": {"10.0.0.2:8080/TCP"}}
 
 
 def test_vip_moving_between_services_is_one_overwrite():
