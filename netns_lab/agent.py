@@ -36,6 +36,7 @@ import json
 import math
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -299,6 +300,9 @@ def connrate_client(addr: str, port: int, duration: float, limit: int, timeout: 
                 s.sendall(REQUEST)
                 by[recv_line(s, bytearray()).decode(errors="replace")] += 1
                 n += 1
+                # Close with RST: thousands of sequential connections to one address would
+                # otherwise fill the port range with TIME_WAIT and measure port search.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             except EOFError:
                 errs["EOF"] += 1
             except OSError as e:

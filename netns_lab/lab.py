@@ -290,14 +290,14 @@ class Lab:
         return proc
 
     def exec(self, ns: str, argv: list[str], *, cgroup: bool = False, timeout: float = 30,
-             check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run ``argv`` in ``ns`` to completion (text, output captured)."""
+             check: bool = True, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` in ``ns`` to completion (text, output captured, ``input`` on stdin)."""
         if not self._is_up:
             raise LabError(f"lab {self.prefix} is not up")
         wrapped = self._wrap(ns, argv, cgroup)
         try:
             cp = subprocess.run(wrapped, env=self._env(None), capture_output=True, text=True,
-                                timeout=timeout)
+                                timeout=timeout, input=input)
         except subprocess.TimeoutExpired as e:
             raise LabError(f"{argv} in {ns} timed out after {timeout}s") from e
         if check and cp.returncode != 0:
