@@ -13,6 +13,9 @@ path ends at the same server):
   iptables    connect to a VIP that kube-proxy-shaped iptables-legacy nat rules DNAT
               (KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP), with N services installed; the
               measured VIP is the LAST rule of KUBE-SERVICES (kube-proxy's linear worst case)
+  direct+ipt  direct, while those iptables rules are installed (every new connection in the
+              namespace walks the nat chain, service or not)
+A fresh lab per size; meshd paths are measured before any iptables rule exists there.
 Metrics: new connections per second (connect + 1 request/reply + close, sequential),
 connect() p50/p99 in microseconds, and request/response p50/p99 on one open connection.
 Writes bench/results/socklb.json and prints a table.
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -111,8 +115,27 @@ def main() -> int:
     results = {"machine": subprocess.run(["uname", "-r"], capture_output=True,
                                          text=True).stdout.strip(),
                "seconds": args.seconds, "rounds": args.rounds, "maglev_m": M, "sizes": {}}
+    for n in sizes:
+        results["sizes"][n] = bench_size(n, args)
+        print_size(n, results["sizes"][n])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwritten {out}")
+    return 0
+
+
+def bench_size(n: int, args) -> dict:
+    """One fresh lab per size, so no nat table or conntrack state of a previous size lingers.
+    Phase 1, no iptables rules: direct, direct+cg, meshd. Phase 2, n kube-proxy-shaped
+    services in iptables: the iptables VIP, and direct again (every new connection in the
+    namespace walks the nat chain, service or not)."""
+    cpus = sorted(os.sched_getaffinity(0))
     with Lab(backends=1, ipv6=False) as lab:
+        if len(cpus) > 1:  # servers on one CPU, clients on another: less scheduling noise
+            os.sched_setaffinity(0, {cpus[-1]})
         lab.start_backends(8080, udp=False)
+        os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
         # iptables DNATs after the route lookup, so its VIP range needs a route (kube-proxy
         # nodes have a default route). It points at b1, inside the lab: nothing leaves.
         lab.exec("cli", ["ip", "route", "add", "10.100.0.0/16", "via", lab.backend_addr(1)])
@@ -120,41 +143,39 @@ def main() -> int:
         maps = loader.load(BPFFS, instance, lab.cgroup, M)
         try:
             rec = Reconciler(KernelDataplane(maps))
-            for n in sizes:
-                t0 = time.perf_counter()
-                rep = rec.apply(desired_groups(services(lab, n)))
-                load_s = time.perf_counter() - t0
-                assert not rep.errors, rep.errors
-                t0 = time.perf_counter()
-                lab.exec("cli", ["iptables-legacy-restore"], timeout=300,
-                         input=iptables_rules(lab, n))
-                ipt_s = time.perf_counter() - t0
-                paths = {"direct": (lab.backend_addr(1), 8080, False),
-                         "direct+cg": (lab.backend_addr(1), 8080, True),
-                         "meshd": (vip(n - 1), 80, True),
-                         "iptables": (ipt_vip(n - 1), 80, False)}
-                runs: dict[str, list] = {p: [] for p in paths}
-                for _ in range(args.rounds):
-                    for p, (addr, port, cg) in paths.items():
-                        runs[p].append(measure(lab, addr, port, cg, args.seconds, args.max))
-                med = {p: median_of(r) for p, r in runs.items()}
-                base = med["direct"]
-                ratios = {p: {"conn_rate_x": round(m["per_sec"] / base["per_sec"], 3),
-                              "connect_p50_x": round(m["connect_p50"] / base["connect_p50"], 3)}
-                          for p, m in med.items()}
-                results["sizes"][n] = {"meshd_load_s": round(load_s, 2),
-                                       "iptables_load_s": round(ipt_s, 2),
-                                       "paths": med, "ratios": ratios}
-                print_size(n, results["sizes"][n])
-                lab.exec("cli", ["iptables-legacy", "-t", "nat", "-F"])
+            t0 = time.perf_counter()
+            rep = rec.apply(desired_groups(services(lab, n)))
+            load_s = time.perf_counter() - t0
+            assert not rep.errors, rep.errors
+            phase1 = {"direct": (lab.backend_addr(1), 8080, False),
+                      "direct+cg": (lab.backend_addr(1), 8080, True),
+                      "meshd": (vip(n - 1), 80, True)}
+            med = run_rounds(lab, phase1, args)
+            t0 = time.perf_counter()
+            lab.exec("cli", ["iptables-legacy-restore"], timeout=300,
+                     input=iptables_rules(lab, n))
+            ipt_s = time.perf_counter() - t0
+            phase2 = {"iptables": (ipt_vip(n - 1), 80, False),
+                      "direct+ipt": (lab.backend_addr(1), 8080, False)}
+            med.update(run_rounds(lab, phase2, args))
         finally:
             maps.close()
             loader.remove(BPFFS, instance)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwritten {out}")
-    return 0
+            os.sched_setaffinity(0, set(cpus))
+    base = med["direct"]
+    ratios = {p: {"conn_rate_x": round(m["per_sec"] / base["per_sec"], 3),
+                  "connect_p50_x": round(m["connect_p50"] / base["connect_p50"], 3)}
+              for p, m in med.items()}
+    return {"meshd_load_s": round(load_s, 2), "iptables_load_s": round(ipt_s, 2),
+            "paths": med, "ratios": ratios}
+
+
+def run_rounds(lab: Lab, paths: dict, args) -> dict:
+    runs: dict[str, list] = {p: [] for p in paths}
+    for _ in range(args.rounds):  # interleaved, so drift hits every path alike
+        for p, (addr, port, cg) in paths.items():
+            runs[p].append(measure(lab, addr, port, cg, args.seconds, args.max))
+    return {p: median_of(r) for p, r in runs.items()}
 
 
 def print_size(n: int, r: dict) -> None:

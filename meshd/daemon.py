@@ -57,6 +57,8 @@ class Daemon:
         self._stop = asyncio.Event()
         self._file_sig: tuple | None = None
         self.reconciler: Reconciler | None = None
+        self._warned_etcd = False
+        self._warned_affinity: set[str] = set()
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -158,6 +160,15 @@ class Daemon:
                 return
             services = list(snap.services)
             rejected += [{"where": e.where, "reason": e.reason} for e in snap.errors]
+        if cfg.etcd is not None and not self._warned_etcd:
+            log.warning("etcd: this version of meshd does not read etcd yet; serving "
+                        "services_file only")
+            self._warned_etcd = True
+        for s in services:
+            if s.session_affinity == "ClientIP" and s.key not in self._warned_affinity:
+                log.warning("%s: session_affinity ClientIP is not enforced yet; each socket "
+                            "is balanced on its own", s.key)
+                self._warned_affinity.add(s.key)
         forbidden = await asyncio.to_thread(node.local_addresses)
         good, bad = check_services(services, cfg.service_cidrs, forbidden)
         rejected += [{"where": e.where, "reason": e.reason} for e in bad]
