@@ -5,13 +5,21 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT="$HERE/../meshd/bpf_obj"
 CLANG=${CLANG:-clang-19}
 mkdir -p "$OUT"
+# vmlinux.h (kernel types for CO-RE programs such as the socket iterator), generated from
+# the running kernel's BTF into build/, not committed.
+GEN="$HERE/../build/include"
+if [ ! -s "$GEN/vmlinux.h" ]; then
+  mkdir -p "$GEN"
+  bpftool btf dump file /sys/kernel/btf/vmlinux format c > "$GEN/vmlinux.h.tmp"
+  mv "$GEN/vmlinux.h.tmp" "$GEN/vmlinux.h"
+fi
 for src in "$HERE"/*.bpf.c; do
   obj="$OUT/$(basename "${src%.c}").o"
   if [ -f "$obj" ] && [ "$obj" -nt "$src" ] && [ -z "$(find "$HERE/include" -newer "$obj" -print -quit)" ]; then
     continue
   fi
   "$CLANG" -O2 -g -target bpf -Wall -Werror \
-    -I/usr/include/x86_64-linux-gnu -I"$HERE/include" \
+    -I/usr/include/x86_64-linux-gnu -I"$HERE/include" -I"$GEN" \
     -c "$src" -o "$obj.tmp"
   mv "$obj.tmp" "$obj"
   echo "built $(basename "$obj")"

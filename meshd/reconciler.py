@@ -63,6 +63,9 @@ class _Applied:
 class Report:
     ops: Counter = field(default_factory=Counter)  # operation name -> count
     errors: dict[str, str] = field(default_factory=dict)  # group key -> reason
+    # (frontend, backend) translations that stopped being valid: sockets still connected
+    # through them (UDP) may be destroyed by the caller
+    removed: set[tuple[Frontend, BackendRef]] = field(default_factory=set)
 
 
 class _Ids:
@@ -113,6 +116,9 @@ class Reconciler:
     # ---- the one entry point ------------------------------------------------------------
     def apply(self, desired: dict[str, Group]) -> Report:
         rep = Report()
+        self._old_fes: dict[int, set[Frontend]] = {}
+        for fe, (gid, _c) in self.frontends.items():
+            self._old_fes.setdefault(gid, set()).add(fe)
         failed_refs = self._add_backends(desired, rep)
         ok = self._write_groups(desired, failed_refs, rep)
         self._write_frontends(desired, ok, rep)
@@ -164,6 +170,7 @@ class Reconciler:
                     if not adopted_same:
                         pending[key] = (cur.gid, table)
                         continue
+                self._note_removed(rep, cur, g)
                 cur.backends = g.backends
                 ok[key] = g
             except (DataplaneError, ValueError) as e:
@@ -179,9 +186,19 @@ class Reconciler:
                     rep.errors[key] = failed[gid]
                     continue
                 cur = self.groups[key]
+                self._note_removed(rep, cur, desired[key])
                 cur.has_table, cur.backends = True, desired[key].backends
                 ok[key] = desired[key]
         return ok
+
+    def _note_removed(self, rep: Report, cur: _Applied, g: Group | None) -> None:
+        if not cur.backends:
+            return  # nothing before, or adopted (unknown)
+        gone = {ref for ref, _w in cur.backends} - {ref for ref, _w in (g.backends if g else ())}
+        if not gone:
+            return
+        fes = self._old_fes.get(cur.gid, set()) | (set(g.frontends) if g else set())
+        rep.removed |= {(fe, ref) for fe in fes for ref in gone}
 
     def _table(self, g: Group) -> np.ndarray:
         idx = maglev.build_table([(ref.name, w) for ref, w in g.backends], self.dp.maglev_m)
@@ -217,6 +234,8 @@ class Reconciler:
         in_use = {gid for gid, _c in self.frontends.values()}
         gone = [k for k in sorted(set(self.groups) - set(desired))
                 if self.groups[k].gid not in in_use]  # else a frontend delete failed: retry
+        for key in gone:
+            self._note_removed(rep, self.groups[key], None)
         empty = [k for k, g in ok.items() if not g.backends and self.groups[k].has_table]
         drop = [self.groups[k].gid for k in gone + empty if self.groups[k].has_table]
         drop += sorted(self._orphan_tables)

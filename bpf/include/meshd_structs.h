@@ -12,7 +12,9 @@
 #ifndef MESHD_STRUCTS_H
 #define MESHD_STRUCTS_H
 
+#ifndef __VMLINUX_H__ /* CO-RE programs get the same types from vmlinux.h */
 #include <linux/types.h>
+#endif
 
 /* A frontend: VIP, port and protocol. Key of meshd_svc_v1. */
 struct meshd_svc_key {

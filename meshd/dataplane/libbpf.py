@@ -60,6 +60,8 @@ _map_set_max_entries = _fn("bpf_map__set_max_entries", i32, vp, u32)
 _map_inner = _fn("bpf_map__inner_map", vp, vp)
 _map_set_initial = _fn("bpf_map__set_initial_value", i32, vp, vp, sz)
 _attach_cgroup = _fn("bpf_program__attach_cgroup", vp, vp, i32)
+_attach_iter = _fn("bpf_program__attach_iter", vp, vp, vp)
+_iter_create = _fn("bpf_iter_create", i32, i32)
 _link_pin = _fn("bpf_link__pin", i32, vp, cp)
 _link_destroy = _fn("bpf_link__destroy", i32, vp)
 _link_fd = _fn("bpf_link__fd", i32, vp)
@@ -141,6 +143,41 @@ def num_possible_cpus() -> int:
     return _check(_num_cpus(), "libbpf_num_possible_cpus")
 
 
+_CLONE_NEWNET = 0x40000000
+_setns = _libc.setns
+_setns.restype = i32
+_setns.argtypes = [i32, i32]
+
+
+def in_netns(ns_path: str):
+    """A runner `run(fn)` that calls fn in a thread that has joined the network namespace
+    at `ns_path` (setns affects only the calling thread; Python 3.11 has no os.setns)."""
+    import threading
+
+    def run(fn) -> None:
+        box: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                fd = os.open(ns_path, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    if _setns(fd, _CLONE_NEWNET) != 0:
+                        raise OSError(C.get_errno(), f"setns({ns_path}): "
+                                      f"{os.strerror(C.get_errno())}")
+                finally:
+                    os.close(fd)
+                fn()
+            except BaseException as e:  # re-raised in the caller
+                box.append(e)
+
+        t = threading.Thread(target=body, name="meshd-netns")
+        t.start()
+        t.join()
+        if box:
+            raise box[0]
+    return run
+
+
 def close_fd(fd: int) -> None:
     try:
         os.close(fd)
@@ -199,6 +236,25 @@ class BpfObject:
             _check(_link_pin(link, str(pin_path).encode()), "bpf_link__pin", str(pin_path))
         finally:
             _link_destroy(link)  # closes our fd; the pin keeps the link (or it detaches)
+
+    def run_iter(self, prog: str, in_thread=None) -> None:
+        """Attaches an iterator program and reads it to the end (the program does the work).
+        `in_thread(fn)` runs the read where it must happen, e.g. inside a network namespace:
+        a socket iterator walks the sockets of the namespace it is created in."""
+        link = _check_ptr(_attach_iter(self._prog(prog), None), "bpf_program__attach_iter", prog)
+        try:
+            link_fd = _link_fd(link)
+
+            def read() -> None:
+                fd = _check(_iter_create(link_fd), "bpf_iter_create", prog)
+                try:
+                    while os.read(fd, 65536):
+                        pass
+                finally:
+                    os.close(fd)
+            (in_thread or (lambda f: f()))(read)
+        finally:
+            _link_destroy(link)
 
     def close(self) -> None:
         if self._obj:

@@ -47,3 +47,13 @@ def test_rodata_holds_only_the_cfg_struct(btf):
     assert len(rodata) == 1 and len(rodata[0]["vars"]) == 1
     assert rodata[0]["vars"][0]["offset"] == 0
     assert rodata[0]["vars"][0]["size"] == ctypes.sizeof(structs.Cfg)
+
+
+def test_doomed_key_mirror_matches_the_iterator_object():
+    from meshd.dataplane import sockdestroy
+    structs_ = _btf_structs(object_path(sockdestroy.OBJ))
+    t = structs_["meshd_doomed_key"]
+    mirror = sockdestroy.DoomedKey
+    assert ctypes.sizeof(mirror) == t["size"]
+    assert [(m["name"], m["bits_offset"] // 8) for m in t["members"]] == [
+        (f[0], getattr(mirror, f[0]).offset) for f in mirror._fields_]

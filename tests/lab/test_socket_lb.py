@@ -6,37 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from meshd.dataplane import loader
-from meshd.dataplane.kernel import KernelDataplane
-from meshd.desired import desired_groups
-from meshd.model import parse_service
-from meshd.reconciler import Reconciler
+from testlib import SocketLB
 
-from testlib import BPFFS, TEST_PREFIX
-
-M = 1021
 VIP4, VIP6, MAPPED = "10.96.0.10", "fd00:96::10", "::ffff:10.96.0.10"
 # chi-square critical values at p = 0.001 for 1..5 degrees of freedom
 CHI2_CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
-
-
-class SocketLB:
-    """The data plane of one lab, driven by the same reconciler the daemon uses."""
-
-    def __init__(self, lab):
-        self.instance = TEST_PREFIX + lab.prefix
-        self.maps = loader.load(BPFFS, self.instance, lab.cgroup, M)
-        self.rec = Reconciler(KernelDataplane(self.maps))
-        self.lab = lab
-
-    def apply(self, *services: dict) -> None:
-        parsed = [parse_service(s, where=s["name"]) for s in services]
-        report = self.rec.apply(desired_groups(parsed))
-        assert not report.errors, report.errors
-
-    def close(self) -> None:
-        self.maps.close()
-        loader.remove(BPFFS, self.instance)
 
 
 @pytest.fixture

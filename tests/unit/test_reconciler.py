@@ -252,3 +252,16 @@ def test_backends_ordered_by_stable_name_not_by_input_order():
     assert [r for r, _ in desired_groups([a1])["default/a:p/ipv4"].backends] == [
         BackendRef(ip("10.0.0.1"), 8080, "TCP"), BackendRef(ip("10.0.0.2"), 8080, "TCP"),
         BackendRef(ip("10.0.0.3"), 8080, "TCP")]
+
+
+def test_report_names_the_translations_that_stopped_being_valid():
+    k = FakeKernel()
+    r = Reconciler(k)
+    a = svc("a", "10.96.0.1", [("10.0.0.1", 1), ("10.0.0.2", 1)], proto="UDP")
+    b = svc("b", "10.96.0.2", [("10.0.0.3", 1)], proto="UDP")
+    r.apply(desired_groups([a, b]))
+    rep = r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)], proto="UDP")]))
+    assert {(str(fe), be.name) for fe, be in rep.removed} == {
+        ("10.96.0.1:80/UDP", "10.0.0.2:8080/UDP"), ("10.96.0.2:80/UDP", "10.0.0.3:8080/UDP")}
+    assert r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)], proto="UDP")])
+                   ).removed == set()

@@ -1,0 +1,84 @@
+"""Destroy connected UDP sockets still aimed at a backend meshd removed (kernel >= 6.5).
+
+See bpf/sock_destroy.bpf.c. The iterator runs once per network namespace that has a process
+in the cgroup (a socket iterator only walks the namespace it is created in), so clients in
+their own namespaces (containers, pods, the lab) are covered too.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+from meshd import names
+from meshd.desired import BackendRef, Frontend
+from meshd.dataplane import libbpf as bpf
+from meshd.dataplane import structs as S
+from meshd.dataplane.loader import object_path
+
+log = logging.getLogger("meshd.dataplane")
+
+OBJ = "sock_destroy.bpf.o"
+MAP_DOOMED = "meshd_doomed"
+MAP_DESTROYED = "meshd_destroyed"
+PROG = "meshd_destroy_udp"
+
+
+class DoomedKey(C.Structure):
+    """Mirror of struct meshd_doomed_key (bpf/sock_destroy.bpf.c)."""
+    _fields_ = [("be_addr", S.Addr16), ("vip_addr", S.Addr16), ("be_port", C.c_uint16),
+                ("vip_port", C.c_uint16)]
+
+
+def cgroup_netns(cgroup: Path) -> list[str]:
+    """One /proc/<pid>/ns/net path per network namespace with a process in `cgroup` (or
+    below it)."""
+    seen: dict[str, str] = {}
+    for dirpath, _dirs, files in os.walk(cgroup):
+        if "cgroup.procs" not in files:
+            continue
+        try:
+            pids = Path(dirpath, "cgroup.procs").read_text().split()
+        except OSError:
+            continue
+        for pid in pids:
+            path = f"/proc/{pid}/ns/net"
+            try:
+                seen.setdefault(os.readlink(path), path)
+            except OSError:
+                continue  # exited meanwhile
+    return list(seen.values())
+
+
+def destroy_udp(pin_dir: Path, pairs: Iterable[tuple[Frontend, BackendRef]],
+                cgroup: Path) -> int:
+    """Destroys connected UDP sockets translated from a pair's VIP to its backend.
+    Returns how many were destroyed."""
+    pairs = [(fe, be) for fe, be in pairs if fe.protocol == "UDP"]
+    if not pairs:
+        return 0
+    with bpf.BpfObject(object_path(OBJ)) as obj:
+        fd = bpf.obj_get(pin_dir / names.MAP_REVNAT)
+        try:
+            obj.reuse_map_fd(names.MAP_REVNAT, fd)
+        finally:
+            bpf.close_fd(fd)
+        obj.load()
+        doomed = bpf.Map(obj.map_fd(MAP_DOOMED), MAP_DOOMED, DoomedKey, C.c_uint8)
+        for fe, be in pairs:
+            doomed.update(DoomedKey(be_addr=S.pack_addr(be.address), vip_addr=S.pack_addr(fe.vip),
+                                    be_port=S.port_be(be.port), vip_port=S.port_be(fe.port)),
+                          C.c_uint8(1))
+        namespaces = cgroup_netns(cgroup)
+        for ns in namespaces:
+            obj.run_iter(PROG, in_thread=bpf.in_netns(ns))
+        count = bpf.Map(obj.map_fd(MAP_DESTROYED), MAP_DESTROYED, C.c_uint32,
+                        C.c_uint64).lookup(C.c_uint32(0))
+    n = count.value if count is not None else 0
+    if n:
+        log.info("destroyed %d connected UDP sockets aimed at removed backends (%d namespaces)",
+                 n, len(namespaces))
+    return n
