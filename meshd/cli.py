@@ -21,7 +21,8 @@ def _config(args):
 
 def cmd_run(args) -> int:
     from meshd import daemon
-    return daemon.run(Path(args.config) if args.config else None)
+    return daemon.run(Path(args.config) if args.config else None,
+                      log_level_set=args.log_level is not None)
 
 
 def cmd_services(args) -> int:

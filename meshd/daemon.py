@@ -1,9 +1,12 @@
 """`meshd run`: keep the kernel maps equal to the registry, until told to stop.
 
-One asyncio task per concern: the services-file watch, the systemd watchdog, signals.
-Blocking libbpf calls run in a worker thread. READY=1 goes to systemd after the first full
-sync. SIGHUP re-reads the config and the services file. SIGTERM/SIGINT stop the daemon and
-leave the pinned data plane serving; `meshd cleanup` removes it.
+One asyncio task per concern: each source (the services file, etcd), the sync loop, the
+systemd watchdog. Sources only publish their latest snapshot and wake the sync loop, which
+merges them, validates across records, and hands desired state to the reconciler in a worker
+thread (libbpf calls block). Bursts of changes coalesce into one sync. READY=1 goes to
+systemd after the first full sync of every source. SIGHUP re-reads config and the services
+file. SIGTERM/SIGINT stop the daemon (and an embedded etcd) and leave the pinned data plane
+serving; `meshd cleanup` removes it.
 """
 
 from __future__ import annotations
@@ -16,26 +19,48 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from meshd import node, sdnotify
 from meshd.config import Config, load_config
-from meshd.dataplane import loader
+from meshd.dataplane import loader, sockdestroy
 from meshd.dataplane.kernel import KernelDataplane
 from meshd.desired import desired_groups
-from meshd.errors import MeshdError, RegistryError
-from meshd.model import check_services
-from meshd.reconciler import Reconciler, Report
+from meshd.errors import MeshdError, RecordError, RegistryError
+from meshd.model import Service, check_services
+from meshd.reconciler import Reconciler
 from meshd.sources.static import load_services_file
 
 log = logging.getLogger("meshd.daemon")
 
 FILE_POLL_SECONDS = 1.0
+READY_GRACE_SECONDS = 20.0  # READY anyway (serving the pinned state) if a source stays down
 # Settings fixed for the life of the pinned data plane; a reload that changes them is refused.
-RESTART_ONLY = ("instance", "bpffs", "cgroup", "maglev")
+RESTART_ONLY = ("instance", "bpffs", "cgroup", "maglev", "etcd")
 
 
 def status_path(cfg: Config) -> Path:
     return Path(cfg.state_dir) / cfg.instance / "status.json"
+
+
+def etcd_hosts(urls: list[str]) -> set:
+    """Addresses of the etcd endpoints: a VIP must never capture the daemon's own etcd."""
+    import ipaddress
+    out = set()
+    for u in urls:
+        try:
+            out.add(ipaddress.ip_address(urlsplit(u).hostname or ""))
+        except ValueError:
+            continue  # a hostname: cannot collide with a VIP literal
+    return out
+
+
+@dataclass
+class SourceState:
+    services: tuple[Service, ...] = ()
+    errors: tuple[RecordError, ...] = ()
+    synced: bool = False  # delivered at least one full snapshot
+    error: str | None = None  # the source cannot be read now (kernel state kept)
 
 
 @dataclass
@@ -43,9 +68,8 @@ class SyncState:
     synced_at: float = 0.0
     rejected: list[dict] = field(default_factory=list)
     errors: dict[str, str] = field(default_factory=dict)
-    source_error: str | None = None
     services: int = 0
-    last_report: Report | None = None
+    ops: int = 0
 
 
 class Daemon:
@@ -53,44 +77,69 @@ class Daemon:
         self.config_path = config_path
         self.cfg = cfg
         self.state = SyncState()
+        self.sources: dict[str, SourceState] = {}
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
+        self._ready = asyncio.Event()
         self._file_sig: tuple | None = None
+        self._file_poke = asyncio.Event()
         self.reconciler: Reconciler | None = None
-        self._warned_etcd = False
+        self.maps: loader.Maps | None = None
+        self.etcd_urls: list[str] = []
         self._warned_affinity: set[str] = set()
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = self.cfg
-        maps = await asyncio.to_thread(loader.load, cfg.bpffs, cfg.instance, cfg.cgroup,
-                                       cfg.maglev.table_size)
+        self.maps = await asyncio.to_thread(loader.load, cfg.bpffs, cfg.instance, cfg.cgroup,
+                                            cfg.maglev.table_size)
+        server = None
+        tasks: list[asyncio.Task] = []
         try:
-            dp = KernelDataplane(maps)
+            dp = KernelDataplane(self.maps)
             self.reconciler = Reconciler(dp)
             self.reconciler.adopt(await asyncio.to_thread(dp.snapshot))
-            await self.sync("startup")
-            sdnotify.notify(f"READY=1\nSTATUS=serving {self.state.services} services")
-            log.info("ready: %d services from %s", self.state.services, self._source_name())
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop.set)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
-            tasks = [asyncio.create_task(self._watch_file(), name="watch-file"),
-                     asyncio.create_task(self._sync_loop(), name="sync")]
+            if cfg.services_file is not None:
+                self.sources["file"] = SourceState()
+                tasks.append(asyncio.create_task(self._watch_file(), name="file"))
+            if cfg.etcd is not None:
+                server = await self._start_embedded_etcd()
+                self.sources["etcd"] = SourceState()
+                tasks.append(asyncio.create_task(self._run_etcd(), name="etcd"))
+            if not self.sources:
+                log.warning("no source configured (services_file, etcd): serving nothing")
+            tasks.append(asyncio.create_task(self._sync_loop(), name="sync"))
+            tasks.append(asyncio.create_task(self._ready_when_synced(), name="ready"))
             wd = sdnotify.watchdog_interval()
             if wd:
                 tasks.append(asyncio.create_task(self._watchdog(wd), name="watchdog"))
+            self._wake.set()
             await self._stop.wait()
             sdnotify.notify("STOPPING=1")
+            log.info("stopping; the pinned data plane at %s keeps serving (`meshd cleanup` "
+                     "removes it)", self.maps.pin_dir)
+            return 0
+        finally:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            log.info("stopped; the pinned data plane at %s keeps serving (`meshd cleanup` "
-                     "removes it)", maps.pin_dir)
-            return 0
-        finally:
-            maps.close()
+            if server is not None:
+                await server.stop()
+            self.maps.close()
+
+    async def _ready_when_synced(self) -> None:
+        try:
+            await asyncio.wait_for(self._ready.wait(), READY_GRACE_SECONDS)
+        except asyncio.TimeoutError:
+            down = [n for n, s in self.sources.items() if not s.synced]
+            log.warning("sources not synced after %.0fs (%s): ready anyway, serving the "
+                        "pinned kernel state", READY_GRACE_SECONDS, ", ".join(down))
+        sdnotify.notify(f"READY=1\nSTATUS=serving {self.state.services} services")
+        log.info("ready: %d services", self.state.services)
 
     def _on_hup(self) -> None:
         log.info("SIGHUP: reloading config and services")
@@ -105,92 +154,130 @@ class Daemon:
                           "`meshd cleanup` first for maglev.table_size); other settings applied",
                           ", ".join(changed))
                 new = new.model_copy(update={k: getattr(self.cfg, k) for k in RESTART_ONLY})
+            if (new.services_file is None) != (self.cfg.services_file is None):
+                log.error("reload: adding or removing services_file needs a restart")
+                new = new.model_copy(update={"services_file": self.cfg.services_file})
             self.cfg = new
-        self._file_sig = None
-        self._wake.set()
-
-    async def _sync_loop(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self.sync("change")
-
-    async def _watch_file(self) -> None:
-        while True:
-            await asyncio.sleep(FILE_POLL_SECONDS)
-            sig = self._stat_services_file()
-            if sig != self._file_sig:
-                log.info("services file changed")
-                self._wake.set()
+        self._file_sig = None  # re-read the file now
+        self._file_poke.set()
 
     async def _watchdog(self, interval: float) -> None:
         while True:
             sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
-    # ---- one full sync ------------------------------------------------------------------
-    def _source_name(self) -> str:
-        return str(self.cfg.services_file) if self.cfg.services_file else "no source"
+    # ---- sources ------------------------------------------------------------------------
+    def _publish(self, name: str, services, errors) -> None:
+        st = self.sources[name]
+        st.services, st.errors, st.synced, st.error = tuple(services), tuple(errors), True, None
+        self._wake.set()
 
     def _stat_services_file(self) -> tuple | None:
-        if not self.cfg.services_file:
-            return None
         try:
             st = os.stat(self.cfg.services_file)
         except OSError:
             return ("missing",)
         return (st.st_ino, st.st_size, st.st_mtime_ns)
 
-    async def sync(self, why: str) -> None:
-        assert self.reconciler is not None
-        cfg = self.cfg
-        self._file_sig = self._stat_services_file()
-        rejected: list[dict] = []
-        if cfg.services_file is None:
-            log.warning("no services_file configured: nothing to serve")
-            services = []
-        else:
+    async def _watch_file(self) -> None:
+        while True:
+            sig = self._stat_services_file()
+            if sig != self._file_sig:
+                self._file_sig = sig
+                try:
+                    snap = await asyncio.to_thread(load_services_file,
+                                                   Path(self.cfg.services_file))
+                    self._publish("file", snap.services, snap.errors)
+                except RegistryError as e:
+                    # Keep what the kernel holds: a broken file must not take services down.
+                    log.error("services file not applied, kernel state kept: %s", e)
+                    self.sources["file"].error = str(e)
+                    self._write_status()
             try:
-                snap = await asyncio.to_thread(load_services_file, Path(cfg.services_file))
-            except RegistryError as e:
-                # Keep what the kernel holds: a broken file must not take every service down.
-                log.error("services file not applied, kernel state kept: %s", e)
-                self.state.source_error = str(e)
-                self._write_status()
-                return
-            services = list(snap.services)
-            rejected += [{"where": e.where, "reason": e.reason} for e in snap.errors]
-        if cfg.etcd is not None and not self._warned_etcd:
-            log.warning("etcd: this version of meshd does not read etcd yet; serving "
-                        "services_file only")
-            self._warned_etcd = True
-        for s in services:
+                await asyncio.wait_for(self._file_poke.wait(), FILE_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            self._file_poke.clear()
+
+    async def _start_embedded_etcd(self):
+        etcd_cfg = self.cfg.etcd
+        if etcd_cfg.endpoints:
+            self.etcd_urls = list(etcd_cfg.endpoints)
+            return None
+        from meshd.sources.etcd_server import EmbeddedEtcd
+        data = Path(self.cfg.state_dir) / self.cfg.instance / "etcd"
+        server = EmbeddedEtcd(data, **embedded_urls(self.cfg))
+        await server.start()
+        log.info("embedded etcd at %s (pid %s, data %s)", server.url, server.pid, data)
+        self.etcd_urls = [server.url]
+        return server
+
+    async def _run_etcd(self) -> None:
+        from meshd.sources.etcd import EtcdSource
+        src = EtcdSource(self.cfg.etcd, endpoints=self.etcd_urls)
+
+        async def emit(snap) -> None:
+            self._publish("etcd", snap.services, snap.errors)
+
+        await src.run(emit)
+
+    # ---- one full sync ------------------------------------------------------------------
+    async def _sync_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.sources and not all(s.synced or s.error for s in self.sources.values()):
+                continue  # never apply a partial view: a service would vanish for a moment
+            await self.sync()
+            if all(s.synced for s in self.sources.values()):
+                self._ready.set()
+
+    async def sync(self) -> None:
+        assert self.reconciler is not None and self.maps is not None
+        cfg = self.cfg
+        if any(s.error and not s.synced for s in self.sources.values()):
+            return  # a source was never read: applying the rest would drop its services
+        services = [s for st in self.sources.values() for s in st.services]
+        rejected = [e for st in self.sources.values() for e in st.errors]
+        forbidden = set(await asyncio.to_thread(node.local_addresses)) | etcd_hosts(self.etcd_urls)
+        good, bad = check_services(services, cfg.service_cidrs, forbidden)
+        rejected += bad
+        for e in rejected:
+            log.warning("record skipped: %s: %s", e.where, e.reason)
+        for s in good:
             if s.session_affinity == "ClientIP" and s.key not in self._warned_affinity:
                 log.warning("%s: session_affinity ClientIP is not enforced yet; each socket "
                             "is balanced on its own", s.key)
                 self._warned_affinity.add(s.key)
-        forbidden = await asyncio.to_thread(node.local_addresses)
-        good, bad = check_services(services, cfg.service_cidrs, forbidden)
-        rejected += [{"where": e.where, "reason": e.reason} for e in bad]
-        for r in rejected:
-            log.warning("record skipped: %s: %s", r["where"], r["reason"])
         t0 = time.perf_counter()
         report = await asyncio.to_thread(self.reconciler.apply, desired_groups(good))
         ms = (time.perf_counter() - t0) * 1e3
-        log.info("sync (%s): %d services, %d rejected, %d map ops in %.1f ms%s", why, len(good),
-                 len(rejected), sum(report.ops.values()), ms,
-                 f", {len(report.errors)} errors" if report.errors else "")
+        ops = sum(report.ops.values())
+        log.log(logging.INFO if ops or report.errors else logging.DEBUG,
+                "sync: %d services, %d rejected, %d map ops in %.1f ms%s", len(good),
+                len(rejected), ops, ms, f", {len(report.errors)} errors" if report.errors else "")
         for what, err in report.errors.items():
             log.error("data plane: %s: %s", what, err)
-        self.state = SyncState(time.time(), rejected, dict(report.errors), None, len(good), report)
+        if report.removed:
+            try:
+                await asyncio.to_thread(sockdestroy.destroy_udp, self.maps.pin_dir,
+                                        report.removed, cfg.cgroup)
+            except MeshdError as e:
+                log.warning("could not destroy UDP sockets of removed backends: %s", e)
+        self.state = SyncState(time.time(), [{"where": e.where, "reason": e.reason}
+                                             for e in rejected],
+                               dict(report.errors), len(good), ops)
         self._write_status()
 
     def _write_status(self) -> None:
         path = status_path(self.cfg)
         doc = {"pid": os.getpid(), "synced_at": self.state.synced_at,
-               "source": self._source_name(), "source_error": self.state.source_error,
-               "services": self.state.services, "rejected": self.state.rejected,
-               "errors": self.state.errors}
+               "sources": {n: {"synced": s.synced, "error": s.error, "services": len(s.services)}
+                           for n, s in self.sources.items()},
+               "source_error": "; ".join(f"{n}: {s.error}" for n, s in self.sources.items()
+                                         if s.error) or None,
+               "etcd": self.etcd_urls, "services": self.state.services,
+               "rejected": self.state.rejected, "errors": self.state.errors}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".tmp")
@@ -200,6 +287,16 @@ class Daemon:
             log.warning("cannot write status file %s: %s", path, e)
 
 
-def run(config_path: Path | None) -> int:
+def embedded_urls(cfg: Config) -> dict:
+    """Client and peer URLs of the embedded etcd (loopback only)."""
+    e = cfg.etcd
+    client = getattr(e, "embedded_listen", None) or "127.0.0.1:2379"
+    peer = getattr(e, "embedded_peer_listen", None) or "127.0.0.1:2380"
+    return {"client_url": f"http://{client}", "peer_url": f"http://{peer}"}
+
+
+def run(config_path: Path | None, log_level_set: bool = False) -> int:
     cfg = load_config(config_path)
+    if not log_level_set:  # --log-level on the command line wins over the file
+        logging.getLogger().setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
     return asyncio.run(Daemon(config_path, cfg).run())

@@ -47,8 +47,8 @@ def services_report(cfg: Config) -> dict:
     if status.exists():
         try:
             doc = json.loads(status.read_text())
-            report["daemon"] = {k: doc.get(k) for k in ("pid", "synced_at", "source",
-                                                         "source_error", "services")}
+            report["daemon"] = {k: doc.get(k) for k in ("pid", "synced_at", "sources",
+                                                         "source_error", "etcd", "services")}
             report["rejected"] = doc.get("rejected", [])
             report["errors"] = doc.get("errors", {})
         except (OSError, ValueError):
