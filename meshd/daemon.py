@@ -25,15 +25,16 @@ from meshd import node, sdnotify
 from meshd.config import Config, load_config
 from meshd.dataplane import loader, sockdestroy
 from meshd.dataplane.kernel import KernelDataplane
-from meshd.desired import desired_groups
+from meshd.desired import DesiredState
 from meshd.errors import MeshdError, RecordError, RegistryError
-from meshd.model import Service, check_services
+from meshd.model import Service
 from meshd.reconciler import Reconciler
 from meshd.sources.static import load_services_file
 
 log = logging.getLogger("meshd.daemon")
 
 FILE_POLL_SECONDS = 1.0
+ADDRESS_POLL_SECONDS = 10.0  # how often the node's own addresses are re-read
 READY_GRACE_SECONDS = 20.0  # READY anyway (serving the pinned state) if a source stays down
 # Settings fixed for the life of the pinned data plane; a reload that changes them is refused.
 RESTART_ONLY = ("instance", "bpffs", "cgroup", "maglev", "etcd")
@@ -86,6 +87,9 @@ class Daemon:
         self.reconciler: Reconciler | None = None
         self.maps: loader.Maps | None = None
         self.etcd_urls: list[str] = []
+        self.desired = DesiredState()
+        self._local: set | None = None  # the node's addresses (refreshed by a task)
+        self._logged_rejects: set[tuple[str, str]] = set()
         self._warned_affinity: set[str] = set()
 
     # ---- life ---------------------------------------------------------------------------
@@ -113,6 +117,7 @@ class Daemon:
             if not self.sources:
                 log.warning("no source configured (services_file, etcd): serving nothing")
             tasks.append(asyncio.create_task(self._sync_loop(), name="sync"))
+            tasks.append(asyncio.create_task(self._watch_addresses(), name="addresses"))
             tasks.append(asyncio.create_task(self._ready_when_synced(), name="ready"))
             wd = sdnotify.watchdog_interval()
             if wd:
@@ -160,6 +165,20 @@ class Daemon:
             self.cfg = new
         self._file_sig = None  # re-read the file now
         self._file_poke.set()
+
+    async def _watch_addresses(self) -> None:
+        """A VIP may never be a node address; addresses change rarely, and reading them
+        (`ip -j addr`) costs milliseconds, so not on every sync."""
+        while True:
+            await asyncio.sleep(ADDRESS_POLL_SECONDS)
+            try:
+                addrs = await asyncio.to_thread(node.local_addresses)
+            except Exception as e:  # never let this task die
+                log.warning("cannot read the node's addresses: %s", e)
+                continue
+            if addrs != self._local:
+                self._local = addrs
+                self._wake.set()
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -239,23 +258,30 @@ class Daemon:
             return  # a source was never read: applying the rest would drop its services
         services = [s for st in self.sources.values() for s in st.services]
         rejected = [e for st in self.sources.values() for e in st.errors]
-        forbidden = set(await asyncio.to_thread(node.local_addresses)) | etcd_hosts(self.etcd_urls)
-        good, bad = check_services(services, cfg.service_cidrs, forbidden)
+        if self._local is None:
+            self._local = await asyncio.to_thread(node.local_addresses)
+        forbidden = self._local | etcd_hosts(self.etcd_urls)
+        t0 = time.perf_counter()
+        groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden)
         rejected += bad
+        new_rejects = {(e.where, e.reason) for e in rejected}
         for e in rejected:
-            log.warning("record skipped: %s: %s", e.where, e.reason)
-        for s in good:
+            if (e.where, e.reason) not in self._logged_rejects:
+                log.warning("record skipped: %s: %s", e.where, e.reason)
+        self._logged_rejects = new_rejects
+        for s in services:
             if s.session_affinity == "ClientIP" and s.key not in self._warned_affinity:
                 log.warning("%s: session_affinity ClientIP is not enforced yet; each socket "
                             "is balanced on its own", s.key)
                 self._warned_affinity.add(s.key)
-        t0 = time.perf_counter()
-        report = await asyncio.to_thread(self.reconciler.apply, desired_groups(good))
+        report = await asyncio.to_thread(self.reconciler.apply, groups)
         ms = (time.perf_counter() - t0) * 1e3
         ops = sum(report.ops.values())
+        n_services = len(services) - len(bad)
         log.log(logging.INFO if ops or report.errors else logging.DEBUG,
-                "sync: %d services, %d rejected, %d map ops in %.1f ms%s", len(good),
-                len(rejected), ops, ms, f", {len(report.errors)} errors" if report.errors else "")
+                "sync: %d services, %d rejected, %d groups changed, %d map ops in %.1f ms%s",
+                n_services, len(rejected), report.groups_changed, ops, ms,
+                f", {len(report.errors)} errors" if report.errors else "")
         for what, err in report.errors.items():
             log.error("data plane: %s: %s", what, err)
         if report.removed:
@@ -266,7 +292,7 @@ class Daemon:
                 log.warning("could not destroy UDP sockets of removed backends: %s", e)
         self.state = SyncState(time.time(), [{"where": e.where, "reason": e.reason}
                                              for e in rejected],
-                               dict(report.errors), len(good), ops)
+                               dict(report.errors), n_services, ops)
         self._write_status()
 
     def _write_status(self) -> None:

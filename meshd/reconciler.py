@@ -7,8 +7,12 @@ Order, so a connecting socket never sees a half-written service:
   3. frontends (VIP:port -> group, count)    (now everything they point at exists)
   4. tables and names of groups that are gone, after their frontends
   5. backends no table references any more
+Work is proportional to what changed: a group whose Group object is the one applied last
+time is skipped without looking inside (DesiredState keeps unchanged groups' objects), so
+one endpoint change at 10,000 services costs one group's work.
 A kernel error on one group (map full, ENOMEM) is recorded as that group's status and the
-group keeps what it had; every other group still converges. Errors never reach the sources.
+group keeps what it had; every other group still converges; the failed group is retried
+on the next apply. Errors never reach the sources.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class Report:
     # (frontend, backend) translations that stopped being valid: sockets still connected
     # through them (UDP) may be destroyed by the caller
     removed: set[tuple[Frontend, BackendRef]] = field(default_factory=set)
+    groups_changed: int = 0
 
 
 class _Ids:
@@ -85,9 +90,6 @@ class _Ids:
         self.used.discard(i)
         self._next = min(self._next, i)
 
-    def claim(self, i: int) -> None:
-        self.used.add(i)
-
 
 class Reconciler:
     def __init__(self, dp: Dataplane):
@@ -95,35 +97,55 @@ class Reconciler:
         self.groups: dict[str, _Applied] = {}
         self.frontends: dict[Frontend, tuple[int, int]] = {}
         self.backend_ids: dict[BackendRef, int] = {}
-        self._gids, self._bids = _Ids(), _Ids()
-        self._orphan_tables: set[int] = set()
         self.errors: dict[str, str] = {}
+        self._gids, self._bids = _Ids(), _Ids()
+        self._fes_of: dict[int, set[Frontend]] = {}  # gid -> its frontends in the kernel
+        self._refs: Counter = Counter()  # backend -> applied groups using it
+        self._unknown = 0  # adopted groups whose backends are not known yet
+        self._orphan_tables: set[int] = set()
+        self._unused: set[BackendRef] = set()  # refcount fell to 0: delete if still so
+        self._scan_all = False  # after adopt: every kernel backend is a candidate once
+        self._last: dict[str, Group] = {}
+        self._retry: set[str] = set()
+        self._full = False  # next apply looks at every group (after adopt)
 
     def adopt(self, snap: KernelSnapshot) -> None:
         """Learns ids and entries from maps a previous daemon left pinned (restart/upgrade)."""
         for bid, ref in snap.backends.items():
             self.backend_ids[ref] = bid
-            self._bids.claim(bid)
+            self._bids.used.add(bid)
         for gid, key in snap.names.items():
             self.groups[key] = _Applied(gid, None, gid in snap.tables)
-            self._gids.claim(gid)
-        for gid, _count in snap.frontends.values():
-            self._gids.claim(gid)
+            self._gids.used.add(gid)
+            self._unknown += 1
+        for fe, (gid, count) in snap.frontends.items():
+            self._gids.used.add(gid)
+            self.frontends[fe] = (gid, count)
+            self._fes_of.setdefault(gid, set()).add(fe)
         self._orphan_tables = snap.tables - set(snap.names)
         self._gids.used |= self._orphan_tables
-        self.frontends = dict(snap.frontends)
+        self._full = self._scan_all = True
 
     # ---- the one entry point ------------------------------------------------------------
     def apply(self, desired: dict[str, Group]) -> Report:
         rep = Report()
-        self._old_fes: dict[int, set[Frontend]] = {}
-        for fe, (gid, _c) in self.frontends.items():
-            self._old_fes.setdefault(gid, set()).add(fe)
-        failed_refs = self._add_backends(desired, rep)
-        ok = self._write_groups(desired, failed_refs, rep)
-        self._write_frontends(desired, ok, rep)
-        self._remove_groups(desired, ok, rep)
-        self._collect_backends(desired, ok, rep)
+        if self._full:
+            changed = set(desired) | set(self.groups)
+        else:
+            changed = {k for k, g in desired.items() if self._last.get(k) is not g}
+            changed |= self._last.keys() - desired.keys()
+        changed |= self._retry
+        rep.groups_changed = len(changed)
+        self._old_fes = {self.groups[k].gid: set(self._fes_of.get(self.groups[k].gid, ()))
+                         for k in changed if k in self.groups}
+        failed_refs = self._add_backends(desired, changed, rep)
+        ok = self._write_groups(desired, changed, failed_refs, rep)
+        self._write_frontends(desired, changed, ok, rep)
+        self._remove_groups(desired, changed, ok, rep)
+        self._collect_backends(rep)
+        self._last = dict(desired)
+        self._retry = set(rep.errors) & (set(desired) | set(self.groups))
+        self._full = False
         self.errors = dict(rep.errors)
         return rep
 
@@ -131,9 +153,9 @@ class Reconciler:
         fn(*args)
         rep.ops[name] += 1
 
-    def _add_backends(self, desired: dict[str, Group], rep: Report) -> set[BackendRef]:
+    def _add_backends(self, desired, changed, rep: Report) -> set[BackendRef]:
         failed: set[BackendRef] = set()
-        needed = {ref for g in desired.values() for ref, _w in g.backends}
+        needed = {ref for k in changed if k in desired for ref, _w in desired[k].backends}
         for ref in sorted(needed - self.backend_ids.keys(), key=lambda r: r.name):
             bid = self._bids.take()
             try:
@@ -146,12 +168,26 @@ class Reconciler:
                 rep.errors[f"backend {ref.name}"] = str(e)
         return failed
 
-    def _write_groups(self, desired: dict[str, Group], failed_refs: set[BackendRef],
-                      rep: Report) -> dict[str, Group]:
-        """Names and tables of every group; returns the groups whose frontends may be written."""
+    def _set_backends(self, cur: _Applied, backends) -> None:
+        """Changes what an applied group references, keeping the refcounts right."""
+        if cur.backends is None:
+            self._unknown -= 1
+        else:
+            for ref, _w in cur.backends:
+                self._refs[ref] -= 1
+                if self._refs[ref] <= 0:
+                    self._unused.add(ref)
+        if backends is None:
+            self._unknown += 1
+        else:
+            self._refs.update(ref for ref, _w in backends)
+        cur.backends = backends
+
+    def _write_groups(self, desired, changed, failed_refs, rep: Report) -> dict[str, Group]:
+        """Names and tables of the changed groups; returns those whose frontends may be written."""
         ok: dict[str, Group] = {}
         pending: dict[str, tuple[int, np.ndarray]] = {}
-        for key in sorted(desired):
+        for key in sorted(k for k in changed if k in desired):
             g = desired[key]
             broken = [r.name for r, _w in g.backends if r in failed_refs]
             if broken:
@@ -171,7 +207,7 @@ class Reconciler:
                         pending[key] = (cur.gid, table)
                         continue
                 self._note_removed(rep, cur, g)
-                cur.backends = g.backends
+                self._set_backends(cur, g.backends)
                 ok[key] = g
             except (DataplaneError, ValueError) as e:
                 log.error("service group %s not updated: %s", key, e)
@@ -187,7 +223,8 @@ class Reconciler:
                     continue
                 cur = self.groups[key]
                 self._note_removed(rep, cur, desired[key])
-                cur.has_table, cur.backends = True, desired[key].backends
+                self._set_backends(cur, desired[key].backends)
+                cur.has_table = True
                 ok[key] = desired[key]
         return ok
 
@@ -205,10 +242,8 @@ class Reconciler:
         ids = np.array([self.backend_ids[ref] for ref, _w in g.backends], dtype=np.uint32)
         return ids[idx]
 
-    def _write_frontends(self, desired: dict[str, Group], ok: dict[str, Group],
-                         rep: Report) -> None:
+    def _write_frontends(self, desired, changed, ok: dict[str, Group], rep: Report) -> None:
         want: dict[Frontend, tuple[int, int]] = {}
-        keep_failed = {self.groups[k].gid for k in desired if k not in ok and k in self.groups}
         for key, g in ok.items():
             gid = self.groups[key].gid
             for fe in g.frontends:
@@ -218,26 +253,44 @@ class Reconciler:
                 continue
             try:
                 self._op(rep, "put_frontend", self.dp.put_frontend, fe, *val)
+                self._forget_frontend(fe)
                 self.frontends[fe] = val
+                self._fes_of.setdefault(val[0], set()).add(fe)
             except DataplaneError as e:
                 rep.errors[f"frontend {fe}"] = str(e)
-        for fe, (gid, _c) in sorted(self.frontends.items(), key=lambda kv: str(kv[0])):
-            if fe in want or gid in keep_failed:
-                continue
+        # frontends of changed groups that no group wants any more (a failed group keeps its)
+        stale = set()
+        for key in changed:
+            cur = self.groups.get(key)
+            if cur is not None and (key in ok or key not in desired):
+                stale |= self._fes_of.get(cur.gid, set()) - want.keys()
+        if self._full:  # adopted entries of a group that has no name (a crash mid-write)
+            named = {cur.gid for cur in self.groups.values()}
+            stale |= {fe for fe, (gid, _c) in self.frontends.items()
+                      if gid not in named and fe not in want}
+        for fe in sorted(stale, key=str):
             try:
                 self._op(rep, "delete_frontend", self.dp.delete_frontend, fe)
-                del self.frontends[fe]
+                self._forget_frontend(fe)
             except DataplaneError as e:
                 rep.errors[f"frontend {fe}"] = str(e)
 
-    def _remove_groups(self, desired: dict[str, Group], ok: dict[str, Group], rep: Report) -> None:
-        in_use = {gid for gid, _c in self.frontends.values()}
-        gone = [k for k in sorted(set(self.groups) - set(desired))
-                if self.groups[k].gid not in in_use]  # else a frontend delete failed: retry
-        for key in gone:
+    def _forget_frontend(self, fe: Frontend) -> None:
+        old = self.frontends.pop(fe, None)
+        if old is not None:
+            fes = self._fes_of.get(old[0])
+            if fes is not None:
+                fes.discard(fe)
+                if not fes:
+                    del self._fes_of[old[0]]
+
+    def _remove_groups(self, desired, changed, ok: dict[str, Group], rep: Report) -> None:
+        gone_keys = [k for k in sorted(changed) if k not in desired and k in self.groups
+                     and not self._fes_of.get(self.groups[k].gid)]  # else a delete failed: retry
+        for key in gone_keys:
             self._note_removed(rep, self.groups[key], None)
         empty = [k for k, g in ok.items() if not g.backends and self.groups[k].has_table]
-        drop = [self.groups[k].gid for k in gone + empty if self.groups[k].has_table]
+        drop = [self.groups[k].gid for k in gone_keys + empty if self.groups[k].has_table]
         drop += sorted(self._orphan_tables)
         failed = self.dp.delete_tables(drop) if drop else {}
         if len(drop) > len(failed):
@@ -253,30 +306,32 @@ class Reconciler:
                 rep.errors[key] = failed[self.groups[key].gid]
             else:
                 self.groups[key].has_table = False
-        for key in gone:
+        for key in gone_keys:
             cur = self.groups[key]
             if cur.gid in failed:
                 rep.errors[key] = failed[cur.gid]
                 continue
             try:
                 self._op(rep, "delete_name", self.dp.delete_name, cur.gid)
+                self._set_backends(cur, ())
                 del self.groups[key]
                 self._gids.free(cur.gid)
             except DataplaneError as e:
                 rep.errors[key] = str(e)
 
-    def _collect_backends(self, desired: dict[str, Group], ok: dict[str, Group],
-                          rep: Report) -> None:
-        keep: set[BackendRef] = set()
-        for key, cur in self.groups.items():
-            if cur.backends is None:
-                return  # an adopted group we could not rewrite: its table may use any id
-            keep.update(ref for ref, _w in cur.backends)
-        for ref in sorted(set(self.backend_ids) - keep, key=lambda r: r.name):
+    def _collect_backends(self, rep: Report) -> None:
+        if self._unknown:
+            return  # an adopted group we could not rewrite yet: its table may use any id
+        candidates = set(self.backend_ids) if self._scan_all else self._unused
+        self._scan_all, self._unused = False, set()
+        for ref in sorted((r for r in candidates if self._refs[r] <= 0 and r in self.backend_ids),
+                          key=lambda r: r.name):
             bid = self.backend_ids[ref]
             try:
                 self._op(rep, "delete_backend", self.dp.delete_backend, bid)
                 del self.backend_ids[ref]
                 self._bids.free(bid)
+                self._refs.pop(ref, None)
             except DataplaneError as e:
+                self._unused.add(ref)  # try again next time
                 rep.errors[f"backend {ref.name}"] = str(e)

@@ -265,3 +265,42 @@ def test_report_names_the_translations_that_stopped_being_valid():
         ("10.96.0.1:80/UDP", "10.0.0.2:8080/UDP"), ("10.96.0.2:80/UDP", "10.0.0.3:8080/UDP")}
     assert r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)], proto="UDP")])
                    ).removed == set()
+
+
+def test_incremental_desired_state_matches_a_full_pass():
+    """DesiredState (identity-based, incremental) == check_services + desired_groups."""
+    import ipaddress as ipa
+    from meshd.desired import DesiredState
+    from meshd.model import check_services
+    cidrs = [ipa.ip_network("10.96.0.0/12")]
+    ds = DesiredState()
+    a = svc("a", "10.96.0.1", [("10.0.0.1", 1)])
+    b = svc("b", "10.96.0.1", [("10.0.0.2", 1)])  # collides with a: a wins (key order)
+    c = svc("c", "10.96.0.3", [("10.0.0.3", 1)])
+    bad = svc("d", "192.168.0.1", [("10.0.0.4", 1)])  # outside service_cidrs
+    for services in ([a, b, c, bad], [b, c], [a, b, c], [c], [a, a, c], []):
+        groups, errors = ds.update(services, cidrs, set())
+        good, bad_full = check_services(services, cidrs, set())
+        assert groups == desired_groups(good)
+        assert sorted(e.where for e in errors) == sorted(e.where for e in bad_full)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(service_st, max_size=6), min_size=1, max_size=6))
+def test_incremental_path_equals_full_path(states):
+    """Reconciler + DesiredState over a sequence of states ends where a fresh full apply
+    would, and keeps every object of unchanged services (so it does no work for them)."""
+    import ipaddress as ipa
+    from meshd.desired import DesiredState
+    cidrs = [ipa.ip_network("10.96.0.0/12")]
+    k, ds = FakeKernel(), DesiredState()
+    r = Reconciler(k)
+    for services in states:
+        groups, _errors = ds.update(services, cidrs, set())
+        assert not r.apply(groups).errors
+        k2 = FakeKernel()
+        Reconciler(k2).apply(dict(groups))
+        assert k.serving() == k2.serving()
+        assert {b.name for b in k.backends.values()} == {b.name for b in k2.backends.values()}
+        again = r.apply(ds.update(services, cidrs, set())[0])
+        assert sum(again.ops.values()) == 0 and again.groups_changed == 0
