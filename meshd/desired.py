@@ -89,6 +89,7 @@ class DesiredState:
         self._cidrs: tuple = ()
         self._forbidden: frozenset = frozenset()
         self._svc: dict[str, Service] = {}  # key -> the service in use
+        self._key_of: dict[int, str] = {}  # id(service in _svc) -> its key
         self._claims: dict[Frontend, set[str]] = {}  # frontend -> service keys claiming it
         self._kept: set[str] = set()
         self._errors: dict[str, RecordError] = {}  # service key -> why it was rejected
@@ -108,20 +109,28 @@ class DesiredState:
         if (cidrs, forbidden) != (self._cidrs, self._forbidden):
             self.__init__()  # validation inputs changed: start over
             self._cidrs, self._forbidden = cidrs, forbidden
-        by_key: dict[str, list[Service]] = {}
-        for s in services:
-            by_key.setdefault(s.key, []).append(s)
+        # The key of a service object we saw before, by identity: `Service.key` builds a
+        # string each time, and this loop runs over every service on every sync.
+        key_of = self._key_of
         current: dict[str, Service] = {}
+        dups: dict[str, list[Service]] = {}
+        for s in services:
+            key = key_of.get(id(s))
+            if key is None or self._svc.get(key) is not s:
+                key = s.key
+            if key in current:
+                dups.setdefault(key, [current[key]]).append(s)
+            else:
+                current[key] = s
         self._conflicts = []
-        for key, lst in by_key.items():
-            first = lst[0]
-            if len(lst) > 1 and any(s is not first and s != first for s in lst):
-                lst = sorted(lst, key=lambda s: s.model_dump_json())
-                first = lst[0]
-                self._conflicts += [RecordError(key, "conflicting definitions from more than one "
-                                                "source; another definition was kept")
-                                    for s in lst[1:] if s != first]
-            current[key] = first
+        for key, lst in dups.items():
+            if all(s is lst[0] or s == lst[0] for s in lst):
+                continue
+            lst = sorted(lst, key=lambda s: s.model_dump_json())
+            current[key] = lst[0]
+            self._conflicts += [RecordError(key, "conflicting definitions from more than one "
+                                            "source; another definition was kept")
+                                for s in lst[1:] if s != lst[0]]
         changed = {k for k, s in current.items() if self._svc.get(k) is not s}
         changed |= self._svc.keys() - current.keys()
         if not changed:
@@ -137,6 +146,12 @@ class DesiredState:
                 self._claims.setdefault(fe, set()).add(key)
         affected = self._closure(changed, current)
         self._svc = current
+        if len(changed) > 64 or len(self._key_of) > 2 * len(current) + 64:
+            self._key_of = {id(s): k for k, s in current.items()}
+        else:  # stale ids are harmless: a hit is trusted only if _svc holds that very object
+            for k in changed:
+                if k in current:
+                    self._key_of[id(current[k])] = k
         self._revalidate(affected, check_services)
         return self.groups, list(self._errors.values()) + self._conflicts
 

@@ -144,7 +144,7 @@ class Reconciler:
         self._remove_groups(desired, changed, ok, rep)
         self._collect_backends(rep)
         self._last = dict(desired)
-        self._retry = set(rep.errors) & (set(desired) | set(self.groups))
+        self._retry = {k for k in rep.errors if k in desired or k in self.groups}
         self._full = False
         self.errors = dict(rep.errors)
         return rep
