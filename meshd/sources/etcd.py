@@ -1,0 +1,758 @@
+"""The etcd source: services and endpoints kept in etcd, followed with a watch.
+
+Keys under the prefix (default /meshd/), values JSON:
+    <prefix>services/<namespace>/<name>                   a service record, without `endpoints`
+    <prefix>endpoints/<namespace>/<name>/<endpoint-id>    one endpoint of that service
+
+Owns:
+  * the key schema and the per-record checks (shared with meshd.registry, the write side);
+  * RegistryState: the parsed records keyed by etcd key, changed one record at a time, and cheap
+    snapshots (only services whose records changed are composed again);
+  * EtcdSource: list the prefix at revision R, emit, watch from R+1 and emit after each change;
+    after a lost connection resume from the last revision seen + 1; when that revision was
+    compacted, list again and converge. It never gives up: only cancellation stops it.
+
+Every record is validated on its own: a bad one becomes a RecordError(where=<etcd key>) in the
+snapshot and is skipped; nothing read from etcd raises out of this module. Keys under the prefix
+outside the two subtrees are ignored (debug log). Cross-record checks (service_cidrs, frontend
+collisions) are the daemon's, as for the static file.
+
+aetcd 1.0 notes (see docs/etcd.md): its Client opens plaintext channels only, so _Client adds
+TLS; the watch uses the WatchStub of aetcd's generated gRPC bindings directly, because aetcd's
+Watcher flattens responses into single events (no response boundaries to coalesce on, no
+progress notifications, no fragment or revision header) — the list uses RangeRequest pages at
+one revision for the same reason (aetcd's get_prefix cannot set `revision` or `limit`).
+"""
+
+from __future__ import annotations
+
+import os
+
+# grpc's fork handlers can crash children forked from a process with live gRPC threads (the
+# daemon runs `ip`, `tc`, etcd). Must be set before grpc is first imported (by aetcd).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import asyncio  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import random  # noqa: E402
+import re  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Awaitable, Callable, Iterable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from ipaddress import IPv6Address  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+from urllib.parse import urlsplit  # noqa: E402
+
+import aetcd  # noqa: E402
+import aetcd.exceptions  # noqa: E402
+import aetcd.watcher  # noqa: E402
+import grpc  # noqa: E402
+from aetcd import rpc  # noqa: E402
+from aetcd.utils import prefix_range_end  # noqa: E402
+
+from meshd.config import EtcdConfig  # noqa: E402
+from meshd.errors import RecordError, RegistryError  # noqa: E402
+from meshd.model import Endpoint, Service, parse_endpoint, parse_service, show  # noqa: E402
+
+log = logging.getLogger("meshd.etcd")
+
+MAX_VALUE_BYTES = 256 * 1024  # a record larger than this is rejected (etcd's own limit is 1.5 MiB)
+LIST_PAGE = 1000  # keys per Range request of a (re)list; all pages are read at one revision
+EMIT_INTERVAL = 0.010  # at most one snapshot per 10 ms; a lone change is emitted at once
+BACKOFF_FIRST, BACKOFF_MAX = 0.1, 5.0
+
+ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]{1,253}")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+# ---- key schema ------------------------------------------------------------------------------
+
+
+def service_key(prefix: str, namespace: str, name: str) -> str:
+    return f"{prefix}services/{namespace}/{name}"
+
+
+def endpoints_prefix(prefix: str, namespace: str, name: str) -> str:
+    return f"{prefix}endpoints/{namespace}/{name}/"
+
+
+def endpoint_key(prefix: str, namespace: str, name: str, endpoint_id: str) -> str:
+    return f"{prefix}endpoints/{namespace}/{name}/{endpoint_id}"
+
+
+def key_text(key: bytes) -> str:
+    """An etcd key for messages: UTF-8, undecodable bytes shown as \\xNN."""
+    return key.decode("utf-8", "backslashreplace")
+
+
+def label_problem(what: str, v: str) -> str | None:
+    """Why `v` cannot be a namespace/name (the model's DNS-label rule), or None."""
+    if len(v) <= 63 and _LABEL.fullmatch(v):
+        return None
+    return (f"{what} {show(v)} in the key must be 1-63 lowercase letters, digits or '-', starting "
+            "and ending with a letter or digit")
+
+
+def endpoint_id_problem(v: str) -> str | None:
+    if ENDPOINT_ID.fullmatch(v):
+        return None
+    return f"endpoint id {show(v)} in the key must be 1-253 characters of A-Z a-z 0-9 . _ -"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    kind: str  # "service" | "endpoint"
+    namespace: str
+    name: str
+    endpoint_id: str | None
+
+    @property
+    def service(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
+    """What a key under `prefix` holds. None: outside the services/ and endpoints/ subtrees (not
+    ours). RecordError: inside them but not of the schema's shape."""
+    pre = prefix.encode()
+    if not key.startswith(pre):
+        return None
+    raw = key[len(pre):]
+    head = raw.split(b"/", 1)[0]
+    if head not in (b"services", b"endpoints"):
+        return None
+    where = key_text(key)
+    try:
+        rest = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(where, f"key is not UTF-8 (bad byte at offset {len(pre) + e.start})") from None
+    parts = rest.split("/")
+    if head == b"services":
+        if len(parts) != 3 or not all(parts):
+            raise RecordError(where, f"malformed key: a service lives at {prefix}services/<namespace>/<name>")
+        problems = [p for p in (label_problem("namespace", parts[1]), label_problem("name", parts[2])) if p]
+        if problems:
+            raise RecordError(where, "; ".join(problems))
+        return KeyInfo("service", parts[1], parts[2], None)
+    if len(parts) != 4 or not all(parts):
+        raise RecordError(where, f"malformed key: an endpoint lives at "
+                          f"{prefix}endpoints/<namespace>/<name>/<endpoint-id>")
+    problems = [p for p in (label_problem("namespace", parts[1]), label_problem("name", parts[2]),
+                            endpoint_id_problem(parts[3])) if p]
+    if problems:
+        raise RecordError(where, "; ".join(problems))
+    return KeyInfo("endpoint", parts[1], parts[2], parts[3])
+
+
+# ---- values ----------------------------------------------------------------------------------
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def decode_value(where: str, value: bytes) -> dict[str, Any]:
+    """A record's bytes -> its JSON object; RecordError(where, reason) otherwise."""
+    if len(value) > MAX_VALUE_BYTES:
+        raise RecordError(where, f"value is {len(value)} bytes; a record may be at most {MAX_VALUE_BYTES}")
+    if not value.strip():
+        raise RecordError(where, "value is empty; expected a JSON object")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(where, f"value is not UTF-8 text (bad byte at offset {e.start})") from None
+    try:
+        data = _DECODER.decode(text)
+    except _DuplicateKey as e:
+        raise RecordError(where, f"value is not valid JSON: key {show(e.args[0])} appears twice") from None
+    except json.JSONDecodeError as e:
+        raise RecordError(where, f"value is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
+            from None
+    except RecursionError:
+        raise RecordError(where, "value is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise RecordError(where, f"value is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RecordError(where, f"value must be a JSON object (got {_JSON_TYPES.get(type(data), 'JSON')})")
+    return data
+
+
+def endpoints_in_service_reason(prefix: str, namespace: str, name: str) -> str:
+    return (f"'endpoints' is not allowed in a service record in etcd: each endpoint is its own key, "
+            f"{endpoints_prefix(prefix, namespace, name)}<endpoint-id>")
+
+
+def parse_service_value(prefix: str, info: KeyInfo, where: str, value: bytes) -> Service:
+    """Validate the value of <prefix>services/<ns>/<name>; RecordError(where, reason) if bad."""
+    data = decode_value(where, value)
+    if "endpoints" in data:
+        raise RecordError(where, endpoints_in_service_reason(prefix, info.namespace, info.name))
+    svc = parse_service(data, where)
+    if (svc.namespace, svc.name) != (info.namespace, info.name):
+        raise RecordError(where, f"the key names service {info.service} but the record says "
+                          f"{svc.namespace}/{svc.name}; they must match")
+    return svc
+
+
+def parse_endpoint_value(where: str, value: bytes) -> Endpoint:
+    return parse_endpoint(decode_value(where, value), where)
+
+
+def check_record(prefix: str, key: bytes, value: bytes) -> tuple[KeyInfo, Service | Endpoint] | None:
+    """Classify and validate one key/value on its own. None: not a meshd key. RecordError if bad.
+    Never raises anything else (whatever the bytes)."""
+    try:
+        info = classify_key(prefix, key)
+        if info is None:
+            return None
+        where = key_text(key)
+        if info.kind == "service":
+            return info, parse_service_value(prefix, info, where, value)
+        return info, parse_endpoint_value(where, value)
+    except RecordError:
+        raise
+    except Exception as e:  # a bug or a pathological input: the record is skipped, not the source
+        log.debug("etcd: unexpected error reading %s", key_text(key), exc_info=True)
+        raise RecordError(key_text(key), f"could not be read ({type(e).__name__}: {e})") from None
+
+
+def _hostport(ep: Endpoint, port: int) -> str:
+    return f"[{ep.address}]:{port}" if isinstance(ep.address, IPv6Address) else f"{ep.address}:{port}"
+
+
+# ---- state -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    services: tuple[Service, ...]  # sorted by namespace/name; endpoints composed in, sorted by endpoint-id
+    errors: tuple[RecordError, ...]  # sorted by etcd key
+    revision: int  # etcd revision this snapshot reflects
+    orphan_endpoints: int  # valid endpoint records with no valid service record
+
+
+class RegistryState:
+    """The records under one prefix, parsed, keyed by etcd key. put/delete change one record and
+    re-validate only it; snapshot() composes only the services whose records changed since the
+    last snapshot, so a one-endpoint change costs the same with 10 or 10,000 services."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._raw: dict[bytes, bytes] = {}  # every key of the two subtrees -> its value
+        self._where: dict[bytes, KeyInfo] = {}  # valid records -> where they belong
+        self._errors: dict[bytes, RecordError] = {}  # records that failed on their own
+        self._services: dict[str, Service] = {}  # "ns/name" -> valid service record (no endpoints)
+        self._endpoints: dict[str, dict[str, tuple[str, Endpoint]]] = {}  # "ns/name" -> id -> (key, ep)
+        # composed output, kept between snapshots
+        self._composed: dict[str, Service] = {}
+        self._compose_errors: dict[str, tuple[RecordError, ...]] = {}
+        self._orphans: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._order: list[str] = []
+        self._index: dict[str, int] = {}
+        self._slots: list[Service] = []
+        self._order_stale = True
+        self._patched: set[str] = set()
+        self._services_out: tuple[Service, ...] = ()
+        self._errors_out: tuple[RecordError, ...] | None = ()
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    # -- changes --
+    def put(self, key: bytes, value: bytes) -> bool:
+        """Apply a put; False if nothing changed (same value, or a key that is not ours)."""
+        if self._raw.get(key) == value:
+            return False
+        try:
+            checked = check_record(self.prefix, key, value)
+        except RecordError as e:
+            self._forget(key)
+            self._raw[key] = value
+            self._errors[key] = e
+            self._errors_out = None
+            return True
+        if checked is None:
+            log.debug("etcd: ignoring %s: not under %sservices/ or %sendpoints/", key_text(key),
+                      self.prefix, self.prefix)
+            return False
+        self._forget(key)
+        self._raw[key] = value
+        info, record = checked
+        self._where[key] = info
+        skey = info.service
+        if info.kind == "service":
+            assert isinstance(record, Service)
+            self._services[skey] = record
+        else:
+            assert isinstance(record, Endpoint) and info.endpoint_id is not None
+            self._endpoints.setdefault(skey, {})[info.endpoint_id] = (key_text(key), record)
+        self._dirty.add(skey)
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        if key not in self._raw:
+            return False
+        self._forget(key)
+        del self._raw[key]
+        return True
+
+    def replace(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Converge to exactly these key/values (a full list): keys not listed are deleted,
+        unchanged values are not parsed again."""
+        for _ in self.replace_steps(items, step=0):
+            pass
+
+    def replace_steps(self, items: Iterable[tuple[bytes, bytes]], step: int = 2000) -> Iterable[None]:
+        """replace() in slices of `step` records (yields between them, so a caller on an event loop
+        can let other tasks run; step=0: no pauses). Do not snapshot until it is exhausted."""
+        new = dict(items)
+        n = 0
+        for key in [k for k in self._raw if k not in new]:
+            self.delete(key)
+        for key, value in new.items():
+            self.put(key, value)
+            n += 1
+            if step and n % step == 0:
+                yield
+
+    def _forget(self, key: bytes) -> None:
+        """Remove what the key's previous value contributed."""
+        if self._errors.pop(key, None) is not None:
+            self._errors_out = None
+        info = self._where.pop(key, None)
+        if info is None:
+            return
+        skey = info.service
+        if info.kind == "service":
+            self._services.pop(skey, None)
+        else:
+            eps = self._endpoints.get(skey)
+            if eps is not None:
+                eps.pop(info.endpoint_id or "", None)
+                if not eps:
+                    del self._endpoints[skey]
+        self._dirty.add(skey)
+
+    # -- output --
+    def _compose(self, skey: str) -> None:
+        svc = self._services.get(skey)
+        eps = self._endpoints.get(skey, {})
+        if self._compose_errors.pop(skey, None):
+            self._errors_out = None
+        if svc is None:
+            if self._composed.pop(skey, None) is not None:
+                self._order_stale = True
+            if eps:
+                self._orphans[skey] = len(eps)
+            else:
+                self._orphans.pop(skey, None)
+            return
+        self._orphans.pop(skey, None)
+        known = {p.name for p in svc.ports}
+        backends: dict[tuple[str, object, int], str] = {}
+        kept: list[Endpoint] = []
+        problems: list[RecordError] = []
+        for eid in sorted(eps):
+            where, ep = eps[eid]
+            unknown = sorted(p for p in ep.ports if p not in known)
+            if unknown:
+                problems.append(RecordError(where, f"ports: unknown port name {show(unknown[0])} "
+                                            f"(service {skey} has ports: {', '.join(sorted(known))})"))
+                continue
+            dup = next(((p, n) for p, n in ep.ports.items() if (p, ep.address, n) in backends), None)
+            if dup is not None:
+                p, n = dup
+                problems.append(RecordError(where, f"{_hostport(ep, n)} for port {p!r} duplicates "
+                                            f"endpoint {backends[(p, ep.address, n)]} of service {skey}"))
+                continue
+            for p, n in ep.ports.items():
+                backends[(p, ep.address, n)] = eid
+            kept.append(ep)
+        if problems:
+            self._compose_errors[skey] = tuple(problems)
+            self._errors_out = None
+        composed = svc.model_copy(update={"endpoints": tuple(kept)})
+        if skey not in self._composed:
+            self._order_stale = True
+        self._composed[skey] = composed
+        self._patched.add(skey)
+
+    def snapshot(self, revision: int) -> RegistrySnapshot:
+        for skey in self._dirty:
+            self._compose(skey)
+        self._dirty.clear()
+        if self._order_stale:
+            self._order = sorted(self._composed)
+            self._index = {k: i for i, k in enumerate(self._order)}
+            self._slots = [self._composed[k] for k in self._order]
+            self._services_out = tuple(self._slots)
+            self._order_stale = False
+        elif self._patched:
+            for skey in self._patched:
+                self._slots[self._index[skey]] = self._composed[skey]
+            self._services_out = tuple(self._slots)
+        self._patched.clear()
+        if self._errors_out is None:
+            errs = list(self._errors.values())
+            for group in self._compose_errors.values():
+                errs.extend(group)
+            errs.sort(key=lambda e: e.where)
+            self._errors_out = tuple(errs)
+        return RegistrySnapshot(services=self._services_out, errors=self._errors_out, revision=revision,
+                                orphan_endpoints=sum(self._orphans.values()))
+
+
+# ---- connecting ------------------------------------------------------------------------------
+
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_receive_message_length", -1),  # a large list page or watch response must not wedge us
+    ("grpc.keepalive_time_ms", 10_000),  # notice a dead peer on an idle watch (etcd allows >= 5 s)
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle watch (default: stop after 2)
+    ("grpc.enable_http_proxy", 0),  # never send etcd traffic through $http_proxy
+)
+
+
+class _Client(aetcd.Client):
+    """aetcd.Client that can speak TLS (aetcd 1.0's connect() opens plaintext channels only) and
+    take IPv6 hosts. Otherwise the same: optional username/password -> auth token metadata."""
+
+    def __init__(self, target: str, credentials: grpc.ChannelCredentials | None, **kw: Any):
+        super().__init__(host="", port=0, **kw)
+        self._target = target
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._credentials is not None:
+            channel = rpc.secure_channel(self._target, self._credentials, options=self._options.items())
+        else:
+            channel = rpc.insecure_channel(self._target, options=self._options.items())
+        self.channel = channel
+        try:
+            if self._username is not None and self._password is not None:
+                self.auth_stub = rpc.AuthStub(channel)
+                resp = await self.auth_stub.Authenticate(
+                    rpc.AuthenticateRequest(name=self._username, password=self._password), timeout=self._timeout)
+                self.metadata = (("token", resp.token),)
+        except rpc.AioRpcError as e:
+            await channel.close()
+            self._init_channel_attrs()
+            aetcd.exceptions._handle_exception(e)
+        self.kvstub = rpc.KVStub(channel)
+        self.clusterstub = rpc.ClusterStub(channel)
+        self.leasestub = rpc.LeaseStub(channel)
+        self.maintenancestub = rpc.MaintenanceStub(channel)
+        self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(channel), timeout=self._timeout,
+                                              metadata=self.metadata)
+        self._connected.set()
+
+
+def _read_file(what: str, path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise RegistryError(f"etcd.{what} {path}: cannot read: {e.strerror or e}") from None
+
+
+def uses_tls(url: str) -> bool:
+    return urlsplit(url).scheme == "https"
+
+
+async def open_client(cfg: EtcdConfig, url: str) -> aetcd.Client:
+    """A connected (and, with username/password, authenticated) aetcd client for one endpoint
+    URL. https:// uses TLS with cfg.ca_file (else the system roots) and, if set, the client
+    certificate cfg.cert_file/key_file. Raises RegistryError for unreadable TLS files and aetcd's
+    ClientError subclasses for etcd errors (see describe())."""
+    u = urlsplit(url)
+    host = u.hostname or ""
+    target = f"[{host}]:{u.port}" if ":" in host else f"{host}:{u.port}"
+    creds = None
+    if uses_tls(url):
+        creds = grpc.ssl_channel_credentials(root_certificates=_read_file("ca_file", cfg.ca_file),
+                                             private_key=_read_file("key_file", cfg.key_file),
+                                             certificate_chain=_read_file("cert_file", cfg.cert_file))
+    client = _Client(target, creds, username=cfg.username, password=cfg.password,
+                     timeout=cfg.dial_timeout, options=dict(CHANNEL_OPTIONS))
+    await client.connect()
+    return client
+
+
+async def close_client(client: aetcd.Client | None) -> None:
+    if client is None:
+        return
+    try:
+        await asyncio.wait_for(client.close(), 2.0)
+    except (Exception, asyncio.TimeoutError):
+        log.debug("etcd: error closing a client", exc_info=True)
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an etcd/gRPC failure."""
+    cause = exc.__cause__ if isinstance(exc, aetcd.ClientError) and exc.__cause__ is not None else exc
+    if isinstance(cause, rpc.AioRpcError):
+        code, details = cause.code(), (cause.details() or "").strip()
+        if code == grpc.StatusCode.UNAVAILABLE and "connection refused" in details.lower():
+            return "connection refused"
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return "timed out"
+        return f"{code.name.lower()}: {details}" if details else code.name.lower()
+    if isinstance(exc, aetcd.RevisionCompactedError):
+        return str(exc)
+    if isinstance(exc, (asyncio.TimeoutError, aetcd.ConnectionTimeoutError)):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def hint(exc: BaseException, url: str = "") -> str:
+    """The fix for a failure (talking to endpoint `url`), as '; <advice>' or ''."""
+    text = describe(exc).lower()
+    if url.startswith("https:") and any(w in text for w in ("tsi_", "ssl", "handshake", "certificate", "unwrap")):
+        return ("; TLS failed: check etcd.ca_file (the CA that signed etcd's certificate) and, if etcd requires "
+                "client certificates, etcd.cert_file/key_file")
+    if url.startswith("http:") and "failed to connect" in text and "socket closed" in text:
+        return "; etcd closed the connection: if it serves TLS, use an https:// endpoint"
+    if "authentication failed" in text or "invalid auth token" in text or "unauthenticated" in text \
+            or "user name is empty" in text:
+        return "; check etcd.username and etcd.password"
+    if "authentication is not enabled" in text:
+        return "; this etcd has auth disabled: remove etcd.username and etcd.password"
+    if "permission denied" in text:
+        return "; grant the etcd user read/write on the meshd prefix"
+    return ""
+
+
+# ---- the watching source ---------------------------------------------------------------------
+
+class _Relist(Exception):
+    """The watch cannot resume from our revision: list again."""
+
+
+class EtcdSource:
+    """Follow the prefix: list at R, emit, watch from R+1, emit after each change (coalesced to at
+    most one snapshot per 10 ms). A new run() on the same object resumes from the last revision
+    it saw (no re-list unless that revision was compacted)."""
+
+    def __init__(self, cfg: EtcdConfig, endpoints: list[str] | None = None):
+        self.cfg = cfg
+        self.endpoints: list[str] = list(endpoints) if endpoints else (list(cfg.endpoints) or
+                                                                      [cfg.embedded_client_url])
+        self.state = RegistryState(cfg.prefix)
+        self.revision: int | None = None  # every event up to here is applied (None: never listed)
+        self.last_error: str | None = None
+        self.counters: dict[str, int] = {"connects": 0, "watch_restarts": 0, "relists": 0, "events": 0,
+                                         "emits": 0}
+        self._connected = False
+        self._need_list = True
+        self._changed: asyncio.Event | None = None
+        self._listing: asyncio.Lock | None = None
+        self._owe_snapshot = False  # a resumed run() has not emitted yet
+        self._lost_at: float | None = None  # when the live watch was lost (for the "resumed" log)
+        if (cfg.ca_file or cfg.cert_file) and not any(uses_tls(u) for u in self.endpoints):
+            log.warning("etcd: ca_file/cert_file are set but no endpoint is https://; they are used for "
+                        "https:// endpoints only")
+
+    @property
+    def connected(self) -> bool:
+        """A watch is established (the snapshots are live)."""
+        return self._connected
+
+    def _mark_changed(self) -> None:
+        if self._changed is not None:
+            self._changed.set()
+
+    async def run(self, emit: Callable[[RegistrySnapshot], Awaitable[None]]) -> None:
+        """Follow etcd until cancelled; `emit` gets every new snapshot (awaited; an exception from
+        it is logged, not raised)."""
+        self._changed = asyncio.Event()
+        self._listing = asyncio.Lock()
+        self._owe_snapshot = self.revision is not None
+        emitter = asyncio.create_task(self._emitter(emit), name="etcd-emit")
+        try:
+            await self._follow()
+        finally:
+            self._connected = False
+            emitter.cancel()
+            try:
+                await emitter
+            except asyncio.CancelledError:
+                pass
+
+    async def _emitter(self, emit: Callable[[RegistrySnapshot], Awaitable[None]]) -> None:
+        assert self._changed is not None and self._listing is not None
+        last = float("-inf")
+        while True:
+            await self._changed.wait()
+            delay = last + EMIT_INTERVAL - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)  # a burst: let it finish into one snapshot
+            async with self._listing:
+                self._changed.clear()
+                try:
+                    snap = self.state.snapshot(self.revision or 0)
+                except Exception:  # a bug: keep following, the next change tries again
+                    log.exception("etcd: building a snapshot failed")
+                    continue
+            last = time.monotonic()
+            try:
+                await emit(snap)
+                self.counters["emits"] += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("etcd: the snapshot consumer failed (snapshot at revision %d dropped)",
+                              snap.revision)
+
+    async def _follow(self) -> None:
+        backoff = BACKOFF_FIRST
+        attempt = 0
+        failures = 0
+        while True:
+            url = self.endpoints[attempt % len(self.endpoints)]
+            client = None
+            try:
+                client = await open_client(self.cfg, url)
+                self.counters["connects"] += 1
+                if self._need_list or self.revision is None:
+                    await self._list(client, url)
+                await self._watch(client, url)
+                raise ConnectionError("watch ended")  # _watch only returns by raising
+            except asyncio.CancelledError:
+                raise
+            except _Relist as e:
+                self._connected = False
+                self._need_list = True
+                self.counters["relists"] += 1
+                log.warning("etcd: %s; listing %s again", e, self.cfg.prefix)
+                backoff, failures = BACKOFF_FIRST, 0
+            except Exception as e:
+                if self._connected:
+                    backoff, failures = BACKOFF_FIRST, 0
+                    self._lost_at = time.monotonic()
+                    log.warning("etcd: lost the watch on %s: %s%s; reconnecting (backoff from %.1fs to "
+                                "%.0fs), will resume at revision %d", url, describe(e), hint(e, url), backoff,
+                                BACKOFF_MAX, (self.revision or 0) + 1)
+                elif failures == 0:
+                    log.warning("etcd: cannot reach %s: %s%s; retrying (backoff from %.1fs to %.0fs)", url,
+                                describe(e), hint(e, url), backoff, BACKOFF_MAX)
+                else:
+                    log.debug("etcd: %s still unreachable: %s", url, describe(e))
+                self.last_error = f"{url}: {describe(e)}{hint(e, url)}"
+                self._connected = False
+                self.counters["watch_restarts"] += 1
+                failures += 1
+                attempt += 1
+                await asyncio.sleep(backoff * random.uniform(0.8, 1.0))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            finally:
+                await close_client(client)
+
+    async def _list(self, client: aetcd.Client, url: str) -> None:
+        """Read the whole prefix at one revision, page by page, and converge the state to it."""
+        assert self._listing is not None
+        prefix = self.cfg.prefix.encode()
+        end = prefix_range_end(prefix)
+        items: list[tuple[bytes, bytes]] = []
+        start, rev = prefix, 0
+        t0 = time.monotonic()
+        while True:
+            resp = await client.kvstub.Range(
+                rpc.RangeRequest(key=start, range_end=end, limit=LIST_PAGE, revision=rev),
+                timeout=self.cfg.dial_timeout, metadata=client.metadata)
+            if rev == 0:
+                rev = resp.header.revision
+            items.extend((kv.key, kv.value) for kv in resp.kvs)
+            if not resp.more or not resp.kvs:
+                break
+            start = resp.kvs[-1].key + b"\0"
+        async with self._listing:
+            for _ in self.state.replace_steps(items):
+                await asyncio.sleep(0)
+            self.revision = rev
+            self._need_list = False
+        self._owe_snapshot = False
+        self._mark_changed()
+        log.info("etcd: listed %d keys under %s at revision %d from %s in %.0f ms", len(items),
+                 self.cfg.prefix, rev, url, (time.monotonic() - t0) * 1000)
+
+    async def _watch(self, client: aetcd.Client, url: str) -> None:
+        assert self.revision is not None
+        prefix = self.cfg.prefix.encode()
+        start = self.revision + 1
+        call = rpc.WatchStub(client.channel).Watch(metadata=client.metadata)
+        try:
+            await call.write(rpc.WatchRequest(create_request=rpc.WatchCreateRequest(
+                key=prefix, range_end=prefix_range_end(prefix), start_revision=start, progress_notify=True)))
+            first = await asyncio.wait_for(call.read(), self.cfg.dial_timeout)
+            if first is grpc.aio.EOF or not first.created:
+                raise ConnectionError("etcd did not create the watch")
+            if first.canceled:
+                if first.compact_revision:
+                    raise _Relist(f"revision {start} is compacted (etcd keeps history from "
+                                  f"{first.compact_revision})")
+                raise ConnectionError(f"etcd refused the watch: {first.cancel_reason or 'no reason given'}")
+            if first.header.revision < self.revision:
+                raise _Relist(f"etcd is at revision {first.header.revision}, behind the {self.revision} "
+                              "already seen (restored from a backup?)")
+            self._connected = True
+            self.last_error = None
+            if self._lost_at is not None:
+                log.info("etcd: reconnected to %s after %.1fs; resumed watching %s at revision %d", url,
+                         time.monotonic() - self._lost_at, self.cfg.prefix, start)
+            else:
+                log.info("etcd: connected to %s; watching %s from revision %d", url, self.cfg.prefix, start)
+            self._lost_at = None
+            if self._owe_snapshot:  # a resumed run(): its consumer has no snapshot yet
+                self._owe_snapshot = False
+                self._mark_changed()
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise ConnectionError("etcd closed the watch stream")
+                if resp.compact_revision:
+                    raise _Relist(f"revision {self.revision + 1} is compacted (etcd keeps history from "
+                                  f"{resp.compact_revision})")
+                if resp.canceled:
+                    raise ConnectionError(f"etcd cancelled the watch: {resp.cancel_reason or 'no reason'}")
+                if resp.events:
+                    self._apply(resp.events)
+                elif resp.header.revision > self.revision:
+                    self.revision = resp.header.revision  # progress notification: nothing of ours changed
+        finally:
+            call.cancel()
+
+    def _apply(self, events: Iterable[Any]) -> None:
+        assert self.revision is not None
+        rev, changed, n = self.revision, False, 0
+        state = self.state
+        for ev in events:
+            kv = ev.kv
+            if ev.type == rpc.Event.DELETE:
+                changed |= state.delete(kv.key)
+            else:
+                changed |= state.put(kv.key, kv.value)
+            if kv.mod_revision > rev:
+                rev = kv.mod_revision
+            n += 1
+        self.revision = rev
+        self.counters["events"] += n
+        if changed:
+            self._mark_changed()
