@@ -1,14 +1,19 @@
 /* SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause) */
-/* Socket-level load balancing: cgroup sock_addr hooks.
+/* Socket-level load balancing: cgroup sock_addr hooks, and the metrics programs.
  *
  *   connect4/6   TCP and connected UDP: VIP:port -> backend before the first packet exists
  *   sendmsg4/6   unconnected UDP: the same, per datagram
  *   recvmsg4/6   unconnected UDP: the reply's source backend -> VIP
  *   getpeername4/6  backend -> VIP, so applications see the address they asked for
+ *   sockops      TCP life of translated sockets: latency, outcome, bytes, RTT (metrics)
+ *   udp_out/udp_in  cgroup_skb egress/ingress: UDP datagrams and bytes of translated sockets
  *
- * All hooks share the reverse-translation map, so they live in one object. Entry points are
- * thin; the *_common workers work on IPv4-mapped 16-byte addresses for both families.
- * Traffic that is not for a known VIP:port/proto is never touched.
+ * All hooks share the reverse-translation map and the metrics maps, so they live in one
+ * object. Entry points are thin; the *_common workers work on IPv4-mapped 16-byte addresses
+ * for both families. Traffic that is not for a known VIP:port/proto is never touched.
+ * With meshd_cfg.flags & MESHD_CFG_F_METRICS clear, the verifier drops every metrics path
+ * from the socket hooks (.rodata is frozen): they cost what they did before metrics (plus
+ * two stores of the ids to the stack).
  */
 #include <linux/bpf.h>
 #include <linux/in.h>
@@ -17,6 +22,7 @@
 #include <bpf/bpf_endian.h>
 #include "meshd_structs.h"
 #include "meshd_maps.h"
+#include "meshd_metrics.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -25,6 +31,9 @@
 #define AF_INET6 10
 #endif
 #define MESHD_ECONNREFUSED 111
+#define MESHD_ECONNRESET 104
+#define MESHD_ETIMEDOUT 110
+#define MESHD_EPIPE 32
 
 /* Set by the loader before load (.rodata is frozen, so the verifier knows maglev_m and can
  * bound the table index with it). */
@@ -51,9 +60,10 @@ static __always_inline void meshd_map_v4(__u32 addr[4], __u32 ip4)
 
 /* Picks a backend for the frontend `key`. Returns 0 and fills *be, -ENOENT when the
  * destination is not a service (leave the socket alone), -ECONNREFUSED when it is one
- * with no usable backend. */
+ * with no usable backend. *ids gets the group id (when it is a service) and the backend id
+ * (when one was picked) for the metrics. */
 static __always_inline int meshd_pick(const struct meshd_svc_key *key, __u64 cookie,
-				      struct meshd_backend *be)
+				      struct meshd_backend *be, struct meshd_stats_key *ids)
 {
 	struct meshd_svc_val *svc;
 	struct meshd_backend *found;
@@ -64,6 +74,7 @@ static __always_inline int meshd_pick(const struct meshd_svc_key *key, __u64 coo
 	svc = bpf_map_lookup_elem(&meshd_svc_v1, key);
 	if (!svc)
 		return -2; /* ENOENT: not a service */
+	ids->group = svc->id;
 	if (svc->count == 0)
 		return -MESHD_ECONNREFUSED;
 	inner = bpf_map_lookup_elem(&meshd_maglev_v1, &svc->id);
@@ -83,6 +94,7 @@ static __always_inline int meshd_pick(const struct meshd_svc_key *key, __u64 coo
 	if (!found)
 		return -MESHD_ECONNREFUSED;
 	*be = *found;
+	ids->backend = be_id;
 	return 0;
 }
 
@@ -100,9 +112,25 @@ static __always_inline void meshd_remember(__u64 cookie, const struct meshd_back
 	bpf_map_update_elem(&meshd_revnat_v1, &rk, &rv, BPF_ANY);
 }
 
-/* Shared by connect and sendmsg. Returns 1 (allow) or 0 (reject with the errno set). */
-static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx)
+/* After a translation decision, when metrics are on: a refusal is counted for the group;
+ * a translated socket is tagged with (group, backend) for sockops and the skb programs. */
+static __always_inline void meshd_observe(struct bpf_sock_addr *ctx,
+					  const struct meshd_stats_key *ids, int refused,
+					  int is_connect)
 {
+	if (!(meshd_cfg.flags & MESHD_CFG_F_METRICS))
+		return;
+	if (refused)
+		meshd_count_refused(ids->group);
+	else
+		meshd_tag(ctx->sk, ids->group, ids->backend, is_connect,
+			  ctx->protocol == IPPROTO_TCP);
+}
+
+/* Shared by connect and sendmsg. Returns 1 (allow) or 0 (reject with the errno set). */
+static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connect)
+{
+	struct meshd_stats_key ids = {};
 	struct meshd_svc_key key = {};
 	struct meshd_backend be;
 	__u64 cookie;
@@ -112,21 +140,24 @@ static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx)
 	key.port = (__u16)ctx->user_port;
 	key.proto = (__u8)ctx->protocol;
 	cookie = bpf_get_socket_cookie(ctx);
-	err = meshd_pick(&key, cookie, &be);
+	err = meshd_pick(&key, cookie, &be, &ids);
 	if (err == -2)
 		return 1;
 	if (err || be.family != AF_INET) {
+		meshd_observe(ctx, &ids, 1, is_connect);
 		bpf_set_retval(-MESHD_ECONNREFUSED);
 		return 0;
 	}
 	ctx->user_ip4 = be.addr[3];
 	ctx->user_port = be.port;
 	meshd_remember(cookie, &be, &key);
+	meshd_observe(ctx, &ids, 0, is_connect);
 	return 1;
 }
 
-static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx)
+static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connect)
 {
+	struct meshd_stats_key ids = {};
 	struct meshd_svc_key key = {};
 	struct meshd_backend be;
 	__u64 cookie;
@@ -139,10 +170,11 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx)
 	key.port = (__u16)ctx->user_port;
 	key.proto = (__u8)ctx->protocol;
 	cookie = bpf_get_socket_cookie(ctx);
-	err = meshd_pick(&key, cookie, &be);
+	err = meshd_pick(&key, cookie, &be, &ids);
 	if (err == -2)
 		return 1;
 	if (err) {
+		meshd_observe(ctx, &ids, 1, is_connect);
 		bpf_set_retval(-MESHD_ECONNREFUSED);
 		return 0;
 	}
@@ -153,6 +185,7 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx)
 	ctx->user_ip6[3] = be.addr[3];
 	ctx->user_port = be.port;
 	meshd_remember(cookie, &be, &key);
+	meshd_observe(ctx, &ids, 0, is_connect);
 	return 1;
 }
 
@@ -196,25 +229,25 @@ static __always_inline void meshd_restore6(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int meshd_connect4(struct bpf_sock_addr *ctx)
 {
-	return meshd_xlate4(ctx);
+	return meshd_xlate4(ctx, 1);
 }
 
 SEC("cgroup/connect6")
 int meshd_connect6(struct bpf_sock_addr *ctx)
 {
-	return meshd_xlate6(ctx);
+	return meshd_xlate6(ctx, 1);
 }
 
 SEC("cgroup/sendmsg4")
 int meshd_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return meshd_xlate4(ctx);
+	return meshd_xlate4(ctx, 0);
 }
 
 SEC("cgroup/sendmsg6")
 int meshd_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return meshd_xlate6(ctx);
+	return meshd_xlate6(ctx, 0);
 }
 
 SEC("cgroup/recvmsg4")
@@ -242,6 +275,204 @@ SEC("cgroup/getpeername6")
 int meshd_getpeer6(struct bpf_sock_addr *ctx)
 {
 	meshd_restore6(ctx);
+	return 1;
+}
+
+/* ---- metrics: TCP life of translated sockets (sockops) ---------------------------------- */
+
+/* The one field of struct sock that sockops does not expose: the error a connection ended
+ * with (ECONNREFUSED: RST to our SYN; ETIMEDOUT: retries ran out; ECONNRESET: reset).
+ * CO-RE: libbpf relocates the offset against the running kernel's BTF. */
+struct sock___meshd {
+	int sk_err;
+} __attribute__((preserve_access_index));
+
+static __always_inline int meshd_sk_err(struct bpf_sock_ops *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct sock___meshd *s;
+
+	if (!sk)
+		return 0;
+	s = (struct sock___meshd *)bpf_skc_to_tcp_sock(sk); /* struct sock is at offset 0 */
+	if (!s)
+		return 0;
+	return s->sk_err;
+}
+
+/* Adds the bytes since the last flush and one smoothed-RTT sample. `fin_out`/`fin_in`: 1
+ * when the FIN we sent / received is in bytes_acked / bytes_received (not payload). */
+static __always_inline void meshd_flush(struct bpf_sock_ops *ctx, struct meshd_sk_meta *m,
+					struct meshd_stats *st, __u64 fin_out, __u64 fin_in,
+					__u64 now)
+{
+	__u64 acked = ctx->bytes_acked - fin_out;
+	__u64 rcvd = ctx->bytes_received - fin_in;
+	__u32 srtt = ctx->srtt_us; /* smoothed RTT << 3, in us */
+
+	if (acked > m->bytes_acked) {
+		st->tx_bytes += acked - m->bytes_acked;
+		m->bytes_acked = acked;
+	}
+	if (rcvd > m->bytes_received) {
+		st->rx_bytes += rcvd - m->bytes_received;
+		m->bytes_received = rcvd;
+	}
+	if (srtt)
+		meshd_hist_add(st->rtt_hist, &st->rtt_sum_us, srtt >> 3);
+	m->flushed_ns = now;
+}
+
+/* TCP_CLOSE is where every connection ends (RST, retries exhausted, close in SYN_SENT,
+ * tcp_done after TIME_WAIT starts): its outcome is counted here, once. */
+static __always_inline void meshd_tcp_closed(struct bpf_sock_ops *ctx, struct meshd_sk_meta *m,
+					     __u32 old)
+{
+	struct meshd_stats *st = meshd_stats_get(m->group, m->backend);
+	int err = meshd_sk_err(ctx);
+	__u64 fin_out, fin_in;
+
+	m->flags |= MESHD_SK_F_DONE;
+	if (!st)
+		return;
+	if (!(m->flags & MESHD_SK_F_ESTABLISHED)) {
+		/* Handshake never completed. sk_err 0: the application closed the socket while
+		 * the SYN was unanswered (its connect timeout ran out) -- a timeout for the user. */
+		if (err == MESHD_ECONNREFUSED)
+			st->fail_refused += 1;
+		else if (err == 0 || err == MESHD_ETIMEDOUT)
+			st->fail_timeout += 1;
+		else
+			st->fail_other += 1;
+		return;
+	}
+	/* Our FIN was acked when we leave FIN_WAIT2, CLOSING or LAST_ACK; a FIN came in when
+	 * we leave CLOSE_WAIT's successors LAST_ACK, or CLOSING, or FIN_WAIT2 (TIME_WAIT). */
+	fin_out = (m->flags & MESHD_SK_F_FIN_OUT) &&
+		  (old == BPF_TCP_FIN_WAIT2 || old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK);
+	fin_in = err == 0 &&
+		 (old == BPF_TCP_FIN_WAIT2 || old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK);
+	meshd_flush(ctx, m, st, fin_out, fin_in, bpf_ktime_get_ns());
+	st->closed += 1;
+	if (err == MESHD_ECONNRESET || err == MESHD_EPIPE)
+		st->fail_reset += 1;
+	else if (err == MESHD_ETIMEDOUT)
+		st->fail_timeout += 1;
+	else if (err)
+		st->fail_other += 1;
+}
+
+SEC("sockops")
+int meshd_sockops(struct bpf_sock_ops *ctx)
+{
+	struct meshd_sk_meta *m;
+	struct meshd_stats *st;
+	struct bpf_sock *sk;
+	__u32 op = ctx->op;
+	__u64 now;
+
+	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
+	    op != BPF_SOCK_OPS_RTT_CB && op != BPF_SOCK_OPS_STATE_CB)
+		return 1;
+	sk = ctx->sk;
+	if (!sk)
+		return 1;
+	m = bpf_sk_storage_get(&meshd_skmeta_v1, sk, 0, 0);
+	if (!m || !(m->flags & MESHD_SK_F_TCP) || (m->flags & MESHD_SK_F_DONE))
+		return 1; /* not translated by meshd, or already counted */
+
+	switch (op) {
+	case BPF_SOCK_OPS_TCP_CONNECT_CB: /* the SYN is about to leave */
+		/* State changes from now on (a failure is a SYN_SENT -> CLOSE); RTT samples only
+		 * once established, so the handshake pays no RTT callback. */
+		bpf_sock_ops_cb_flags_set(ctx, BPF_SOCK_OPS_STATE_CB_FLAG);
+		st = meshd_stats_get(m->group, m->backend);
+		if (st)
+			st->opened += 1;
+		break;
+	case BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB: /* SYN-ACK received */
+		now = bpf_ktime_get_ns();
+		st = meshd_stats_get(m->group, m->backend);
+		if (st)
+			meshd_hist_add(st->connect_hist, &st->connect_sum_us,
+				       (now - m->start_ns) / 1000);
+		m->flags |= MESHD_SK_F_ESTABLISHED;
+		bpf_sock_ops_cb_flags_set(ctx, BPF_SOCK_OPS_STATE_CB_FLAG |
+					       BPF_SOCK_OPS_RTT_CB_FLAG);
+		m->bytes_acked = ctx->bytes_acked; /* the SYN's sequence number, not payload */
+		m->bytes_received = ctx->bytes_received;
+		m->flushed_ns = now;
+		break;
+	case BPF_SOCK_OPS_RTT_CB: /* every RTT sample: keep it cheap */
+		if (!(m->flags & MESHD_SK_F_ESTABLISHED) || ctx->state != BPF_TCP_ESTABLISHED)
+			break;
+		now = bpf_ktime_get_ns();
+		if (now - m->flushed_ns < MESHD_FLUSH_NS)
+			break;
+		st = meshd_stats_get(m->group, m->backend);
+		if (st)
+			meshd_flush(ctx, m, st, 0, 0, now);
+		break;
+	case BPF_SOCK_OPS_STATE_CB: /* args[0]: old state, args[1]: new state */
+		if (ctx->args[1] == BPF_TCP_FIN_WAIT1 || ctx->args[1] == BPF_TCP_LAST_ACK)
+			m->flags |= MESHD_SK_F_FIN_OUT;
+		else if (ctx->args[1] == BPF_TCP_CLOSE)
+			meshd_tcp_closed(ctx, m, ctx->args[0]);
+		break;
+	}
+	return 1;
+}
+
+/* ---- metrics: UDP datagrams of translated sockets (cgroup skb) ------------------------- */
+
+/* Counts one datagram of a tagged UDP socket. skb->len is the IP packet (the hook runs at
+ * the network header both ways); payload = len - IP header - 8. IPv6 extension headers
+ * are not parsed (counted as payload). */
+static __always_inline void meshd_udp_count(struct __sk_buff *skb, int egress)
+{
+	struct meshd_sk_meta *m;
+	struct meshd_stats *st;
+	struct bpf_sock *sk;
+	__u32 hdr = 40 + 8;
+	__u8 vihl;
+
+	sk = skb->sk;
+	if (!sk)
+		return;
+	sk = bpf_sk_fullsock(sk);
+	if (!sk || sk->protocol != IPPROTO_UDP)
+		return;
+	m = bpf_sk_storage_get(&meshd_skmeta_v1, sk, 0, 0);
+	if (!m)
+		return;
+	st = meshd_stats_get(m->group, m->backend);
+	if (!st)
+		return;
+	if (skb->protocol == bpf_htons(0x0800)) { /* ETH_P_IP */
+		if (bpf_skb_load_bytes(skb, 0, &vihl, 1))
+			return;
+		hdr = (vihl & 0x0f) * 4 + 8;
+	}
+	if (egress) {
+		st->tx_packets += 1;
+		st->tx_bytes += skb->len > hdr ? skb->len - hdr : 0;
+	} else {
+		st->rx_packets += 1;
+		st->rx_bytes += skb->len > hdr ? skb->len - hdr : 0;
+	}
+}
+
+SEC("cgroup_skb/egress")
+int meshd_udp_out(struct __sk_buff *skb)
+{
+	meshd_udp_count(skb, 1);
+	return 1;
+}
+
+SEC("cgroup_skb/ingress")
+int meshd_udp_in(struct __sk_buff *skb)
+{
+	meshd_udp_count(skb, 0);
 	return 1;
 }
 

@@ -15,6 +15,14 @@ MAP_META = "meshd_meta_v1"
 MAP_NAMES = "meshd_names_v1"
 SOCK_LB_MAPS = (MAP_SVC, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_META, MAP_NAMES)
 
+# Metrics maps (bpf/include/meshd_metrics.h), in the same object and pin dir. The zero-value
+# map (meshd_zero_v1) is not pinned: a fresh one per load is as good.
+MAP_SKMETA = "meshd_skmeta_v1"  # socket storage: socket -> (group, backend, start)
+MAP_STATS = "meshd_stats_v1"  # per-CPU hash: (group, backend) -> counters and histograms
+METRICS_MAPS = (MAP_SKMETA, MAP_STATS)
+# Every map the loader pins and adopts across restarts.
+PINNED_MAPS = SOCK_LB_MAPS + METRICS_MAPS
+
 # Name of each Maglev inner map the reconciler creates (kernel names are at most 15 chars).
 MAGLEV_INNER_NAME = "meshd_mglv_tbl"
 
@@ -29,6 +37,14 @@ SOCK_LB_PROGRAMS: dict[str, str] = {
     "meshd_recvmsg6": "cgroup_udp6_recvmsg",
     "meshd_getpeer4": "cgroup_inet4_getpeername",
     "meshd_getpeer6": "cgroup_inet6_getpeername",
+}
+
+# Metrics programs (same object) and their cgroup attach points; attached only while
+# metrics are on (loader.load(..., metrics=True), the default; loader.set_metrics()).
+METRICS_PROGRAMS: dict[str, str] = {
+    "meshd_sockops": "cgroup_sock_ops",
+    "meshd_udp_out": "cgroup_inet_egress",
+    "meshd_udp_in": "cgroup_inet_ingress",
 }
 
 RODATA = ".rodata"

@@ -60,7 +60,7 @@ struct meshd_revnat_val {
 /* Load-time settings (.rodata, set before load; the verifier sees them as constants). */
 struct meshd_cfg {
 	__u32 maglev_m;	/* Maglev table size (prime); inner map value is maglev_m * 4 bytes */
-	__u32 pad;	/* zero */
+	__u32 flags;	/* MESHD_CFG_F_* (meshd_metrics.h); was padding (zero: no metrics) */
 };
 
 /* Value of meshd_meta_v1[0]: what the pinned maps were created with, so a restarted

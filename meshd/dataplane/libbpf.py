@@ -21,8 +21,11 @@ log = logging.getLogger("meshd.libbpf")
 # enum bpf_map_type / bpf_attach_type values used by meshd (linux/bpf.h).
 MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
+MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_HASH_OF_MAPS = 13
 ATTACH_TYPES = {
+    "cgroup_inet_ingress": 0,
+    "cgroup_inet_egress": 1,
     "cgroup_sock_ops": 3,
     "cgroup_inet4_connect": 10,
     "cgroup_inet6_connect": 11,
@@ -78,6 +81,7 @@ _next_key = _fn("bpf_map_get_next_key", i32, i32, vp, vp)
 _map_fd_by_id = _fn("bpf_map_get_fd_by_id", i32, u32)
 _update_batch = _fn("bpf_map_update_batch", i32, i32, vp, vp, C.POINTER(u32), vp)
 _delete_batch = _fn("bpf_map_delete_batch", i32, i32, vp, C.POINTER(u32), vp)
+_lookup_batch = _fn("bpf_map_lookup_batch", i32, i32, vp, vp, vp, vp, C.POINTER(u32), vp)
 _map_create = _fn("bpf_map_create", i32, i32, cp, u32, u32, u32, vp)
 _num_cpus = _fn("libbpf_num_possible_cpus", i32)
 _set_print = _fn("libbpf_set_print", vp, vp)
@@ -389,5 +393,49 @@ class Map:
             if value is not None:  # deleted while we walked
                 yield key, value
 
+    def lookup_batch(self, chunk: int = 1024) -> list[tuple]:
+        """Every (key, value) of a hash map, `chunk` entries per syscall (a consistent view
+        per bucket, not of the whole map). Falls back to keys()+lookup() where the kernel
+        has no batch ops for the map type (EINVAL)."""
+        out: list[tuple] = []
+        keys, values = (self.key_type * chunk)(), (self.value_type * chunk)()
+        token_in, token_out = C.c_uint64(0), C.c_uint64(0)  # hash maps: a u32 bucket index
+        first = True
+        while True:
+            n = u32(chunk)
+            ret = _lookup_batch(self.fd, None if first else C.byref(token_in),
+                                C.byref(token_out), keys, values, C.byref(n), None)
+            if ret < 0 and ret not in (-_errno.ENOENT,):
+                if ret == -_errno.EINVAL and first:
+                    return list(self.items())
+                if ret == -_errno.ENOSPC and n.value == 0:  # one bucket holds more than chunk
+                    chunk *= 4
+                    keys, values = (self.key_type * chunk)(), (self.value_type * chunk)()
+                    continue
+                _check(ret, "bpf_map_lookup_batch", self.name)
+            for i in range(n.value):
+                out.append((self.key_type.from_buffer_copy(keys[i]),
+                            self.value_type.from_buffer_copy(values[i])))
+            if ret == -_errno.ENOENT:
+                return out
+            token_in.value, first = token_out.value, False
+
     def close(self) -> None:
         close_fd(self.fd)
+
+
+class PercpuMap(Map):
+    """A per-CPU map: each value is `per_cpu_type` once per possible CPU, each copy padded
+    to 8 bytes (the kernel's layout for per-CPU values in user space)."""
+
+    def __init__(self, fd: int, name: str, key_type, per_cpu_type):
+        self.ncpus = num_possible_cpus()
+        self.stride = (C.sizeof(per_cpu_type) + 7) // 8 * 8
+        self.per_cpu_type = per_cpu_type
+        super().__init__(fd, name, key_type, C.c_uint8 * (self.stride * self.ncpus))
+
+    def copies(self, value) -> list:
+        """The per-CPU copies of one value read from this map."""
+        raw = bytes(value)
+        return [self.per_cpu_type.from_buffer_copy(raw, i * self.stride)
+                for i in range(self.ncpus)]

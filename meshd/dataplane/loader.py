@@ -5,18 +5,28 @@ maps already pinned under <bpffs>/meshd/<instance> (a restart or upgrade keeps e
 -> load -> pin new maps -> attach each program to the cgroup as a pinned link, or swap the
 program inside an existing pinned link (bpf_link_update: atomic, no window without a hook).
 Pinned maps and links keep serving while no daemon runs; `remove()` takes it all away.
+
+Metrics (bpf/include/meshd_metrics.h) ride in the same object: `load(..., metrics=True)`
+sets MESHD_CFG_F_METRICS in .rodata and attaches the sockops and cgroup-skb programs as
+pinned links too; `metrics=False` (or `set_metrics(..., False)`) loads the socket hooks
+without any metrics code and detaches those programs. `open_metrics()` reads the counters.
 """
 
 from __future__ import annotations
 
 import ctypes as C
+import ipaddress
 import logging
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from meshd import names
+from meshd.desired import BackendRef
 from meshd.errors import DataplaneError
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
@@ -34,6 +44,8 @@ MAP_TYPES = {
     names.MAP_REVNAT: (S.RevnatKey, S.RevnatVal),
     names.MAP_META: (C.c_uint32, S.Meta),
     names.MAP_NAMES: (C.c_uint32, S.SvcName),
+    names.MAP_SKMETA: (C.c_int, S.SkMeta),
+    names.MAP_STATS: (S.StatsKey, S.Stats),  # per CPU: opened as a PercpuMap
 }
 
 
@@ -96,6 +108,79 @@ def open_pinned(bpffs: Path, instance: str) -> Maps:
                 opened[names.MAP_META], opened[names.MAP_NAMES])
 
 
+@dataclass
+class MetricsMaps:
+    """Open handles for reading the metrics of one instance (the exporter, `meshd top`),
+    and for pruning counters of removed groups and backends (the daemon, after a sync)."""
+    pin_dir: Path
+    stats: bpf.PercpuMap
+    backends: bpf.Map
+    names: bpf.Map
+
+    def read_stats(self) -> dict[tuple[int, int], np.ndarray]:
+        """(group id, backend id) -> struct meshd_stats summed over CPUs, as a flat uint64
+        vector of S.STATS_WORDS (field order of S.Stats)."""
+        words, stride = S.STATS_WORDS, self.stats.stride // 8
+        out = {}
+        for key, value in self.stats.lookup_batch():
+            per_cpu = np.frombuffer(bytes(value), dtype=np.uint64).reshape(-1, stride)
+            out[(key.group, key.backend)] = per_cpu[:, :words].sum(axis=0, dtype=np.uint64)
+        return out
+
+    def group_names(self) -> dict[int, str]:
+        """group id -> "namespace/name:port-name/ipv4"."""
+        return {k.value: v.name.decode(errors="replace") for k, v in self.names.items()}
+
+    def backend_names(self) -> dict[int, str]:
+        """backend id -> "10.0.0.1:8080/TCP" / "[fd00::1]:8080/TCP"."""
+        out = {}
+        for k, v in self.backends.items():
+            addr = S.unpack_addr(v.addr)
+            if v.family == socket.AF_INET6 and addr.version == 4:
+                addr = ipaddress.IPv6Address(bytes(v.addr))  # a real ::ffff: backend
+            out[k.value] = BackendRef(addr, S.port_host(v.port),
+                                      S.PROTO_NAME.get(v.proto, str(v.proto))).name
+        return out
+
+    def stats_capacity(self) -> int:
+        return bpf.map_info(self.stats.fd, self.stats.name).max_entries
+
+    def prune(self) -> int:
+        """Deletes the counters of groups and backends that no longer exist, so an id the
+        reconciler reuses starts from zero. Call after a sync that removed any. Returns how
+        many (group, backend) pairs were dropped."""
+        groups = {k.value for k in self.names.keys()}
+        backends = {k.value for k in self.backends.keys()}
+        dropped = 0
+        for key in list(self.stats.keys()):
+            if key.group not in groups or (key.backend and key.backend not in backends):
+                dropped += self.stats.delete(key)
+        return dropped
+
+    def close(self) -> None:
+        for m in (self.stats, self.backends, self.names):
+            m.close()
+
+
+def open_metrics(bpffs: Path, instance: str) -> MetricsMaps:
+    """Opens the metrics maps an instance pinned (read by the exporter and `meshd top`)."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    need = (names.MAP_STATS, names.MAP_BACKENDS, names.MAP_NAMES)
+    missing = [n for n in need if not (pin_dir / n).exists()]
+    if missing:
+        raise DataplaneError(f"instance {instance!r} has no metrics maps at {pin_dir} "
+                             f"(missing {', '.join(missing)}); is `meshd run` started?")
+    stats = bpf.PercpuMap(bpf.obj_get(pin_dir / names.MAP_STATS), names.MAP_STATS,
+                          S.StatsKey, S.Stats)
+    try:
+        return MetricsMaps(pin_dir, stats, _open_map(pin_dir / names.MAP_BACKENDS,
+                                                     names.MAP_BACKENDS),
+                           _open_map(pin_dir / names.MAP_NAMES, names.MAP_NAMES))
+    except BaseException:
+        stats.close()
+        raise
+
+
 def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
     meta_pin = pin_dir / names.MAP_META
     if not meta_pin.exists():
@@ -117,8 +202,12 @@ def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
             "`meshd cleanup` (drops the pinned state) and start again")
 
 
-def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int) -> Maps:
-    """Loads (or adopts) the socket LB of `instance` and attaches it to `cgroup`."""
+def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool = True,
+         stats_max_entries: int | None = None) -> Maps:
+    """Loads (or adopts) the socket LB of `instance` and attaches it to `cgroup`; with
+    `metrics`, also the metrics programs (else they are detached if they were attached).
+    `stats_max_entries` caps the (group, backend) pairs with counters when the stats map is
+    created (default MESHD_MAX_STATS = 65536); a pinned map keeps its size."""
     cgroup = Path(cgroup)
     if not (cgroup / "cgroup.procs").exists():
         raise DataplaneError(f"cgroup {cgroup} is not a cgroup v2 directory (on this machine "
@@ -129,10 +218,13 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int) -> Maps:
     _check_adoptable(pin_dir, maglev_m)
 
     with bpf.BpfObject(object_path(names.OBJ_SOCK_LB)) as obj:
-        obj.set_rodata(bytes(S.Cfg(maglev_m=maglev_m)))
+        obj.set_rodata(bytes(S.Cfg(maglev_m=maglev_m,
+                                   flags=S.CFG_F_METRICS if metrics else 0)))
         obj.set_inner_value_size(names.MAP_MAGLEV, 4 * maglev_m)
+        if stats_max_entries:
+            obj.set_max_entries(names.MAP_STATS, stats_max_entries)
         adopted = []
-        for name in names.SOCK_LB_MAPS:
+        for name in names.PINNED_MAPS:
             pin = pin_dir / name
             if pin.exists():
                 fd = bpf.obj_get(pin)
@@ -142,11 +234,19 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int) -> Maps:
                     bpf.close_fd(fd)
                 adopted.append(name)
         obj.load()
-        for name in names.SOCK_LB_MAPS:
+        for name in names.PINNED_MAPS:
             if name not in adopted:
                 bpf.obj_pin(obj.map_fd(name), pin_dir / name)
-        log.info("socket LB loaded (maglev m=%d); adopted %d pinned maps", maglev_m, len(adopted))
-        _attach_all(obj, pin_dir, cgroup)
+        log.info("socket LB loaded (maglev m=%d); adopted %d pinned maps; metrics %s "
+                 "(adopted %d pinned metrics maps)", maglev_m,
+                 len([n for n in adopted if n in names.SOCK_LB_MAPS]),
+                 "on" if metrics else "off",
+                 len([n for n in adopted if n in names.METRICS_MAPS]))
+        _attach_all(obj, pin_dir, cgroup, names.SOCK_LB_PROGRAMS)
+        if metrics:
+            _attach_all(obj, pin_dir, cgroup, names.METRICS_PROGRAMS)
+        else:
+            _detach_pinned(pin_dir, names.METRICS_PROGRAMS)
         maps = {n: _open_map(pin_dir / n, n) for n in names.SOCK_LB_MAPS}
 
     maps[names.MAP_META].update(C.c_uint32(0), S.Meta(maglev_m=maglev_m,
@@ -156,11 +256,12 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int) -> Maps:
                 maps[names.MAP_NAMES])
 
 
-def _attach_all(obj: bpf.BpfObject, pin_dir: Path, cgroup: Path) -> None:
+def _attach_all(obj: bpf.BpfObject, pin_dir: Path, cgroup: Path,
+                programs: dict[str, str]) -> None:
     want_cg = cgroup_id(cgroup)
     cg_fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        for prog, attach in names.SOCK_LB_PROGRAMS.items():
+        for prog in programs:
             pin = pin_dir / names.link_pin_name(prog)
             if pin.exists():
                 link_fd = bpf.obj_get(pin)
@@ -177,6 +278,42 @@ def _attach_all(obj: bpf.BpfObject, pin_dir: Path, cgroup: Path) -> None:
             obj.attach_cgroup(prog, cg_fd, pin)
     finally:
         os.close(cg_fd)
+
+
+def _detach_pinned(pin_dir: Path, programs: dict[str, str]) -> None:
+    for prog in programs:
+        pin = pin_dir / names.link_pin_name(prog)
+        if pin.exists():
+            fd = bpf.obj_get(pin)
+            try:
+                bpf.link_detach(fd, prog)
+            finally:
+                bpf.close_fd(fd)
+            pin.unlink()
+
+
+def set_metrics(bpffs: Path, instance: str, cgroup: Path, enabled: bool) -> None:
+    """Turns the metrics of a loaded instance on or off, keeping the pinned maps and their
+    counters: reloads the object with or without MESHD_CFG_F_METRICS and swaps every socket
+    hook in place (bpf_link_update, no gap), then attaches or detaches the metrics programs.
+    For the overhead benchmark and for operators who want the bare data path."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    meta_pin = pin_dir / names.MAP_META
+    if not meta_pin.exists():
+        raise DataplaneError(f"instance {instance!r} has no data plane at {pin_dir}")
+    meta_map = _open_map(meta_pin, names.MAP_META)
+    try:
+        meta = meta_map.lookup(C.c_uint32(0))
+    finally:
+        meta_map.close()
+    if meta is None or meta.maglev_m == 0:
+        raise DataplaneError(f"instance {instance!r} at {pin_dir} was never fully loaded")
+    load(bpffs, instance, cgroup, meta.maglev_m, metrics=enabled).close()
+
+
+def metrics_attached(pin_dir: Path) -> bool:
+    """True if every metrics program has a pinned link."""
+    return all((pin_dir / names.link_pin_name(p)).exists() for p in names.METRICS_PROGRAMS)
 
 
 def attached_cgroup_ids(pin_dir: Path) -> dict[str, int | None]:

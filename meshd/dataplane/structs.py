@@ -40,7 +40,10 @@ class RevnatVal(C.Structure):
 
 
 class Cfg(C.Structure):
-    _fields_ = [("maglev_m", C.c_uint32), ("pad", C.c_uint32)]
+    _fields_ = [("maglev_m", C.c_uint32), ("flags", C.c_uint32)]
+
+
+CFG_F_METRICS = 1  # MESHD_CFG_F_METRICS: the socket hooks tag sockets and count refusals
 
 
 class Meta(C.Structure):
@@ -49,6 +52,37 @@ class Meta(C.Structure):
 
 class SvcName(C.Structure):
     _fields_ = [("name", C.c_char * 160)]
+
+
+# ---- metrics (bpf/include/meshd_metrics.h) --------------------------------------------------
+HIST_BUCKETS = 24  # MESHD_HIST_BUCKETS: <1us, [1,2), [2,4), ... [2^21, 2^22) us, >= 2^22 us
+
+
+class SkMeta(C.Structure):
+    _fields_ = [("start_ns", C.c_uint64), ("flushed_ns", C.c_uint64),
+                ("bytes_acked", C.c_uint64), ("bytes_received", C.c_uint64),
+                ("group", C.c_uint32), ("backend", C.c_uint32), ("flags", C.c_uint32),
+                ("pad", C.c_uint32)]
+
+
+class StatsKey(C.Structure):
+    _fields_ = [("group", C.c_uint32), ("backend", C.c_uint32)]
+
+
+# Scalar counters of struct meshd_stats, in order; the two histograms follow.
+STATS_COUNTERS = ("opened", "closed", "fail_refused", "fail_timeout", "fail_reset",
+                  "fail_other", "tx_bytes", "rx_bytes", "tx_packets", "rx_packets",
+                  "connect_sum_us", "rtt_sum_us")
+
+
+class Stats(C.Structure):
+    """One CPU's copy of the counters of one (group, backend) pair; all u64."""
+    _fields_ = ([(n, C.c_uint64) for n in STATS_COUNTERS]
+                + [("connect_hist", C.c_uint64 * HIST_BUCKETS),
+                   ("rtt_hist", C.c_uint64 * HIST_BUCKETS)])
+
+
+STATS_WORDS = C.sizeof(Stats) // 8  # the struct as a flat u64 vector (Python sums CPUs)
 
 
 LAYOUT_VERSION = 1
@@ -63,6 +97,9 @@ MIRRORS = {
     "meshd_cfg": Cfg,
     "meshd_meta": Meta,
     "meshd_svc_name": SvcName,
+    "meshd_sk_meta": SkMeta,
+    "meshd_stats_key": StatsKey,
+    "meshd_stats": Stats,
 }
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
