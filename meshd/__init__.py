@@ -7,5 +7,10 @@ Layout (what each part owns):
   daemon, cli               process life and the user's front door
 """
 
+import os as _os
+
+# grpc (under aetcd) + fork can crash the child; this must be set before grpc is imported.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 __all__ = ["__version__"]
 __version__ = "0.1.0"

@@ -41,6 +41,11 @@ def cmd_cleanup(args) -> int:
     return 0
 
 
+def cmd_top(args) -> int:
+    from meshd import top
+    return top.main(_config(args), interval=args.interval, once=args.once)
+
+
 def cmd_demo(args) -> int:
     from meshd import demo
     return demo.main()
@@ -64,8 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cleanup", help="detach and unpin everything of this instance")
     c.add_argument("--config", "-c")
     c.set_defaults(fn=cmd_cleanup)
+    t = sub.add_parser("top", help="live per-service view: connection rate, latency, errors")
+    t.add_argument("--config", "-c")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between frames")
+    t.add_argument("--once", action="store_true", help="print one frame and exit")
+    t.set_defaults(fn=cmd_top)
+
     d = sub.add_parser("demo", help="live demo in a throw-away netns lab (root)")
     d.set_defaults(fn=cmd_demo)
+
+    from meshd import cli_registry
+    cli_registry.add_parsers(sub, _config)
     return p
 
 
@@ -75,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=getattr(logging, level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.cmd == "endpoint":
+            from meshd.cli_registry import check_endpoint_args
+            check_endpoint_args(args)
         return args.fn(args)
     except MeshdError as e:
         print(f"meshd: error: {e}", file=sys.stderr)

@@ -21,7 +21,7 @@ import os
 import re
 import types
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv6Address, ip_network
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
@@ -139,6 +139,28 @@ def _listen(v: str) -> str:
     return v
 
 
+def _loopback_listen(v: str) -> str:
+    """host:port on loopback: the embedded etcd has no TLS or auth, so it must not be reachable
+    from other machines."""
+    try:
+        host, _ = split_host_port(v)
+    except ValueError as e:
+        raise _fail("{reason} (got {got})", reason=e, got=show(v)) from None
+    try:
+        loopback = host == "localhost" or ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise _fail("must be a loopback address such as 127.0.0.1:2379 or [::1]:2379; the embedded "
+                    "etcd has no TLS or auth (got {got})", got=show(v))
+    return v
+
+
+def _http_url(listen: str) -> str:
+    host, port = split_host_port(listen)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def is_prime(n: int) -> bool:
     if n < 2:
         return False
@@ -191,10 +213,22 @@ class EtcdConfig(StrictModel):
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
     dial_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 5.0
+    # The embedded etcd (endpoints empty): its client and peer addresses, loopback only.
+    embedded_listen: Annotated[str, AfterValidator(_loopback_listen)] = "127.0.0.1:2379"
+    embedded_peer_listen: Annotated[str, AfterValidator(_loopback_listen)] = "127.0.0.1:2380"
 
     @property
     def embedded(self) -> bool:
         return not self.endpoints
+
+    @property
+    def embedded_client_url(self) -> str:
+        """http://host:port of the embedded etcd's client listener (what the daemon connects to)."""
+        return _http_url(self.embedded_listen)
+
+    @property
+    def embedded_peer_url(self) -> str:
+        return _http_url(self.embedded_peer_listen)
 
     @model_validator(mode="after")
     def _pairs(self) -> EtcdConfig:
@@ -202,6 +236,8 @@ class EtcdConfig(StrictModel):
             raise _fail("cert_file and key_file must be set together (client TLS needs both)")
         if (self.username is None) != (self.password is None):
             raise _fail("username and password must be set together")
+        if split_host_port(self.embedded_listen)[1] == split_host_port(self.embedded_peer_listen)[1]:
+            raise _fail("embedded_listen and embedded_peer_listen must use different ports")
         return self
 
 
@@ -232,7 +268,8 @@ class Config(StrictModel):
     bpffs: AbsPath = Path("/sys/fs/bpf")
     state_dir: AbsPath = Path("/var/lib/meshd")
     services_file: AnyPath | None = None
-    etcd: EtcdConfig | None = None
+    # Absent = the embedded etcd (DESIGN.md); `etcd: null` = no etcd at all (services_file only).
+    etcd: EtcdConfig | None = Field(default_factory=EtcdConfig)
     service_cidrs: Annotated[list[Annotated[IPNetwork, PlainValidator(_cidr)]],
                              AfterValidator(_non_empty_list)] = Field(default_factory=_default_cidrs)
     metrics: Annotated[MetricsConfig, _section({})] = Field(default_factory=MetricsConfig)

@@ -93,15 +93,20 @@ class Daemon:
         self._local: set | None = None  # the node's addresses (refreshed by a task)
         self._logged_rejects: set[tuple[str, str]] = set()
         self._warned_affinity: set[str] = set()
+        self._dirty_since: float | None = None  # first change not yet in the kernel
+        self._max_entries: dict[str, int] = {}
+        from meshd.metrics import ControlPlaneStats
+        self.control = ControlPlaneStats()
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
         cfg = self.cfg
         self.maps = await asyncio.to_thread(loader.load, cfg.bpffs, cfg.instance, cfg.cgroup,
                                             cfg.maglev.table_size)
-        server = None
+        server = metrics_server = None
         tasks: list[asyncio.Task] = []
         try:
+            metrics_server = self._start_metrics()
             dp = KernelDataplane(self.maps)
             self.reconciler = Reconciler(dp)
             self.reconciler.adopt(await asyncio.to_thread(dp.snapshot))
@@ -136,7 +141,23 @@ class Daemon:
             await asyncio.gather(*tasks, return_exceptions=True)
             if server is not None:
                 await server.stop()
+            if metrics_server is not None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
             self.maps.close()
+
+    def _start_metrics(self):
+        from meshd.metrics import KernelSource, MeshdCollector, start_metrics_server
+        cfg = self.cfg
+        try:
+            server = start_metrics_server(cfg.metrics.listen, MeshdCollector(
+                KernelSource(cfg.bpffs, cfg.instance), self.control))
+        except OSError as e:
+            log.error("metrics: cannot listen on %s: %s (set metrics.listen to a free "
+                      "address); running without the exporter", cfg.metrics.listen, e)
+            return None
+        log.info("metrics on http://%s/metrics", cfg.metrics.listen)
+        return server
 
     async def _ready_when_synced(self) -> None:
         try:
@@ -189,6 +210,8 @@ class Daemon:
 
     # ---- sources ------------------------------------------------------------------------
     def _publish(self, name: str, services, errors) -> None:
+        if self._dirty_since is None:
+            self._dirty_since = time.monotonic()
         st = self.sources[name]
         st.services, st.errors, st.synced, st.error = tuple(services), tuple(errors), True, None
         self._wake.set()
@@ -227,7 +250,8 @@ class Daemon:
             return None
         from meshd.sources.etcd_server import EmbeddedEtcd
         data = Path(self.cfg.state_dir) / self.cfg.instance / "etcd"
-        server = EmbeddedEtcd(data, **embedded_urls(self.cfg))
+        server = EmbeddedEtcd(data, client_url=etcd_cfg.embedded_client_url,
+                              peer_url=etcd_cfg.embedded_peer_url)
         await server.start()
         log.info("embedded etcd at %s (pid %s, data %s)", server.url, server.pid, data)
         self.etcd_urls = [server.url]
@@ -286,6 +310,13 @@ class Daemon:
                 f", {len(report.errors)} errors" if report.errors else "")
         for what, err in report.errors.items():
             log.error("data plane: %s: %s", what, err)
+        lag = time.monotonic() - self._dirty_since if self._dirty_since is not None else 0.0
+        self._dirty_since = None
+        self.control.record_sync(report.ops, errors=len(report.errors), rejected=len(rejected),
+                                 lag_seconds=lag)
+        self._record_fill()
+        if report.ops.get("delete_name") or report.ops.get("delete_backend"):
+            await asyncio.to_thread(self._prune_stats)  # ids are reused: drop their counters
         if report.groups_changed > GC_FREEZE_AFTER:
             # Move the (now long-lived) registry model out of the collector's view: otherwise
             # every full collection walks 10^5-10^6 objects and stalls a sync by ~50-100 ms.
@@ -301,6 +332,28 @@ class Daemon:
                                              for e in rejected],
                                dict(report.errors), n_services, ops)
         self._write_status()
+
+    def _record_fill(self) -> None:
+        rec, maps = self.reconciler, self.maps
+        if not self._max_entries:
+            from meshd.dataplane import libbpf
+            self._max_entries = {m.name: libbpf.map_info(m.fd, m.name).max_entries
+                                 for m in (maps.svc, maps.backends, maps.maglev)}
+        used = {maps.svc.name: len(rec.frontends), maps.backends.name: len(rec.backend_ids),
+                maps.maglev.name: sum(1 for g in rec.groups.values() if g.has_table)}
+        for name, n in used.items():
+            self.control.set_map_fill(name, n, self._max_entries[name])
+
+    def _prune_stats(self) -> None:
+        try:
+            mm = loader.open_metrics(self.cfg.bpffs, self.cfg.instance)
+        except MeshdError as e:
+            log.debug("metrics maps not pruned: %s", e)
+            return
+        try:
+            mm.prune()
+        finally:
+            mm.close()
 
     def _write_status(self) -> None:
         path = status_path(self.cfg)
@@ -318,14 +371,6 @@ class Daemon:
             tmp.replace(path)
         except OSError as e:
             log.warning("cannot write status file %s: %s", path, e)
-
-
-def embedded_urls(cfg: Config) -> dict:
-    """Client and peer URLs of the embedded etcd (loopback only)."""
-    e = cfg.etcd
-    client = getattr(e, "embedded_listen", None) or "127.0.0.1:2379"
-    peer = getattr(e, "embedded_peer_listen", None) or "127.0.0.1:2380"
-    return {"client_url": f"http://{client}", "peer_url": f"http://{peer}"}
 
 
 def run(config_path: Path | None, log_level_set: bool = False) -> int:

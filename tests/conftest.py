@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from testlib import BPFFS, CGROUP2, TEST_PREFIX
+from testlib import BPFFS, CGROUP2, TEST_PREFIX, claim, release, sweep_kernel_leftovers
 
 pytest_plugins = ["netns_lab.pytest_plugin"]
 
@@ -32,23 +32,9 @@ def pytest_runtest_setup(item):
         pytest.skip("needs root: loads BPF into the kernel / builds network namespaces")
 
 
-def _sweep_kernel_leftovers() -> None:
-    """Pins and cgroups of kernel tests of a crashed run (by name prefix)."""
-    from meshd.dataplane import loader
-    pins = BPFFS / "meshd"
-    if pins.is_dir():
-        for d in pins.glob(TEST_PREFIX + "*"):
-            loader.remove(BPFFS, d.name)
-    for cg in CGROUP2.glob(TEST_PREFIX + "*"):
-        try:
-            cg.rmdir()
-        except OSError:
-            pass
-
-
 def pytest_sessionstart(session):
     if os.geteuid() == 0 and CGROUP2.is_dir():
-        _sweep_kernel_leftovers()
+        sweep_kernel_leftovers()
 
 
 @pytest.fixture
@@ -56,6 +42,7 @@ def kernel_instance():
     """(instance name, own cgroup2 dir): removed with every pin after the test."""
     from meshd.dataplane import loader
     name = TEST_PREFIX + secrets.token_hex(4)
+    claim(name)
     cg = CGROUP2 / name
     cg.mkdir()
     try:
@@ -63,6 +50,7 @@ def kernel_instance():
     finally:
         loader.remove(BPFFS, name)
         cg.rmdir()
+        release(name)
 
 
 @pytest.fixture

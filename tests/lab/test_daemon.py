@@ -14,9 +14,16 @@ import yaml
 
 from meshd.dataplane import loader
 
-from testlib import BPFFS, TEST_PREFIX
+from testlib import BPFFS, TEST_PREFIX, claim, release
 
 VIP = "10.96.0.10"
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def meshd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -35,12 +42,14 @@ class Daemon:
     def __init__(self, lab, tmp: Path):
         self.lab = lab
         self.instance = TEST_PREFIX + lab.prefix
+        claim(self.instance)
         self.services_file = tmp / "services.yaml"
         self.config = tmp / "meshd.yaml"
         self.config.write_text(yaml.safe_dump({
             "instance": self.instance, "cgroup": str(lab.cgroup), "bpffs": str(BPFFS),
             "state_dir": str(tmp / "state"), "services_file": str(self.services_file),
-            "maglev": {"table_size": 1021}}))
+            "maglev": {"table_size": 1021}, "etcd": None,
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"}}))
         self.log = tmp / "meshd.log"
         self.proc: subprocess.Popen | None = None
 
@@ -84,6 +93,7 @@ class Daemon:
             self.proc.kill()
             self.proc.wait()
         loader.remove(BPFFS, self.instance)
+        release(self.instance)
 
 
 @pytest.fixture

@@ -33,7 +33,9 @@ def test_defaults_without_a_file() -> None:
     assert cfg.instance == "default"
     assert cfg.cgroup == Path("/sys/fs/cgroup/unified")
     assert cfg.bpffs == Path("/sys/fs/bpf") and cfg.state_dir == Path("/var/lib/meshd")
-    assert cfg.services_file is None and cfg.etcd is None
+    assert cfg.services_file is None
+    assert cfg.etcd is not None and cfg.etcd.embedded  # no etcd section = embedded etcd
+    assert cfg.etcd.embedded_client_url == "http://127.0.0.1:2379"
     assert cfg.service_cidrs == [ip_network("10.96.0.0/12"), ip_network("fd00:96::/108")]
     assert cfg.metrics.listen == "127.0.0.1:9469" and cfg.metrics.host_port == ("127.0.0.1", 9469)
     assert cfg.maglev.table_size == 16381 and cfg.tc.interfaces == [] and cfg.log_level == "info"
@@ -48,8 +50,12 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path: Path) -> None:
 def test_example_production_config_loads() -> None:
     cfg = load_config(REPO / "config" / "meshd.yaml", env={})
     assert cfg.cgroup == Path("/sys/fs/cgroup/unified")
-    assert cfg.services_file == REPO / "config" / "services.yaml"  # relative to the file
-    assert cfg.etcd is None  # the etcd source is not read yet: the example does not name it
+    assert cfg.etcd is not None and cfg.etcd.embedded and cfg.etcd.prefix == "/meshd/"
+
+
+def test_null_etcd_turns_etcd_off(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, "etcd: null\n"), env={}).etcd is None
+    assert load_config(write(tmp_path, "etcd:\n"), env={}).etcd is None
 
 
 def test_etcd_defaults(tmp_path: Path) -> None:
