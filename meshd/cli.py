@@ -27,7 +27,7 @@ def cmd_run(args) -> int:
 
 def cmd_services(args) -> int:
     from meshd.show import format_report, services_report
-    report = services_report(_config(args))
+    report = services_report(_config(args), with_desired=not args.kernel_only)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("services", help="print what the kernel maps hold")
     s.add_argument("--config", "-c")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.add_argument("--kernel-only", action="store_true",
+                   help="do not read the sources (no desired state, no drift check)")
     s.set_defaults(fn=cmd_services)
 
     c = sub.add_parser("cleanup", help="detach and unpin everything of this instance")

@@ -12,7 +12,7 @@ from meshd.dataplane import loader
 from meshd.dataplane.kernel import KernelDataplane
 
 
-def services_report(cfg: Config) -> dict:
+def services_report(cfg: Config, with_desired: bool = True) -> dict:
     maps = loader.open_pinned(cfg.bpffs, cfg.instance)
     try:
         dp = KernelDataplane(maps)
@@ -43,6 +43,13 @@ def services_report(cfg: Config) -> dict:
                   "services": sorted(groups.values(), key=lambda g: g["group"])}
     finally:
         maps.close()
+    if with_desired:
+        from meshd import drift
+        groups, problems = drift.desired(cfg)
+        report["desired_error"] = problems[0] if problems else None
+        if groups is not None:
+            report["services"] = sorted(drift.compare(report["services"], groups),
+                                        key=lambda g: g["group"])
     status = status_path(cfg)
     if status.exists():
         try:
@@ -61,16 +68,21 @@ def format_report(r: dict) -> str:
     if not r["services"]:
         lines.append("  (no services in the kernel maps)")
     for g in r["services"]:
-        lines.append(f"{g['group']}  [{g['state']}]")
+        lines.append(f"{g['group']}  [{g['state']}]"
+                     + ("  DRIFT" if g.get("drift") else ""))
         for fe in g["frontends"]:
             lines.append(f"  frontend {fe}")
         for b in g["backends"]:
             lines.append(f"  backend  {b['backend']:<32} slots {b['slots']:>6}  "
                          f"share {b['share'] * 100:5.1f}%")
+        for d in g.get("drift") or ():
+            lines.append(f"  drift: {d}")
     for rej in r.get("rejected", []):
         lines.append(f"rejected: {rej['where']}: {rej['reason']}")
     for what, err in r.get("errors", {}).items():
         lines.append(f"error: {what}: {err}")
+    if r.get("desired_error"):
+        lines.append(r["desired_error"] + " (kernel state shown alone)")
     if r.get("daemon", {}).get("source_error"):
         lines.append(f"source error: {r['daemon']['source_error']}")
     return "\n".join(lines)

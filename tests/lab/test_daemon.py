@@ -204,3 +204,24 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path):
     assert "Traceback" not in r.stderr
     assert r.stderr.startswith("meshd: error: ")
     assert "bogus" in r.stderr and "table_size" in r.stderr
+
+
+def test_services_flags_drift_between_kernel_and_sources(lab, daemon):
+    daemon.write(svc(lab, "web", VIP, [1]), svc(lab, "old", "10.96.0.11", [2]))
+    daemon.start()
+    rep = daemon.wait(lambda r: len(r["services"]) == 2, "first sync")
+    assert all(g["drift"] == [] for g in rep["services"]), rep["services"]
+    assert daemon.stop() == 0
+    # while no daemon runs, the sources change: the kernel is now behind them
+    daemon.write(svc(lab, "web", VIP, [1, 3]), svc(lab, "new", "10.96.0.12", [2]))
+    by = {g["group"]: g for g in daemon.services()["services"]}
+    assert by["default/web:http/ipv4"]["drift"] == [
+        f"backends: -{lab.backend_addr(3)}:8080/TCP (+ in the kernel only, - desired only)"]
+    assert by["default/old:http/ipv4"]["drift"] == [
+        "not desired: no source has it (stale kernel entry)"]
+    assert by["default/new:http/ipv4"]["drift"] == ["not in the kernel"]
+    text = meshd("services", "--config", str(daemon.config)).stdout
+    assert "DRIFT" in text and "drift: not in the kernel" in text
+    daemon.start()  # a daemon converges the kernel: no drift left
+    daemon.wait(lambda r: all(not g["drift"] for g in r["services"])
+                and len(r["services"]) == 2, "convergence")

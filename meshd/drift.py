@@ -1,0 +1,88 @@
+"""Desired state read fresh from the sources, for comparison with the kernel (`meshd services`).
+
+Uses the daemon's own path (sources -> DesiredState), so "desired" means exactly what a
+running daemon would write; a difference from the kernel maps is drift: a daemon that is
+down, behind, or failing to write (see its errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from meshd.config import Config
+from meshd.desired import DesiredState, Group
+from meshd.errors import MeshdError
+
+ETCD_TIMEOUT = 5.0
+
+
+async def _etcd_once(cfg: Config, urls: list[str]):
+    from meshd.sources.etcd import EtcdSource
+    src = EtcdSource(cfg.etcd, endpoints=urls)
+    got: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    async def emit(snap) -> None:
+        if not got.done():
+            got.set_result(snap)
+
+    task = asyncio.create_task(src.run(emit))
+    try:
+        return await asyncio.wait_for(got, ETCD_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise MeshdError(f"etcd at {', '.join(urls)} did not answer in {ETCD_TIMEOUT:.0f}s"
+                         f" ({src.last_error or 'no reply'})") from None
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def desired(cfg: Config) -> tuple[dict[str, Group] | None, list[str]]:
+    """(groups, problems). groups is None when a source could not be read."""
+    from meshd import node
+    from meshd.daemon import etcd_hosts
+    from meshd.sources.static import load_services_file
+    services, problems = [], []
+    try:
+        if cfg.services_file is not None:
+            services += load_services_file(Path(cfg.services_file)).services
+        urls: list[str] = []
+        if cfg.etcd is not None:
+            urls = list(cfg.etcd.endpoints) or [cfg.etcd.embedded_client_url]
+            services += asyncio.run(_etcd_once(cfg, urls)).services
+    except MeshdError as e:
+        return None, [f"desired state unknown: {e}"]
+    forbidden = node.local_addresses() | etcd_hosts(urls)
+    groups, _rejected = DesiredState().update(services, cfg.service_cidrs, forbidden)
+    return groups, problems
+
+
+def compare(kernel_groups: list[dict], groups: dict[str, Group]) -> list[dict]:
+    """Adds "desired" and "drift" to each kernel group; appends desired-only groups."""
+    by_name = {g["group"]: g for g in kernel_groups}
+    for key, g in groups.items():
+        want_fe = sorted(str(fe) for fe in g.frontends)
+        want_be = sorted(ref.name for ref, _w in g.backends)
+        k = by_name.get(key)
+        if k is None:
+            kernel_groups.append({"group": key, "frontends": [], "backends": [],
+                                  "state": "missing", "desired": {"frontends": want_fe,
+                                                                  "backends": want_be},
+                                  "drift": ["not in the kernel"]})
+            continue
+        k["desired"] = {"frontends": want_fe, "backends": want_be}
+        drift = []
+        have_be = sorted(b["backend"] for b in k["backends"])
+        if sorted(k["frontends"]) != want_fe:
+            drift.append(f"frontends: kernel {sorted(k['frontends'])}, desired {want_fe}")
+        if have_be != want_be:
+            extra, missing = set(have_be) - set(want_be), set(want_be) - set(have_be)
+            drift.append("backends:" + "".join(f" +{b}" for b in sorted(extra))
+                         + "".join(f" -{b}" for b in sorted(missing))
+                         + " (+ in the kernel only, - desired only)")
+        k["drift"] = drift
+    for k in kernel_groups:
+        if k["group"] not in groups and "desired" not in k:
+            k["desired"] = None
+            k["drift"] = ["not desired: no source has it (stale kernel entry)"]
+    return kernel_groups
