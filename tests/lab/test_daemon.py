@@ -58,10 +58,12 @@ class Daemon:
         tmp.write_text(raw if raw is not None else yaml.safe_dump({"services": list(services)}))
         tmp.replace(self.services_file)
 
-    def start(self) -> None:
+    def start(self, env: dict | None = None) -> None:
+        import os
         with open(self.log, "ab") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "meshd", "run", "--config",
-                                          str(self.config)], stdout=f, stderr=f)
+                                          str(self.config)], stdout=f, stderr=f,
+                                         env=dict(os.environ, **(env or {})))
 
     def stop(self, sig=signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -225,3 +227,31 @@ def test_services_flags_drift_between_kernel_and_sources(lab, daemon):
     daemon.start()  # a daemon converges the kernel: no drift left
     daemon.wait(lambda r: all(not g["drift"] for g in r["services"])
                 and len(r["services"]) == 2, "convergence")
+
+
+def test_systemd_notify_ready_after_first_sync_and_watchdog_pings(lab, daemon, tmp_path):
+    import socket
+    daemon.write(svc(lab, "web", VIP, [1]))
+    path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(path))
+        sock.settimeout(15)
+        daemon.start(env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+        got: list[str] = []
+        while not any("READY=1" in m for m in got) or \
+                sum("WATCHDOG=1" in m for m in got) < 2:
+            got.append(sock.recv(4096).decode())
+        ready = next(m for m in got if "READY=1" in m)
+        assert "STATUS=serving 1 services" in ready
+        # READY came after the first sync: the service was in the kernel by then
+        assert backends_of(daemon.services(), "default/web:http/ipv4") == {
+            f"{lab.backend_addr(1)}:8080/TCP"}
+        assert daemon.stop() == 0
+        sock.settimeout(0.5)
+        after = []
+        try:
+            while True:
+                after.append(sock.recv(4096).decode())
+        except TimeoutError:
+            pass
+        assert any("STOPPING=1" in m for m in after), after
