@@ -255,3 +255,33 @@ def test_systemd_notify_ready_after_first_sync_and_watchdog_pings(lab, daemon, t
         except TimeoutError:
             pass
         assert any("STOPPING=1" in m for m in after), after
+
+
+def test_scraping_the_daemon_agrees_with_what_the_client_measured(lab, daemon):
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    daemon.write(svc(lab, "web", VIP, [1, 2]))
+    daemon.start()
+    daemon.wait(lambda r: r["services"], "first sync")
+    res = reach(lab, count=300)
+    assert res["errors"] == {}
+    listen = yaml.safe_load(daemon.config.read_text())["metrics"]["listen"]
+    body = urllib.request.urlopen(f"http://{listen}/metrics", timeout=5).read().decode()
+    fams = {f.name: f for f in text_string_to_metric_families(body)}
+    svc_labels = {"namespace": "default", "service": "web"}
+
+    def samples(family, suffix, **labels):
+        return [s for s in fams[family].samples if s.name == family + suffix
+                and all(s.labels.get(k) == v for k, v in {**svc_labels, **labels}.items())]
+
+    hist = "meshd_service_connect_latency_seconds"
+    (count,) = samples(hist, "_count")
+    assert count.value == 300  # every connection the client made, no more
+    per_backend = samples("meshd_backend_connect_latency_seconds", "_count")
+    assert sorted(s.value for s in per_backend) == sorted(res["by_backend"].values())
+    # the kernel's median connect latency lies in the same log2 range as the client's own
+    buckets = sorted((float(s.labels["le"]), s.value) for s in samples(hist, "_bucket"))
+    kernel_p50 = next(le for le, c in buckets if c >= 150)
+    client_p50 = res["connect_us"][0] * 1e-6
+    assert client_p50 / 4 <= kernel_p50 <= client_p50 * 4, (kernel_p50, client_p50)
+    assert fams["meshd_sync_lag_seconds"].samples[0].value >= 0
