@@ -1,0 +1,381 @@
+"""etcd records: the key schema, per-record checks and the incremental registry state.
+
+Keys under the prefix (default /meshd/), values JSON:
+    <prefix>services/<namespace>/<name>                   a service record, without `endpoints`
+    <prefix>endpoints/<namespace>/<name>/<endpoint-id>    one endpoint of that service
+
+Owns the checks shared by the watching source (meshd.sources.etcd) and the write side
+(meshd.registry), and RegistryState: the parsed records keyed by etcd key, changed one record
+at a time, with cheap snapshots (only services whose records changed are composed again;
+unchanged Service objects are handed out again, which the daemon relies on to skip them).
+Pure: no I/O, no grpc.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from ipaddress import IPv6Address
+from typing import Any
+
+from meshd.errors import RecordError
+from meshd.model import Endpoint, Service, parse_endpoint, parse_service, show
+
+log = logging.getLogger("meshd.etcd")
+
+MAX_VALUE_BYTES = 256 * 1024  # a record larger than this is rejected (etcd's own limit is 1.5 MiB)
+
+ENDPOINT_ID = re.compile(r"[A-Za-z0-9._-]{1,253}")
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+# ---- key schema ------------------------------------------------------------------------------
+
+
+def service_key(prefix: str, namespace: str, name: str) -> str:
+    return f"{prefix}services/{namespace}/{name}"
+
+
+def endpoints_prefix(prefix: str, namespace: str, name: str) -> str:
+    return f"{prefix}endpoints/{namespace}/{name}/"
+
+
+def endpoint_key(prefix: str, namespace: str, name: str, endpoint_id: str) -> str:
+    return f"{prefix}endpoints/{namespace}/{name}/{endpoint_id}"
+
+
+def key_text(key: bytes) -> str:
+    """An etcd key for messages: UTF-8, undecodable bytes shown as \\xNN."""
+    return key.decode("utf-8", "backslashreplace")
+
+
+def label_problem(what: str, v: str) -> str | None:
+    """Why `v` cannot be a namespace/name (the model's DNS-label rule), or None."""
+    if len(v) <= 63 and _LABEL.fullmatch(v):
+        return None
+    return (f"{what} {show(v)} in the key must be 1-63 lowercase letters, digits or '-', starting "
+            "and ending with a letter or digit")
+
+
+def endpoint_id_problem(v: str) -> str | None:
+    if ENDPOINT_ID.fullmatch(v):
+        return None
+    return f"endpoint id {show(v)} in the key must be 1-253 characters of A-Z a-z 0-9 . _ -"
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    kind: str  # "service" | "endpoint"
+    namespace: str
+    name: str
+    endpoint_id: str | None
+
+    @property
+    def service(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
+    """What a key under `prefix` holds. None: outside the services/ and endpoints/ subtrees (not
+    ours). RecordError: inside them but not of the schema's shape."""
+    pre = prefix.encode()
+    if not key.startswith(pre):
+        return None
+    raw = key[len(pre):]
+    head = raw.split(b"/", 1)[0]
+    if head not in (b"services", b"endpoints"):
+        return None
+    where = key_text(key)
+    try:
+        rest = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(where, f"key is not UTF-8 (bad byte at offset {len(pre) + e.start})") from None
+    parts = rest.split("/")
+    if head == b"services":
+        if len(parts) != 3 or not all(parts):
+            raise RecordError(where, f"malformed key: a service lives at {prefix}services/<namespace>/<name>")
+        problems = [p for p in (label_problem("namespace", parts[1]), label_problem("name", parts[2])) if p]
+        if problems:
+            raise RecordError(where, "; ".join(problems))
+        return KeyInfo("service", parts[1], parts[2], None)
+    if len(parts) != 4 or not all(parts):
+        raise RecordError(where, f"malformed key: an endpoint lives at "
+                          f"{prefix}endpoints/<namespace>/<name>/<endpoint-id>")
+    problems = [p for p in (label_problem("namespace", parts[1]), label_problem("name", parts[2]),
+                            endpoint_id_problem(parts[3])) if p]
+    if problems:
+        raise RecordError(where, "; ".join(problems))
+    return KeyInfo("endpoint", parts[1], parts[2], parts[3])
+
+
+# ---- values ----------------------------------------------------------------------------------
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_keys)
+_JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true/false",
+               type(None): "null"}
+
+
+def decode_value(where: str, value: bytes) -> dict[str, Any]:
+    """A record's bytes -> its JSON object; RecordError(where, reason) otherwise."""
+    if len(value) > MAX_VALUE_BYTES:
+        raise RecordError(where, f"value is {len(value)} bytes; a record may be at most {MAX_VALUE_BYTES}")
+    if not value.strip():
+        raise RecordError(where, "value is empty; expected a JSON object")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(where, f"value is not UTF-8 text (bad byte at offset {e.start})") from None
+    try:
+        data = _DECODER.decode(text)
+    except _DuplicateKey as e:
+        raise RecordError(where, f"value is not valid JSON: key {show(e.args[0])} appears twice") from None
+    except json.JSONDecodeError as e:
+        raise RecordError(where, f"value is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") \
+            from None
+    except RecursionError:
+        raise RecordError(where, "value is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more digits than Python converts
+        raise RecordError(where, f"value is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise RecordError(where, f"value must be a JSON object (got {_JSON_TYPES.get(type(data), 'JSON')})")
+    return data
+
+
+def endpoints_in_service_reason(prefix: str, namespace: str, name: str) -> str:
+    return (f"'endpoints' is not allowed in a service record in etcd: each endpoint is its own key, "
+            f"{endpoints_prefix(prefix, namespace, name)}<endpoint-id>")
+
+
+def parse_service_value(prefix: str, info: KeyInfo, where: str, value: bytes) -> Service:
+    """Validate the value of <prefix>services/<ns>/<name>; RecordError(where, reason) if bad."""
+    data = decode_value(where, value)
+    if "endpoints" in data:
+        raise RecordError(where, endpoints_in_service_reason(prefix, info.namespace, info.name))
+    svc = parse_service(data, where)
+    if (svc.namespace, svc.name) != (info.namespace, info.name):
+        raise RecordError(where, f"the key names service {info.service} but the record says "
+                          f"{svc.namespace}/{svc.name}; they must match")
+    return svc
+
+
+def parse_endpoint_value(where: str, value: bytes) -> Endpoint:
+    return parse_endpoint(decode_value(where, value), where)
+
+
+def check_record(prefix: str, key: bytes, value: bytes) -> tuple[KeyInfo, Service | Endpoint] | None:
+    """Classify and validate one key/value on its own. None: not a meshd key. RecordError if bad.
+    Never raises anything else (whatever the bytes)."""
+    try:
+        info = classify_key(prefix, key)
+        if info is None:
+            return None
+        where = key_text(key)
+        if info.kind == "service":
+            return info, parse_service_value(prefix, info, where, value)
+        return info, parse_endpoint_value(where, value)
+    except RecordError:
+        raise
+    except Exception as e:  # a bug or a pathological input: the record is skipped, not the source
+        log.debug("etcd: unexpected error reading %s", key_text(key), exc_info=True)
+        raise RecordError(key_text(key), f"could not be read ({type(e).__name__}: {e})") from None
+
+
+def _hostport(ep: Endpoint, port: int) -> str:
+    return f"[{ep.address}]:{port}" if isinstance(ep.address, IPv6Address) else f"{ep.address}:{port}"
+
+
+# ---- state -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RegistrySnapshot:
+    services: tuple[Service, ...]  # sorted by namespace/name; endpoints composed in, sorted by endpoint-id
+    errors: tuple[RecordError, ...]  # sorted by etcd key
+    revision: int  # etcd revision this snapshot reflects
+    orphan_endpoints: int  # valid endpoint records with no valid service record
+
+
+class RegistryState:
+    """The records under one prefix, parsed, keyed by etcd key. put/delete change one record and
+    re-validate only it; snapshot() composes only the services whose records changed since the
+    last snapshot, so a one-endpoint change costs the same with 10 or 10,000 services."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self._raw: dict[bytes, bytes] = {}  # every key of the two subtrees -> its value
+        self._where: dict[bytes, KeyInfo] = {}  # valid records -> where they belong
+        self._errors: dict[bytes, RecordError] = {}  # records that failed on their own
+        self._services: dict[str, Service] = {}  # "ns/name" -> valid service record (no endpoints)
+        self._endpoints: dict[str, dict[str, tuple[str, Endpoint]]] = {}  # "ns/name" -> id -> (key, ep)
+        # composed output, kept between snapshots
+        self._composed: dict[str, Service] = {}
+        self._compose_errors: dict[str, tuple[RecordError, ...]] = {}
+        self._orphans: dict[str, int] = {}
+        self._dirty: set[str] = set()
+        self._order: list[str] = []
+        self._index: dict[str, int] = {}
+        self._slots: list[Service] = []
+        self._order_stale = True
+        self._patched: set[str] = set()
+        self._services_out: tuple[Service, ...] = ()
+        self._errors_out: tuple[RecordError, ...] | None = ()
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    # -- changes --
+    def put(self, key: bytes, value: bytes) -> bool:
+        """Apply a put; False if nothing changed (same value, or a key that is not ours)."""
+        if self._raw.get(key) == value:
+            return False
+        try:
+            checked = check_record(self.prefix, key, value)
+        except RecordError as e:
+            self._forget(key)
+            self._raw[key] = value
+            self._errors[key] = e
+            self._errors_out = None
+            return True
+        if checked is None:
+            log.debug("etcd: ignoring %s: not under %sservices/ or %sendpoints/", key_text(key),
+                      self.prefix, self.prefix)
+            return False
+        self._forget(key)
+        self._raw[key] = value
+        info, record = checked
+        self._where[key] = info
+        skey = info.service
+        if info.kind == "service":
+            assert isinstance(record, Service)
+            self._services[skey] = record
+        else:
+            assert isinstance(record, Endpoint) and info.endpoint_id is not None
+            self._endpoints.setdefault(skey, {})[info.endpoint_id] = (key_text(key), record)
+        self._dirty.add(skey)
+        return True
+
+    def delete(self, key: bytes) -> bool:
+        if key not in self._raw:
+            return False
+        self._forget(key)
+        del self._raw[key]
+        return True
+
+    def replace(self, items: Iterable[tuple[bytes, bytes]]) -> None:
+        """Converge to exactly these key/values (a full list): keys not listed are deleted,
+        unchanged values are not parsed again."""
+        for _ in self.replace_steps(items, step=0):
+            pass
+
+    def replace_steps(self, items: Iterable[tuple[bytes, bytes]], step: int = 2000) -> Iterable[None]:
+        """replace() in slices of `step` records (yields between them, so a caller on an event loop
+        can let other tasks run; step=0: no pauses). Do not snapshot until it is exhausted."""
+        new = dict(items)
+        n = 0
+        for key in [k for k in self._raw if k not in new]:
+            self.delete(key)
+        for key, value in new.items():
+            self.put(key, value)
+            n += 1
+            if step and n % step == 0:
+                yield
+
+    def _forget(self, key: bytes) -> None:
+        """Remove what the key's previous value contributed."""
+        if self._errors.pop(key, None) is not None:
+            self._errors_out = None
+        info = self._where.pop(key, None)
+        if info is None:
+            return
+        skey = info.service
+        if info.kind == "service":
+            self._services.pop(skey, None)
+        else:
+            eps = self._endpoints.get(skey)
+            if eps is not None:
+                eps.pop(info.endpoint_id or "", None)
+                if not eps:
+                    del self._endpoints[skey]
+        self._dirty.add(skey)
+
+    # -- output --
+    def _compose(self, skey: str) -> None:
+        svc = self._services.get(skey)
+        eps = self._endpoints.get(skey, {})
+        if self._compose_errors.pop(skey, None):
+            self._errors_out = None
+        if svc is None:
+            if self._composed.pop(skey, None) is not None:
+                self._order_stale = True
+            if eps:
+                self._orphans[skey] = len(eps)
+            else:
+                self._orphans.pop(skey, None)
+            return
+        self._orphans.pop(skey, None)
+        known = {p.name for p in svc.ports}
+        backends: dict[tuple[str, object, int], str] = {}
+        kept: list[Endpoint] = []
+        problems: list[RecordError] = []
+        for eid in sorted(eps):
+            where, ep = eps[eid]
+            unknown = sorted(p for p in ep.ports if p not in known)
+            if unknown:
+                problems.append(RecordError(where, f"ports: unknown port name {show(unknown[0])} "
+                                            f"(service {skey} has ports: {', '.join(sorted(known))})"))
+                continue
+            dup = next(((p, n) for p, n in ep.ports.items() if (p, ep.address, n) in backends), None)
+            if dup is not None:
+                p, n = dup
+                problems.append(RecordError(where, f"{_hostport(ep, n)} for port {p!r} duplicates "
+                                            f"endpoint {backends[(p, ep.address, n)]} of service {skey}"))
+                continue
+            for p, n in ep.ports.items():
+                backends[(p, ep.address, n)] = eid
+            kept.append(ep)
+        if problems:
+            self._compose_errors[skey] = tuple(problems)
+            self._errors_out = None
+        composed = svc.model_copy(update={"endpoints": tuple(kept)})
+        if skey not in self._composed:
+            self._order_stale = True
+        self._composed[skey] = composed
+        self._patched.add(skey)
+
+    def snapshot(self, revision: int) -> RegistrySnapshot:
+        for skey in self._dirty:
+            self._compose(skey)
+        self._dirty.clear()
+        if self._order_stale:
+            self._order = sorted(self._composed)
+            self._index = {k: i for i, k in enumerate(self._order)}
+            self._slots = [self._composed[k] for k in self._order]
+            self._services_out = tuple(self._slots)
+            self._order_stale = False
+        elif self._patched:
+            for skey in self._patched:
+                self._slots[self._index[skey]] = self._composed[skey]
+            self._services_out = tuple(self._slots)
+        self._patched.clear()
+        if self._errors_out is None:
+            errs = list(self._errors.values())
+            for group in self._compose_errors.values():
+                errs.extend(group)
+            errs.sort(key=lambda e: e.where)
+            self._errors_out = tuple(errs)
+        return RegistrySnapshot(services=self._services_out, errors=self._errors_out, revision=revision,
+                                orphan_endpoints=sum(self._orphans.values()))
