@@ -73,6 +73,9 @@ def _text(v: str) -> str:
     return v
 
 
+_BROADCAST = IPv4Address("255.255.255.255")
+
+
 def _ip(v: object) -> IPAddress:
     if isinstance(v, (IPv4Address, IPv6Address)):
         addr = v
@@ -88,7 +91,7 @@ def _ip(v: object) -> IPAddress:
     if isinstance(addr, IPv6Address) and addr.ipv4_mapped:
         raise _fail("ip", "IPv4-mapped address; write it as {v4} (got {got})",
                     v4=addr.ipv4_mapped, got=show(v))
-    if addr.is_unspecified or addr.is_multicast or addr == IPv4Address("255.255.255.255"):
+    if addr.is_unspecified or addr.is_multicast or addr == _BROADCAST:
         raise _fail("ip", "must be a unicast address, not unspecified, multicast or broadcast "
                     "(got {got})", got=str(addr))
     return addr
