@@ -36,6 +36,7 @@ log = logging.getLogger("meshd.daemon")
 
 FILE_POLL_SECONDS = 1.0
 ADDRESS_POLL_SECONDS = 10.0
+ETCD_MONITOR_SECONDS = 1.0
 GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards  # how often the node's own addresses are re-read
 READY_GRACE_SECONDS = 20.0  # READY anyway (serving the pinned state) if a source stays down
 # Settings fixed for the life of the pinned data plane; a reload that changes them is refused.
@@ -264,7 +265,26 @@ class Daemon:
         async def emit(snap) -> None:
             self._publish("etcd", snap.services, snap.errors)
 
-        await src.run(emit)
+        async def monitor() -> None:
+            """Shows a lost etcd in the status (and `meshd services`): the kernel keeps its
+            state meanwhile, but an operator must see that it is not being updated."""
+            while True:
+                await asyncio.sleep(ETCD_MONITOR_SECONDS)
+                st = self.sources["etcd"]
+                err = None if src.connected else f"not connected ({src.last_error or 'connecting'})"
+                if err != st.error:
+                    if err:
+                        log.warning("etcd: %s; serving the last synced state", err)
+                    else:
+                        log.info("etcd: connected again")
+                    st.error = err
+                    self._write_status()
+
+        mon = asyncio.create_task(monitor(), name="etcd-monitor")
+        try:
+            await src.run(emit)
+        finally:
+            mon.cancel()
 
     # ---- one full sync ------------------------------------------------------------------
     async def _sync_loop(self) -> None:

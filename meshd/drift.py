@@ -14,7 +14,6 @@ from meshd.config import Config
 from meshd.desired import DesiredState, Group
 from meshd.errors import MeshdError
 
-ETCD_TIMEOUT = 5.0
 
 
 async def _etcd_once(cfg: Config, urls: list[str]):
@@ -27,10 +26,11 @@ async def _etcd_once(cfg: Config, urls: list[str]):
             got.set_result(snap)
 
     task = asyncio.create_task(src.run(emit))
+    timeout = cfg.etcd.dial_timeout
     try:
-        return await asyncio.wait_for(got, ETCD_TIMEOUT)
+        return await asyncio.wait_for(got, timeout)
     except asyncio.TimeoutError:
-        raise MeshdError(f"etcd at {', '.join(urls)} did not answer in {ETCD_TIMEOUT:.0f}s"
+        raise MeshdError(f"etcd at {', '.join(urls)} did not answer in {timeout:g}s"
                          f" ({src.last_error or 'no reply'})") from None
     finally:
         task.cancel()

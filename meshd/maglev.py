@@ -61,7 +61,7 @@ from numbers import Integral
 
 import numpy as np
 
-__all__ = ["build_table", "changed_slots", "is_prime", "next_prime"]
+__all__ = ["build_table", "build_tables", "changed_slots", "is_prime", "next_prime"]
 
 # Looks per batch, as a multiple of m, but at least _MIN_LOOKS. Any value gives the same
 # table; these keep the batch count low without large temporary arrays (small tables are
@@ -210,6 +210,62 @@ def build_table(backends: Sequence[tuple[str, int]], m: int) -> np.ndarray:
         held += np.bincount(who[wins], minlength=n)
         free -= int(wins.sum())
     return table
+
+
+def build_tables(groups: Sequence[Sequence[tuple[str, int]]], m: int) -> list[np.ndarray]:
+    """``[build_table(g, m) for g in groups]``, computed in one vectorised pass.
+
+    Tables are independent and the result does not depend on how the time axis is cut into
+    batches, so many tables run through the same batches as one problem whose slots are
+    (table, slot) pairs. At 10,000 services the per-call numpy overhead of separate builds
+    dominates a cold sync; this removes it. Same validation and errors as build_table.
+    """
+    if not groups:
+        return []
+    ordered = [_checked(g, m) for g in groups]
+    m = int(m)
+    sizes = np.array([len(o) for o in ordered], dtype=np.int64)
+    t_count = len(ordered)
+    n = int(sizes.sum())
+    base = np.cumsum(sizes) - sizes  # first global backend index of each table
+    table_of = np.repeat(np.arange(t_count), sizes)
+    names = [name for o in ordered for name, _ in o]
+    offset = np.array([_hash(x, b"maglev-offset") % m for x in names], dtype=np.int64)
+    skip = np.array([_hash(x, b"maglev-skip") % (m - 1) + 1 for x in names], dtype=np.int64)
+    weight = np.array([w for o in ordered for _, w in o], dtype=np.float64)
+    quota = np.concatenate([_quotas([w for _, w in o], m) for o in ordered])
+    clock = _clock(m)
+
+    table = np.zeros(t_count * m, dtype=np.uint32)
+    claimed = np.zeros(t_count * m, dtype=bool)
+    held = np.zeros(n, dtype=np.int64)
+    pointer = np.zeros(n, dtype=np.int64)
+    horizon = 0.0
+    free = t_count * m
+    step = max(_BATCH * m, _MIN_LOOKS) * t_count  # looks per batch, over all tables
+    while free:
+        active = np.flatnonzero(held < quota)
+        w, p = weight[active], pointer[active]
+        looks_per_time = float((w * (m - p)).sum())
+        horizon = max(horizon + step / looks_per_time, float((clock[p] / w).min()))
+        count = np.maximum(np.minimum(np.searchsorted(clock, horizon * w, side="right") + 2, m) - p, 0)
+        row = np.repeat(np.arange(active.size), count)
+        pos = p[row] + np.arange(row.size) - np.repeat(np.cumsum(count) - count, count)
+        look_time = clock[pos] / w[row]
+        in_batch = look_time <= horizon
+        pointer[active] += np.bincount(row, weights=in_batch, minlength=active.size).astype(np.int64)
+        who = active[row]
+        slot = table_of[who] * m + (offset[who] + pos * skip[who]) % m
+        keep = in_batch & ~claimed[slot]
+        # within a table, global backend order is name order, as in build_table
+        order = np.flatnonzero(keep)[np.lexsort((who[keep], look_time[keep]))]
+        who, slot = who[order], slot[order]
+        wins = _claims(who, slot, quota - held)
+        table[slot[wins]] = who[wins] - base[table_of[who[wins]]]
+        claimed[slot[wins]] = True
+        held += np.bincount(who[wins], minlength=n)
+        free -= int(wins.sum())
+    return [table[i * m:(i + 1) * m].copy() for i in range(t_count)]
 
 
 def changed_slots(old: np.ndarray, new: np.ndarray) -> np.ndarray:

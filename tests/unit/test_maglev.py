@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meshd.maglev import build_table, changed_slots, is_prime, next_prime
+from meshd.maglev import build_table, build_tables, changed_slots, is_prime, next_prime
 
 FAST = settings(max_examples=40, deadline=None, derandomize=True)
 
@@ -185,3 +185,21 @@ def test_changed_slots() -> None:
     assert changed_slots(old, old).size == 0
     with pytest.raises(ValueError):
         changed_slots(old, new[:3])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 400), st.integers(1, 5)), min_size=1,
+                         max_size=25, unique_by=lambda t: t[0]), min_size=1, max_size=10),
+       st.sampled_from([251, 1021, 4093]))
+def test_build_tables_equals_one_build_per_table(groups, m):
+    named = [[(f"10.0.{i // 250}.{i % 250}:80/TCP", w) for i, w in g] for g in groups]
+    together = build_tables(named, m)
+    assert len(together) == len(named)
+    for g, table in zip(named, together):
+        assert np.array_equal(table, build_table(g, m))
+
+
+def test_build_tables_validates_every_group():
+    with pytest.raises(ValueError, match="duplicate backend name"):
+        build_tables([[("a", 1)], [("b", 1), ("b", 2)]], 251)
+    assert build_tables([], 251) == []
