@@ -165,8 +165,11 @@ class Daemon:
             await asyncio.wait_for(self._ready.wait(), READY_GRACE_SECONDS)
         except asyncio.TimeoutError:
             down = [n for n, s in self.sources.items() if not s.synced]
-            log.warning("sources not synced after %.0fs (%s): ready anyway, serving the "
-                        "pinned kernel state", READY_GRACE_SECONDS, ", ".join(down))
+            if down:  # a source is unreachable: serve what the kernel holds, say so
+                log.warning("sources not synced after %.0fs (%s): ready anyway, serving the "
+                            "pinned kernel state", READY_GRACE_SECONDS, ", ".join(down))
+            else:  # every source answered; the first sync is still writing: wait for it
+                await self._ready.wait()
         sdnotify.notify(f"READY=1\nSTATUS=serving {self.state.services} services")
         log.info("ready: %d services", self.state.services)
 
