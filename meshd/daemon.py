@@ -37,6 +37,7 @@ log = logging.getLogger("meshd.daemon")
 FILE_POLL_SECONDS = 1.0
 ADDRESS_POLL_SECONDS = 10.0
 ETCD_MONITOR_SECONDS = 1.0
+PRUNE_DELAY_SECONDS = 2.0
 GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards  # how often the node's own addresses are re-read
 READY_GRACE_SECONDS = 20.0  # READY anyway (serving the pinned state) if a source stays down
 # Settings fixed for the life of the pinned data plane; a reload that changes them is refused.
@@ -96,6 +97,7 @@ class Daemon:
         self._warned_affinity: set[str] = set()
         self._dirty_since: float | None = None  # first change not yet in the kernel
         self._max_entries: dict[str, int] = {}
+        self._prune_due = asyncio.Event()
         from meshd.metrics import ControlPlaneStats
         self.control = ControlPlaneStats()
 
@@ -126,6 +128,7 @@ class Daemon:
                 log.warning("no source configured (services_file, etcd): serving nothing")
             tasks.append(asyncio.create_task(self._sync_loop(), name="sync"))
             tasks.append(asyncio.create_task(self._watch_addresses(), name="addresses"))
+            tasks.append(asyncio.create_task(self._prune_loop(), name="prune"))
             tasks.append(asyncio.create_task(self._ready_when_synced(), name="ready"))
             wd = sdnotify.watchdog_interval()
             if wd:
@@ -339,7 +342,7 @@ class Daemon:
                                  lag_seconds=lag)
         self._record_fill()
         if report.ops.get("delete_name") or report.ops.get("delete_backend"):
-            await asyncio.to_thread(self._prune_stats)  # ids are reused: drop their counters
+            self._prune_due.set()  # ids are reused: their counters go, off the sync path
         if report.groups_changed > GC_FREEZE_AFTER:
             # Move the (now long-lived) registry model out of the collector's view: otherwise
             # every full collection walks 10^5-10^6 objects and stalls a sync by ~50-100 ms.
@@ -367,14 +370,25 @@ class Daemon:
         for name, n in used.items():
             self.control.set_map_fill(name, n, self._max_entries[name])
 
-    def _prune_stats(self) -> None:
+    async def _prune_loop(self) -> None:
+        """Drops the counters of removed groups/backends, at most every PRUNE_DELAY seconds,
+        so bursts of removals cost one pass and never delay a sync."""
+        while True:
+            await self._prune_due.wait()
+            await asyncio.sleep(PRUNE_DELAY_SECONDS)
+            self._prune_due.clear()
+            rec = self.reconciler
+            groups = {g.gid for g in rec.groups.values()}
+            backends = set(rec.backend_ids.values())
+            try:
+                await asyncio.to_thread(self._prune_stats, groups, backends)
+            except MeshdError as e:
+                log.warning("metrics counters of removed services not pruned: %s", e)
+
+    def _prune_stats(self, groups: set[int], backends: set[int]) -> None:
+        mm = loader.open_metrics(self.cfg.bpffs, self.cfg.instance)
         try:
-            mm = loader.open_metrics(self.cfg.bpffs, self.cfg.instance)
-        except MeshdError as e:
-            log.debug("metrics maps not pruned: %s", e)
-            return
-        try:
-            mm.prune()
+            mm.prune(groups, backends)
         finally:
             mm.close()
 

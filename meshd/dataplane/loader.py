@@ -145,12 +145,16 @@ class MetricsMaps:
     def stats_capacity(self) -> int:
         return bpf.map_info(self.stats.fd, self.stats.name).max_entries
 
-    def prune(self) -> int:
+    def prune(self, groups: set[int] | None = None, backends: set[int] | None = None) -> int:
         """Deletes the counters of groups and backends that no longer exist, so an id the
-        reconciler reuses starts from zero. Call after a sync that removed any. Returns how
-        many (group, backend) pairs were dropped."""
-        groups = {k.value for k in self.names.keys()}
-        backends = {k.value for k in self.backends.keys()}
+        reconciler reuses starts from zero. Call after a sync that removed any. `groups` and
+        `backends` are the live ids if the caller knows them (the daemon does: no scan of the
+        names and backends maps, which hold 10^5 entries at scale). Returns how many
+        (group, backend) pairs were dropped."""
+        if groups is None:
+            groups = {k.value for k in self.names.keys()}
+        if backends is None:
+            backends = {k.value for k in self.backends.keys()}
         dropped = 0
         for key in list(self.stats.keys()):
             if key.group not in groups or (key.backend and key.backend not in backends):
