@@ -348,6 +348,8 @@ class Daemon:
             # every full collection walks 10^5-10^6 objects and stalls a sync by ~50-100 ms.
             gc.collect()
             gc.freeze()
+            from meshd.dataplane.libbpf import release_free_memory
+            release_free_memory()
         if report.removed:
             try:
                 await asyncio.to_thread(sockdestroy.destroy_udp, self.maps.pin_dir,
