@@ -323,7 +323,9 @@ def explain_errors(exc: ValidationError, root: type[BaseModel],
         if err["type"] == "invalid_key":
             out.append((loc[:-1], f"key {show(loc[-1])}: keys must be strings"))
             continue
-        if loc[-1:] == ("[key]",):  # a bad dict key: name the key, not a path through it
+        # a bad dict key: name the key, not a path through it (a record may also have a
+        # literal "[key]" key: that is an unknown key, reported as such below)
+        if len(loc) >= 2 and loc[-1] == "[key]" and err["type"] != "extra_forbidden":
             out.append((loc[:-2], f"key {show(loc[-2])}: {_message(err, root, True)}"))
             continue
         out.append((loc, _message(err, root, any(p in secret_keys for p in loc))))

@@ -251,3 +251,9 @@ def test_same_key_from_two_sources() -> None:
 def test_ipv6_frontend_collision_message() -> None:
     _, errors = check_services([svc("a", ["fd00:96::1"], 53, "UDP"), svc("b", ["fd00:96::1"], 53, "UDP")], CIDRS)
     assert errors[0].reason == "frontend [fd00:96::1]:53/UDP already used by service shop/a"
+
+
+def test_a_literal_bracket_key_is_reported_not_crashed_on() -> None:
+    """Found by the junk-record property: a record with a key spelled "[key]"."""
+    with pytest.raises(RecordError, match=r"\['\[key\]'\]: unknown key"):
+        parse_service({"[key]": None}, "x")
