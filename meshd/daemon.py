@@ -321,12 +321,16 @@ class Daemon:
             if (e.where, e.reason) not in self._logged_rejects:
                 log.warning("record skipped: %s: %s", e.where, e.reason)
         self._logged_rejects = new_rejects
-        for s in services:
-            if s.session_affinity == "ClientIP" and s.key not in self._warned_affinity:
+        for key in self.desired.changed_services:
+            s = self.desired.service(key)
+            if s is not None and s.session_affinity == "ClientIP" and \
+                    s.key not in self._warned_affinity:
                 log.warning("%s: session_affinity ClientIP is not enforced yet; each socket "
                             "is balanced on its own", s.key)
                 self._warned_affinity.add(s.key)
-        report = await asyncio.to_thread(self.reconciler.apply, groups)
+        hint = self.desired.changed_groups
+        report = await asyncio.to_thread(self.reconciler.apply, groups,
+                                         None if hint is None else set(hint))
         ms = (time.perf_counter() - t0) * 1e3
         ops = sum(report.ops.values())
         n_services = len(services) - len(bad)

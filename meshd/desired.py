@@ -90,12 +90,18 @@ class DesiredState:
         self._forbidden: frozenset = frozenset()
         self._svc: dict[str, Service] = {}  # key -> the service in use
         self._key_of: dict[int, str] = {}  # id(service in _svc) -> its key
+        # group keys the last update touched; None = unknown (after a reset): compare all
+        self.changed_groups: set[str] | None = set()
+        self.changed_services: set[str] = set()  # service keys it re-validated
         self._claims: dict[Frontend, set[str]] = {}  # frontend -> service keys claiming it
         self._kept: set[str] = set()
         self._errors: dict[str, RecordError] = {}  # service key -> why it was rejected
         self._conflicts: list[RecordError] = []
         self._groups_of: dict[str, dict[str, Group]] = {}  # service key -> its groups
         self.groups: dict[str, Group] = {}
+
+    def service(self, key: str) -> Service | None:
+        return self._svc.get(key)
 
     @staticmethod
     def _frontends(svc: Service) -> set[Frontend]:
@@ -106,18 +112,21 @@ class DesiredState:
         from meshd.errors import RecordError
         from meshd.model import check_services
         cidrs, forbidden = tuple(cidrs), frozenset(forbidden)
-        if (cidrs, forbidden) != (self._cidrs, self._forbidden):
+        reset = (cidrs, forbidden) != (self._cidrs, self._forbidden)
+        if reset:
             self.__init__()  # validation inputs changed: start over
             self._cidrs, self._forbidden = cidrs, forbidden
         # The key of a service object we saw before, by identity: `Service.key` builds a
         # string each time, and this loop runs over every service on every sync.
-        key_of = self._key_of
+        key_of, svc_now = self._key_of, self._svc
         current: dict[str, Service] = {}
         dups: dict[str, list[Service]] = {}
+        changed: set[str] = set()
         for s in services:
             key = key_of.get(id(s))
-            if key is None or self._svc.get(key) is not s:
+            if key is None or svc_now.get(key) is not s:
                 key = s.key
+                changed.add(key)  # new or replaced (a duplicate is re-checked below)
             if key in current:
                 dups.setdefault(key, [current[key]]).append(s)
             else:
@@ -131,9 +140,15 @@ class DesiredState:
             self._conflicts += [RecordError(key, "conflicting definitions from more than one "
                                             "source; another definition was kept")
                                 for s in lst[1:] if s != lst[0]]
-        changed = {k for k, s in current.items() if self._svc.get(k) is not s}
-        changed |= self._svc.keys() - current.keys()
+        changed = {k for k in changed if svc_now.get(k) is not current.get(k)}
+        added = sum(1 for k in changed if k not in svc_now)
+        if len(current) - added < len(svc_now):  # some key is gone: only then scan for it
+            changed |= svc_now.keys() - current.keys()
+        self.changed_groups = set()
+        self.changed_services = set()
         if not changed:
+            if reset:
+                self.changed_groups = None
             return self.groups, list(self._errors.values()) + self._conflicts
         for key in changed:
             old, new = self._svc.get(key), current.get(key)
@@ -145,6 +160,7 @@ class DesiredState:
             for fe in self._frontends(new) if new is not None else ():
                 self._claims.setdefault(fe, set()).add(key)
         affected = self._closure(changed, current)
+        self.changed_services = affected
         self._svc = current
         if len(changed) > 64 or len(self._key_of) > 2 * len(current) + 64:
             self._key_of = {id(s): k for k, s in current.items()}
@@ -153,6 +169,8 @@ class DesiredState:
                 if k in current:
                     self._key_of[id(current[k])] = k
         self._revalidate(affected, check_services)
+        if reset:
+            self.changed_groups = None  # unknown: groups from before the reset may be gone
         return self.groups, list(self._errors.values()) + self._conflicts
 
     def _closure(self, changed: set[str], current: dict[str, Service]) -> set[str]:
@@ -177,6 +195,7 @@ class DesiredState:
             self._errors.pop(key, None)
             for gk in self._groups_of.pop(key, {}):
                 self.groups.pop(gk, None)
+                self.changed_groups.add(gk)
             self._kept.discard(key)
         for e in errors:
             self._errors[e.where] = e
@@ -184,5 +203,6 @@ class DesiredState:
             groups = desired_groups([s])
             self._groups_of[s.key] = groups
             self.groups.update(groups)
+            self.changed_groups.update(groups)
             self._kept.add(s.key)
         assert kept_keys <= self._kept

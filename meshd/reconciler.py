@@ -128,10 +128,14 @@ class Reconciler:
         self._full = self._scan_all = True
 
     # ---- the one entry point ------------------------------------------------------------
-    def apply(self, desired: dict[str, Group]) -> Report:
+    def apply(self, desired: dict[str, Group], hint: set[str] | None = None) -> Report:
+        """`hint`: the group keys that may differ from the last apply (DesiredState knows);
+        without it every group is compared by identity (O(groups))."""
         rep = Report()
         if self._full:
             changed = set(desired) | set(self.groups)
+        elif hint is not None:
+            changed = {k for k in hint if self._last.get(k) is not desired.get(k)}
         else:
             changed = {k for k, g in desired.items() if self._last.get(k) is not g}
             changed |= self._last.keys() - desired.keys()
@@ -144,7 +148,14 @@ class Reconciler:
         self._write_frontends(desired, changed, ok, rep)
         self._remove_groups(desired, changed, ok, rep)
         self._collect_backends(rep)
-        self._last = dict(desired)
+        if hint is not None and not self._full:
+            for k in changed:  # keep _last equal to desired without copying 10^4 entries
+                if k in desired:
+                    self._last[k] = desired[k]
+                else:
+                    self._last.pop(k, None)
+        else:
+            self._last = dict(desired)
         self._retry = {k for k in rep.errors if k in desired or k in self.groups}
         self._full = False
         self.errors = dict(rep.errors)

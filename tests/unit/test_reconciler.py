@@ -295,12 +295,15 @@ def test_incremental_path_equals_full_path(states):
     cidrs = [ipa.ip_network("10.96.0.0/12")]
     k, ds = FakeKernel(), DesiredState()
     r = Reconciler(k)
-    for services in states:
-        groups, _errors = ds.update(services, cidrs, set())
-        assert not r.apply(groups).errors
+    for i, services in enumerate(states):
+        # every other step, the cidrs change: DesiredState starts over (hint unknown)
+        c = cidrs if i % 2 == 0 else cidrs + [ipa.ip_network("10.0.0.0/8")]
+        groups, _errors = ds.update(services, c, set())
+        hint = ds.changed_groups
+        assert not r.apply(groups, None if hint is None else set(hint)).errors
         k2 = FakeKernel()
         Reconciler(k2).apply(dict(groups))
         assert k.serving() == k2.serving()
         assert {b.name for b in k.backends.values()} == {b.name for b in k2.backends.values()}
-        again = r.apply(ds.update(services, cidrs, set())[0])
+        again = r.apply(ds.update(services, c, set())[0], set(ds.changed_groups))
         assert sum(again.ops.values()) == 0 and again.groups_changed == 0
