@@ -314,7 +314,9 @@ class Daemon:
             self._local = await asyncio.to_thread(node.local_addresses)
         forbidden = self._local | etcd_hosts(self.etcd_urls)
         t0 = time.perf_counter()
+        waited = time.monotonic() - self._dirty_since if self._dirty_since is not None else 0.0
         groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden)
+        t_valid = time.perf_counter()
         rejected += bad
         new_rejects = {(e.where, e.reason) for e in rejected}
         for e in rejected:
@@ -333,6 +335,11 @@ class Daemon:
                                          None if hint is None else set(hint))
         ms = (time.perf_counter() - t0) * 1e3
         ops = sum(report.ops.values())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("sync stages: change->sync start %.1f ms, validate %.1f ms, %s, total "
+                      "apply %.1f ms", waited * 1e3, (t_valid - t0) * 1e3,
+                      ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in report.timings.items()),
+                      (time.perf_counter() - t_valid) * 1e3)
         n_services = len(services) - len(bad)
         log.log(logging.INFO if ops or report.errors else logging.DEBUG,
                 "sync: %d services, %d rejected, %d groups changed, %d map ops in %.1f ms%s",

@@ -18,6 +18,7 @@ on the next apply. Errors never reach the sources.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -72,6 +73,7 @@ class Report:
     # through them (UDP) may be destroyed by the caller
     removed: set[tuple[Frontend, BackendRef]] = field(default_factory=set)
     groups_changed: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (debug log)
 
 
 class _Ids:
@@ -168,7 +170,8 @@ class Reconciler:
     def _add_backends(self, desired, changed, rep: Report) -> set[BackendRef]:
         failed: set[BackendRef] = set()
         needed = {ref for k in changed if k in desired for ref, _w in desired[k].backends}
-        for ref in sorted(needed - self.backend_ids.keys(), key=lambda r: r.name):
+        # (a comprehension, not `needed - backend_ids.keys()`: that copies every backend)
+        for ref in sorted((r for r in needed if r not in self.backend_ids), key=lambda r: r.name):
             bid = self._bids.take()
             try:
                 self._op(rep, "put_backend", self.dp.put_backend, bid, ref)
@@ -222,6 +225,7 @@ class Reconciler:
             self._set_backends(cur, g.backends)
             ok[key] = g
         pending: dict[str, tuple[int, np.ndarray]] = {}
+        t0 = time.perf_counter()
         for start in range(0, len(need), TABLE_BUILD_BATCH):
             keys = need[start:start + TABLE_BUILD_BATCH]
             try:
@@ -244,8 +248,12 @@ class Reconciler:
                     ok[key] = g
                 else:
                     pending[key] = (cur.gid, table)
+        if need:
+            rep.timings["build_tables"] = time.perf_counter() - t0
         if pending:
+            t0 = time.perf_counter()
             failed = self.dp.put_tables(list(pending.values()))
+            rep.timings["put_tables"] = time.perf_counter() - t0
             if len(pending) > len(failed):
                 rep.ops["put_table"] += len(pending) - len(failed)
             for key, (gid, _t) in pending.items():
