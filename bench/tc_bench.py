@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""tc (per-packet) LB benchmark: meshd's tc path vs plain routing vs kube-proxy-shaped
+iptables DNAT, through one routing node, in one run, as ratios. Bounded: every measurement
+runs --seconds; rounds are interleaved so drift hits every path alike.
+
+  sudo .venv/bin/python bench/tc_bench.py [--services 1,10000] [--seconds 1] [--rounds 10]
+
+Topology (fresh per size; namespaces "mtb<hex>-*", removed at the end, also on failure):
+
+    cli 10.250.1.2 ═══ 10.250.1.1 node A 10.0.9.1 ═══ 10.0.9.11 ┐
+                                                               be (iperf3 -s, name-echo)
+    cli 10.250.2.2 ═══ 10.250.2.1 node B 10.0.8.1 ═══ 10.0.8.11 ┘
+
+Two identical routed nodes (ip_forward only inside them): A carries the plain and meshd
+paths, B the iptables paths. Separate nodes because a nat table, once used in a namespace,
+keeps conntrack hooked there for good; this way every path is measured in every round,
+interleaved, so the drift of a shared machine hits all of them alike. The client routes
+10.96.0.0/12 and 10.0.9.0/24 via A, 10.100.0.0/16 and 10.0.8.0/24 via B; the backend
+routes each client subnet back via its node.
+
+Paths, all ending at the same backend process:
+  plain       client -> backend (via A), no meshd filter on A: plain routing
+  tc          client -> VIP (via A); meshd's tc programs on A's client-facing interface
+              DNAT it (N services installed, the measured VIP is the last one)
+  tc+other    client -> backend (via A) with the tc programs attached: what meshd costs
+              traffic that is not for a service
+  iptables    client -> VIP (via B); kube-proxy-shaped iptables-legacy nat rules in B's
+              PREROUTING (KUBE-SERVICES -> KUBE-SVC -> KUBE-SEP -> DNAT) for N services; the
+              measured VIP is the LAST rule of KUBE-SERVICES (kube-proxy's linear worst case)
+  plain+ipt   client -> backend (via B) while those rules are installed (conntrack and the
+              chain walk for every new flow, service or not)
+Metrics: TCP throughput (one iperf3 stream for 2 x --seconds, slow start omitted, Gbit/s)
+and new flows per second for --seconds (sequential
+connect + one request/reply + close with RST, the netns_lab agent's connrate). Ratios are
+medians of per-round ratios (paths of a round run back to back), robust to the load of a
+shared machine; the medians of the absolute values are printed too.
+Writes bench/results/tc.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meshd.dataplane import loader, tc  # noqa: E402
+from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
+from meshd.desired import desired_groups  # noqa: E402
+from meshd.model import parse_service  # noqa: E402
+from meshd.reconciler import Reconciler  # noqa: E402
+
+BPFFS = Path("/sys/fs/bpf")
+CGROUP2 = Path("/sys/fs/cgroup/unified")
+AGENT = ROOT / "netns_lab" / "agent.py"
+M = 1021  # per-packet cost does not depend on M; 10,000 tables x 4 KiB
+BACKEND, BACKEND_B = "10.0.9.11", "10.0.8.11"  # the backend, as reached via node A / B
+PERF_PORT, ECHO_PORT = 5201, 8080
+
+
+def vip(i: int) -> str:
+    return str(ipaddress.ip_address("10.96.0.0") + 10 + i)
+
+
+def ipt_vip(i: int) -> str:
+    return str(ipaddress.ip_address("10.100.0.0") + 10 + i)
+
+
+def sh(*argv: str, input: str | None = None, timeout: float = 60) -> str:
+    cp = subprocess.run(list(argv), capture_output=True, text=True, input=input, timeout=timeout)
+    if cp.returncode:
+        raise RuntimeError(f"{' '.join(argv[:6])}...: exit {cp.returncode}: {cp.stderr.strip()}")
+    return cp.stdout
+
+
+class Topo:
+    def __init__(self) -> None:
+        self.p = "mtb" + secrets.token_hex(3)[:5]
+        self.made: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        self.cpus = sorted(os.sched_getaffinity(0))
+
+    def ns(self, s: str) -> str:
+        return f"{self.p}-{s}"
+
+    def enter(self, s: str, *argv: str, cpu: int | None = None) -> list[str]:
+        pin = ["taskset", "-c", str(cpu)] if cpu is not None and len(self.cpus) > 1 else []
+        return pin + ["nsenter", f"--net=/run/netns/{self.ns(s)}", "--", *argv]
+
+    def up(self) -> "Topo":
+        for s in ("cli", "na", "nb", "be"):
+            sh("ip", "netns", "add", self.ns(s))
+            self.made.append(self.ns(s))
+            sh("ip", "-n", self.ns(s), "link", "set", "lo", "up")
+        # (ns, if, addr) pairs; distinct ifindexes on the ends (equal ones delay carrier)
+        links = ((("cli", "ca", "10.250.1.2"), ("na", "ac", "10.250.1.1")),
+                 (("cli", "cb", "10.250.2.2"), ("nb", "bc", "10.250.2.1")),
+                 (("na", "ae", "10.0.9.1"), ("be", "ea", BACKEND)),
+                 (("nb", "be", "10.0.8.1"), ("be", "eb", BACKEND_B)))
+        for k, ((a, ai, aa), (b, bi, ba)) in enumerate(links):
+            sh("ip", "link", "add", f"{self.p}-{ai}", "index", str(11 + 2 * k), "netns",
+               self.ns(a), "type", "veth", "peer", "name", f"{self.p}-{bi}", "index",
+               str(12 + 2 * k), "netns", self.ns(b))
+            for ns, dev, addr in ((a, ai, aa), (b, bi, ba)):
+                sh("ip", "-n", self.ns(ns), "addr", "add", f"{addr}/24", "dev", f"{self.p}-{dev}")
+                sh("ip", "-n", self.ns(ns), "link", "set", f"{self.p}-{dev}", "up")
+        for net, gw in (("10.96.0.0/12", "10.250.1.1"), ("10.0.9.0/24", "10.250.1.1"),
+                        ("10.100.0.0/16", "10.250.2.1"), ("10.0.8.0/24", "10.250.2.1")):
+            sh("ip", "-n", self.ns("cli"), "route", "add", net, "via", gw)
+        sh("ip", "-n", self.ns("be"), "route", "add", "10.250.1.0/24", "via", "10.0.9.1")
+        sh("ip", "-n", self.ns("be"), "route", "add", "10.250.2.0/24", "via", "10.0.8.1")
+        for node in ("na", "nb"):
+            sh(*self.enter(node, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
+        # Servers and clients all on one CPU: the whole path (client, both forwarding hops
+        # in softirq, server) is bound by that CPU, so a per-packet cost shows up in the
+        # throughput, and the other CPU absorbs other load. With client and server on
+        # different CPUs, single-stream throughput here was bimodal (5 or 19 Gbit/s).
+        server_cpu = self.cpus[0]
+        for argv in ([sys.executable, "-I", "-S", str(AGENT), "serve", "--name", "b1",
+                      "--port", str(ECHO_PORT)],
+                     ["iperf3", "-s", "-p", str(PERF_PORT)]):
+            self.procs.append(subprocess.Popen(self.enter("be", *argv, cpu=server_cpu),
+                                               stdin=subprocess.DEVNULL,
+                                               stdout=subprocess.DEVNULL,
+                                               stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 10
+        while True:  # plain routing works end to end through both nodes
+            try:
+                if all(connrate(self, a, ECHO_PORT, 0.2)["per_sec"] > 0
+                       for a in (BACKEND, BACKEND_B)):
+                    break
+            except (RuntimeError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("lab not ready: the backend does not answer")
+            time.sleep(0.2)
+        return self
+
+    def down(self) -> None:
+        for p in self.procs:  # by PID: only what we started
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=3)
+        for ns in self.made:  # takes the veths and tc filters with it
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def connrate(topo: Topo, addr: str, port: int, seconds: float) -> dict:
+    out = sh(*topo.enter("cli", sys.executable, "-I", "-S", str(AGENT), "connrate", "--addr",
+                         addr, "--port", str(port), "--duration", str(seconds), "--max",
+                         "200000", "--timeout", "2", cpu=topo.cpus[0]),
+             timeout=seconds + 30)
+    return json.loads(out)
+
+
+def iperf(topo: Topo, addr: str, seconds: float) -> float:
+    out = sh(*topo.enter("cli", "iperf3", "-c", addr, "-p", str(PERF_PORT), "-t",
+                         str(seconds), "-O", "0.2", "-J", cpu=topo.cpus[0]),
+             timeout=seconds + 30)
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def measure(topo: Topo, addr: str, port: int, seconds: float) -> dict:
+    """One connrate run (retried once if a connection failed: a 2 s timeout would distort
+    the rate; a second failure is an error) and one iperf3 run."""
+    for attempt in (1, 2):
+        cr = connrate(topo, addr, port, seconds)
+        if not cr["errors"]:
+            break
+        print(f"  ({addr}:{port}: {cr['errors']}, attempt {attempt})", file=sys.stderr)
+    else:
+        raise RuntimeError(f"connection errors via {addr}:{port}: {cr['errors']}")
+    return {"gbps": round(iperf(topo, addr, 2 * seconds), 2), "flows_per_sec": cr["per_sec"],
+            "connect_p50_us": cr["connect_us"][0]}
+
+
+def services(n: int) -> list:
+    """n services; the last one (the measured VIP) also has the iperf3 port."""
+    out = []
+    for i in range(n):
+        ports = [{"name": "http", "port": 80, "protocol": "TCP"}]
+        numbers = {"http": ECHO_PORT}
+        if i == n - 1:
+            ports.append({"name": "perf", "port": PERF_PORT, "protocol": "TCP"})
+            numbers["perf"] = PERF_PORT
+        out.append(parse_service({
+            "namespace": "bench", "name": f"s{i}", "vips": [vip(i)], "ports": ports,
+            "endpoints": [{"address": BACKEND, "ports": numbers}]}, where=f"s{i}"))
+    return out
+
+
+def iptables_rules(n: int) -> str:
+    """The nat-table shape kube-proxy (iptables mode) writes for n ClusterIP services, for
+    forwarded traffic (PREROUTING). The last service also has the iperf3 port."""
+    lines = ["*nat", ":KUBE-SERVICES - [0:0]", ":KUBE-MARK-MASQ - [0:0]",
+             "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES",
+             "-A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000"]
+    svc_ports = [(i, 80, ECHO_PORT) for i in range(n)] + [(n - 1, PERF_PORT, PERF_PORT)]
+    for k, _ in enumerate(svc_ports):
+        lines += [f":KUBE-SVC-{k:012X} - [0:0]", f":KUBE-SEP-{k:012X} - [0:0]"]
+    for k, (i, port, target) in enumerate(svc_ports):
+        svc, sep = f"KUBE-SVC-{k:012X}", f"KUBE-SEP-{k:012X}"
+        lines += [
+            f"-A KUBE-SERVICES -d {ipt_vip(i)}/32 -p tcp -m comment --comment "
+            f"\"bench/s{i}:{port} cluster IP\" -m tcp --dport {port} -j {svc}",
+            f"-A {svc} -m comment --comment \"bench/s{i}:{port}\" -j {sep}",
+            f"-A {sep} -s {BACKEND_B}/32 -j KUBE-MARK-MASQ",
+            f"-A {sep} -p tcp -m tcp -j DNAT --to-destination {BACKEND_B}:{target}"]
+    lines.append("COMMIT\n")
+    return "\n".join(lines)
+
+
+def run_rounds(topo: Topo, paths: dict, args) -> dict:
+    """paths: name -> (address, echo port, setup before each measurement or None). One
+    unmeasured warm-up pass, then --rounds interleaved rounds; medians."""
+    runs: dict[str, list] = {p: [] for p in paths}
+    for rnd in range(args.rounds + 1):
+        for p, (addr, port, setup) in paths.items():
+            if setup:
+                setup()
+            if rnd == 0:
+                connrate(topo, addr, port, 0.5)
+                continue
+            runs[p].append(measure(topo, addr, port, args.seconds))
+    return {p: {**{k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]},
+                "runs": rs} for p, rs in runs.items()}
+
+
+def bench_size(n: int, args) -> dict:
+    topo = Topo()
+    instance = "bench-" + topo.p  # not "mtest-": test sessions sweep unclaimed ones
+    cg = CGROUP2 / instance
+    maps = None
+    try:
+        topo.up()
+        cg.mkdir()
+        maps = loader.load(BPFFS, instance, cg, M, metrics=False)
+        t0 = time.perf_counter()
+        rep = Reconciler(KernelDataplane(maps)).apply(desired_groups(services(n)))
+        sync_s = time.perf_counter() - t0
+        assert not rep.errors, rep.errors
+        t0 = time.perf_counter()
+        sh(*topo.enter("nb", "iptables-legacy-restore"), input=iptables_rules(n), timeout=300)
+        ipt_s = time.perf_counter() - t0
+        dev, node = f"{topo.p}-ac", topo.ns("na")
+        attached = [False]
+
+        def attach():
+            if not attached[0]:
+                tc.attach_interfaces(BPFFS, instance, [dev], netns=node)
+                attached[0] = True
+
+        def detach():
+            if attached[0]:
+                tc.detach_interfaces(BPFFS, instance, [dev], netns=node)
+                attached[0] = False
+        med = run_rounds(topo, {"plain": (BACKEND, ECHO_PORT, detach),
+                                "tc": (vip(n - 1), 80, attach),
+                                "tc+other": (BACKEND, ECHO_PORT, attach),
+                                "iptables": (ipt_vip(n - 1), 80, None),
+                                "plain+ipt": (BACKEND_B, ECHO_PORT, None)}, args)
+    finally:
+        try:
+            if maps is not None:
+                maps.close()
+            loader.remove(BPFFS, instance)
+            if cg.exists():
+                cg.rmdir()
+        finally:
+            topo.down()
+    # Ratios are medians of per-round ratios: the paths of one round ran back to back, so
+    # the load of a shared machine mostly cancels out (medians of independent runs swing
+    # by +-30% here; paired ratios by a few %).
+    def paired(p: str, q: str, k: str) -> float:
+        return round(statistics.median(a[k] / b[k] for a, b in
+                                       zip(med[p]["runs"], med[q]["runs"])), 3)
+    ratios = {p: {"gbps_x": paired(p, "plain", "gbps"),
+                  "flows_x": paired(p, "plain", "flows_per_sec"),
+                  "connect_x": paired(p, "plain", "connect_p50_us")} for p in med}
+    return {"meshd_sync_s": round(sync_s, 2), "iptables_load_s": round(ipt_s, 2),
+            "paths": med, "ratios": ratios,
+            "tc_vs_iptables": {"gbps_x": paired("tc", "iptables", "gbps"),
+                               "flows_x": paired("tc", "iptables", "flows_per_sec")}}
+
+
+def print_size(n: int, r: dict) -> None:
+    print(f"\n{n} services (meshd sync {r['meshd_sync_s']} s, iptables-restore "
+          f"{r['iptables_load_s']} s)")
+    print(f"  {'path':<10} {'Gbit/s':>8} {'x plain':>8} {'flows/s':>9} {'x plain':>8} "
+          f"{'connect p50':>12} {'x plain':>8}   (medians; x: median of per-round ratios)")
+    for p, m in r["paths"].items():
+        x = r["ratios"][p]
+        print(f"  {p:<10} {m['gbps']:>8.2f} {x['gbps_x']:>8.3f} {m['flows_per_sec']:>9.0f} "
+              f"{x['flows_x']:>8.3f} {m['connect_p50_us']:>10.0f}us {x['connect_x']:>8.3f}")
+    t = r["tc_vs_iptables"]
+    print(f"  tc / iptables: throughput {t['gbps_x']:.3f}x, new flows {t['flows_x']:.3f}x")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--services", default="1,10000")
+    ap.add_argument("--seconds", type=float, default=1.0, help="per measurement (bounded)")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per path")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tc.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("needs root (namespaces, BPF)", file=sys.stderr)
+        return 2
+    results = {"machine": sh("uname", "-r").strip(), "cpus": len(os.sched_getaffinity(0)),
+               "seconds": args.seconds, "rounds": args.rounds, "maglev_m": M, "sizes": {}}
+    for n in [int(x) for x in args.services.split(",")]:
+        results["sizes"][n] = bench_size(n, args)
+        print_size(n, results["sizes"][n])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

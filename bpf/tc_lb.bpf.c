@@ -1,0 +1,725 @@
+/* SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause) */
+/* Per-packet load balancing on tc (clsact), for traffic that never passes a socket hook:
+ * clients on other hosts or in other network namespaces whose packets cross this node.
+ *
+ *   meshd_tc_in   ingress: a TCP/UDP packet for a VIP:port gets its destination rewritten
+ *                 to a backend (Maglev over a hash of saddr, sport, dport, proto -- not daddr,
+ *                 so every node with the same maps picks the same backend); conntrack pins
+ *                 the flow while its backend exists
+ *   meshd_tc_out  egress: a reply from a tracked backend gets the VIP back as its source
+ *
+ * Routed mode: both programs sit on the same interface (the one clients come in on), and
+ * the node is on the reply path (clients route the service range via the node; backends
+ * route the clients via the node). The kernel routes the rewritten packet; no redirect.
+ *
+ * Shares meshd_svc_v1 / meshd_be_v1 / meshd_maglev_v1 with the socket LB (the loader
+ * reuses the instance's pinned maps). Edge cases, each deliberate (docs/tc.md):
+ *   - not TCP/UDP/ICMP, not IPv4/IPv6, not a VIP:port/proto: untouched, TC_ACT_UNSPEC (so
+ *     filters of other tools at later priorities still run); one hash lookup
+ *   - IPv4 options: the L4 header is found at ihl * 4
+ *   - IPv4 fragments: the first (offset 0, MF) is translated and records its datagram in
+ *     meshd_tcfrag_v1; later fragments (no L4 header) follow that record or pass untouched.
+ *     IPv6 extension headers (fragments included): untouched
+ *   - ICMP errors (unreachable, time exceeded, parameter problem, packet too big) quoting a
+ *     tracked flow are translated both ways, the quoted header included (not the quoted L4
+ *     checksum, which nobody verifies)
+ *   - TCP RST, or FIN both ways, marks the flow closed; a later SYN on the same tuple is
+ *     balanced afresh, other packets keep their backend; LRU reclaims the entry
+ *   - a VIP:port with no usable backend: dropped (counted), not ICMP-rejected
+ *   - a client reaching a backend directly on a tuple a VIP flow holds: that flow is
+ *     forgotten (meshd_forget_shadowed)
+ */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+#include "meshd_structs.h"
+#include "meshd_maps.h"
+#include "meshd_tc.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
+#endif
+#define MESHD_IP_MF 0x2000
+#define MESHD_IP_OFFMASK 0x1fff
+#define MESHD_TCP_FIN 0x01
+#define MESHD_TCP_SYN 0x02
+#define MESHD_TCP_RST 0x04
+#define MESHD_TCP_ACK 0x10
+#define MESHD_NEXTHDR_ICMP6 58
+/* Linear bytes the parser may need: Ethernet, IPv4 with options, ICMP, quoted IPv4 with
+ * options and 8 bytes of it (an ICMPv6 error quotes 40 + 8). */
+#define MESHD_MAX_HDR (ETH_HLEN + 60 + 8 + 60 + 8)
+/* A flow's REV entry is rewritten at most this often by its forward packets, so a reply
+ * direction that LRU evicted while the flow only sent one way comes back. */
+#define MESHD_CT_REFRESH_NS 1000000000ULL
+#define MESHD_HASH_SEED 0x9e3779b97f4a7c15ULL
+
+/* Set by the loader before load: the Maglev table size of the instance's pinned maps. */
+const volatile struct meshd_cfg meshd_cfg = { .maglev_m = MESHD_DEFAULT_MAGLEV_M };
+
+enum { MESHD_FRAG_NONE, MESHD_FRAG_FIRST, MESHD_FRAG_LATER };
+enum { MESHD_PARSE_OK, MESHD_PARSE_SKIP, MESHD_PARSE_SHORT };
+
+/* What the parser found; addresses IPv4-mapped, ports network order. */
+struct meshd_pkt {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;	/* IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP or 58 (ICMPv6) */
+	__u8 v6;	/* 1: IPv6 */
+	__u8 tcp_flags;	/* TCP: the flags byte */
+	__u8 frag;	/* MESHD_FRAG_* (IPv4 only) */
+	__u32 l4off;	/* offset of the L4 header from the start of the frame */
+	__u32 frag_id;	/* IPv4 identification (network order) */
+};
+
+/* ---- hashing: must equal meshd/dataplane/tc.py flow_slot() ----------------------------- */
+
+static __always_inline __u64 meshd_fmix64(__u64 k)
+{
+	k ^= k >> 33;
+	k *= 0xff51afd7ed558ccdULL;
+	k ^= k >> 33;
+	k *= 0xc4ceb9fe1a85ec53ULL;
+	k ^= k >> 33;
+	return k;
+}
+
+/* Host-order words, so the slot does not depend on the CPU's byte order: nodes of any
+ * architecture agree. daddr is left out on purpose: the same client flow reaching two VIPs
+ * of one service, or two nodes, lands on the same backend. */
+static __always_inline __u32 meshd_flow_hash(const struct meshd_pkt *p)
+{
+	__u64 h;
+
+	h = meshd_fmix64((((__u64)bpf_ntohl(p->saddr[0]) << 32) | bpf_ntohl(p->saddr[1])) ^
+			 MESHD_HASH_SEED);
+	h = meshd_fmix64(h ^ (((__u64)bpf_ntohl(p->saddr[2]) << 32) | bpf_ntohl(p->saddr[3])));
+	h = meshd_fmix64(h ^ (((__u64)bpf_ntohs(p->sport) << 24) |
+			      ((__u64)bpf_ntohs(p->dport) << 8) | p->proto));
+	return (__u32)h;
+}
+
+/* ---- small helpers ------------------------------------------------------------------- */
+
+static __always_inline void meshd_map_v4(__u32 addr[4], __u32 ip4)
+{
+	addr[0] = 0;
+	addr[1] = 0;
+	addr[2] = bpf_htonl(0x0000ffff);
+	addr[3] = ip4;
+}
+
+static __always_inline void meshd_copy16(__u32 *dst, const __u32 *src)
+{
+	dst[0] = src[0];
+	dst[1] = src[1];
+	dst[2] = src[2];
+	dst[3] = src[3];
+}
+
+static __always_inline int meshd_eq16(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+static __always_inline struct meshd_tc_stats *meshd_stats(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&meshd_tcstat_v1, &zero);
+}
+
+#define MESHD_COUNT(st, field) do { if (st) (st)->field += 1; } while (0)
+
+static __always_inline int meshd_drop_err(struct meshd_tc_stats *st)
+{
+	MESHD_COUNT(st, errors);
+	return TC_ACT_SHOT;
+}
+
+/* ---- parsing --------------------------------------------------------------------------- */
+
+static __always_inline int meshd_parse4(struct __sk_buff *skb, struct meshd_pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 ihl, l4off;
+	__u16 frag;
+	__u8 *l4;
+
+	if ((void *)(ip + 1) > end)
+		return MESHD_PARSE_SHORT;
+	if (ip->version != 4 || ip->ihl < 5)
+		return MESHD_PARSE_SKIP;
+	p->proto = ip->protocol;
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP && p->proto != IPPROTO_ICMP)
+		return MESHD_PARSE_SKIP;
+	meshd_map_v4(p->saddr, ip->saddr);
+	meshd_map_v4(p->daddr, ip->daddr);
+	ihl = ip->ihl * 4; /* options: the L4 header starts after them */
+	l4off = ETH_HLEN + ihl;
+	p->l4off = l4off;
+	frag = bpf_ntohs(ip->frag_off);
+	if (frag & MESHD_IP_OFFMASK) {
+		p->frag = MESHD_FRAG_LATER; /* no L4 header in this packet */
+		p->frag_id = ip->id;
+		return MESHD_PARSE_OK;
+	}
+	if (frag & MESHD_IP_MF) {
+		p->frag = MESHD_FRAG_FIRST;
+		p->frag_id = ip->id;
+	}
+	l4 = data + l4off;
+	if (p->proto == IPPROTO_TCP) {
+		if ((void *)(l4 + 20) > end)
+			return MESHD_PARSE_SHORT;
+		p->tcp_flags = l4[13];
+	} else if ((void *)(l4 + 8) > end) {
+		return MESHD_PARSE_SHORT;
+	}
+	if (p->proto != IPPROTO_ICMP) {
+		p->sport = *(__u16 *)l4;
+		p->dport = *(__u16 *)(l4 + 2);
+	}
+	return MESHD_PARSE_OK;
+}
+
+/* IPv6 without extension headers: anything else (fragments included) is left alone. */
+static __always_inline int meshd_parse6(struct __sk_buff *skb, struct meshd_pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+	__u8 *l4 = (void *)(ip6 + 1);
+
+	if ((void *)(ip6 + 1) > end)
+		return MESHD_PARSE_SHORT;
+	p->proto = ip6->nexthdr;
+	if (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP && p->proto != MESHD_NEXTHDR_ICMP6)
+		return MESHD_PARSE_SKIP;
+	p->v6 = 1;
+	__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+	p->l4off = ETH_HLEN + sizeof(*ip6);
+	if (p->proto == IPPROTO_TCP) {
+		if ((void *)(l4 + 20) > end)
+			return MESHD_PARSE_SHORT;
+		p->tcp_flags = l4[13];
+	} else if ((void *)(l4 + 8) > end) {
+		return MESHD_PARSE_SHORT;
+	}
+	if (p->proto != MESHD_NEXTHDR_ICMP6) {
+		p->sport = *(__u16 *)l4;
+		p->dport = *(__u16 *)(l4 + 2);
+	}
+	return MESHD_PARSE_OK;
+}
+
+/* MESHD_PARSE_OK with *p filled, or MESHD_PARSE_SKIP: leave the packet alone. */
+static __always_inline int meshd_parse(struct __sk_buff *skb, struct meshd_pkt *p)
+{
+	__u32 len = skb->len < MESHD_MAX_HDR ? skb->len : MESHD_MAX_HDR;
+	int ret;
+
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		ret = meshd_parse4(skb, p);
+		if (ret == MESHD_PARSE_SHORT) { /* headers not linear (rare): pull, try again */
+			if (bpf_skb_pull_data(skb, len))
+				return MESHD_PARSE_SKIP;
+			ret = meshd_parse4(skb, p);
+		}
+	} else if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		ret = meshd_parse6(skb, p);
+		if (ret == MESHD_PARSE_SHORT) {
+			if (bpf_skb_pull_data(skb, len))
+				return MESHD_PARSE_SKIP;
+			ret = meshd_parse6(skb, p);
+		}
+	} else {
+		return MESHD_PARSE_SKIP;
+	}
+	return ret == MESHD_PARSE_OK ? MESHD_PARSE_OK : MESHD_PARSE_SKIP;
+}
+
+/* ---- rewriting ------------------------------------------------------------------------- */
+
+/* Offset of the L4 checksum, 0 when the packet has none we may touch. */
+static __always_inline __u32 meshd_l4_csum_off(const struct meshd_pkt *p)
+{
+	if (p->frag == MESHD_FRAG_LATER)
+		return 0;
+	if (p->proto == IPPROTO_TCP)
+		return p->l4off + 16;
+	if (p->proto == IPPROTO_UDP)
+		return p->l4off + 6;
+	return 0;
+}
+
+/* UDP over IPv4 may carry no checksum (0): keep it 0, and write a computed 0 as 0xffff. */
+static __always_inline __u64 meshd_l4_flags(const struct meshd_pkt *p)
+{
+	return p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+}
+
+/* Replaces the source (`dst` = 0) or destination (`dst` = 1) address and fixes the IPv4
+ * header checksum and the L4 checksum's pseudo header (l4_csum_off 0: no L4 checksum). */
+static __always_inline int meshd_set_addr(struct __sk_buff *skb, const struct meshd_pkt *p,
+					  int dst, const __u32 *new_addr, __u32 l4_csum_off,
+					  __u64 l4_flags)
+{
+	const __u32 *old = dst ? p->daddr : p->saddr;
+	__u32 off;
+	__s64 diff;
+
+	if (!p->v6) {
+		off = ETH_HLEN + (dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+		if (l4_csum_off && bpf_l4_csum_replace(skb, l4_csum_off, old[3], new_addr[3],
+						       l4_flags | BPF_F_PSEUDO_HDR | 4))
+			return -1;
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old[3],
+					new_addr[3], 4))
+			return -1;
+		return bpf_skb_store_bytes(skb, off, &new_addr[3], 4, 0) ? -1 : 0;
+	}
+	off = ETH_HLEN + (dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+	if (l4_csum_off) {
+		diff = bpf_csum_diff((__be32 *)old, 16, (__be32 *)new_addr, 16, 0);
+		if (diff < 0 || bpf_l4_csum_replace(skb, l4_csum_off, 0, diff,
+						    l4_flags | BPF_F_PSEUDO_HDR))
+			return -1;
+	}
+	return bpf_skb_store_bytes(skb, off, new_addr, 16, 0) ? -1 : 0;
+}
+
+static __always_inline int meshd_set_port(struct __sk_buff *skb, __u32 off, __u16 old, __u16 new,
+					  __u32 l4_csum_off, __u64 l4_flags)
+{
+	if (old == new)
+		return 0;
+	if (l4_csum_off && bpf_l4_csum_replace(skb, l4_csum_off, old, new, l4_flags | 2))
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, 2, 0) ? -1 : 0;
+}
+
+/* ---- backend choice -------------------------------------------------------------------- */
+
+/* Maglev: the backend in slot hash % M of the group's table. 0 and *be set, or -1. */
+static __always_inline int meshd_pick(const struct meshd_svc_val *svc, const struct meshd_pkt *p,
+				      __u32 *be_id, struct meshd_backend **be)
+{
+	__u32 zero = 0, slot, m = meshd_cfg.maglev_m;
+	struct meshd_backend *found;
+	__u32 *table;
+	void *inner;
+
+	inner = bpf_map_lookup_elem(&meshd_maglev_v1, &svc->id);
+	if (!inner)
+		return -1;
+	table = bpf_map_lookup_elem(inner, &zero);
+	if (!table)
+		return -1;
+	slot = meshd_flow_hash(p) % m;
+	barrier_var(slot); /* keep the bound check the verifier needs */
+	if (slot >= m)
+		return -1;
+	*be_id = table[slot];
+	found = bpf_map_lookup_elem(&meshd_be_v1, be_id);
+	if (!found || found->family != (p->v6 ? AF_INET6 : AF_INET))
+		return -1;
+	*be = found;
+	return 0;
+}
+
+/* The FWD key of a packet as the client sent it. */
+static __always_inline void meshd_fwd_key(struct meshd_ct_key *k, const struct meshd_pkt *p)
+{
+	meshd_copy16(k->saddr, p->saddr);
+	meshd_copy16(k->daddr, p->daddr);
+	k->sport = p->sport;
+	k->dport = p->dport;
+	k->proto = p->proto;
+	k->dir = MESHD_CT_FWD;
+}
+
+/* The REV key of the replies of flow `p` (as received) served by backend addr:port. */
+static __always_inline void meshd_rev_key(struct meshd_ct_key *k, const struct meshd_pkt *p,
+					  const __u32 *be_addr, __u16 be_port)
+{
+	meshd_copy16(k->saddr, be_addr);
+	meshd_copy16(k->daddr, p->saddr);
+	k->sport = be_port;
+	k->dport = p->sport;
+	k->proto = p->proto;
+	k->dir = MESHD_CT_REV;
+}
+
+static __always_inline int meshd_ct_closed(const struct meshd_ct_val *v)
+{
+	return v->rst || (v->fin_fwd && v->fin_rev);
+}
+
+/* Notes a TCP FIN or RST in the flow's FWD entry (`from_client`: the direction). */
+static __always_inline void meshd_ct_tcp(struct meshd_ct_val *fwd, __u8 flags, int from_client,
+					 struct meshd_tc_stats *st)
+{
+	int was = meshd_ct_closed(fwd);
+
+	if (flags & MESHD_TCP_RST)
+		fwd->rst = 1;
+	else if (flags & MESHD_TCP_FIN) {
+		if (from_client)
+			fwd->fin_fwd = 1;
+		else
+			fwd->fin_rev = 1;
+	} else {
+		return;
+	}
+	if (!was && meshd_ct_closed(fwd))
+		MESHD_COUNT(st, ct_closed);
+}
+
+static __always_inline int meshd_frag_note(const struct meshd_pkt *p, __u8 dir, const __u32 *addr)
+{
+	struct meshd_frag_key fk = {};
+	struct meshd_frag_val fv = {};
+
+	meshd_copy16(fk.saddr, p->saddr);
+	meshd_copy16(fk.daddr, p->daddr);
+	fk.id = p->frag_id;
+	fk.proto = p->proto;
+	fk.dir = dir;
+	meshd_copy16(fv.addr, addr);
+	return bpf_map_update_elem(&meshd_tcfrag_v1, &fk, &fv, BPF_ANY);
+}
+
+/* A later IPv4 fragment: follow its datagram's first fragment, or pass untouched. */
+static __always_inline int meshd_frag_xlate(struct __sk_buff *skb, const struct meshd_pkt *p,
+					    __u8 dir)
+{
+	struct meshd_frag_key fk = {};
+	struct meshd_frag_val *fv;
+	struct meshd_tc_stats *st;
+
+	meshd_copy16(fk.saddr, p->saddr);
+	meshd_copy16(fk.daddr, p->daddr);
+	fk.id = p->frag_id;
+	fk.proto = p->proto;
+	fk.dir = dir;
+	fv = bpf_map_lookup_elem(&meshd_tcfrag_v1, &fk);
+	if (!fv)
+		return TC_ACT_UNSPEC;
+	st = meshd_stats();
+	if (meshd_set_addr(skb, p, dir == MESHD_CT_FWD, fv->addr, 0, 0))
+		return meshd_drop_err(st);
+	MESHD_COUNT(st, frag_xlate);
+	return TC_ACT_OK;
+}
+
+/* ---- ICMP errors quoting a tracked flow ------------------------------------------------ */
+
+static __always_inline int meshd_icmp_is_error(const struct meshd_pkt *p, __u8 type)
+{
+	if (p->v6) /* destination unreachable, packet too big, time exceeded, parameter problem */
+		return type >= 1 && type <= 4;
+	return type == 3 || type == 11 || type == 12;
+}
+
+/* The quoted packet is the flow as the peer saw it: going in (`dir` FWD) the client quotes
+ * a reply VIP -> client, going out (REV) the backend quotes a request client -> backend.
+ * Both give the tracked entry's key reversed. The quoted source (FWD: VIP -> backend) or
+ * destination (REV: backend -> VIP) and its port are rewritten, and the outer destination
+ * (FWD: the VIP) or source (REV: if the backend itself sent the error, not a router). */
+static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct meshd_pkt *p,
+					    __u8 dir)
+{
+	__u32 icmp_csum_off = p->l4off + 2, qoff = p->l4off + 8, ql4, qaddr_off, qport_off;
+	__u32 qaddr[4], new_addr[4];
+	struct meshd_ct_key k = {};
+	struct meshd_tc_stats *st;
+	struct meshd_ct_val *v;
+	__u16 qports[2], qport, old_qcsum, new_qcsum;
+	__u8 type, qproto;
+	__s64 diff;
+	int fwd = dir == MESHD_CT_FWD;
+
+	if (p->frag != MESHD_FRAG_NONE)
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, p->l4off, &type, 1) || !meshd_icmp_is_error(p, type))
+		return TC_ACT_UNSPEC;
+	if (!p->v6) {
+		struct iphdr q;
+
+		if (bpf_skb_load_bytes(skb, qoff, &q, sizeof(q)) || q.version != 4 || q.ihl < 5 ||
+		    (bpf_ntohs(q.frag_off) & MESHD_IP_OFFMASK))
+			return TC_ACT_UNSPEC;
+		qproto = q.protocol;
+		ql4 = qoff + q.ihl * 4;
+		meshd_map_v4(k.saddr, q.daddr);
+		meshd_map_v4(k.daddr, q.saddr);
+		qaddr_off = qoff + (fwd ? offsetof(struct iphdr, saddr) : offsetof(struct iphdr, daddr));
+		old_qcsum = q.check;
+	} else {
+		struct ipv6hdr q;
+
+		if (bpf_skb_load_bytes(skb, qoff, &q, sizeof(q)) || q.version != 6)
+			return TC_ACT_UNSPEC;
+		qproto = q.nexthdr;
+		ql4 = qoff + sizeof(q);
+		__builtin_memcpy(k.saddr, &q.daddr, 16);
+		__builtin_memcpy(k.daddr, &q.saddr, 16);
+		qaddr_off = qoff + (fwd ? offsetof(struct ipv6hdr, saddr) :
+				    offsetof(struct ipv6hdr, daddr));
+		old_qcsum = 0;
+	}
+	if (qproto != IPPROTO_TCP && qproto != IPPROTO_UDP)
+		return TC_ACT_UNSPEC;
+	if (bpf_skb_load_bytes(skb, ql4, qports, 4))
+		return TC_ACT_UNSPEC;
+	k.sport = qports[1];
+	k.dport = qports[0];
+	k.proto = qproto;
+	k.dir = dir;
+	v = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (!v)
+		return TC_ACT_UNSPEC;
+	st = meshd_stats();
+	/* k.daddr / k.saddr are the quoted source / destination (FWD / REV) as it is now. */
+	meshd_copy16(qaddr, fwd ? k.daddr : k.saddr);
+	meshd_copy16(new_addr, v->nat_addr);
+	qport_off = ql4 + (fwd ? 0 : 2);
+	qport = fwd ? qports[0] : qports[1];
+
+	/* The quoted address; the ICMP checksum covers it as data (ICMPv6: also the outer
+	 * addresses as pseudo header, fixed with the outer address below). */
+	diff = bpf_csum_diff(p->v6 ? qaddr : &qaddr[3], p->v6 ? 16 : 4,
+			     p->v6 ? new_addr : &new_addr[3], p->v6 ? 16 : 4, 0);
+	if (diff < 0 || bpf_l4_csum_replace(skb, icmp_csum_off, 0, diff, 0))
+		return meshd_drop_err(st);
+	if (bpf_skb_store_bytes(skb, qaddr_off, p->v6 ? new_addr : &new_addr[3], p->v6 ? 16 : 4, 0))
+		return meshd_drop_err(st);
+	if (!p->v6) { /* the quoted IPv4 header checksum follows its address */
+		if (bpf_l3_csum_replace(skb, qoff + offsetof(struct iphdr, check), qaddr[3],
+					new_addr[3], 4) ||
+		    bpf_skb_load_bytes(skb, qoff + offsetof(struct iphdr, check), &new_qcsum, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum_off, old_qcsum, new_qcsum, 2))
+			return meshd_drop_err(st);
+	}
+	if (meshd_set_port(skb, qport_off, qport, v->nat_port, icmp_csum_off, 0))
+		return meshd_drop_err(st);
+	/* The outer address, when it is the one being translated. */
+	if (meshd_eq16(fwd ? p->daddr : p->saddr, qaddr) &&
+	    meshd_set_addr(skb, p, fwd, new_addr, p->v6 ? icmp_csum_off : 0, 0))
+		return meshd_drop_err(st);
+	MESHD_COUNT(st, icmp_xlate);
+	return TC_ACT_OK;
+}
+
+/* ---- the two directions ---------------------------------------------------------------- */
+
+/* A packet that is not for a service goes to backend:port from a client tuple a tracked
+ * VIP flow holds (the client reuses a source port, e.g. after a RST): at the backend both
+ * are the same connection, and the newest wins. Forget the VIP flow, or its REV entry
+ * would rewrite the direct flow's replies to come from the VIP. TCP: checked on a SYN
+ * only; UDP has no SYN: checked per datagram (one more lookup for non-service UDP). */
+static __always_inline void meshd_forget_shadowed(const struct meshd_pkt *p)
+{
+	struct meshd_ct_key rk = {}, fk = {};
+	struct meshd_ct_val *rv;
+
+	meshd_copy16(rk.saddr, p->daddr);
+	meshd_copy16(rk.daddr, p->saddr);
+	rk.sport = p->dport;
+	rk.dport = p->sport;
+	rk.proto = p->proto;
+	rk.dir = MESHD_CT_REV;
+	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
+	if (!rv)
+		return;
+	meshd_copy16(fk.saddr, p->saddr);
+	meshd_copy16(fk.daddr, rv->nat_addr);
+	fk.sport = p->sport;
+	fk.dport = rv->nat_port;
+	fk.proto = p->proto;
+	fk.dir = MESHD_CT_FWD;
+	bpf_map_delete_elem(&meshd_tcct_v1, &fk);
+	bpf_map_delete_elem(&meshd_tcct_v1, &rk);
+	MESHD_COUNT(meshd_stats(), ct_shadowed);
+}
+
+static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
+{
+	struct meshd_ct_key fk = {}, rk = {};
+	struct meshd_ct_val *ct, nv = {};
+	struct meshd_backend *be = 0;
+	struct meshd_svc_key sk = {};
+	struct meshd_svc_val *svc;
+	struct meshd_tc_stats *st;
+	struct meshd_pkt p = {};
+	__u32 nat_addr[4], csum_off, be_id = 0;
+	__u16 nat_port;
+	__u64 now, l4_flags;
+	int repick = 0;
+
+	if (meshd_parse(skb, &p) != MESHD_PARSE_OK)
+		return TC_ACT_UNSPEC;
+	if (p.frag == MESHD_FRAG_LATER)
+		return meshd_frag_xlate(skb, &p, MESHD_CT_FWD);
+	if (p.proto == IPPROTO_ICMP || p.proto == MESHD_NEXTHDR_ICMP6)
+		return meshd_icmp_xlate(skb, &p, MESHD_CT_FWD);
+
+	meshd_copy16(sk.addr, p.daddr);
+	sk.port = p.dport;
+	sk.proto = p.proto;
+	svc = bpf_map_lookup_elem(&meshd_svc_v1, &sk);
+	if (!svc) { /* not a service: the common case, one lookup (TCP) */
+		if (p.proto == IPPROTO_UDP ||
+		    (p.tcp_flags & (MESHD_TCP_SYN | MESHD_TCP_ACK)) == MESHD_TCP_SYN)
+			meshd_forget_shadowed(&p);
+		return TC_ACT_UNSPEC;
+	}
+	st = meshd_stats();
+	now = bpf_ktime_get_coarse_ns();
+
+	meshd_fwd_key(&fk, &p);
+	ct = bpf_map_lookup_elem(&meshd_tcct_v1, &fk);
+	if (ct) {
+		/* Pinned while its backend exists: the id still names the same address (ids are
+		 * reused after a removal), and a TCP SYN does not reopen a closed flow. */
+		be = bpf_map_lookup_elem(&meshd_be_v1, &ct->backend);
+		if (!be || !meshd_eq16(be->addr, ct->nat_addr) || be->port != ct->nat_port ||
+		    ((p.tcp_flags & (MESHD_TCP_SYN | MESHD_TCP_ACK)) == MESHD_TCP_SYN &&
+		     p.proto == IPPROTO_TCP && meshd_ct_closed(ct)))
+			repick = 1;
+	}
+	if (!ct || repick) {
+		if (svc->count == 0 || meshd_pick(svc, &p, &be_id, &be)) {
+			MESHD_COUNT(st, no_backend);
+			return TC_ACT_SHOT;
+		}
+		if (repick) { /* the old backend's replies are no longer expected */
+			meshd_rev_key(&rk, &p, ct->nat_addr, ct->nat_port);
+			bpf_map_delete_elem(&meshd_tcct_v1, &rk);
+		}
+		meshd_copy16(nat_addr, be->addr);
+		nat_port = be->port;
+		/* REV first: a reply can never arrive before its entry exists. */
+		meshd_rev_key(&rk, &p, nat_addr, nat_port);
+		meshd_copy16(nv.nat_addr, p.daddr);
+		nv.nat_port = p.dport;
+		nv.backend = be_id;
+		nv.group = svc->id;
+		if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &nv, BPF_ANY))
+			return meshd_drop_err(st);
+		meshd_copy16(nv.nat_addr, nat_addr);
+		nv.nat_port = nat_port;
+		nv.refreshed_ns = now;
+		if (p.proto == IPPROTO_TCP) {
+			nv.rst = !!(p.tcp_flags & MESHD_TCP_RST);
+			nv.fin_fwd = !!(p.tcp_flags & MESHD_TCP_FIN);
+		}
+		if (bpf_map_update_elem(&meshd_tcct_v1, &fk, &nv, BPF_ANY))
+			return meshd_drop_err(st);
+		if (repick)
+			MESHD_COUNT(st, ct_repick);
+		else
+			MESHD_COUNT(st, ct_new);
+	} else {
+		meshd_copy16(nat_addr, ct->nat_addr);
+		nat_port = ct->nat_port;
+		if (now - ct->refreshed_ns > MESHD_CT_REFRESH_NS) {
+			meshd_rev_key(&rk, &p, nat_addr, nat_port);
+			meshd_copy16(nv.nat_addr, p.daddr);
+			nv.nat_port = p.dport;
+			nv.backend = ct->backend;
+			nv.group = ct->group;
+			bpf_map_update_elem(&meshd_tcct_v1, &rk, &nv, BPF_ANY);
+			ct->refreshed_ns = now;
+		}
+		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST)))
+			meshd_ct_tcp(ct, p.tcp_flags, 1, st);
+	}
+	if (p.frag == MESHD_FRAG_FIRST && meshd_frag_note(&p, MESHD_CT_FWD, nat_addr))
+		return meshd_drop_err(st);
+
+	csum_off = meshd_l4_csum_off(&p);
+	l4_flags = meshd_l4_flags(&p);
+	if (meshd_set_addr(skb, &p, 1, nat_addr, csum_off, l4_flags) ||
+	    meshd_set_port(skb, p.l4off + 2, p.dport, nat_port, csum_off, l4_flags))
+		return meshd_drop_err(st);
+	MESHD_COUNT(st, dnat);
+	return TC_ACT_OK;
+}
+
+static __always_inline int meshd_nat_rev(struct __sk_buff *skb)
+{
+	struct meshd_ct_key rk = {}, fk = {};
+	struct meshd_ct_val *rv, *fwd;
+	struct meshd_tc_stats *st;
+	struct meshd_pkt p = {};
+	__u32 csum_off;
+	__u64 l4_flags;
+
+	if (meshd_parse(skb, &p) != MESHD_PARSE_OK)
+		return TC_ACT_UNSPEC;
+	if (p.frag == MESHD_FRAG_LATER)
+		return meshd_frag_xlate(skb, &p, MESHD_CT_REV);
+	if (p.proto == IPPROTO_ICMP || p.proto == MESHD_NEXTHDR_ICMP6)
+		return meshd_icmp_xlate(skb, &p, MESHD_CT_REV);
+
+	meshd_copy16(rk.saddr, p.saddr);
+	meshd_copy16(rk.daddr, p.daddr);
+	rk.sport = p.sport;
+	rk.dport = p.dport;
+	rk.proto = p.proto;
+	rk.dir = MESHD_CT_REV;
+	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
+	if (!rv)
+		return TC_ACT_UNSPEC; /* not a reply of a tracked flow */
+	st = meshd_stats();
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST))) {
+		meshd_copy16(fk.saddr, p.daddr);
+		meshd_copy16(fk.daddr, rv->nat_addr);
+		fk.sport = p.dport;
+		fk.dport = rv->nat_port;
+		fk.proto = p.proto;
+		fk.dir = MESHD_CT_FWD;
+		fwd = bpf_map_lookup_elem(&meshd_tcct_v1, &fk);
+		if (fwd)
+			meshd_ct_tcp(fwd, p.tcp_flags, 0, st);
+	}
+	if (p.frag == MESHD_FRAG_FIRST && meshd_frag_note(&p, MESHD_CT_REV, rv->nat_addr))
+		return meshd_drop_err(st);
+
+	csum_off = meshd_l4_csum_off(&p);
+	l4_flags = meshd_l4_flags(&p);
+	if (meshd_set_addr(skb, &p, 0, rv->nat_addr, csum_off, l4_flags) ||
+	    meshd_set_port(skb, p.l4off, p.sport, rv->nat_port, csum_off, l4_flags))
+		return meshd_drop_err(st);
+	MESHD_COUNT(st, revnat);
+	return TC_ACT_OK;
+}
+
+SEC("tc")
+int meshd_tc_in(struct __sk_buff *skb)
+{
+	return meshd_nat_fwd(skb);
+}
+
+SEC("tc")
+int meshd_tc_out(struct __sk_buff *skb)
+{
+	return meshd_nat_rev(skb);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,373 @@
+"""Per-packet load balancing on tc (clsact): load, attach, detach, read (bpf/tc_lb.bpf.c).
+
+The tc programs share the socket LB's service, backend and Maglev maps: `load()` reuses
+every map the instance pinned (the socket LB must be loaded first, `loader.load()`), and
+pins the tc path's own maps (conntrack, fragments, counters, the interface record) beside
+them, adopting them across restarts so tracked flows survive an upgrade.
+
+    attach_interfaces(bpffs, instance, ["eth1"], netns=None)   ingress + egress filters
+    detach_interfaces(bpffs, instance, ["eth1"] | None, netns=None)
+    detach_all(bpffs, instance)       every recorded filter, in every namespace still there
+
+Filters are cls_bpf on a clsact qdisc (no tcx in libbpf 1.1), one handle per instance, at
+`priority` (default 1) on both hooks. They are not links: they outlive the daemon and keep
+serving while it restarts; re-attaching swaps the program in place (BPF_TC_F_REPLACE, no
+gap). Where they are is recorded in the pinned map meshd_tcif_v1, so cleanup and a changed
+`tc.interfaces` find them without the old config. The clsact qdisc is never removed: other
+tools' filters may live on it (an empty clsact costs nothing measurable).
+
+tc calls act on the calling thread's network namespace; with `netns` (a name under
+/run/netns or a path) the work runs in a thread that joined it (libbpf.in_netns).
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+import os
+import socket
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshd import names
+from meshd.errors import BpfError, DataplaneError
+from meshd.dataplane import libbpf as bpf
+from meshd.dataplane import structs as S
+from meshd.dataplane.loader import ensure_bpffs, object_path
+
+PRIORITY = 1  # tc filter priority (both hooks): first, so other filters see translated packets
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2  # what the programs return
+CT_FWD, CT_REV = 0, 1  # meshd_ct_key.dir
+
+
+# ---- mirrors of bpf/include/meshd_tc.h (checked against BTF by tests/kernel/test_tc_packets.py)
+class CtKey(C.Structure):
+    _fields_ = [("saddr", S.Addr16), ("daddr", S.Addr16), ("sport", C.c_uint16),
+                ("dport", C.c_uint16), ("proto", C.c_uint8), ("dir", C.c_uint8),
+                ("pad", C.c_uint16)]
+
+
+class CtVal(C.Structure):
+    _fields_ = [("nat_addr", S.Addr16), ("nat_port", C.c_uint16), ("fin_fwd", C.c_uint8),
+                ("fin_rev", C.c_uint8), ("rst", C.c_uint8), ("pad", C.c_uint8 * 3),
+                ("backend", C.c_uint32), ("group", C.c_uint32), ("refreshed_ns", C.c_uint64)]
+
+
+class FragKey(C.Structure):
+    _fields_ = [("saddr", S.Addr16), ("daddr", S.Addr16), ("id", C.c_uint32),
+                ("proto", C.c_uint8), ("dir", C.c_uint8), ("pad", C.c_uint16)]
+
+
+class FragVal(C.Structure):
+    _fields_ = [("addr", S.Addr16)]
+
+
+STATS_COUNTERS = ("dnat", "revnat", "ct_new", "ct_repick", "ct_closed", "no_backend",
+                  "frag_xlate", "icmp_xlate", "ct_shadowed", "errors")
+
+
+class TcStats(C.Structure):
+    _fields_ = [(n, C.c_uint64) for n in STATS_COUNTERS]
+
+
+class IfKey(C.Structure):
+    _fields_ = [("netns_ino", C.c_uint64), ("ifindex", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class IfVal(C.Structure):
+    _fields_ = [("name", C.c_char * 16), ("handle", C.c_uint32), ("priority", C.c_uint32)]
+
+
+MIRRORS = {"meshd_ct_key": CtKey, "meshd_ct_val": CtVal, "meshd_frag_key": FragKey,
+           "meshd_frag_val": FragVal, "meshd_tc_stats": TcStats, "meshd_tc_if_key": IfKey,
+           "meshd_tc_if_val": IfVal}
+
+
+# ---- the flow hash: must equal meshd_flow_hash() in bpf/tc_lb.bpf.c -------------------------
+_M64 = (1 << 64) - 1
+_SEED = 0x9E3779B97F4A7C15
+
+
+def _fmix64(k: int) -> int:
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _M64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & _M64
+    return k ^ (k >> 33)
+
+
+def flow_hash(saddr: S.IPAddress, sport: int, dport: int, proto: int) -> int:
+    """32-bit hash of (client address, client port, service port, protocol); ports in host
+    order. The destination address is not part of it (see docs/tc.md)."""
+    w = struct.unpack(">4I", bytes(S.pack_addr(saddr)))
+    h = _fmix64(((w[0] << 32) | w[1]) ^ _SEED)
+    h = _fmix64(h ^ ((w[2] << 32) | w[3]))
+    h = _fmix64(h ^ ((sport << 24) | (dport << 8) | proto))
+    return h & 0xFFFFFFFF
+
+
+def flow_slot(saddr: S.IPAddress, sport: int, dport: int, proto: int, m: int) -> int:
+    """The Maglev slot the tc path uses for a new flow."""
+    return flow_hash(saddr, sport, dport, proto) % m
+
+
+# ---- loading -------------------------------------------------------------------------------
+def filter_handle(instance: str) -> int:
+    """The tc filter handle of an instance's filters (stable, non-zero)."""
+    return (zlib.crc32(f"meshd/{instance}".encode()) & 0x7FFFFFFF) or 1
+
+
+def _maglev_m(pin_dir: Path, instance: str) -> int:
+    missing = [n for n in names.SOCK_LB_MAPS if not (pin_dir / n).exists()]
+    if missing:
+        raise DataplaneError(
+            f"instance {instance!r} has no socket LB maps at {pin_dir} (missing "
+            f"{', '.join(missing)}): the tc path shares them; load the socket LB first "
+            "(`meshd run` does, in that order)")
+    meta = bpf.Map(bpf.obj_get(pin_dir / names.MAP_META), names.MAP_META, C.c_uint32, S.Meta)
+    try:
+        value = meta.lookup(C.c_uint32(0))
+    finally:
+        meta.close()
+    if value is None or value.maglev_m == 0:
+        raise DataplaneError(f"instance {instance!r} at {pin_dir} was never fully loaded")
+    return value.maglev_m
+
+
+def load(bpffs: Path, instance: str, ct_max_entries: int | None = None) -> bpf.BpfObject:
+    """Opens and loads the tc object of `instance`, sharing its pinned maps; pins the tc
+    maps that were not pinned yet. The caller closes the returned object (filters and pins
+    keep what they need). `ct_max_entries` sizes a conntrack map created by this call (two
+    entries per flow; default 262,144); a pinned one keeps its size."""
+    ensure_bpffs(bpffs)
+    pin_dir = names.pin_dir(bpffs, instance)
+    m = _maglev_m(pin_dir, instance)
+    obj = bpf.BpfObject(object_path(names.OBJ_TC_LB))
+    try:
+        obj.set_rodata(bytes(S.Cfg(maglev_m=m)))
+        obj.set_inner_value_size(names.MAP_MAGLEV, 4 * m)
+        if ct_max_entries:
+            obj.set_max_entries(names.MAP_TC_CT, ct_max_entries)
+        adopted = set()
+        # Every map of meshd_maps.h, used or not: an unused one would be created (revnat
+        # alone is 31 MB) if it were not adopted.
+        for name in names.SOCK_LB_MAPS + names.TC_MAPS:
+            pin = pin_dir / name
+            if pin.exists():
+                fd = bpf.obj_get(pin)
+                try:
+                    obj.reuse_map_fd(name, fd)
+                finally:
+                    bpf.close_fd(fd)
+                adopted.add(name)
+        obj.load()
+        for name in names.TC_MAPS:
+            if name not in adopted:
+                bpf.obj_pin(obj.map_fd(name), pin_dir / name)
+        return obj
+    except BaseException:
+        obj.close()
+        raise
+
+
+# ---- attaching -------------------------------------------------------------------------------
+def _ns_path(netns: str | Path | None) -> str | None:
+    if netns is None:
+        return None
+    p = str(netns)
+    return p if "/" in p else f"/run/netns/{p}"
+
+
+def _run_in(netns: str | Path | None):
+    path = _ns_path(netns)
+    if path is None:
+        return lambda fn: fn()
+    if not os.path.exists(path):
+        raise DataplaneError(f"network namespace {path} does not exist")
+    return bpf.in_netns(path)
+
+
+def _thread_netns_ino() -> int:
+    return os.stat("/proc/thread-self/ns/net").st_ino
+
+
+def _ifindexes(interfaces, where: str) -> dict[str, int]:
+    out, missing = {}, []
+    for name in interfaces:
+        try:
+            out[name] = socket.if_nametoindex(name)
+        except OSError:
+            missing.append(name)
+    if missing:
+        raise DataplaneError(
+            f"tc.interfaces: no interface {', '.join(repr(n) for n in missing)} in {where}; "
+            "`ip -br link` lists the names there: fix tc.interfaces (or create the "
+            "interface first)")
+    return out
+
+
+def _if_map(pin_dir: Path) -> bpf.Map:
+    return bpf.Map(bpf.obj_get(pin_dir / names.MAP_TC_IFS), names.MAP_TC_IFS, IfKey, IfVal)
+
+
+def _detach_one(ifindex: int, handle: int, priority: int, what: str) -> bool:
+    a = bpf.tc_detach(ifindex, bpf.TC_INGRESS, handle, priority, f"{what} ingress")
+    b = bpf.tc_detach(ifindex, bpf.TC_EGRESS, handle, priority, f"{what} egress")
+    return a or b
+
+
+def attach_interfaces(bpffs: Path, instance: str, interfaces, netns: str | Path | None = None,
+                      *, ct_max_entries: int | None = None,
+                      priority: int = PRIORITY) -> dict[str, int]:
+    """Loads the tc programs of `instance` and attaches them (ingress and egress) to each
+    interface, in `netns` (default: this process's namespace). Recorded interfaces of that
+    namespace that are not in `interfaces` any more are detached. Every name is checked
+    before anything is attached. Returns {interface: ifindex}."""
+    interfaces = list(dict.fromkeys(interfaces))
+    where = f"network namespace {_ns_path(netns)}" if netns else "this network namespace"
+    run = _run_in(netns)
+    pin_dir = names.pin_dir(bpffs, instance)
+    handle = filter_handle(instance)
+    with load(bpffs, instance, ct_max_entries) as obj:
+        prog_in, prog_out = obj.prog_fd(names.TC_PROG_INGRESS), obj.prog_fd(names.TC_PROG_EGRESS)
+        record = _if_map(pin_dir)
+        done: dict[str, int] = {}
+
+        def work() -> None:
+            idx = _ifindexes(interfaces, where)
+            ino = _thread_netns_ino()
+            for name, ifindex in idx.items():
+                what = f"{name} ({where})"
+                old = record.lookup(IfKey(netns_ino=ino, ifindex=ifindex))
+                if old is not None and (old.handle, old.priority) != (handle, priority):
+                    _detach_one(ifindex, old.handle, old.priority, what)  # priority changed
+                bpf.tc_hook_create(ifindex, what)
+                bpf.tc_attach(ifindex, bpf.TC_INGRESS, prog_in, handle, priority, what)
+                bpf.tc_attach(ifindex, bpf.TC_EGRESS, prog_out, handle, priority, what)
+                record.update(IfKey(netns_ino=ino, ifindex=ifindex),
+                              IfVal(name=name.encode()[:15], handle=handle, priority=priority))
+                done[name] = ifindex
+            for key, val in list(record.items()):
+                if key.netns_ino == ino and key.ifindex not in idx.values():
+                    _detach_one(key.ifindex, val.handle, val.priority, val.name.decode())
+                    record.delete(key)
+        try:
+            run(work)
+        finally:
+            record.close()
+    return done
+
+
+def detach_interfaces(bpffs: Path, instance: str, interfaces=None,
+                      netns: str | Path | None = None) -> list[str]:
+    """Detaches the instance's filters from `interfaces` (None: every recorded interface of
+    that namespace) in `netns`. Interfaces without a filter (or gone) are skipped. Returns
+    the interfaces a filter was removed from."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    record = _if_map(pin_dir) if (pin_dir / names.MAP_TC_IFS).exists() else None
+    handle = filter_handle(instance)
+    removed: list[str] = []
+
+    def work() -> None:
+        ino = _thread_netns_ino()
+        targets: dict[int, tuple[str, int, int]] = {}
+        if record is not None:
+            for key, val in record.items():
+                if key.netns_ino == ino:
+                    targets[key.ifindex] = (val.name.decode(), val.handle, val.priority)
+        if interfaces is not None:
+            wanted = {}
+            for name in interfaces:
+                try:
+                    ifindex = socket.if_nametoindex(name)
+                except OSError:
+                    continue
+                wanted[ifindex] = targets.get(ifindex, (name, handle, PRIORITY))
+            targets = wanted
+        for ifindex, (name, h, prio) in targets.items():
+            if _detach_one(ifindex, h, prio, name):
+                removed.append(name)
+            if record is not None:
+                record.delete(IfKey(netns_ino=ino, ifindex=ifindex))
+    try:
+        _run_in(netns)(work)
+    finally:
+        if record is not None:
+            record.close()
+    return removed
+
+
+def detach_all(bpffs: Path, instance: str) -> list[str]:
+    """Detaches every filter the instance recorded, in this namespace and in every named
+    one (/run/netns) still there; records of namespaces that are gone are dropped. For
+    `meshd cleanup`, before loader.remove()."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    if not (pin_dir / names.MAP_TC_IFS).exists():
+        return []
+    record = _if_map(pin_dir)
+    try:
+        inos = {k.netns_ino for k in record.keys()}
+    finally:
+        record.close()
+    paths = {os.stat("/proc/self/ns/net").st_ino: None}
+    run_netns = Path("/run/netns")
+    if run_netns.is_dir():
+        for p in run_netns.iterdir():
+            try:
+                paths.setdefault(os.stat(p).st_ino, str(p))
+            except OSError:
+                continue
+    removed = []
+    for ino in inos:
+        if ino in paths:
+            removed += detach_interfaces(bpffs, instance, None, paths[ino])
+    record = _if_map(pin_dir)
+    try:
+        for key in list(record.keys()):
+            if key.netns_ino not in paths:
+                record.delete(key)
+    finally:
+        record.close()
+    return removed
+
+
+# ---- reading -------------------------------------------------------------------------------
+@dataclass
+class TcMaps:
+    """Open handles on an instance's tc maps (tests, tools)."""
+    ct: bpf.Map
+    frag: bpf.Map
+    stats: bpf.PercpuMap
+
+    def counters(self) -> dict[str, int]:
+        """struct meshd_tc_stats summed over CPUs."""
+        value = self.stats.lookup(C.c_uint32(0))
+        if value is None:
+            return dict.fromkeys(STATS_COUNTERS, 0)
+        copies = self.stats.copies(value)
+        return {n: sum(getattr(c, n) for c in copies) for n in STATS_COUNTERS}
+
+    def close(self) -> None:
+        for m in (self.ct, self.frag, self.stats):
+            m.close()
+
+
+def open_maps(bpffs: Path, instance: str) -> TcMaps:
+    pin_dir = names.pin_dir(bpffs, instance)
+    if not (pin_dir / names.MAP_TC_CT).exists():
+        raise DataplaneError(f"instance {instance!r} has no tc maps at {pin_dir}; "
+                             "are tc.interfaces configured?")
+    opened: list[bpf.Map] = []
+    try:
+        opened.append(bpf.Map(bpf.obj_get(pin_dir / names.MAP_TC_CT), names.MAP_TC_CT,
+                              CtKey, CtVal))
+        opened.append(bpf.Map(bpf.obj_get(pin_dir / names.MAP_TC_FRAG), names.MAP_TC_FRAG,
+                              FragKey, FragVal))
+        opened.append(bpf.PercpuMap(bpf.obj_get(pin_dir / names.MAP_TC_STATS),
+                                    names.MAP_TC_STATS, C.c_uint32, TcStats))
+    except BpfError:
+        for m in opened:
+            m.close()
+        raise
+    return TcMaps(*opened)

@@ -1,0 +1,421 @@
+"""The tc load balancer end to end: a client namespace reaches VIPs through a routing "node"
+namespace running meshd's tc programs; backends sit on a LAN behind the node.
+
+    P-cli                    P-na (node A)                 P-lan               P-b1 .. P-b5
+    lo 10.250.0.1 ─ P-ca ═══ P-ac  [tc in/out]  P-al ═══ P-la ─┐              10.0.9.11..15
+                   10.250.1.2      10.250.1.1  10.0.9.1        br0 ─ P-l<i> ═══ P-e<i>
+                 ─ P-cb ═══ P-bc  [tc in/out]  P-bl ═══ P-lb ─┘
+                   10.250.2.2   P-nb (node B)  10.0.9.2
+                                10.250.2.1
+
+The client talks from 10.250.0.1 and routes the service range via node A (or B); backends
+route the client via the same node, so the node is on the return path (routed mode).
+ip_forward is on only inside the two node namespaces; no namespace has a default route or
+any link to the root namespace. P = "mtc" + 5 hex digits, claimed like test instances so a
+crashed run's namespaces are swept by the next session (never a live session's).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from meshd import names
+from meshd.dataplane import libbpf as bpf
+from meshd.dataplane import loader, tc
+from meshd.dataplane.kernel import KernelDataplane
+from meshd.desired import desired_groups
+from meshd.errors import DataplaneError
+from meshd.model import parse_service
+from meshd.reconciler import Reconciler
+from testlib import BPFFS, CGROUP2, TEST_PREFIX, claim, owner_alive, release
+
+AGENT = Path(__file__).resolve().parents[2] / "netns_lab" / "agent.py"
+NS_PREFIX = "mtc"
+CLIENT = "10.250.0.1"
+WEB, DNS, CLOSED, EMPTY = "10.96.0.10", "10.96.0.53", "10.96.0.9", "10.96.0.99"
+BACKENDS = 5
+
+
+def sh(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
+    cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    if check and cp.returncode:
+        raise RuntimeError(f"{' '.join(argv)}: exit {cp.returncode}: {cp.stderr.strip()}")
+    return cp
+
+
+def sweep_leftovers() -> None:
+    """Namespaces of crashed runs of this module (owner dead), by prefix."""
+    out = sh("ip", "netns", "list", check=False).stdout.split()
+    for ns in out:
+        if ns.startswith(NS_PREFIX) and "-" in ns:
+            prefix = ns.split("-", 1)[0]
+            if not owner_alive(prefix):
+                sh("ip", "netns", "del", ns, check=False)
+                release(prefix)
+
+
+class Topo:
+    def __init__(self) -> None:
+        self.p = NS_PREFIX + secrets.token_hex(3)[:5]
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+
+    def ns(self, short: str) -> str:
+        return f"{self.p}-{short}"
+
+    def path(self, short: str) -> str:
+        return f"/run/netns/{self.ns(short)}"
+
+    def ip(self, short: str, *args: str) -> None:
+        sh("ip", "-n", self.ns(short), *args)
+
+    def veth(self, a: str, a_if: str, a_idx: int, b: str, b_if: str, b_idx: int) -> None:
+        # distinct ifindexes on the two ends: equal ones delay carrier by up to 1 s
+        sh("ip", "link", "add", f"{self.p}-{a_if}", "index", str(a_idx), "netns", self.ns(a),
+           "type", "veth", "peer", "name", f"{self.p}-{b_if}", "index", str(b_idx),
+           "netns", self.ns(b))
+        self.ip(a, "link", "set", f"{self.p}-{a_if}", "up")
+        self.ip(b, "link", "set", f"{self.p}-{b_if}", "up")
+
+    def up(self) -> "Topo":
+        claim(self.p)
+        shorts = ["cli", "na", "nb", "lan"] + [f"b{i}" for i in range(1, BACKENDS + 1)]
+        for s in shorts:
+            sh("ip", "netns", "add", self.ns(s))
+            self.namespaces.append(self.ns(s))
+            self.ip(s, "link", "set", "lo", "up")
+        self.ip("cli", "addr", "add", f"{CLIENT}/32", "dev", "lo")
+        self.veth("cli", "ca", 11, "na", "ac", 12)
+        self.veth("cli", "cb", 13, "nb", "bc", 14)
+        self.ip("lan", "link", "add", "br0", "type", "bridge")
+        self.ip("lan", "link", "set", "br0", "up")
+        self.veth("na", "al", 15, "lan", "la", 16)
+        self.veth("nb", "bl", 17, "lan", "lb", 18)
+        self.ip("lan", "link", "set", f"{self.p}-la", "master", "br0")
+        self.ip("lan", "link", "set", f"{self.p}-lb", "master", "br0")
+        self.ip("cli", "addr", "add", "10.250.1.2/24", "dev", f"{self.p}-ca")
+        self.ip("cli", "addr", "add", "10.250.2.2/24", "dev", f"{self.p}-cb")
+        self.ip("na", "addr", "add", "10.250.1.1/24", "dev", f"{self.p}-ac")
+        self.ip("nb", "addr", "add", "10.250.2.1/24", "dev", f"{self.p}-bc")
+        self.ip("na", "addr", "add", "10.0.9.1/24", "dev", f"{self.p}-al")
+        self.ip("nb", "addr", "add", "10.0.9.2/24", "dev", f"{self.p}-bl")
+        self.ip("na", "route", "add", f"{CLIENT}/32", "via", "10.250.1.2")
+        self.ip("nb", "route", "add", f"{CLIENT}/32", "via", "10.250.2.2")
+        for node in ("na", "nb"):  # forwarding only inside the node namespaces
+            sh("nsenter", f"--net={self.path(node)}", "--", "sysctl", "-qw",
+               "net.ipv4.ip_forward=1")
+        for i in range(1, BACKENDS + 1):
+            self.veth(f"b{i}", f"e{i}", 40 + i, "lan", f"l{i}", 20 + i)
+            self.ip("lan", "link", "set", f"{self.p}-l{i}", "master", "br0")
+            self.ip(f"b{i}", "addr", "add", f"{self.backend(i)}/24", "dev", f"{self.p}-e{i}")
+        self.via("a")
+        for i in range(1, BACKENDS + 1):
+            log = open(os.devnull, "wb")
+            self.procs.append(subprocess.Popen(
+                ["nsenter", f"--net={self.path(f'b{i}')}", "--", sys.executable, "-I", "-S",
+                 str(AGENT), "serve", "--name", f"b{i}", "--port", "8080", "--udp"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+        deadline = time.monotonic() + 10
+        for i in range(1, BACKENDS + 1):  # plain routing, no meshd yet: wait until it works
+            while True:
+                try:
+                    assert tcp_names(self, self.backend(i), 8080, 1, timeout=0.5) == [f"b{i}"]
+                    break
+                except (OSError, AssertionError):
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        return self
+
+    @staticmethod
+    def backend(i: int) -> str:
+        return f"10.0.9.{10 + i}"
+
+    def via(self, node: str) -> None:
+        """Client and backends route through node "a" or "b"."""
+        gw_cli, gw_lan = ("10.250.1.1", "10.0.9.1") if node == "a" else ("10.250.2.1", "10.0.9.2")
+        for net in ("10.96.0.0/16", "10.0.9.0/24"):
+            self.ip("cli", "route", "replace", net, "via", gw_cli, "src", CLIENT)
+        for i in range(1, BACKENDS + 1):
+            self.ip(f"b{i}", "route", "replace", "10.250.0.0/16", "via", gw_lan)
+
+    def down(self) -> None:
+        for proc in self.procs:  # by PID, the ones we started
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=3)
+        for ns in self.namespaces:  # takes veths, the bridge and tc filters with it
+            sh("ip", "netns", "del", ns, check=False)
+        release(self.p)
+
+
+def client_socket(topo: Topo, kind: int) -> socket.socket:
+    """A socket in the client namespace (a socket keeps the namespace it was made in)."""
+    box: list[socket.socket] = []
+    bpf.in_netns(topo.path("cli"))(lambda: box.append(socket.socket(socket.AF_INET, kind)))
+    return box[0]
+
+
+def tcp_open(topo: Topo, addr: str, port: int, timeout: float = 2.0) -> socket.socket:
+    s = client_socket(topo, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    try:
+        s.bind((CLIENT, 0))
+        s.connect((addr, port))
+    except BaseException:
+        s.close()
+        raise
+    return s
+
+
+def ask(s: socket.socket) -> str:
+    s.sendall(b"hi\n")
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = s.recv(64)
+        if not chunk:
+            raise ConnectionError("EOF")
+        buf += chunk
+    return buf.decode().strip()
+
+
+def tcp_names(topo: Topo, addr: str, port: int, n: int, timeout: float = 2.0) -> list[str]:
+    out = []
+    for _ in range(n):
+        with tcp_open(topo, addr, port, timeout) as s:
+            out.append(ask(s))
+    return out
+
+
+def udp_flow(topo: Topo, sport: int, addr: str = DNS, port: int = 53,
+             timeout: float = 2.0) -> str:
+    """One datagram from CLIENT:sport; the answer must come from addr:port (connected)."""
+    s = client_socket(topo, socket.SOCK_DGRAM)
+    with s:
+        s.settimeout(timeout)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((CLIENT, sport))
+        s.connect((addr, port))
+        s.send(b"x")
+        return s.recv(64).decode()
+
+
+def services(backends=(1, 2, 3), dummy: bool = False) -> list:
+    def eps(port_name, port, ids):
+        return [{"address": Topo.backend(i), "ports": {port_name: port}} for i in ids]
+    svcs = [
+        {"namespace": "t", "name": "web", "vips": [WEB],
+         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+         "endpoints": eps("http", 8080, backends)},
+        {"namespace": "t", "name": "dns", "vips": [DNS],
+         "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}],
+         "endpoints": eps("dns", 8080, backends)},
+        {"namespace": "t", "name": "closed", "vips": [CLOSED],
+         "ports": [{"name": "p", "port": 9, "protocol": "UDP"}],
+         "endpoints": eps("p", 9999, backends)},
+        {"namespace": "t", "name": "empty", "vips": [EMPTY],
+         "ports": [{"name": "http", "port": 80, "protocol": "TCP"}], "endpoints": []},
+    ]
+    if dummy:  # written first: the same backends get other ids than on the other node
+        svcs.insert(0, {"namespace": "t", "name": "aaa", "vips": ["10.96.1.1"],
+                        "ports": [{"name": "p", "port": 1, "protocol": "TCP"}],
+                        "endpoints": eps("p", 1, (5, 4))})
+    return [parse_service(s, where=s["name"]) for s in svcs]
+
+
+class Node:
+    """One meshd instance: socket LB maps (own empty cgroup), reconciler, tc filters."""
+
+    def __init__(self, topo: Topo, node: str, interface: str):
+        self.topo, self.node, self.interface = topo, node, interface
+        self.instance = TEST_PREFIX + topo.p + node
+        claim(self.instance)
+        self.cgroup = CGROUP2 / self.instance
+        self.cgroup.mkdir()
+        self.maps = None
+        self.maps = loader.load(BPFFS, self.instance, self.cgroup, 1021, metrics=False)
+        self.rec = Reconciler(KernelDataplane(self.maps))
+
+    def apply(self, svcs) -> None:
+        rep = self.rec.apply(desired_groups(svcs))
+        assert not rep.errors, rep.errors
+
+    def attach(self, interfaces=None) -> dict[str, int]:
+        return tc.attach_interfaces(BPFFS, self.instance, interfaces or [self.interface],
+                                    netns=self.topo.ns(self.node))
+
+    def counters(self) -> dict[str, int]:
+        m = tc.open_maps(BPFFS, self.instance)
+        try:
+            return m.counters()
+        finally:
+            m.close()
+
+    def close(self) -> None:
+        try:
+            tc.detach_all(BPFFS, self.instance)
+        finally:
+            if self.maps:
+                self.maps.close()
+            loader.remove(BPFFS, self.instance)
+            self.cgroup.rmdir()
+            release(self.instance)
+
+
+@pytest.fixture(scope="module")
+def topo():
+    sweep_leftovers()
+    t = Topo()
+    try:
+        yield t.up()
+    finally:
+        t.down()
+
+
+@pytest.fixture(scope="module")
+def node_a(topo):
+    n = Node(topo, "na", f"{topo.p}-ac")
+    try:
+        n.apply(services())
+        n.attach()
+        yield n
+    finally:
+        n.close()
+
+
+@pytest.fixture
+def reset_a(node_a):
+    """Node A back to 3 backends and routing through A after a test that changed them."""
+    yield node_a
+    node_a.apply(services())
+    node_a.topo.via("a")
+
+
+# ---- tests --------------------------------------------------------------------------------
+def test_tcp_and_udp_through_the_node_reach_every_backend(topo, node_a):
+    got = tcp_names(topo, WEB, 80, 60)
+    assert set(got) == {"b1", "b2", "b3"}
+    udp = {udp_flow(topo, sport) for sport in range(41000, 41030)}
+    assert udp == {"b1", "b2", "b3"}  # the reply came from DNS:53 (connected socket)
+    c = node_a.counters()
+    assert c["dnat"] > 0 and c["revnat"] > 0 and c["errors"] == 0
+
+
+def test_traffic_to_no_service_passes_untouched(topo, node_a):
+    before = node_a.counters()
+    assert tcp_names(topo, Topo.backend(2), 8080, 3) == ["b2"] * 3
+    after = node_a.counters()
+    assert (after["dnat"], after["revnat"]) == (before["dnat"], before["revnat"])
+
+
+def test_long_flows_stay_on_their_backend_while_backends_are_added(topo, reset_a):
+    node = reset_a
+    held = [tcp_open(topo, WEB, 80) for _ in range(40)]
+    try:
+        first = [ask(s) for s in held]
+        node.apply(services((1, 2, 3, 4, 5)))
+        assert [ask(s) for s in held] == first
+        tc.attach_interfaces(BPFFS, node.instance, [node.interface], netns=topo.ns("na"))
+        assert [ask(s) for s in held] == first, "a program swap (restart) keeps the flows"
+    finally:
+        for s in held:
+            s.close()
+    assert {"b4", "b5"} & set(tcp_names(topo, WEB, 80, 60)), "new flows use new backends"
+
+
+def test_removing_a_backend_moves_only_its_flows(topo, reset_a):
+    node = reset_a
+    sports = range(42000, 42060)
+    before = {s: udp_flow(topo, s) for s in sports}
+    assert set(before.values()) == {"b1", "b2", "b3"}
+    node.apply(services((1, 3)))
+    after = {s: udp_flow(topo, s) for s in sports}
+    for s in sports:
+        if before[s] == "b2":
+            assert after[s] in ("b1", "b3")
+        else:
+            assert after[s] == before[s], f"flow {s} moved from {before[s]} to {after[s]}"
+
+
+def test_two_nodes_with_the_same_state_choose_the_same_backend(topo, node_a, reset_a):
+    """The same 5-tuple through node A, then through node B (other backend ids): the same
+    backend, without any state shared between the nodes."""
+    node_b = Node(topo, "nb", f"{topo.p}-bc")
+    try:
+        node_b.apply(services(dummy=True))
+        ids = lambda n: {bytes(v.addr): k.value for k, v in n.maps.backends.items()}  # noqa: E731
+        assert ids(node_a) != ids(node_b), "the test needs different ids on the two nodes"
+        node_b.attach()
+        sports = range(43000, 43040)
+        via_a = {s: udp_flow(topo, s) for s in sports}
+        topo.via("b")
+        via_b = {s: udp_flow(topo, s) for s in sports}
+        assert via_b == via_a
+        assert len(set(via_a.values())) == 3
+        assert node_b.counters()["dnat"] >= len(sports)
+    finally:
+        topo.via("a")
+        node_b.close()
+
+
+def test_icmp_port_unreachable_reaches_the_client_as_the_vip(topo, node_a):
+    """The backend's ICMP error quotes the backend; translated back it matches the client's
+    connected socket (peer VIP:9), which then sees ECONNREFUSED instead of a timeout."""
+    with pytest.raises(ConnectionRefusedError):
+        udp_flow(topo, 44000, CLOSED, 9, timeout=3)
+    assert node_a.counters()["icmp_xlate"] >= 1
+
+
+def test_a_service_without_backends_is_dropped(topo, node_a):
+    before = node_a.counters()["no_backend"]
+    with pytest.raises(OSError) as e:
+        tcp_open(topo, EMPTY, 80, timeout=0.5)
+    assert isinstance(e.value, TimeoutError) or e.value.errno == errno.ETIMEDOUT
+    assert node_a.counters()["no_backend"] > before
+
+
+def _filters(topo: Topo, node: str, dev: str) -> list[str]:
+    out = []
+    for hook in ("ingress", "egress"):
+        cp = sh("tc", "-n", topo.ns(node), "filter", "show", "dev", dev, hook)
+        out += [f"{hook} {line}" for line in cp.stdout.splitlines() if " handle " in line]
+    return out
+
+
+def test_attach_detach_and_a_clear_error_for_an_unknown_interface(topo, node_a):
+    dev_c, dev_l = f"{topo.p}-ac", f"{topo.p}-al"
+    with pytest.raises(DataplaneError, match=r"no interface 'nosuch0' in network namespace "
+                       r".*fix tc.interfaces"):
+        tc.attach_interfaces(BPFFS, node_a.instance, [dev_c, "nosuch0"], netns=topo.ns("na"))
+    assert len(_filters(topo, "na", dev_c)) == 2, "a failed call attaches nothing new"
+    try:
+        assert node_a.attach([dev_c, dev_l]) == {dev_c: 12, dev_l: 15}
+        assert len(_filters(topo, "na", dev_c)) == 2, "re-attaching replaces, never adds"
+        assert len(_filters(topo, "na", dev_l)) == 2
+        node_a.attach([dev_c])  # the list shrank: the other interface is detached
+        assert _filters(topo, "na", dev_l) == []
+        assert tc.detach_interfaces(BPFFS, node_a.instance, None, netns=topo.ns("na")) == [dev_c]
+        assert _filters(topo, "na", dev_c) == []
+        with pytest.raises(OSError):  # node A has no route for the VIPs: not translated
+            tcp_open(topo, WEB, 80, timeout=0.5)
+        node_a.attach()
+        assert tc.detach_all(BPFFS, node_a.instance) == [dev_c]
+        assert _filters(topo, "na", dev_c) == []
+    finally:
+        node_a.attach()
+    assert tcp_names(topo, WEB, 80, 3)
