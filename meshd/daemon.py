@@ -106,6 +106,11 @@ class Daemon:
         cfg = self.cfg
         self.maps = await asyncio.to_thread(loader.load, cfg.bpffs, cfg.instance, cfg.cgroup,
                                             cfg.maglev.table_size)
+        try:
+            await asyncio.to_thread(self._apply_tc)
+        except BaseException:
+            self.maps.close()
+            raise
         server = metrics_server = None
         tasks: list[asyncio.Task] = []
         try:
@@ -176,6 +181,24 @@ class Daemon:
         sdnotify.notify(f"READY=1\nSTATUS=serving {self.state.services} services")
         log.info("ready: %d services", self.state.services)
 
+    def _apply_tc(self) -> None:
+        """tc LB on cfg.tc.interfaces (detached from interfaces that left the list); none
+        configured: detach whatever an earlier run attached here."""
+        from meshd.dataplane import tc
+        if self.cfg.tc.interfaces:
+            done = tc.attach_interfaces(self.cfg.bpffs, self.cfg.instance, self.cfg.tc.interfaces)
+            log.info("tc LB on %s", ", ".join(done))
+        else:
+            gone = tc.detach_interfaces(self.cfg.bpffs, self.cfg.instance)
+            if gone:
+                log.info("tc LB detached from %s (tc.interfaces is empty)", ", ".join(gone))
+
+    def _apply_tc_logged(self) -> None:
+        try:
+            self._apply_tc()
+        except MeshdError as e:
+            log.error("reload: tc.interfaces not applied: %s", e)
+
     def _on_hup(self) -> None:
         log.info("SIGHUP: reloading config and services")
         try:
@@ -192,7 +215,10 @@ class Daemon:
             if (new.services_file is None) != (self.cfg.services_file is None):
                 log.error("reload: adding or removing services_file needs a restart")
                 new = new.model_copy(update={"services_file": self.cfg.services_file})
+            old_tc = self.cfg.tc
             self.cfg = new
+            if new.tc != old_tc:
+                asyncio.get_running_loop().run_in_executor(None, self._apply_tc_logged)
         self._file_sig = None  # re-read the file now
         self._file_poke.set()
 

@@ -338,8 +338,9 @@ def attached_cgroup_ids(pin_dir: Path) -> dict[str, int | None]:
 
 def remove(bpffs: Path, instance: str) -> list[str]:
     """Detaches every link and removes every pin of `instance`. Returns what it removed."""
+    from meshd.dataplane import tc  # lazy: tc imports this module
+    removed: list[str] = [f"tc filter on {n}" for n in tc.detach_all(bpffs, instance)]
     pin_dir = names.pin_dir(bpffs, instance)
-    removed: list[str] = []
     if not pin_dir.exists():
         return removed
     for pin in sorted(pin_dir.iterdir()):

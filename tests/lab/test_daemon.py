@@ -285,3 +285,13 @@ def test_scraping_the_daemon_agrees_with_what_the_client_measured(lab, daemon):
     client_p50 = res["connect_us"][0] * 1e-6
     assert client_p50 / 4 <= kernel_p50 <= client_p50 * 4, (kernel_p50, client_p50)
     assert fams["meshd_sync_lag_seconds"].samples[0].value >= 0
+
+
+def test_unknown_tc_interface_fails_fast_naming_it(lab, daemon):
+    cfg = yaml.safe_load(daemon.config.read_text())
+    cfg["tc"] = {"interfaces": ["nosuchif0"]}  # never a real interface: nothing is attached
+    daemon.config.write_text(yaml.safe_dump(cfg))
+    daemon.write(svc(lab, "web", VIP, [1]))
+    r = meshd("run", "--config", str(daemon.config), check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "nosuchif0" in r.stderr and "tc.interfaces" in r.stderr
