@@ -167,53 +167,11 @@ def build_table(backends: Sequence[tuple[str, int]], m: int) -> np.ndarray:
     Raises ValueError on no backends, a duplicate name, a weight < 1, ``m`` not a
     prime >= 3, or ``m`` smaller than the number of backends.
     """
-    ordered, m = _checked(backends, m), int(m)
-    n = len(ordered)
-    offset = np.array([_hash(name, b"maglev-offset") % m for name, _ in ordered], dtype=np.int64)
-    skip = np.array([_hash(name, b"maglev-skip") % (m - 1) + 1 for name, _ in ordered], dtype=np.int64)
-    weight = np.array([w for _, w in ordered], dtype=np.float64)
-    quota = _quotas([w for _, w in ordered], m)
-    # clock[j]: time of permutation position j at weight 1. Correctly rounded
-    # division and a sequential cumsum (no libm): the same bits on every machine.
-    clock = _clock(m)
-
-    table = np.zeros(m, dtype=np.uint32)
-    claimed = np.zeros(m, dtype=bool)
-    held = np.zeros(n, dtype=np.int64)
-    pointer = np.zeros(n, dtype=np.int64)  # positions < pointer have been looked at
-    horizon = 0.0
-    free = m
-    while free:
-        # This batch: every look of a backend under quota with time <= horizon.
-        active = np.flatnonzero(held < quota)
-        w, p = weight[active], pointer[active]
-        looks_per_time = float((w * (m - p)).sum())  # d(looks)/d(time), roughly
-        horizon = max(horizon + max(_BATCH * m, _MIN_LOOKS) / looks_per_time,
-                      float((clock[p] / w).min()))
-        # Over-generate by 2 per backend, then keep exactly the looks with time <= horizon.
-        count = np.maximum(np.minimum(np.searchsorted(clock, horizon * w, side="right") + 2, m) - p, 0)
-        row = np.repeat(np.arange(active.size), count)
-        pos = p[row] + np.arange(row.size) - np.repeat(np.cumsum(count) - count, count)
-        look_time = clock[pos] / w[row]
-        in_batch = look_time <= horizon
-        pointer[active] += np.bincount(row, weights=in_batch, minlength=active.size).astype(np.int64)
-        who = active[row]
-        slot = (offset[who] + pos * skip[who]) % m
-        keep = in_batch & ~claimed[slot]
-
-        # Play the batch's looks in order of (time, name) (positions follow).
-        order = np.flatnonzero(keep)[np.lexsort((who[keep], look_time[keep]))]
-        who, slot = who[order], slot[order]
-        wins = _claims(who, slot, quota - held)
-        table[slot[wins]] = who[wins]
-        claimed[slot[wins]] = True
-        held += np.bincount(who[wins], minlength=n)
-        free -= int(wins.sum())
-    return table
+    return build_tables([backends], m)[0]
 
 
 def build_tables(groups: Sequence[Sequence[tuple[str, int]]], m: int) -> list[np.ndarray]:
-    """``[build_table(g, m) for g in groups]``, computed in one vectorised pass.
+    """The tables ``build_table`` gives for each group, computed in one vectorised pass.
 
     Tables are independent and the result does not depend on how the time axis is cut into
     batches, so many tables run through the same batches as one problem whose slots are

@@ -54,6 +54,17 @@ def kernel_instance():
 
 
 @pytest.fixture
+def socklb(lab):
+    """The lab's socket LB, driven by the daemon's reconciler; removed after the test."""
+    from testlib import SocketLB
+    s = SocketLB(lab)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+@pytest.fixture
 def require_tool():
     def need(tool: str) -> str:
         path = shutil.which(tool)

@@ -13,13 +13,6 @@ VIP4, VIP6, MAPPED = "10.96.0.10", "fd00:96::10", "::ffff:10.96.0.10"
 CHI2_CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52}
 
 
-@pytest.fixture
-def socklb(lab):
-    s = SocketLB(lab)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def service(lab, weights: dict[int, int] | None = None, *, name="web", port=80, proto="TCP",

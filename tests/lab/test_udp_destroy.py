@@ -10,7 +10,6 @@ import pytest
 
 from meshd.dataplane.sockdestroy import destroy_udp
 
-from testlib import SocketLB
 
 VIP = "10.96.0.53"
 
@@ -38,13 +37,6 @@ def udp_service(lab, backends: list[int]) -> dict:
                           for i in backends]}
 
 
-@pytest.fixture
-def socklb(lab):
-    s = SocketLB(lab)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def start_client(lab, addr: str, port: int):
