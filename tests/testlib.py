@@ -1,11 +1,30 @@
 """Shared by the test layers (importable because pytest puts tests/ on sys.path)."""
 
+import socket
 from pathlib import Path
 
 CGROUP2 = Path("/sys/fs/cgroup/unified")
 BPFFS = Path("/sys/fs/bpf")
 TEST_PREFIX = "mtest-"  # instance names, pin dirs and cgroups of kernel and lab tests
-OWNERS = Path("/run/meshd-tests")  # <instance> -> "pid starttime" of the session using it
+OWNERS = Path("/run/meshd-tests")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback TCP ports (bound together, so they differ; released at return)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def free_port() -> int:
+    return free_ports(1)[0]  # <instance> -> "pid starttime" of the session using it
 
 
 def _start_time(pid: int) -> str | None:

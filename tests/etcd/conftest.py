@@ -34,22 +34,10 @@ from meshd.config import EtcdConfig
 from meshd.sources.etcd import EtcdSource, RegistrySnapshot
 from meshd.sources.etcd_server import EmbeddedEtcd
 
+from testlib import free_ports  # noqa: E402,F401  (re-exported to the etcd tests)
+
 ETCDCTL = "/usr/bin/etcdctl"
 T = TypeVar("T")
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback TCP ports (bound together, so they differ; released at return)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 _LOOP: asyncio.AbstractEventLoop | None = None

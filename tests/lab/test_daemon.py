@@ -14,16 +14,9 @@ import yaml
 
 from meshd.dataplane import loader
 
-from testlib import BPFFS, TEST_PREFIX, claim, release
+from testlib import BPFFS, TEST_PREFIX, claim, free_port, release
 
 VIP = "10.96.0.10"
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def meshd(*args: str, check: bool = True) -> subprocess.CompletedProcess:

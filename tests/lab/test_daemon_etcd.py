@@ -36,7 +36,7 @@ import yaml
 
 from meshd.dataplane import loader
 
-from testlib import BPFFS, TEST_PREFIX, claim, release
+from testlib import BPFFS, TEST_PREFIX, claim, free_ports, release
 
 ETCD = "/usr/bin/etcd"
 VIP_A, VIP_B, VIP_C, VIP_D = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"
@@ -44,20 +44,6 @@ PREFIX = "/meshd/"
 
 
 # ---- small helpers ---------------------------------------------------------------------------
-
-def free_ports(n: int) -> list[int]:
-    """n distinct free loopback TCP ports (bound together so they differ)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
 
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment for meshd/etcd children: no MESHD_*/ETCD*_ overrides from outside."""
