@@ -12,6 +12,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
+from meshd.errors import RecordError
 from meshd.model import Service
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -109,7 +110,6 @@ class DesiredState:
 
     def update(self, services: Iterable[Service], cidrs, forbidden
                ) -> tuple[dict[str, Group], list[RecordError]]:
-        from meshd.errors import RecordError
         from meshd.model import check_services
         cidrs, forbidden = tuple(cidrs), frozenset(forbidden)
         reset = (cidrs, forbidden) != (self._cidrs, self._forbidden)

@@ -230,7 +230,7 @@ class Reconciler:
             keys = need[start:start + TABLE_BUILD_BATCH]
             try:
                 tables = self._tables([desired[k] for k in keys])
-            except ValueError as e:  # one bad group: find it, build the rest one by one
+            except ValueError:  # one bad group: find it, build the rest one by one
                 tables = []
                 for k in keys:
                     try:

@@ -44,8 +44,7 @@ from aetcd import rpc  # noqa: E402
 from aetcd.utils import prefix_range_end  # noqa: E402
 
 from meshd.config import EtcdConfig  # noqa: E402
-from meshd.errors import RecordError, RegistryError  # noqa: E402
-from meshd.model import Service  # noqa: E402
+from meshd.errors import RegistryError  # noqa: E402
 from meshd.sources.etcd_records import (  # noqa: E402,F401  (the record API, re-exported)
     MAX_VALUE_BYTES, ENDPOINT_ID, KeyInfo, RegistrySnapshot, RegistryState, check_record,
     classify_key, decode_value, endpoint_id_problem, endpoint_key, endpoints_in_service_reason,

@@ -29,7 +29,6 @@ from pathlib import Path
 
 import pytest
 
-from meshd import names
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import loader, tc
 from meshd.dataplane.kernel import KernelDataplane
