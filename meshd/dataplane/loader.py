@@ -185,6 +185,29 @@ def open_metrics(bpffs: Path, instance: str) -> MetricsMaps:
         raise
 
 
+def adopt_pins(obj: bpf.BpfObject, pin_dir: Path, map_names) -> set[str]:
+    """Before load: makes each map of `map_names` that is pinned in `pin_dir` reuse the pinned
+    map (its entries survive a restart or upgrade). Returns the names adopted."""
+    adopted = set()
+    for name in map_names:
+        pin = pin_dir / name
+        if pin.exists():
+            fd = bpf.obj_get(pin)
+            try:
+                obj.reuse_map_fd(name, fd)
+            finally:
+                bpf.close_fd(fd)
+            adopted.add(name)
+    return adopted
+
+
+def pin_new(obj: bpf.BpfObject, pin_dir: Path, map_names, adopted: set[str]) -> None:
+    """After load: pins every map of `map_names` that was not adopted."""
+    for name in map_names:
+        if name not in adopted:
+            bpf.obj_pin(obj.map_fd(name), pin_dir / name)
+
+
 def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
     meta_pin = pin_dir / names.MAP_META
     if not meta_pin.exists():
@@ -227,20 +250,9 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool 
         obj.set_inner_value_size(names.MAP_MAGLEV, 4 * maglev_m)
         if stats_max_entries:
             obj.set_max_entries(names.MAP_STATS, stats_max_entries)
-        adopted = []
-        for name in names.PINNED_MAPS:
-            pin = pin_dir / name
-            if pin.exists():
-                fd = bpf.obj_get(pin)
-                try:
-                    obj.reuse_map_fd(name, fd)
-                finally:
-                    bpf.close_fd(fd)
-                adopted.append(name)
+        adopted = adopt_pins(obj, pin_dir, names.PINNED_MAPS)
         obj.load()
-        for name in names.PINNED_MAPS:
-            if name not in adopted:
-                bpf.obj_pin(obj.map_fd(name), pin_dir / name)
+        pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
         log.info("socket LB loaded (maglev m=%d); adopted %d pinned maps; metrics %s "
                  "(adopted %d pinned metrics maps)", maglev_m,
                  len([n for n in adopted if n in names.SOCK_LB_MAPS]),

@@ -17,6 +17,7 @@ from meshd import names
 from meshd.desired import BackendRef, Frontend
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
+from meshd.dataplane import loader
 from meshd.dataplane.loader import object_path
 
 log = logging.getLogger("meshd.dataplane")
@@ -61,11 +62,8 @@ def destroy_udp(pin_dir: Path, pairs: Iterable[tuple[Frontend, BackendRef]],
     if not pairs:
         return 0
     with bpf.BpfObject(object_path(OBJ)) as obj:
-        fd = bpf.obj_get(pin_dir / names.MAP_REVNAT)
-        try:
-            obj.reuse_map_fd(names.MAP_REVNAT, fd)
-        finally:
-            bpf.close_fd(fd)
+        if not loader.adopt_pins(obj, pin_dir, (names.MAP_REVNAT,)):
+            return 0  # nothing pinned: nothing was ever translated
         obj.load()
         doomed = bpf.Map(obj.map_fd(MAP_DOOMED), MAP_DOOMED, DoomedKey, C.c_uint8)
         for fe, be in pairs:

@@ -34,7 +34,7 @@ from meshd import names
 from meshd.errors import BpfError, DataplaneError
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
-from meshd.dataplane.loader import ensure_bpffs, object_path
+from meshd.dataplane.loader import adopt_pins, ensure_bpffs, object_path, pin_new
 
 PRIORITY = 1  # tc filter priority (both hooks): first, so other filters see translated packets
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2  # what the programs return
@@ -149,22 +149,11 @@ def load(bpffs: Path, instance: str, ct_max_entries: int | None = None) -> bpf.B
         obj.set_inner_value_size(names.MAP_MAGLEV, 4 * m)
         if ct_max_entries:
             obj.set_max_entries(names.MAP_TC_CT, ct_max_entries)
-        adopted = set()
         # Every map of meshd_maps.h, used or not: an unused one would be created (revnat
         # alone is 31 MB) if it were not adopted.
-        for name in names.SOCK_LB_MAPS + names.TC_MAPS:
-            pin = pin_dir / name
-            if pin.exists():
-                fd = bpf.obj_get(pin)
-                try:
-                    obj.reuse_map_fd(name, fd)
-                finally:
-                    bpf.close_fd(fd)
-                adopted.add(name)
+        adopted = adopt_pins(obj, pin_dir, names.SOCK_LB_MAPS + names.TC_MAPS)
         obj.load()
-        for name in names.TC_MAPS:
-            if name not in adopted:
-                bpf.obj_pin(obj.map_fd(name), pin_dir / name)
+        pin_new(obj, pin_dir, names.TC_MAPS, adopted)
         return obj
     except BaseException:
         obj.close()
