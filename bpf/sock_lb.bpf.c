@@ -21,6 +21,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "meshd_structs.h"
+#include "meshd_helpers.h"
 #include "meshd_maps.h"
 #include "meshd_metrics.h"
 
@@ -39,24 +40,6 @@
  * bound the table index with it). */
 const volatile struct meshd_cfg meshd_cfg = { .maglev_m = MESHD_DEFAULT_MAGLEV_M };
 
-/* murmur3 fmix64: socket cookies are sequential, the table index must not be. */
-static __always_inline __u32 meshd_mix64(__u64 k)
-{
-	k ^= k >> 33;
-	k *= 0xff51afd7ed558ccdULL;
-	k ^= k >> 33;
-	k *= 0xc4ceb9fe1a85ec53ULL;
-	k ^= k >> 33;
-	return (__u32)k;
-}
-
-static __always_inline void meshd_map_v4(__u32 addr[4], __u32 ip4)
-{
-	addr[0] = 0;
-	addr[1] = 0;
-	addr[2] = bpf_htonl(0x0000ffff);
-	addr[3] = ip4;
-}
 
 /* Picks a backend for the frontend `key`. Returns 0 and fills *be, -ENOENT when the
  * destination is not a service (leave the socket alone), -ECONNREFUSED when it is one
@@ -84,7 +67,7 @@ static __always_inline int meshd_pick(const struct meshd_svc_key *key, __u64 coo
 	if (!table)
 		return -MESHD_ECONNREFUSED;
 	m = meshd_cfg.maglev_m;
-	slot = meshd_mix64(cookie) % m;
+	slot = (__u32)meshd_fmix64(cookie) % m; /* cookies are sequential, slots must not be */
 	/* Keep the compiler from proving "x % m < m" and dropping the check the verifier needs. */
 	barrier_var(slot);
 	if (slot >= m)

@@ -38,6 +38,7 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 #include "meshd_structs.h"
+#include "meshd_helpers.h"
 #include "meshd_maps.h"
 #include "meshd_tc.h"
 
@@ -84,15 +85,6 @@ struct meshd_pkt {
 
 /* ---- hashing: must equal meshd/dataplane/tc.py flow_slot() ----------------------------- */
 
-static __always_inline __u64 meshd_fmix64(__u64 k)
-{
-	k ^= k >> 33;
-	k *= 0xff51afd7ed558ccdULL;
-	k ^= k >> 33;
-	k *= 0xc4ceb9fe1a85ec53ULL;
-	k ^= k >> 33;
-	return k;
-}
 
 /* Host-order words, so the slot does not depend on the CPU's byte order: nodes of any
  * architecture agree. daddr is left out on purpose: the same client flow reaching two VIPs
@@ -111,13 +103,6 @@ static __always_inline __u32 meshd_flow_hash(const struct meshd_pkt *p)
 
 /* ---- small helpers ------------------------------------------------------------------- */
 
-static __always_inline void meshd_map_v4(__u32 addr[4], __u32 ip4)
-{
-	addr[0] = 0;
-	addr[1] = 0;
-	addr[2] = bpf_htonl(0x0000ffff);
-	addr[3] = ip4;
-}
 
 static __always_inline void meshd_copy16(__u32 *dst, const __u32 *src)
 {
@@ -148,6 +133,24 @@ static __always_inline int meshd_drop_err(struct meshd_tc_stats *st)
 }
 
 /* ---- parsing --------------------------------------------------------------------------- */
+
+/* The L4 part both parsers share: TCP needs its 20-byte header (for the flags), UDP and
+ * ICMP 8 bytes; ports for everything but ICMP (`icmp` is the family's ICMP protocol). */
+static __always_inline int meshd_parse_l4(struct meshd_pkt *p, __u8 *l4, void *end, __u8 icmp)
+{
+	if (p->proto == IPPROTO_TCP) {
+		if ((void *)(l4 + 20) > end)
+			return MESHD_PARSE_SHORT;
+		p->tcp_flags = l4[13];
+	} else if ((void *)(l4 + 8) > end) {
+		return MESHD_PARSE_SHORT;
+	}
+	if (p->proto != icmp) {
+		p->sport = *(__u16 *)l4;
+		p->dport = *(__u16 *)(l4 + 2);
+	}
+	return MESHD_PARSE_OK;
+}
 
 static __always_inline int meshd_parse4(struct __sk_buff *skb, struct meshd_pkt *p)
 {
@@ -181,18 +184,7 @@ static __always_inline int meshd_parse4(struct __sk_buff *skb, struct meshd_pkt 
 		p->frag_id = ip->id;
 	}
 	l4 = data + l4off;
-	if (p->proto == IPPROTO_TCP) {
-		if ((void *)(l4 + 20) > end)
-			return MESHD_PARSE_SHORT;
-		p->tcp_flags = l4[13];
-	} else if ((void *)(l4 + 8) > end) {
-		return MESHD_PARSE_SHORT;
-	}
-	if (p->proto != IPPROTO_ICMP) {
-		p->sport = *(__u16 *)l4;
-		p->dport = *(__u16 *)(l4 + 2);
-	}
-	return MESHD_PARSE_OK;
+	return meshd_parse_l4(p, l4, end, IPPROTO_ICMP);
 }
 
 /* IPv6 without extension headers: anything else (fragments included) is left alone. */
@@ -212,18 +204,7 @@ static __always_inline int meshd_parse6(struct __sk_buff *skb, struct meshd_pkt 
 	__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 	p->l4off = ETH_HLEN + sizeof(*ip6);
-	if (p->proto == IPPROTO_TCP) {
-		if ((void *)(l4 + 20) > end)
-			return MESHD_PARSE_SHORT;
-		p->tcp_flags = l4[13];
-	} else if ((void *)(l4 + 8) > end) {
-		return MESHD_PARSE_SHORT;
-	}
-	if (p->proto != MESHD_NEXTHDR_ICMP6) {
-		p->sport = *(__u16 *)l4;
-		p->dport = *(__u16 *)(l4 + 2);
-	}
-	return MESHD_PARSE_OK;
+	return meshd_parse_l4(p, l4, end, MESHD_NEXTHDR_ICMP6);
 }
 
 /* MESHD_PARSE_OK with *p filled, or MESHD_PARSE_SKIP: leave the packet alone. */
