@@ -38,6 +38,7 @@ FILE_POLL_SECONDS = 1.0
 ADDRESS_POLL_SECONDS = 10.0
 ETCD_MONITOR_SECONDS = 1.0
 PRUNE_DELAY_SECONDS = 2.0
+SYNC_STOP_WAIT_SECONDS = 60.0  # a cold sync at 10,000 services takes ~8 s
 GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards  # how often the node's own addresses are re-read
 READY_GRACE_SECONDS = 20.0  # READY anyway (serving the pinned state) if a source stays down
 # Settings fixed for the life of the pinned data plane; a reload that changes them is refused.
@@ -98,6 +99,7 @@ class Daemon:
         self._dirty_since: float | None = None  # first change not yet in the kernel
         self._max_entries: dict[str, int] = {}
         self._prune_due = asyncio.Event()
+        self._current_sync: asyncio.Future | None = None
         from meshd.metrics import ControlPlaneStats
         self.control = ControlPlaneStats()
 
@@ -148,6 +150,9 @@ class Daemon:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if self._current_sync is not None and not self._current_sync.done():
+                log.info("stopping: letting the sync in flight finish")
+                await asyncio.wait([self._current_sync], timeout=SYNC_STOP_WAIT_SECONDS)
             if server is not None:
                 await server.stop()
             if metrics_server is not None:
@@ -325,7 +330,10 @@ class Daemon:
             self._wake.clear()
             if self.sources and not all(s.synced or s.error for s in self.sources.values()):
                 continue  # never apply a partial view: a service would vanish for a moment
-            await self.sync()
+            # shielded: a stop waits for the sync in flight (its libbpf calls run in a thread
+            # that cancellation cannot stop) before the maps it writes are closed
+            self._current_sync = asyncio.ensure_future(self.sync())
+            await asyncio.shield(self._current_sync)
             if all(s.synced for s in self.sources.values()):
                 self._ready.set()
 
