@@ -63,8 +63,12 @@
 #define MESHD_CT_REFRESH_NS 1000000000ULL
 #define MESHD_HASH_SEED 0x9e3779b97f4a7c15ULL
 
-/* Set by the loader before load: the Maglev table size of the instance's pinned maps. */
-const volatile struct meshd_cfg meshd_cfg = { .maglev_m = MESHD_DEFAULT_MAGLEV_M };
+/* Set by the loader before load: the Maglev table size of the instance's pinned maps, and
+ * the SNAT port range (0: routed mode only; the verifier then drops every SNAT path). */
+const volatile struct meshd_tc_cfg meshd_tc_cfg = { .maglev_m = MESHD_DEFAULT_MAGLEV_M };
+
+/* Ports tried for a new SNAT flow before it is dropped (snat_fail). */
+#define MESHD_SNAT_TRIES 32
 
 enum { MESHD_FRAG_NONE, MESHD_FRAG_FIRST, MESHD_FRAG_LATER };
 enum { MESHD_PARSE_OK, MESHD_PARSE_SKIP, MESHD_PARSE_SHORT };
@@ -130,6 +134,19 @@ static __always_inline int meshd_drop_err(struct meshd_tc_stats *st)
 {
 	MESHD_COUNT(st, errors);
 	return TC_ACT_SHOT;
+}
+
+static __always_inline int meshd_snat_on(void)
+{
+	return meshd_tc_cfg.snat_port_min != 0;
+}
+
+/* A port (network order) inside the SNAT range. */
+static __always_inline int meshd_snat_port(__u16 port)
+{
+	__u16 h = bpf_ntohs(port);
+
+	return h >= meshd_tc_cfg.snat_port_min && h <= meshd_tc_cfg.snat_port_max;
 }
 
 /* ---- parsing --------------------------------------------------------------------------- */
@@ -299,7 +316,7 @@ static __always_inline int meshd_set_port(struct __sk_buff *skb, __u32 off, __u1
 static __always_inline int meshd_pick(const struct meshd_svc_val *svc, const struct meshd_pkt *p,
 				      __u32 *be_id, struct meshd_backend **be)
 {
-	__u32 zero = 0, slot, m = meshd_cfg.maglev_m;
+	__u32 zero = 0, slot, m = meshd_tc_cfg.maglev_m;
 	struct meshd_backend *found;
 	__u32 *table;
 	void *inner;
@@ -472,6 +489,14 @@ static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct 
 	k.proto = qproto;
 	k.dir = dir;
 	v = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (!v && meshd_snat_on()) {
+		/* The SNAT layer: the same key shape, the same rewrite (FWD: the quoted node
+		 * address:port back to the client; REV: the quoted client to node address:port). */
+		k.dir = fwd ? MESHD_CT_SNAT_REV : MESHD_CT_SNAT_OUT;
+		v = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+		if (v && !v->nat_port)
+			v = 0; /* SNAT_OUT whose port is not chosen yet: nothing left the node */
+	}
 	if (!v)
 		return TC_ACT_UNSPEC;
 	st = meshd_stats();
@@ -503,6 +528,202 @@ static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct 
 	    meshd_set_addr(skb, p, fwd, new_addr, p->v6 ? icmp_csum_off : 0, 0))
 		return meshd_drop_err(st);
 	MESHD_COUNT(st, icmp_xlate);
+	return TC_ACT_OK;
+}
+
+/* ---- SNAT mode ------------------------------------------------------------------------- */
+
+/* The SNAT_OUT key of the request `p` leaves with: client -> backend:port after DNAT. */
+static __always_inline void meshd_snat_out_key(struct meshd_ct_key *k, const struct meshd_pkt *p,
+					       const __u32 *be_addr, __u16 be_port)
+{
+	meshd_copy16(k->saddr, p->saddr);
+	meshd_copy16(k->daddr, be_addr);
+	k->sport = p->sport;
+	k->dport = be_port;
+	k->proto = p->proto;
+	k->dir = MESHD_CT_SNAT_OUT;
+}
+
+/* The SNAT_REV key of the replies to node:port of request `p` (as it leaves, before SNAT). */
+static __always_inline void meshd_snat_rev_key(struct meshd_ct_key *k, const struct meshd_pkt *p,
+					       const __u32 *node, __u16 port)
+{
+	meshd_copy16(k->saddr, p->daddr);
+	meshd_copy16(k->daddr, node);
+	k->sport = p->dport;
+	k->dport = port;
+	k->proto = p->proto;
+	k->dir = MESHD_CT_SNAT_REV;
+}
+
+/* Ingress DNAT of a flow in SNAT mode: its translated request gets a SNAT_OUT entry without
+ * a port; the egress program of the interface it leaves by chooses address and port. An
+ * entry already there (the flow's FWD entry was evicted, or this is a refresh) keeps its
+ * port. 0, or a map error. */
+static __always_inline int meshd_snat_prepare(const struct meshd_pkt *p, const __u32 *be_addr,
+					      __u16 be_port, __u32 be_id, __u32 group)
+{
+	struct meshd_ct_key k = {};
+	struct meshd_ct_val v = {};
+	int err;
+
+	if (!meshd_snat_on())
+		return 0;
+	meshd_snat_out_key(&k, p, be_addr, be_port);
+	if (bpf_map_lookup_elem(&meshd_tcct_v1, &k))
+		return 0;
+	v.backend = be_id;
+	v.group = group;
+	err = bpf_map_update_elem(&meshd_tcct_v1, &k, &v, BPF_NOEXIST);
+	return err == -17 /* EEXIST: written by another CPU meanwhile */ ? 0 : err;
+}
+
+static __always_inline __u32 meshd_snat_hash(const struct meshd_pkt *p)
+{
+	__u64 h;
+
+	h = meshd_fmix64((((__u64)bpf_ntohl(p->saddr[3]) << 32) | bpf_ntohl(p->daddr[3])) ^
+			 MESHD_HASH_SEED);
+	h = meshd_fmix64(h ^ (((__u64)bpf_ntohl(p->saddr[2]) << 32) | bpf_ntohl(p->saddr[1])));
+	h = meshd_fmix64(h ^ (((__u64)bpf_ntohs(p->sport) << 16) | bpf_ntohs(p->dport)));
+	return (__u32)h;
+}
+
+/* Chooses the source for the SNAT_OUT entry `out` (key `ok`) of request `p` leaving by
+ * skb->ifindex: the interface's address of the family, and the first free port of the
+ * range from a hash of the flow on. Writes SNAT_REV, then the completed SNAT_OUT (copied to
+ * *chosen). 0, or -1: no address, or no free port in MESHD_SNAT_TRIES (snat_fail), or -2:
+ * a map update failed. */
+static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct meshd_pkt *p,
+					   const struct meshd_ct_key *ok,
+					   const struct meshd_ct_val *out,
+					   struct meshd_ct_val *chosen, __u64 now)
+{
+	struct meshd_ct_key rk = {};
+	struct meshd_ct_val rv = {};
+	struct meshd_tc_addr *a;
+	__u32 ifindex = skb->ifindex, h, size, i;
+	__u32 node[4];
+	__u16 port;
+
+	a = bpf_map_lookup_elem(&meshd_tcaddr_v1, &ifindex);
+	if (!a)
+		return -1;
+	meshd_copy16(node, p->v6 ? a->v6 : a->v4);
+	if (!(node[0] | node[1] | node[2] | node[3]))
+		return -1;
+	meshd_copy16(rv.nat_addr, p->saddr);
+	rv.nat_port = p->sport;
+	rv.backend = out->backend;
+	rv.group = out->group;
+	h = meshd_snat_hash(p);
+	size = (__u32)meshd_tc_cfg.snat_port_max - meshd_tc_cfg.snat_port_min + 1;
+	for (i = 0; i < MESHD_SNAT_TRIES; i++) {
+		port = bpf_htons((__u16)(meshd_tc_cfg.snat_port_min + (h + i) % size));
+		meshd_snat_rev_key(&rk, p, node, port);
+		/* Look first: a failed NOEXIST insert into a full LRU map still evicts an entry. */
+		if (bpf_map_lookup_elem(&meshd_tcct_v1, &rk))
+			continue;
+		if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST))
+			continue;
+		__builtin_memcpy(chosen, out, sizeof(*chosen));
+		meshd_copy16(chosen->nat_addr, node);
+		chosen->nat_port = port;
+		chosen->refreshed_ns = now;
+		if (bpf_map_update_elem(&meshd_tcct_v1, ok, chosen, BPF_ANY)) {
+			bpf_map_delete_elem(&meshd_tcct_v1, &rk);
+			return -2;
+		}
+		return 0;
+	}
+	return -1;
+}
+
+/* Egress, SNAT mode: a translated request of a SNAT flow leaves with node address:port as
+ * its source. Anything else: untouched. */
+static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct meshd_pkt *p)
+{
+	struct meshd_ct_key k = {}, rk = {};
+	struct meshd_ct_val *out, chosen = {}, rv = {};
+	struct meshd_tc_stats *st;
+	__u32 nat_addr[4], csum_off;
+	__u16 nat_port;
+	__u64 now, l4_flags;
+	int err;
+
+	meshd_snat_out_key(&k, p, p->daddr, p->dport);
+	out = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (!out)
+		return TC_ACT_UNSPEC;
+	st = meshd_stats();
+	now = bpf_ktime_get_coarse_ns();
+	if (!out->nat_port) {
+		err = meshd_snat_pick(skb, p, &k, out, &chosen, now);
+		if (err == -2)
+			return meshd_drop_err(st);
+		if (err) {
+			MESHD_COUNT(st, snat_fail);
+			return TC_ACT_SHOT;
+		}
+		MESHD_COUNT(st, snat_new);
+		meshd_copy16(nat_addr, chosen.nat_addr);
+		nat_port = chosen.nat_port;
+	} else {
+		meshd_copy16(nat_addr, out->nat_addr);
+		nat_port = out->nat_port;
+		if (now - out->refreshed_ns > MESHD_CT_REFRESH_NS) {
+			/* a reply direction LRU evicted while the flow only sent one way */
+			meshd_snat_rev_key(&rk, p, nat_addr, nat_port);
+			if (!bpf_map_lookup_elem(&meshd_tcct_v1, &rk)) {
+				meshd_copy16(rv.nat_addr, p->saddr);
+				rv.nat_port = p->sport;
+				rv.backend = out->backend;
+				rv.group = out->group;
+				bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST);
+			}
+			out->refreshed_ns = now;
+		}
+	}
+	if (p->frag == MESHD_FRAG_FIRST && meshd_frag_note(p, MESHD_CT_REV, nat_addr))
+		return meshd_drop_err(st);
+	csum_off = meshd_l4_csum_off(p);
+	l4_flags = meshd_l4_flags(p);
+	if (meshd_set_addr(skb, p, 0, nat_addr, csum_off, l4_flags) ||
+	    meshd_set_port(skb, p->l4off, p->sport, nat_port, csum_off, l4_flags))
+		return meshd_drop_err(st);
+	MESHD_COUNT(st, snat);
+	return TC_ACT_OK;
+}
+
+/* Ingress, SNAT mode: a reply to node address:port of a SNAT flow gets its client back as
+ * destination (the routed layer's REV entry restores the VIP as it leaves). */
+static __always_inline int meshd_unsnat(struct __sk_buff *skb, const struct meshd_pkt *p)
+{
+	struct meshd_ct_key k = {};
+	struct meshd_ct_val *v;
+	struct meshd_tc_stats *st;
+	__u32 csum_off;
+	__u64 l4_flags;
+
+	meshd_copy16(k.saddr, p->saddr);
+	meshd_copy16(k.daddr, p->daddr);
+	k.sport = p->sport;
+	k.dport = p->dport;
+	k.proto = p->proto;
+	k.dir = MESHD_CT_SNAT_REV;
+	v = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (!v)
+		return TC_ACT_UNSPEC;
+	st = meshd_stats();
+	if (p->frag == MESHD_FRAG_FIRST && meshd_frag_note(p, MESHD_CT_FWD, v->nat_addr))
+		return meshd_drop_err(st);
+	csum_off = meshd_l4_csum_off(p);
+	l4_flags = meshd_l4_flags(p);
+	if (meshd_set_addr(skb, p, 1, v->nat_addr, csum_off, l4_flags) ||
+	    meshd_set_port(skb, p->l4off + 2, p->dport, v->nat_port, csum_off, l4_flags))
+		return meshd_drop_err(st);
+	MESHD_COUNT(st, unsnat);
 	return TC_ACT_OK;
 }
 
@@ -564,6 +785,12 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 	sk.proto = p.proto;
 	svc = bpf_map_lookup_elem(&meshd_svc_v1, &sk);
 	if (!svc) { /* not a service: the common case, one lookup (TCP) */
+		if (meshd_snat_on() && meshd_snat_port(p.dport)) {
+			int ret = meshd_unsnat(skb, &p);
+
+			if (ret != TC_ACT_UNSPEC)
+				return ret;
+		}
 		if (p.proto == IPPROTO_UDP ||
 		    (p.tcp_flags & (MESHD_TCP_SYN | MESHD_TCP_ACK)) == MESHD_TCP_SYN)
 			meshd_forget_shadowed(&p);
@@ -609,7 +836,8 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 			nv.rst = !!(p.tcp_flags & MESHD_TCP_RST);
 			nv.fin_fwd = !!(p.tcp_flags & MESHD_TCP_FIN);
 		}
-		if (bpf_map_update_elem(&meshd_tcct_v1, &fk, &nv, BPF_ANY))
+		if (bpf_map_update_elem(&meshd_tcct_v1, &fk, &nv, BPF_ANY) ||
+		    meshd_snat_prepare(&p, nat_addr, nat_port, be_id, svc->id))
 			return meshd_drop_err(st);
 		if (repick)
 			MESHD_COUNT(st, ct_repick);
@@ -625,6 +853,7 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 			nv.backend = ct->backend;
 			nv.group = ct->group;
 			bpf_map_update_elem(&meshd_tcct_v1, &rk, &nv, BPF_ANY);
+			meshd_snat_prepare(&p, nat_addr, nat_port, ct->backend, ct->group);
 			ct->refreshed_ns = now;
 		}
 		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST)))
@@ -665,8 +894,8 @@ static __always_inline int meshd_nat_rev(struct __sk_buff *skb)
 	rk.proto = p.proto;
 	rk.dir = MESHD_CT_REV;
 	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
-	if (!rv)
-		return TC_ACT_UNSPEC; /* not a reply of a tracked flow */
+	if (!rv) /* not a reply of a tracked flow; in SNAT mode maybe a request leaving */
+		return meshd_snat_on() ? meshd_snat_out(skb, &p) : TC_ACT_UNSPEC;
 	st = meshd_stats();
 	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST))) {
 		meshd_copy16(fk.saddr, p.daddr);

@@ -254,8 +254,33 @@ class MaglevConfig(StrictModel):
     table_size: Annotated[int, AfterValidator(_table_size)] = 16381
 
 
+def _port_range(v: object) -> tuple[int, int]:
+    """"30000-32767" (inclusive) -> (30000, 32767)."""
+    if isinstance(v, (list, tuple)) and len(v) == 2 and all(type(x) is int for x in v):
+        v = f"{v[0]}-{v[1]}"  # the parsed form (a dumped config read back)
+    m = re.fullmatch(r"\s*(\d{1,5})\s*-\s*(\d{1,5})\s*", v) if isinstance(v, str) else None
+    lo, hi = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+    if not m or not 1 <= lo <= hi <= 65535:
+        raise _fail("must be a port range LOW-HIGH within 1-65535, such as 30000-32767 "
+                    "(got {got})", got=show(v))
+    return lo, hi
+
+
+PortRange = Annotated[tuple[int, int], PlainValidator(_port_range)]
+
+
 class TcConfig(StrictModel):
     interfaces: Annotated[list[str], AfterValidator(_ifnames)] = []
+    # routed: replies come back through the node by routing; snat: requests leave with the
+    # address of the interface they leave by and a port of snat_ports (docs/tc.md)
+    mode: Literal["routed", "snat"] = "routed"
+    snat_ports: PortRange = (61000, 65535)
+
+
+class NodePortsConfig(StrictModel):
+    range: PortRange = (30000, 32767)
+    # node addresses that serve node ports; empty: every global address of the node
+    addresses: list[Annotated[IPNetwork, PlainValidator(_cidr)]] = []
 
 
 def _default_cidrs() -> list[IPNetwork]:
@@ -275,12 +300,22 @@ class Config(StrictModel):
     metrics: Annotated[MetricsConfig, _section({})] = Field(default_factory=MetricsConfig)
     maglev: Annotated[MaglevConfig, _section({})] = Field(default_factory=MaglevConfig)
     tc: Annotated[TcConfig, _section({})] = Field(default_factory=TcConfig)
+    node_ports: Annotated[NodePortsConfig, _section({})] = Field(default_factory=NodePortsConfig)
     log_level: Annotated[Literal["debug", "info", "warning", "error"],
                          BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = "info"
 
     @property
     def pin_dir(self) -> Path:
         return self.bpffs / "meshd" / self.instance
+
+    @model_validator(mode="after")
+    def _snat_apart_from_node_ports(self) -> Config:
+        (lo, hi), (nlo, nhi) = self.tc.snat_ports, self.node_ports.range
+        if self.tc.mode == "snat" and lo <= nhi and nlo <= hi:
+            raise _fail("tc.snat_ports {lo}-{hi} overlaps node_ports.range {nlo}-{nhi}: a reply "
+                        "to a SNAT port would be taken for a new NodePort connection; move "
+                        "one of them", lo=lo, hi=hi, nlo=nlo, nhi=nhi)
+        return self
 
 
 # ---- YAML ------------------------------------------------------------------------------------

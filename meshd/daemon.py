@@ -26,7 +26,7 @@ from meshd import node, sdnotify
 from meshd.config import Config, load_config
 from meshd.dataplane import loader, sockdestroy
 from meshd.dataplane.kernel import KernelDataplane
-from meshd.desired import DesiredState
+from meshd.desired import DesiredState, NodePorts
 from meshd.errors import MeshdError, RecordError, RegistryError
 from meshd.model import Service
 from meshd.reconciler import Reconciler
@@ -190,9 +190,17 @@ class Daemon:
         """tc LB on cfg.tc.interfaces (detached from interfaces that left the list); none
         configured: detach whatever an earlier run attached here."""
         from meshd.dataplane import tc
-        if self.cfg.tc.interfaces:
-            done = tc.attach_interfaces(self.cfg.bpffs, self.cfg.instance, self.cfg.tc.interfaces)
-            log.info("tc LB on %s", ", ".join(done))
+        tcc = self.cfg.tc
+        if tcc.interfaces:
+            snat = tcc.snat_ports if tcc.mode == "snat" else None
+            eph = node.ephemeral_ports()
+            if snat and eph and snat[0] <= eph[1] and eph[0] <= snat[1]:
+                log.warning("tc.snat_ports %d-%d overlaps this node's ephemeral ports %d-%d "
+                            "(net.ipv4.ip_local_port_range): a node connection to a backend "
+                            "could share a SNAT flow's tuple; move one of them", *snat, *eph)
+            done = tc.attach_interfaces(self.cfg.bpffs, self.cfg.instance, tcc.interfaces,
+                                        snat_ports=snat)
+            log.info("tc LB (%s mode) on %s", tcc.mode, ", ".join(done))
         else:
             gone = tc.detach_interfaces(self.cfg.bpffs, self.cfg.instance)
             if gone:
@@ -349,7 +357,9 @@ class Daemon:
         forbidden = self._local | etcd_hosts(self.etcd_urls)
         t0 = time.perf_counter()
         waited = time.monotonic() - self._dirty_since if self._dirty_since is not None else 0.0
-        groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden)
+        node_ports = NodePorts(node.node_port_addresses(self._local, cfg.node_ports.addresses),
+                               cfg.node_ports.range)
+        groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden, node_ports)
         t_valid = time.perf_counter()
         rejected += bad
         new_rejects = {(e.where, e.reason) for e in rejected}

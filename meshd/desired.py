@@ -1,7 +1,8 @@
 """Desired kernel state, derived from validated services (pure).
 
 The kernel balances *frontend groups*: one per (service, port, address family). A group has
-frontends (VIP, port, protocol) — every VIP of that family on that service port — and the
+frontends (VIP, port, protocol) — every VIP of that family on that service port, and for a
+port with a `node_port`, every node address of that family at the node port — and the
 usable backends (endpoint address, the endpoint's number for that port name, weight) of the
 same family, ordered by their stable name so Maglev sees the same input on every node.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, NamedTuple
 
 from meshd.errors import RecordError
-from meshd.model import Service
+from meshd.model import NODE_PORT_RANGE, Service
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -47,17 +48,30 @@ class Group:
     backends: tuple[tuple[BackendRef, int], ...]  # (backend, weight), usable only, by name
 
 
+@dataclass(frozen=True)
+class NodePorts:
+    """Where node ports are served: the node addresses that get a frontend for every
+    `node_port`, and the range node ports must lie in (config node_ports)."""
+    addresses: tuple[IPAddress, ...] = ()
+    range: tuple[int, int] = NODE_PORT_RANGE
+
+
 def group_key(namespace: str, name: str, port_name: str, family: int) -> str:
     return f"{namespace}/{name}:{port_name}/ipv{family}"
 
 
-def desired_groups(services: Iterable[Service]) -> dict[str, Group]:
+def desired_groups(services: Iterable[Service], node_ports: NodePorts = NodePorts()
+                   ) -> dict[str, Group]:
     out: dict[str, Group] = {}
     for svc in services:
         for port in svc.ports:
             for family in (4, 6):
-                vips = sorted(v for v in svc.vips if v.version == family)
-                if not vips:
+                fronts = [Frontend(v, port.port, port.protocol)
+                          for v in sorted(v for v in svc.vips if v.version == family)]
+                if port.node_port is not None:
+                    fronts += [Frontend(a, port.node_port, port.protocol) for a in
+                               sorted(a for a in node_ports.addresses if a.version == family)]
+                if not fronts:
                     continue
                 weights: dict[BackendRef, int] = {}
                 for ep in svc.endpoints:
@@ -69,7 +83,7 @@ def desired_groups(services: Iterable[Service]) -> dict[str, Group]:
                 key = group_key(svc.namespace, svc.name, port.name, family)
                 out[key] = Group(
                     key=key,
-                    frontends=tuple(Frontend(v, port.port, port.protocol) for v in vips),
+                    frontends=tuple(fronts),
                     backends=tuple(sorted(weights.items(), key=lambda bw: bw[0].name)),
                 )
     return out
@@ -89,6 +103,7 @@ class DesiredState:
     def __init__(self) -> None:
         self._cidrs: tuple = ()
         self._forbidden: frozenset = frozenset()
+        self._node_ports = NodePorts()
         self._svc: dict[str, Service] = {}  # key -> the service in use
         self._key_of: dict[int, str] = {}  # id(service in _svc) -> its key
         # group keys the last update touched; None = unknown (after a reset): compare all
@@ -106,16 +121,21 @@ class DesiredState:
 
     @staticmethod
     def _frontends(svc: Service) -> set[Frontend]:
-        return {Frontend(v, p.port, p.protocol) for v in svc.vips for p in svc.ports}
+        fronts = {Frontend(v, p.port, p.protocol) for v in svc.vips for p in svc.ports}
+        # a node port claims its number on every node address: vip None stands for them
+        return fronts | {Frontend(None, p.node_port, p.protocol)  # type: ignore[arg-type]
+                         for p in svc.ports if p.node_port is not None}
 
-    def update(self, services: Iterable[Service], cidrs, forbidden
+    def update(self, services: Iterable[Service], cidrs, forbidden,
+               node_ports: NodePorts = NodePorts()
                ) -> tuple[dict[str, Group], list[RecordError]]:
         from meshd.model import check_services
         cidrs, forbidden = tuple(cidrs), frozenset(forbidden)
-        reset = (cidrs, forbidden) != (self._cidrs, self._forbidden)
+        reset = (cidrs, forbidden, node_ports) != (self._cidrs, self._forbidden,
+                                                   self._node_ports)
         if reset:
             self.__init__()  # validation inputs changed: start over
-            self._cidrs, self._forbidden = cidrs, forbidden
+            self._cidrs, self._forbidden, self._node_ports = cidrs, forbidden, node_ports
         # The key of a service object we saw before, by identity: `Service.key` builds a
         # string each time, and this loop runs over every service on every sync.
         key_of, svc_now = self._key_of, self._svc
@@ -189,7 +209,7 @@ class DesiredState:
     def _revalidate(self, affected: set[str], check_services) -> None:
         present = sorted(k for k in affected if k in self._svc)
         kept, errors = check_services([self._svc[k] for k in present], self._cidrs,
-                                      self._forbidden)
+                                      self._forbidden, self._node_ports.range)
         kept_keys = {s.key for s in kept}
         for key in affected:
             self._errors.pop(key, None)
@@ -200,7 +220,7 @@ class DesiredState:
         for e in errors:
             self._errors[e.where] = e
         for s in kept:
-            groups = desired_groups([s])
+            groups = desired_groups([s], self._node_ports)
             self._groups_of[s.key] = groups
             self.groups.update(groups)
             self.changed_groups.update(groups)

@@ -140,6 +140,9 @@ class PortSpec(StrictModel):
     name: PortName
     port: PortNumber
     protocol: Literal["TCP", "UDP"] = "TCP"
+    # NodePort: this port is also served on the node's own addresses (node_ports.addresses)
+    # at this number, which must lie in node_ports.range (checked with the config).
+    node_port: PortNumber | None = None
 
 
 class Endpoint(StrictModel):
@@ -181,6 +184,7 @@ def _check_ports(ports: tuple[PortSpec, ...]) -> tuple[PortSpec, ...]:
         raise _fail("empty", "must list at least one port")
     names: dict[str, int] = {}
     numbers: dict[tuple[int, str], int] = {}
+    node_ports: dict[tuple[int, str], int] = {}
     for i, p in enumerate(ports):
         if p.name in names:
             raise _fail("duplicate", "port name {n!r} is used twice (ports[{a}] and ports[{b}])",
@@ -188,8 +192,14 @@ def _check_ports(ports: tuple[PortSpec, ...]) -> tuple[PortSpec, ...]:
         if (p.port, p.protocol) in numbers:
             raise _fail("duplicate", "{port}/{proto} is listed twice (ports[{a}] and ports[{b}])",
                         port=p.port, proto=p.protocol, a=numbers[(p.port, p.protocol)], b=i)
+        if p.node_port is not None and (p.node_port, p.protocol) in node_ports:
+            raise _fail("duplicate", "node_port {port}/{proto} is listed twice (ports[{a}] and "
+                        "ports[{b}])", port=p.node_port, proto=p.protocol,
+                        a=node_ports[(p.node_port, p.protocol)], b=i)
         names[p.name] = i
         numbers[(p.port, p.protocol)] = i
+        if p.node_port is not None:
+            node_ports[(p.node_port, p.protocol)] = i
     return ports
 
 
@@ -360,15 +370,21 @@ def _hostport(addr: IPAddress, port: int) -> str:
     return f"[{addr}]:{port}" if addr.version == 6 else f"{addr}:{port}"
 
 
+NODE_PORT_RANGE = (30000, 32767)  # the default of node_ports.range (as Kubernetes)
+
+
 def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwork],
-                   forbidden: Iterable[IPAddress | str] = ()) -> tuple[list[Service], list[RecordError]]:
+                   forbidden: Iterable[IPAddress | str] = (),
+                   node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+                   ) -> tuple[list[Service], list[RecordError]]:
     """Keep services whose VIPs all lie in `service_cidrs`, are not `forbidden` (node/etcd
-    addresses) and whose (vip, port, protocol) frontends are free. Services are processed in
-    (key, content) order, so the same set always yields the same winners; identical duplicates
-    are merged silently. Returns (kept in that order, errors with where=service key)."""
+    addresses), whose node ports lie in `node_port_range`, and whose (vip, port, protocol)
+    frontends and (node_port, protocol) are free. Services are processed in (key, content)
+    order, so the same set always yields the same winners; identical duplicates are merged
+    silently. Returns (kept in that order, errors with where=service key)."""
     cidrs = tuple(service_cidrs)
     banned = {ip_address(str(a)) for a in forbidden}
-    owner: dict[tuple[IPAddress, int, str], str] = {}
+    owner: dict[tuple[IPAddress | None, int, str], str] = {}  # None: a node port
     kept: dict[str, Service] = {}
     errors: list[RecordError] = []
     for svc in sorted(services, key=lambda s: (s.key, s.model_dump_json())):
@@ -384,12 +400,21 @@ def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwor
                                 f"({', '.join(map(str, cidrs)) or 'none configured'})")
             if vip in banned:
                 problems.append(f"vip {vip} is an address of this node or of etcd; pick another VIP")
+        lo, hi = node_port_range
+        for p in svc.ports:
+            if p.node_port is not None and not lo <= p.node_port <= hi:
+                problems.append(f"port {p.name!r}: node_port {p.node_port} is outside "
+                                f"node_ports.range ({lo}-{hi})")
         taken: dict[str, list[str]] = {}
         for vip in svc.vips:
             for p in svc.ports:
                 other = owner.get((vip, p.port, p.protocol))
                 if other:
                     taken.setdefault(other, []).append(f"{_hostport(vip, p.port)}/{p.protocol}")
+        for p in svc.ports:
+            other = owner.get((None, p.node_port, p.protocol)) if p.node_port else None
+            if other:
+                taken.setdefault(other, []).append(f"node_port {p.node_port}/{p.protocol}")
         for other, fronts in taken.items():
             problems.append(f"frontend{'s' if len(fronts) > 1 else ''} {', '.join(fronts)} "
                             f"already used by service {other}")
@@ -398,4 +423,5 @@ def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwor
             continue
         kept[svc.key] = svc
         owner.update({(vip, p.port, p.protocol): svc.key for vip in svc.vips for p in svc.ports})
+        owner.update({(None, p.node_port, p.protocol): svc.key for p in svc.ports if p.node_port})
     return list(kept.values()), errors

@@ -65,7 +65,8 @@ MAP_TC_CT = "meshd_tcct_v1"  # LRU hash: conntrack, FWD and REV entry per flow
 MAP_TC_FRAG = "meshd_tcfrag_v1"  # LRU hash: IPv4 datagram in fragments -> new address
 MAP_TC_STATS = "meshd_tcstat_v1"  # per-CPU array [1]: struct meshd_tc_stats
 MAP_TC_IFS = "meshd_tcif_v1"  # hash, userspace only: (netns, ifindex) with our filters
+MAP_TC_ADDRS = "meshd_tcaddr_v1"  # hash: ifindex -> the addresses SNAT uses there
 # Pinned beside the socket LB's maps (adopted across restarts, removed by loader.remove()).
-TC_MAPS = (MAP_TC_CT, MAP_TC_FRAG, MAP_TC_STATS, MAP_TC_IFS)
+TC_MAPS = (MAP_TC_CT, MAP_TC_FRAG, MAP_TC_STATS, MAP_TC_IFS, MAP_TC_ADDRS)
 TC_PROG_INGRESS = "meshd_tc_in"  # clsact ingress: VIP -> backend
 TC_PROG_EGRESS = "meshd_tc_out"  # clsact egress: backend -> VIP (replies)

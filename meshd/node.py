@@ -21,3 +21,21 @@ def local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
             except (KeyError, ValueError):
                 continue
     return addrs
+
+
+def node_port_addresses(local, cidrs=()) -> tuple:
+    """The node addresses that serve node ports: `local` without loopback, link-local and
+    multicast addresses; with `cidrs` (config node_ports.addresses), only those inside them."""
+    out = [a for a in local if not (a.is_loopback or a.is_link_local or a.is_multicast)]
+    if cidrs:
+        out = [a for a in out if any(a.version == n.version and a in n for n in cidrs)]
+    return tuple(sorted(out, key=lambda a: (a.version, a)))
+
+
+def ephemeral_ports() -> tuple[int, int] | None:
+    """net.ipv4.ip_local_port_range of this network namespace (None if unreadable)."""
+    try:
+        lo, hi = open("/proc/sys/net/ipv4/ip_local_port_range").read().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return None

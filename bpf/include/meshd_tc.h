@@ -13,6 +13,15 @@
  *   REV  key = the reply as the backend sends it (backend -> client) value: the VIP
  * A reply's FWD key is its REV key reversed with the VIP put back, so either direction can
  * reach the FWD entry (where the TCP state flags live).
+ *
+ * SNAT mode (meshd_tc_cfg.snat_port_min != 0) adds a second layer on the interface the
+ * request leaves by, for flows whose replies would not come back through the node:
+ *   SNAT_OUT key = the translated request as it leaves (client -> backend)
+ *            value: the node address and port it leaves with (port 0: not chosen yet)
+ *   SNAT_REV key = the reply as it arrives (backend -> node:port)  value: the client
+ * Ingress DNAT writes SNAT_OUT with port 0; egress picks the address of the interface and a
+ * free port, writes SNAT_REV and rewrites the source; ingress restores the client as the
+ * reply's destination, and the reply then meets the routed layer's REV entry on its way out.
  */
 #ifndef MESHD_TC_H
 #define MESHD_TC_H
@@ -29,6 +38,8 @@
 /* meshd_ct_key.dir, meshd_frag_key.dir */
 #define MESHD_CT_FWD 0	/* client -> VIP, as received */
 #define MESHD_CT_REV 1	/* backend -> client, as the backend sends it */
+#define MESHD_CT_SNAT_OUT 2	/* client -> backend as it leaves the node (SNAT mode) */
+#define MESHD_CT_SNAT_REV 3	/* backend -> node:port as it arrives (SNAT mode) */
 
 /* Key of meshd_tcct_v1. */
 struct meshd_ct_key {
@@ -46,15 +57,25 @@ struct meshd_ct_key {
  * cannot lose the other direction's byte. A flow is closed once rst, or fin_fwd and fin_rev,
  * are set; a new SYN on a closed flow's tuple is balanced afresh. */
 struct meshd_ct_val {
-	__u32 nat_addr[4];	/* FWD: backend address; REV: the VIP (network order, mapped) */
-	__u16 nat_port;		/* FWD: backend port; REV: the VIP port (network order) */
+	__u32 nat_addr[4];	/* FWD: backend address; REV: the VIP; SNAT_OUT: the node address;
+				 * SNAT_REV: the client (network order, mapped) */
+	__u16 nat_port;		/* the port beside nat_addr (network order); SNAT_OUT: 0 until the
+				 * egress program chose one */
 	__u8 fin_fwd;		/* FWD: 1 once the client sent a FIN; REV: zero */
 	__u8 fin_rev;		/* FWD: 1 once the backend sent a FIN; REV: zero */
 	__u8 rst;		/* FWD: 1 once either side sent a RST; REV: zero */
 	__u8 pad[3];		/* zero */
 	__u32 backend;		/* backend id in meshd_be_v1 (host order), both entries */
 	__u32 group;		/* frontend group id (host order), both entries */
-	__u64 refreshed_ns;	/* FWD: coarse clock when the REV entry was last (re)written */
+	__u64 refreshed_ns;	/* FWD / SNAT_OUT: coarse clock when the REV / SNAT_REV entry was
+				 * last (re)written */
+};
+
+/* Load-time settings of the tc object (.rodata, set before load). */
+struct meshd_tc_cfg {
+	__u32 maglev_m;		/* Maglev table size of the instance's pinned maps */
+	__u16 snat_port_min;	/* SNAT source ports, host order, inclusive; 0: SNAT mode off */
+	__u16 snat_port_max;
 };
 
 /* Key of meshd_tcfrag_v1: one IPv4 datagram in fragments. The first fragment (offset 0,
@@ -87,6 +108,18 @@ struct meshd_tc_stats {
 	__u64 ct_shadowed;	/* VIP flows forgotten: their client reached the backend directly
 				 * on the same tuple (port reuse) */
 	__u64 errors;		/* a map update or packet write failed: packet dropped */
+	__u64 snat;		/* requests whose source became node address:port (egress) */
+	__u64 unsnat;		/* replies to node address:port given the client back (ingress) */
+	__u64 snat_new;		/* SNAT ports chosen */
+	__u64 snat_fail;	/* no free SNAT port after MESHD_SNAT_TRIES, or no address on the
+				 * interface: packet dropped */
+};
+
+/* Value of meshd_tcaddr_v1, keyed by ifindex (__u32): the source addresses SNAT uses on
+ * that interface (its first global address per family), written by userspace at attach. */
+struct meshd_tc_addr {
+	__u32 v4[4];	/* IPv4, mapped, network order; all zero: none */
+	__u32 v6[4];	/* IPv6, network order; all zero: none */
 };
 
 /* Key of meshd_tcif_v1 (never read by BPF): where this instance has tc filters, so that
@@ -127,6 +160,14 @@ struct {
 	__type(key, __u32);
 	__type(value, struct meshd_tc_stats);
 } meshd_tcstat_v1 SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESHD_TC_IF_MAX);
+	__type(key, __u32);
+	__type(value, struct meshd_tc_addr);
+} meshd_tcaddr_v1 SEC(".maps");
 
 /* Userspace-only record (see struct meshd_tc_if_key); defined here so its layout is in BTF. */
 struct {

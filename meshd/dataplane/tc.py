@@ -5,7 +5,8 @@ every map the instance pinned (the socket LB must be loaded first, `loader.load(
 pins the tc path's own maps (conntrack, fragments, counters, the interface record) beside
 them, adopting them across restarts so tracked flows survive an upgrade.
 
-    attach_interfaces(bpffs, instance, ["eth1"], netns=None)   ingress + egress filters
+    attach_interfaces(bpffs, instance, ["eth1"], netns=None, snat_ports=None)
+                                      ingress + egress filters; snat_ports=(lo, hi): SNAT mode
     detach_interfaces(bpffs, instance, ["eth1"] | None, netns=None)
     detach_all(bpffs, instance)       every recorded filter, in every namespace still there
 
@@ -23,9 +24,12 @@ tc calls act on the calling thread's network namespace; with `netns` (a name und
 from __future__ import annotations
 
 import ctypes as C
+import ipaddress
+import json
 import os
 import socket
 import struct
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +42,7 @@ from meshd.dataplane.loader import adopt_pins, ensure_bpffs, object_path, pin_ne
 
 PRIORITY = 1  # tc filter priority (both hooks): first, so other filters see translated packets
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2  # what the programs return
-CT_FWD, CT_REV = 0, 1  # meshd_ct_key.dir
+CT_FWD, CT_REV, CT_SNAT_OUT, CT_SNAT_REV = 0, 1, 2, 3  # meshd_ct_key.dir
 
 
 # ---- mirrors of bpf/include/meshd_tc.h (checked against BTF by tests/kernel/test_tc_packets.py)
@@ -64,11 +68,21 @@ class FragVal(C.Structure):
 
 
 STATS_COUNTERS = ("dnat", "revnat", "ct_new", "ct_repick", "ct_closed", "no_backend",
-                  "frag_xlate", "icmp_xlate", "ct_shadowed", "errors")
+                  "frag_xlate", "icmp_xlate", "ct_shadowed", "errors", "snat", "unsnat",
+                  "snat_new", "snat_fail")
 
 
 class TcStats(C.Structure):
     _fields_ = [(n, C.c_uint64) for n in STATS_COUNTERS]
+
+
+class TcCfg(C.Structure):
+    _fields_ = [("maglev_m", C.c_uint32), ("snat_port_min", C.c_uint16),
+                ("snat_port_max", C.c_uint16)]
+
+
+class TcAddr(C.Structure):
+    _fields_ = [("v4", S.Addr16), ("v6", S.Addr16)]
 
 
 class IfKey(C.Structure):
@@ -81,7 +95,7 @@ class IfVal(C.Structure):
 
 MIRRORS = {"meshd_ct_key": CtKey, "meshd_ct_val": CtVal, "meshd_frag_key": FragKey,
            "meshd_frag_val": FragVal, "meshd_tc_stats": TcStats, "meshd_tc_if_key": IfKey,
-           "meshd_tc_if_val": IfVal}
+           "meshd_tc_if_val": IfVal, "meshd_tc_cfg": TcCfg, "meshd_tc_addr": TcAddr}
 
 
 # ---- the flow hash: must equal meshd_flow_hash() in bpf/tc_lb.bpf.c -------------------------
@@ -135,17 +149,30 @@ def _maglev_m(pin_dir: Path, instance: str) -> int:
     return value.maglev_m
 
 
-def load(bpffs: Path, instance: str, ct_max_entries: int | None = None) -> bpf.BpfObject:
+def check_snat_ports(snat_ports: tuple[int, int] | None) -> tuple[int, int]:
+    """(lo, hi) as the programs take them; (0, 0): SNAT mode off."""
+    if snat_ports is None:
+        return 0, 0
+    lo, hi = snat_ports
+    if not 1 <= lo <= hi <= 65535:
+        raise DataplaneError(f"SNAT port range {lo}-{hi} is not within 1-65535 with low <= high")
+    return lo, hi
+
+
+def load(bpffs: Path, instance: str, ct_max_entries: int | None = None,
+         snat_ports: tuple[int, int] | None = None) -> bpf.BpfObject:
     """Opens and loads the tc object of `instance`, sharing its pinned maps; pins the tc
     maps that were not pinned yet. The caller closes the returned object (filters and pins
-    keep what they need). `ct_max_entries` sizes a conntrack map created by this call (two
-    entries per flow; default 262,144); a pinned one keeps its size."""
+    keep what they need). `ct_max_entries` sizes a conntrack map created by this call (four
+    entries per SNAT flow, two per routed one; default 262,144); a pinned one keeps its size.
+    `snat_ports` (lo, hi), inclusive: SNAT mode with source ports from that range."""
     ensure_bpffs(bpffs)
     pin_dir = names.pin_dir(bpffs, instance)
     m = _maglev_m(pin_dir, instance)
+    lo, hi = check_snat_ports(snat_ports)
     obj = bpf.BpfObject(object_path(names.OBJ_TC_LB))
     try:
-        obj.set_rodata(bytes(S.Cfg(maglev_m=m)))
+        obj.set_rodata(bytes(TcCfg(maglev_m=m, snat_port_min=lo, snat_port_max=hi)))
         obj.set_inner_value_size(names.MAP_MAGLEV, 4 * m)
         if ct_max_entries:
             obj.set_max_entries(names.MAP_TC_CT, ct_max_entries)
@@ -200,6 +227,39 @@ def _if_map(pin_dir: Path) -> bpf.Map:
     return bpf.Map(bpf.obj_get(pin_dir / names.MAP_TC_IFS), names.MAP_TC_IFS, IfKey, IfVal)
 
 
+def _addr_map(pin_dir: Path) -> bpf.Map:
+    return bpf.Map(bpf.obj_get(pin_dir / names.MAP_TC_ADDRS), names.MAP_TC_ADDRS, C.c_uint32,
+                   TcAddr)
+
+
+def interface_addresses(name: str) -> TcAddr:
+    """The first global address of each family on interface `name` of the calling thread's
+    network namespace: the source SNAT gives requests leaving by it (zero: none)."""
+    out = subprocess.run(["ip", "-j", "addr", "show", "dev", name], capture_output=True,
+                         text=True, timeout=10)
+    if out.returncode:
+        raise DataplaneError(f"tc: cannot read the addresses of {name!r}: {out.stderr.strip()}")
+    v4 = v6 = None
+    for link in json.loads(out.stdout or "[]"):
+        for a in link.get("addr_info", []):
+            if a.get("scope") != "global" or a.get("tentative") or a.get("deprecated"):
+                continue
+            try:
+                ip = ipaddress.ip_address(a["local"])
+            except (KeyError, ValueError):
+                continue
+            if ip.version == 4 and v4 is None:
+                v4 = ip
+            elif ip.version == 6 and v6 is None:
+                v6 = ip
+    val = TcAddr()
+    if v4 is not None:
+        val.v4 = S.pack_addr(v4)
+    if v6 is not None:
+        val.v6 = S.pack_addr(v6)
+    return val
+
+
 def _detach_one(ifindex: int, handle: int, priority: int, what: str) -> bool:
     a = bpf.tc_detach(ifindex, bpf.TC_INGRESS, handle, priority, f"{what} ingress")
     b = bpf.tc_detach(ifindex, bpf.TC_EGRESS, handle, priority, f"{what} egress")
@@ -207,25 +267,30 @@ def _detach_one(ifindex: int, handle: int, priority: int, what: str) -> bool:
 
 
 def attach_interfaces(bpffs: Path, instance: str, interfaces, netns: str | Path | None = None,
-                      *, ct_max_entries: int | None = None,
-                      priority: int = PRIORITY) -> dict[str, int]:
+                      *, ct_max_entries: int | None = None, priority: int = PRIORITY,
+                      snat_ports: tuple[int, int] | None = None) -> dict[str, int]:
     """Loads the tc programs of `instance` and attaches them (ingress and egress) to each
     interface, in `netns` (default: this process's namespace). Recorded interfaces of that
     namespace that are not in `interfaces` any more are detached. Every name is checked
-    before anything is attached. Returns {interface: ifindex}."""
+    before anything is attached. `snat_ports` (lo, hi): SNAT mode; each interface's first
+    global IPv4 and IPv6 address is recorded as the source for requests leaving by it.
+    Returns {interface: ifindex}."""
     interfaces = list(dict.fromkeys(interfaces))
     where = f"network namespace {_ns_path(netns)}" if netns else "this network namespace"
     run = _run_in(netns)
     pin_dir = names.pin_dir(bpffs, instance)
     handle = filter_handle(instance)
-    with load(bpffs, instance, ct_max_entries) as obj:
+    with load(bpffs, instance, ct_max_entries, snat_ports) as obj:
         prog_in, prog_out = obj.prog_fd(names.TC_PROG_INGRESS), obj.prog_fd(names.TC_PROG_EGRESS)
         record = _if_map(pin_dir)
+        addrs = _addr_map(pin_dir)
         done: dict[str, int] = {}
 
         def work() -> None:
             idx = _ifindexes(interfaces, where)
             ino = _thread_netns_ino()
+            for name, ifindex in idx.items():  # before any program runs in SNAT mode
+                addrs.update(C.c_uint32(ifindex), interface_addresses(name))
             for name, ifindex in idx.items():
                 what = f"{name} ({where})"
                 old = record.lookup(IfKey(netns_ino=ino, ifindex=ifindex))
@@ -241,10 +306,12 @@ def attach_interfaces(bpffs: Path, instance: str, interfaces, netns: str | Path 
                 if key.netns_ino == ino and key.ifindex not in idx.values():
                     _detach_one(key.ifindex, val.handle, val.priority, val.name.decode())
                     record.delete(key)
+                    addrs.delete(C.c_uint32(key.ifindex))
         try:
             run(work)
         finally:
             record.close()
+            addrs.close()
     return done
 
 
@@ -328,6 +395,7 @@ class TcMaps:
     ct: bpf.Map
     frag: bpf.Map
     stats: bpf.PercpuMap
+    addrs: bpf.Map  # ifindex -> TcAddr, the SNAT source addresses
 
     def counters(self) -> dict[str, int]:
         """struct meshd_tc_stats summed over CPUs."""
@@ -338,7 +406,7 @@ class TcMaps:
         return {n: sum(getattr(c, n) for c in copies) for n in STATS_COUNTERS}
 
     def close(self) -> None:
-        for m in (self.ct, self.frag, self.stats):
+        for m in (self.ct, self.frag, self.stats, self.addrs):
             m.close()
 
 
@@ -355,6 +423,7 @@ def open_maps(bpffs: Path, instance: str) -> TcMaps:
                               FragKey, FragVal))
         opened.append(bpf.PercpuMap(bpf.obj_get(pin_dir / names.MAP_TC_STATS),
                                     names.MAP_TC_STATS, C.c_uint32, TcStats))
+        opened.append(_addr_map(pin_dir))
     except BpfError:
         for m in opened:
             m.close()

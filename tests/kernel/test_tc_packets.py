@@ -85,7 +85,7 @@ def expected_backend(addrs: list[str], port: int, proto: str, client: str, sport
 class Env:
     """An instance's maps (socket LB loaded, reconciler) with the tc object loaded on them."""
 
-    def __init__(self, ct_max_entries: int | None = None):
+    def __init__(self, ct_max_entries: int | None = None, snat_ports=None):
         self.instance = TEST_PREFIX + secrets.token_hex(4)
         claim(self.instance)
         self.cgroup = CGROUP2 / self.instance
@@ -94,7 +94,7 @@ class Env:
         try:
             self.maps = loader.load(BPFFS, self.instance, self.cgroup, M, metrics=False)
             self.rec = Reconciler(KernelDataplane(self.maps))
-            self.obj = tc.load(BPFFS, self.instance, ct_max_entries)
+            self.obj = tc.load(BPFFS, self.instance, ct_max_entries, snat_ports)
             self.fd = {"in": self.obj.prog_fd(names.TC_PROG_INGRESS),
                        "out": self.obj.prog_fd(names.TC_PROG_EGRESS)}
             self.tcmaps = tc.open_maps(BPFFS, self.instance)

@@ -18,6 +18,7 @@ crashed run's namespaces are swept by the next session (never a live session's).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import secrets
 import signal
@@ -32,7 +33,7 @@ import pytest
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import loader, tc
 from meshd.dataplane.kernel import KernelDataplane
-from meshd.desired import desired_groups
+from meshd.desired import NodePorts, desired_groups
 from meshd.errors import DataplaneError
 from meshd.model import parse_service
 from meshd.reconciler import Reconciler
@@ -418,3 +419,98 @@ def test_attach_detach_and_a_clear_error_for_an_unknown_interface(topo, node_a):
     finally:
         node_a.attach()
     assert tcp_names(topo, WEB, 80, 3)
+
+
+# ---- SNAT mode and NodePort -------------------------------------------------------------------
+NODE_B_CLIENT_SIDE, NODE_B_LAN = "10.250.2.1", "10.0.9.2"
+SNAT_PORTS = (61000, 61999)
+
+
+def snat_services(backends=(1, 2, 3)) -> list:
+    """services() with node ports: web on 30080/TCP, dns on 30053/UDP."""
+    out = []
+    for s in services(backends):
+        d = s.model_dump(mode="json")
+        if d["name"] in ("web", "dns"):
+            d["ports"][0]["node_port"] = 30080 if d["name"] == "web" else 30053
+        out.append(parse_service(d, where=d["name"]))
+    return out
+
+
+def tcp_from(topo: Topo, ns_short: str, addr: str, port: int, timeout: float = 2.0) -> str:
+    """One TCP exchange from a socket made in namespace `ns_short`."""
+    box: list[socket.socket] = []
+    bpf.in_netns(topo.path(ns_short))(lambda: box.append(socket.socket()))
+    with box[0] as s:
+        s.settimeout(timeout)
+        s.connect((addr, port))
+        return ask(s)
+
+
+@pytest.fixture
+def node_b_snat(topo, node_a):
+    """Node B serving the services and node ports; backends have NO route to the client, so
+    only a reply addressed to the node (SNAT) can come back. Yields (node, attach(snat))."""
+    node_b = Node(topo, "nb", f"{topo.p}-bc")
+    lan = f"{topo.p}-bl"
+    try:
+        ports = NodePorts(addresses=(ipaddress.ip_address(NODE_B_CLIENT_SIDE),
+                                     ipaddress.ip_address(NODE_B_LAN)))
+        rep = node_b.rec.apply(desired_groups(snat_services(), ports))
+        assert not rep.errors, rep.errors
+        topo.via("b")
+        for i in range(1, BACKENDS + 1):
+            topo.ip(f"b{i}", "route", "del", "10.250.0.0/16")
+
+        def attach(snat: bool) -> None:
+            tc.attach_interfaces(BPFFS, node_b.instance, [node_b.interface, lan],
+                                 netns=topo.ns("nb"), snat_ports=SNAT_PORTS if snat else None)
+        yield node_b, attach
+    finally:
+        topo.via("a")
+        node_b.close()
+
+
+def test_snat_mode_serves_clients_whose_backends_cannot_route_back(topo, node_b_snat):
+    node, attach = node_b_snat
+    attach(snat=False)  # routed mode: the backends' replies have nowhere to go
+    with pytest.raises(OSError):
+        tcp_open(topo, WEB, 80, timeout=0.5)
+    attach(snat=True)
+    assert set(tcp_names(topo, WEB, 80, 40)) == {"b1", "b2", "b3"}
+    assert {udp_flow(topo, sport) for sport in range(45000, 45030)} == {"b1", "b2", "b3"}
+    with pytest.raises(ConnectionRefusedError):  # ICMP through both layers, as the VIP
+        udp_flow(topo, 45100, CLOSED, 9, timeout=3)
+    c = node.counters()
+    assert c["snat_new"] >= 40 + 30 and c["unsnat"] > 0 and c["icmp_xlate"] >= 2
+    assert (c["snat_fail"], c["errors"]) == (0, 0)
+    m = tc.open_maps(BPFFS, node.instance)
+    try:  # every reply entry is for the node's LAN address and a port of the range
+        rev = [(k, v) for k, v in m.ct.items() if k.dir == tc.CT_SNAT_REV]
+    finally:
+        m.close()
+    assert rev and all(bytes(k.daddr)[-4:] == socket.inet_aton(NODE_B_LAN) and
+                       SNAT_PORTS[0] <= socket.ntohs(k.dport) <= SNAT_PORTS[1] for k, _v in rev)
+
+
+def test_node_port_on_the_node_address(topo, node_b_snat):
+    node, attach = node_b_snat
+    attach(snat=True)
+    assert set(tcp_names(topo, NODE_B_CLIENT_SIDE, 30080, 40)) == {"b1", "b2", "b3"}
+    assert {udp_flow(topo, sport, NODE_B_CLIENT_SIDE, 30053)
+            for sport in range(45200, 45230)} == {"b1", "b2", "b3"}
+    with pytest.raises(OSError):  # a port that is no node port is the node's own business
+        tcp_open(topo, NODE_B_CLIENT_SIDE, 30081, timeout=0.5)
+
+
+def test_hairpin_a_backend_reaches_its_own_service_through_the_node(topo, node_b_snat):
+    """b1 calls the VIP via node B; some flows land on b1 itself. With SNAT the backend sees
+    the node as the peer, so even those replies go back through the node."""
+    node, attach = node_b_snat
+    attach(snat=True)
+    topo.ip("b1", "route", "replace", "10.96.0.0/16", "via", NODE_B_LAN)
+    try:
+        got = [tcp_from(topo, "b1", WEB, 80) for _ in range(40)]
+    finally:
+        topo.ip("b1", "route", "del", "10.96.0.0/16")
+    assert set(got) == {"b1", "b2", "b3"}

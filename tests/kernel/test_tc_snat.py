@@ -1,0 +1,241 @@
+"""SNAT mode of the tc load balancer, packet by packet, through BPF_PROG_TEST_RUN.
+
+A SNAT flow crosses both programs twice: the request is DNATed on ingress and leaves with
+the node's address and a port of the range on egress; the reply to node:port gets the
+client back on ingress and the VIP back on egress. The port is chosen by the program (a hash
+of the flow, then the first free one), so each case reads it from the first translated
+packet, checks it lies in the range, and from then on compares whole frames: every other
+field and every checksum must be exactly what scapy builds. BPF_PROG_TEST_RUN runs with the
+loopback device as skb->dev, so the node's SNAT addresses are recorded for ifindex 1.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror, fragment
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+
+from meshd.dataplane import structs as S
+from meshd.dataplane import tc
+from test_tc_packets import (CLIENT, CLIENT6, DNS_VIP, OK, SHOT, UNSPEC, VIP, VIP6, Env,
+                             be4, be6, dns, dnat_tcp, eth, rebuilt, syn, udp_req, web)
+
+NODE, NODE6 = "10.0.9.1", "fd00:9::1"
+LO, HI = 61000, 61999
+LO_IFINDEX = 1  # skb->dev of BPF_PROG_TEST_RUN
+
+
+def set_node_addresses(e: Env, v4: str | None = NODE, v6: str | None = NODE6) -> None:
+    val = tc.TcAddr()
+    if v4:
+        val.v4 = S.pack_addr(ipaddress.ip_address(v4))
+    if v6:
+        val.v6 = S.pack_addr(ipaddress.ip_address(v6))
+    e.tcmaps.addrs.update(ctypes.c_uint32(LO_IFINDEX), val)
+
+
+@pytest.fixture
+def snat():
+    made: list[Env] = []
+
+    def make(*services, ports=(LO, HI), v4=NODE, v6=NODE6) -> Env:
+        e = Env(snat_ports=ports)
+        made.append(e)
+        e.apply(*(services or (web(), dns())))
+        set_node_addresses(e, v4, v6)
+        return e
+    try:
+        yield make
+    finally:
+        for e in made:
+            e.close()
+
+
+def run_ok(e: Env, direction: str, pkt) -> Ether:
+    verdict, out = e.run(direction, pkt)
+    assert verdict == OK, f"{direction}: verdict {verdict}\n{Ether(bytes(pkt)).show2(dump=True)}"
+    return Ether(out)
+
+
+def same(got: Ether, want) -> None:
+    assert bytes(got) == bytes(want), \
+        f"--- got\n{got.show2(dump=True)}\n--- want\n{Ether(bytes(want)).show2(dump=True)}"
+
+
+def snat_out(e: Env, forwarded, l4, node=NODE) -> tuple[Ether, int]:
+    """Egress of a translated request: source node:port, port in range; returns it."""
+    got = run_ok(e, "out", forwarded)
+    ip = IPv6 if IPv6 in got else IP
+    port = got[l4].sport
+    assert LO <= port <= HI, port
+    want = rebuilt(forwarded)
+    want[ip].src, want[l4].sport = node, port
+    same(got, want)
+    return got, port
+
+
+# ---- a whole flow, each protocol and family ------------------------------------------------
+def test_tcp_flow_through_snat_and_back(snat):
+    e = snat()
+    sport = 42001
+    b = be4(8080, "TCP", sport)
+    p = syn(sport)
+    fwd = run_ok(e, "in", p)
+    same(fwd, dnat_tcp(p, b))
+    _, port = snat_out(e, fwd, TCP)
+    again, port2 = snat_out(e, fwd, TCP)  # a retransmitted SYN keeps its port
+    assert port2 == port
+    reply = eth(IP(src=b, dst=NODE) / TCP(sport=8080, dport=port, flags="SA", seq=5, ack=1001))
+    back = run_ok(e, "in", reply)
+    want = rebuilt(reply)
+    want[IP].dst, want[TCP].dport = CLIENT, sport
+    same(back, want)
+    out = run_ok(e, "out", back)  # the routed layer restores the VIP as it leaves
+    want2 = rebuilt(back)
+    want2[IP].src, want2[TCP].sport = VIP, 80
+    same(out, want2)
+    c = e.counters()
+    assert (c["dnat"], c["snat"], c["snat_new"], c["unsnat"], c["revnat"], c["snat_fail"],
+            c["errors"]) == (1, 2, 1, 1, 1, 0, 0)
+
+
+def test_udp_flow_through_snat_and_back(snat):
+    e = snat()
+    sport = 42002
+    b = be4(5353, "UDP", sport)
+    fwd = run_ok(e, "in", udp_req(sport))
+    assert (fwd[IP].dst, fwd[UDP].dport) == (b, 5353)
+    _, port = snat_out(e, fwd, UDP)
+    answer = eth(IP(src=b, dst=NODE) / UDP(sport=5353, dport=port) / Raw(b"answer"))
+    back = run_ok(e, "in", answer)
+    want = rebuilt(answer)
+    want[IP].dst, want[UDP].dport = CLIENT, sport
+    same(back, want)
+    out = run_ok(e, "out", back)
+    assert (out[IP].src, out[UDP].sport) == (DNS_VIP, 53)
+
+
+def test_ipv6_tcp_flow_leaves_with_the_node_ipv6_address(snat):
+    e = snat()
+    sport = 42003
+    b = be6(8080, "TCP", sport)
+    p = eth(IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=sport, dport=80, flags="S", seq=7), v6=True)
+    fwd = run_ok(e, "in", p)
+    assert (fwd[IPv6].dst, fwd[TCP].dport) == (b, 8080)
+    _, port = snat_out(e, fwd, TCP, node=NODE6)
+    reply = eth(IPv6(src=b, dst=NODE6) / TCP(sport=8080, dport=port, flags="SA"), v6=True)
+    back = run_ok(e, "in", reply)
+    want = rebuilt(reply)
+    want[IPv6].dst, want[TCP].dport = CLIENT6, sport
+    same(back, want)
+
+
+def test_distinct_clients_get_distinct_ports_to_one_backend(snat):
+    e = snat(web(ids=(1,)))
+    ports = set()
+    for i in range(20):
+        fwd = run_ok(e, "in", syn(43000, src=f"10.250.0.{i + 1}"))
+        got = run_ok(e, "out", fwd)
+        assert got[IP].src == NODE
+        ports.add(got[TCP].sport)
+    assert len(ports) == 20 and all(LO <= p <= HI for p in ports)
+
+
+# ---- edges -----------------------------------------------------------------------------------
+def test_port_range_exhausted_drops_and_counts(snat):
+    e = snat(web(ids=(1,)), ports=(LO, LO + 1))
+    verdicts = []
+    for i in range(3):
+        fwd = run_ok(e, "in", syn(43100, src=f"10.250.0.{i + 1}"))
+        verdicts.append(e.run("out", fwd)[0])
+    assert verdicts == [OK, OK, SHOT]
+    c = e.counters()
+    assert (c["snat_new"], c["snat_fail"]) == (2, 1)
+
+
+def test_no_address_of_the_family_on_the_interface_drops_and_counts(snat):
+    e = snat(v6=None)
+    p = eth(IPv6(src=CLIENT6, dst=VIP6) / TCP(sport=42004, dport=80, flags="S"), v6=True)
+    fwd = run_ok(e, "in", p)
+    assert e.run("out", fwd)[0] == SHOT
+    assert e.counters()["snat_fail"] == 1
+
+
+def test_what_is_no_snat_flow_passes_untouched(snat):
+    e = snat()
+    plain = eth(IP(src="10.0.9.11", dst="10.250.0.7") / TCP(sport=8080, dport=5000, flags="A"))
+    assert e.run("out", plain)[0] == UNSPEC  # leaving, not a tracked request
+    stray = eth(IP(src="10.0.9.11", dst=NODE) / TCP(sport=8080, dport=LO + 5, flags="A"))
+    assert e.run("in", stray)[0] == UNSPEC  # to a SNAT port nobody holds
+    below = eth(IP(src="10.0.9.11", dst=NODE) / TCP(sport=8080, dport=LO - 1, flags="A"))
+    assert e.run("in", below)[0] == UNSPEC
+
+
+def test_routed_mode_never_rewrites_the_source(snat):
+    e = Env()  # no snat_ports: routed mode, the SNAT paths are not even verified in
+    try:
+        e.apply(web())
+        set_node_addresses(e)
+        sport = 42005
+        fwd = run_ok(e, "in", syn(sport))
+        assert e.run("out", fwd)[0] == UNSPEC
+    finally:
+        e.close()
+
+
+def test_fragmented_request_every_fragment_leaves_with_the_node_address(snat):
+    e = snat()
+    sport = 42006
+    dgram = udp_req(sport, payload=bytes(range(256)) * 2)
+    b = be4(5353, "UDP", sport)
+    frags = [eth(f) for f in fragment(dgram[IP], fragsize=200)]
+    fwd = [run_ok(e, "in", f) for f in frags]
+    first = run_ok(e, "out", fwd[0])
+    port = first[UDP].sport
+    assert first[IP].src == NODE and LO <= port <= HI
+    whole = rebuilt(dgram)
+    whole[IP].src, whole[IP].dst, whole[UDP].sport, whole[UDP].dport = NODE, b, port, 5353
+    want = [eth(f) for f in fragment(Ether(bytes(whole))[IP], fragsize=200)]
+    same(first, want[0])
+    for f, w in zip(fwd[1:], want[1:]):
+        same(run_ok(e, "out", f), w)
+
+
+def test_icmp_errors_cross_both_layers(snat):
+    """Port unreachable from the backend to node:port reaches the client quoting the VIP;
+    an error from the client about a reply reaches the backend quoting node:port."""
+    e = snat()
+    sport = 42007
+    b = be4(5353, "UDP", sport)
+    fwd = run_ok(e, "in", udp_req(sport))
+    _, port = snat_out(e, fwd, UDP)
+    err = eth(IP(src=b, dst=NODE) / ICMP(type=3, code=3) /
+              IPerror(src=NODE, dst=b, id=4242, ttl=63) /
+              UDPerror(sport=port, dport=5353, chksum=0x1234) / Raw(b"query"))
+    back = run_ok(e, "in", err)
+    want = eth(IP(src=b, dst=CLIENT) / ICMP(type=3, code=3) /
+               IPerror(src=CLIENT, dst=b, id=4242, ttl=63) /
+               UDPerror(sport=sport, dport=5353, chksum=0x1234) / Raw(b"query"))
+    same(back, rebuilt(want))
+    out = run_ok(e, "out", back)
+    want2 = eth(IP(src=DNS_VIP, dst=CLIENT) / ICMP(type=3, code=3) /
+                IPerror(src=CLIENT, dst=DNS_VIP, id=4242, ttl=63) /
+                UDPerror(sport=sport, dport=53, chksum=0x1234) / Raw(b"query"))
+    same(out, rebuilt(want2))
+    # the other way: the client says the VIP's reply was unwelcome
+    cerr = eth(IP(src=CLIENT, dst=DNS_VIP) / ICMP(type=3, code=3) /
+               IPerror(src=DNS_VIP, dst=CLIENT, id=9, ttl=60) /
+               UDPerror(sport=53, dport=sport, chksum=0x4321) / Raw(b"answer"))
+    inb = run_ok(e, "in", cerr)
+    assert inb[IP].dst == b and inb[IPerror].src == b
+    leaving = run_ok(e, "out", inb)
+    want3 = eth(IP(src=NODE, dst=b) / ICMP(type=3, code=3) /
+                IPerror(src=b, dst=NODE, id=9, ttl=60) /
+                UDPerror(sport=5353, dport=port, chksum=0x4321) / Raw(b"answer"))
+    same(leaving, rebuilt(want3))
+    assert e.counters()["icmp_xlate"] == 4
