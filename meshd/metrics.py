@@ -109,6 +109,7 @@ class Snapshot:
     stats: dict[tuple[int, int], Counters]  # (group id, backend id; 0 = none) -> counters
     stats_capacity: int = 0  # max_entries of the stats map
     taken_at: float = field(default_factory=time.monotonic)
+    tc: dict[str, int] | None = None  # tc LB counters (struct meshd_tc_stats); None: no tc maps
 
     def by_group(self) -> dict[int, Counters]:
         """Per group: all its backends (and its refusals) added up; every known group."""
@@ -135,9 +136,24 @@ class KernelSource:
         mm = loader.open_metrics(self.bpffs, self.instance)
         try:
             stats = {k: Counters.from_words(v) for k, v in mm.read_stats().items()}
-            return Snapshot(mm.group_names(), mm.backend_names(), stats, mm.stats_capacity())
+            snap = Snapshot(mm.group_names(), mm.backend_names(), stats, mm.stats_capacity())
         finally:
             mm.close()
+        snap.tc = read_tc_counters(self.bpffs, self.instance)
+        return snap
+
+
+def read_tc_counters(bpffs: Path, instance: str) -> dict[str, int] | None:
+    """The tc LB's counters summed over CPUs; None if the instance never loaded the tc path."""
+    from meshd import names
+    from meshd.dataplane import tc
+    if not (names.pin_dir(bpffs, instance) / names.MAP_TC_STATS).exists():
+        return None
+    maps = tc.open_maps(bpffs, instance)
+    try:
+        return maps.counters()
+    finally:
+        maps.close()
 
 
 def split_group(key: str) -> tuple[str, str, str, str]:
@@ -247,6 +263,14 @@ _RTT_HELP = ("Smoothed TCP round-trip time, sampled per connection at close and 
              "once a second while it is open.")
 
 
+_TC_HELP = ("tc (per-packet) LB events on this node, by kind: dnat / revnat / snat / unsnat "
+            "= packets translated (to a backend, back to the VIP, source to node:port, reply "
+            "back to the client); ct_new / ct_repick / ct_closed / ct_shadowed = flows tracked, "
+            "re-balanced, closed, forgotten; snat_new = SNAT ports chosen; frag_xlate / "
+            "icmp_xlate = fragments and ICMP errors translated; no_backend, snat_fail, errors "
+            "= packets dropped (docs/tc.md).")
+
+
 class MeshdCollector:
     """Reads `source` (anything with .snapshot() -> Snapshot) at each scrape. With
     `per_backend`, every series is also exported per backend (more series: one set per
@@ -286,6 +310,11 @@ class MeshdCollector:
         entries.add_metric(["used"], float(len(snap.stats)))
         entries.add_metric(["max"], float(snap.stats_capacity))
         yield entries
+        if snap.tc is not None:
+            tc_fam = CounterMetricFamily("meshd_tc_events", _TC_HELP, labels=["event"])
+            for event, value in snap.tc.items():
+                tc_fam.add_metric([event], float(value))
+            yield tc_fam
         took = GaugeMetricFamily("meshd_metrics_read_seconds",
                                  "Time this scrape took to read the kernel maps.")
         took.add_metric([], time.perf_counter() - t0)

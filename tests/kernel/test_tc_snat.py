@@ -21,7 +21,9 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 
 from meshd.dataplane import structs as S
+from meshd.metrics import read_tc_counters
 from meshd.dataplane import tc
+from testlib import BPFFS
 from test_tc_packets import (CLIENT, CLIENT6, DNS_VIP, OK, SHOT, UNSPEC, VIP, VIP6, Env,
                              be4, be6, dns, dnat_tcp, eth, rebuilt, syn, udp_req, web)
 
@@ -102,6 +104,7 @@ def test_tcp_flow_through_snat_and_back(snat):
     c = e.counters()
     assert (c["dnat"], c["snat"], c["snat_new"], c["unsnat"], c["revnat"], c["snat_fail"],
             c["errors"]) == (1, 2, 1, 1, 1, 0, 0)
+    assert read_tc_counters(BPFFS, e.instance) == c  # what Prometheus exports
 
 
 def test_udp_flow_through_snat_and_back(snat):

@@ -514,3 +514,77 @@ def test_hairpin_a_backend_reaches_its_own_service_through_the_node(topo, node_b
     finally:
         topo.ip("b1", "route", "del", "10.96.0.0/16")
     assert set(got) == {"b1", "b2", "b3"}
+
+
+def _scrape_in(topo: Topo, ns_short: str, port: int) -> str:
+    import urllib.request
+    box: list[str] = []
+    bpf.in_netns(topo.path(ns_short))(lambda: box.append(urllib.request.urlopen(
+        f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()))
+    return box[0]
+
+
+def test_daemon_serves_node_ports_in_snat_mode_from_its_config(topo, node_a, tmp_path):
+    """`meshd run` inside node B's namespace, configured only by its file: tc.mode snat on
+    both interfaces, a node port in the services file; the backends cannot route back."""
+    import yaml
+    instance = TEST_PREFIX + topo.p + "d"
+    claim(instance)
+    cgroup = CGROUP2 / instance
+    cgroup.mkdir()
+    metrics_port = 19469  # inside node B's own namespace: nothing else listens there
+    svcs = [s.model_dump(mode="json") for s in snat_services() if s.name in ("web", "dns")]
+    (tmp_path / "services.yaml").write_text(yaml.safe_dump({"services": svcs}))
+    config = tmp_path / "meshd.yaml"
+    config.write_text(yaml.safe_dump({
+        "instance": instance, "cgroup": str(cgroup), "bpffs": str(BPFFS),
+        "state_dir": str(tmp_path / "state"), "services_file": str(tmp_path / "services.yaml"),
+        "maglev": {"table_size": 1021}, "etcd": None,
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "tc": {"interfaces": [f"{topo.p}-bc", f"{topo.p}-bl"], "mode": "snat",
+               "snat_ports": "61000-61999"},
+        "node_ports": {"addresses": ["10.250.2.0/24"]}}))
+    log = tmp_path / "meshd.log"
+    proc = None
+    topo.via("b")
+    for i in range(1, BACKENDS + 1):
+        topo.ip(f"b{i}", "route", "del", "10.250.0.0/16")
+    try:
+        with open(log, "wb") as f:  # nsenter --net: the node's network, the host's /sys
+            proc = subprocess.Popen(["nsenter", f"--net={topo.path('nb')}", "--", sys.executable,
+                                     "-m", "meshd", "run", "--config", str(config)],
+                                    stdout=f, stderr=f, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                tcp_names(topo, NODE_B_CLIENT_SIDE, 30080, 1, timeout=0.5)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert set(tcp_names(topo, NODE_B_CLIENT_SIDE, 30080, 30)) == {"b1", "b2", "b3"}
+        assert set(tcp_names(topo, WEB, 80, 30)) == {"b1", "b2", "b3"}
+        with pytest.raises(OSError):  # node_ports.addresses left the LAN address out
+            tcp_open(topo, NODE_B_LAN, 30080, timeout=0.5)
+        text = _scrape_in(topo, "nb", metrics_port)
+        snat = [line for line in text.splitlines()
+                if line.startswith('meshd_tc_events_total{event="snat_new"}')]
+        assert snat and float(snat[0].split()[-1]) >= 60, snat
+        assert "tc LB (snat mode) on" in log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        proc = None
+        cp = subprocess.run([sys.executable, "-m", "meshd", "cleanup", "--config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        assert _filters(topo, "nb", f"{topo.p}-bc") == []
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        tc.detach_all(BPFFS, instance)
+        loader.remove(BPFFS, instance)
+        cgroup.rmdir()
+        release(instance)
+        topo.via("a")

@@ -276,3 +276,17 @@ def test_dashboard_queries_only_metrics_the_exporter_serves():
     control.set_map_fill("meshd_svc_v1", 1, 2)
     served = set(scrape(MeshdCollector(Fake(snapshot()), control)))
     assert used and used <= served, used - served
+
+
+def test_tc_counters_are_exported_by_event_when_the_tc_path_is_loaded():
+    snap = snapshot()
+    snap.tc = {"dnat": 7, "snat": 5, "snat_fail": 1}
+    reg = CollectorRegistry()
+    reg.register(MeshdCollector(Fake(snap)))
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    got = {s.labels["event"]: s.value for s in fams["meshd_tc_events"].samples
+           if s.name == "meshd_tc_events_total"}
+    assert got == {"dnat": 7.0, "snat": 5.0, "snat_fail": 1.0}
+    reg2 = CollectorRegistry()
+    reg2.register(MeshdCollector(Fake(snapshot())))  # no tc maps: no tc series at all
+    assert "meshd_tc_events" not in generate_latest(reg2).decode()
