@@ -29,6 +29,21 @@ Paths, all ending at the same backend process:
               measured VIP is the LAST rule of KUBE-SERVICES (kube-proxy's linear worst case)
   plain+ipt   client -> backend (via B) while those rules are installed (conntrack and the
               chain walk for every new flow, service or not)
+  tc-snat     client -> VIP (via A), meshd in SNAT mode on A: filters on the client-facing
+              AND the backend-facing interface, source ports from --snat-ports; the
+              backend's route back to the client is removed for these two paths (re-added
+              for the others), so only SNAT can bring the replies back
+  nodeport    client -> A's client-facing address 10.250.1.1 at node port 30080 (30201 for
+              iperf3), SNAT mode as tc-snat (the measured service has node ports)
+The tc mode is switched per path (detached / routed on A's client-facing interface / SNAT
+on both), so the meshd paths share node A, its links and its conntrack map with plain.
+The client's ephemeral ports are limited to --client-ports (all paths): meshd holds a SNAT
+port per client (address, port) until its conntrack LRU evicts it, so more distinct client
+ports than the SNAT range holds exhaust it (snat_fail, dropped SYNs). So client ports recur
+and most SNAT flows reuse the port their client tuple got before (snat_new << flows): the
+first-pick cost (one more lookup and two inserts on the SYN) is mostly not in the numbers.
+The tc counters (summed deltas over each path's measured runs, and the totals) are in the
+results.
 Metrics: TCP throughput (one iperf3 stream for 2 x --seconds, slow start omitted, Gbit/s)
 and new flows per second for --seconds (sequential
 connect + one request/reply + close with RST, the netns_lab agent's connrate). Ratios are
@@ -56,7 +71,7 @@ sys.path.insert(0, str(ROOT))
 
 from meshd.dataplane import loader, tc  # noqa: E402
 from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
-from meshd.desired import desired_groups  # noqa: E402
+from meshd.desired import NodePorts, desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 
@@ -66,6 +81,9 @@ AGENT = ROOT / "netns_lab" / "agent.py"
 M = 1021  # per-packet cost does not depend on M; 10,000 tables x 4 KiB
 BACKEND, BACKEND_B = "10.0.9.11", "10.0.8.11"  # the backend, as reached via node A / B
 PERF_PORT, ECHO_PORT = 5201, 8080
+NODE_A = "10.250.1.1"  # node A's client-facing address: the NodePort frontend
+NODE_PORT, NODE_PORT_PERF = 30080, 30201
+CLIENT_NET_A = "10.250.1.0/24"
 
 
 def vip(i: int) -> str:
@@ -97,7 +115,7 @@ class Topo:
         pin = ["taskset", "-c", str(cpu)] if cpu is not None and len(self.cpus) > 1 else []
         return pin + ["nsenter", f"--net=/run/netns/{self.ns(s)}", "--", *argv]
 
-    def up(self) -> "Topo":
+    def up(self, client_ports: tuple[int, int] | None = None) -> "Topo":
         for s in ("cli", "na", "nb", "be"):
             sh("ip", "netns", "add", self.ns(s))
             self.made.append(self.ns(s))
@@ -121,6 +139,9 @@ class Topo:
         sh("ip", "-n", self.ns("be"), "route", "add", "10.250.2.0/24", "via", "10.0.8.1")
         for node in ("na", "nb"):
             sh(*self.enter(node, "sysctl", "-qw", "net.ipv4.ip_forward=1"))
+        if client_ports:
+            sh(*self.enter("cli", "sysctl", "-qw",
+                           f"net.ipv4.ip_local_port_range={client_ports[0]} {client_ports[1]}"))
         # Servers and clients all on one CPU: the whole path (client, both forwarding hops
         # in softirq, server) is bound by that CPU, so a per-packet cost shows up in the
         # throughput, and the other CPU absorbs other load. With client and server on
@@ -168,14 +189,15 @@ def connrate(topo: Topo, addr: str, port: int, seconds: float) -> dict:
     return json.loads(out)
 
 
-def iperf(topo: Topo, addr: str, seconds: float) -> float:
-    out = sh(*topo.enter("cli", "iperf3", "-c", addr, "-p", str(PERF_PORT), "-t",
+def iperf(topo: Topo, addr: str, seconds: float, port: int = PERF_PORT) -> float:
+    out = sh(*topo.enter("cli", "iperf3", "-c", addr, "-p", str(port), "-t",
                          str(seconds), "-O", "0.2", "-J", cpu=topo.cpus[0]),
              timeout=seconds + 30)
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def measure(topo: Topo, addr: str, port: int, seconds: float) -> dict:
+def measure(topo: Topo, addr: str, port: int, seconds: float,
+            perf_port: int = PERF_PORT) -> dict:
     """One connrate run (retried once if a connection failed: a 2 s timeout would distort
     the rate; a second failure is an error) and one iperf3 run."""
     for attempt in (1, 2):
@@ -185,18 +207,21 @@ def measure(topo: Topo, addr: str, port: int, seconds: float) -> dict:
         print(f"  ({addr}:{port}: {cr['errors']}, attempt {attempt})", file=sys.stderr)
     else:
         raise RuntimeError(f"connection errors via {addr}:{port}: {cr['errors']}")
-    return {"gbps": round(iperf(topo, addr, 2 * seconds), 2), "flows_per_sec": cr["per_sec"],
-            "connect_p50_us": cr["connect_us"][0]}
+    return {"gbps": round(iperf(topo, addr, 2 * seconds, perf_port), 2),
+            "flows_per_sec": cr["per_sec"], "connect_p50_us": cr["connect_us"][0]}
 
 
 def services(n: int) -> list:
-    """n services; the last one (the measured VIP) also has the iperf3 port."""
+    """n services; the last one (the measured VIP) also has the iperf3 port, and node ports
+    (NODE_PORT for http, NODE_PORT_PERF for perf)."""
     out = []
     for i in range(n):
         ports = [{"name": "http", "port": 80, "protocol": "TCP"}]
         numbers = {"http": ECHO_PORT}
         if i == n - 1:
-            ports.append({"name": "perf", "port": PERF_PORT, "protocol": "TCP"})
+            ports[0]["node_port"] = NODE_PORT
+            ports.append({"name": "perf", "port": PERF_PORT, "protocol": "TCP",
+                          "node_port": NODE_PORT_PERF})
             numbers["perf"] = PERF_PORT
         out.append(parse_service({
             "namespace": "bench", "name": f"s{i}", "vips": [vip(i)], "ports": ports,
@@ -225,19 +250,27 @@ def iptables_rules(n: int) -> str:
     return "\n".join(lines)
 
 
-def run_rounds(topo: Topo, paths: dict, args) -> dict:
-    """paths: name -> (address, echo port, setup before each measurement or None). One
-    unmeasured warm-up pass, then --rounds interleaved rounds; medians."""
+def run_rounds(topo: Topo, paths: dict, args, counters=None, counted=()) -> dict:
+    """paths: name -> (address, echo port, setup before each measurement or None[, iperf3
+    port]). One unmeasured warm-up pass, then --rounds interleaved rounds; medians.
+    counters: a callable returning the tc counters; for the paths in `counted` the deltas
+    over their measured runs are summed into ["counters"]."""
     runs: dict[str, list] = {p: [] for p in paths}
+    deltas: dict[str, dict] = {p: {} for p in counted}
     for rnd in range(args.rounds + 1):
-        for p, (addr, port, setup) in paths.items():
+        for p, (addr, port, setup, *perf) in paths.items():
             if setup:
                 setup()
             if rnd == 0:
                 connrate(topo, addr, port, 0.5)
                 continue
-            runs[p].append(measure(topo, addr, port, args.seconds))
+            before = counters() if p in deltas else None
+            runs[p].append(measure(topo, addr, port, args.seconds, *perf))
+            if before is not None:
+                for k, v in counters().items():
+                    deltas[p][k] = deltas[p].get(k, 0) + v - before[k]
     return {p: {**{k: round(statistics.median(r[k] for r in rs), 2) for k in rs[0]},
+                **({"counters": deltas[p]} if p in deltas else {}),
                 "runs": rs} for p, rs in runs.items()}
 
 
@@ -245,37 +278,67 @@ def bench_size(n: int, args) -> dict:
     topo = Topo()
     instance = "bench-" + topo.p  # not "mtest-": test sessions sweep unclaimed ones
     cg = CGROUP2 / instance
-    maps = None
+    maps = tcm = None
     try:
-        topo.up()
+        topo.up(args.client_ports)
         cg.mkdir()
         maps = loader.load(BPFFS, instance, cg, M, metrics=False)
         t0 = time.perf_counter()
-        rep = Reconciler(KernelDataplane(maps)).apply(desired_groups(services(n)))
+        node_ports = NodePorts(addresses=(ipaddress.ip_address(NODE_A),))
+        rep = Reconciler(KernelDataplane(maps)).apply(desired_groups(services(n), node_ports))
         sync_s = time.perf_counter() - t0
         assert not rep.errors, rep.errors
         t0 = time.perf_counter()
         sh(*topo.enter("nb", "iptables-legacy-restore"), input=iptables_rules(n), timeout=300)
         ipt_s = time.perf_counter() - t0
-        dev, node = f"{topo.p}-ac", topo.ns("na")
-        attached = [False]
+        dev, lan, node = f"{topo.p}-ac", f"{topo.p}-ae", topo.ns("na")
+        state = {"mode": None, "route": True}  # tc mode on A; the backend's route to the client
 
-        def attach():
-            if not attached[0]:
-                tc.attach_interfaces(BPFFS, instance, [dev], netns=node)
-                attached[0] = True
+        def route(present: bool) -> None:
+            if state["route"] != present:
+                sh("ip", "-n", topo.ns("be"), "route", "replace" if present else "del",
+                   CLIENT_NET_A, *(("via", "10.0.9.1") if present else ()))
+                state["route"] = present
 
-        def detach():
-            if attached[0]:
-                tc.detach_interfaces(BPFFS, instance, [dev], netns=node)
-                attached[0] = False
-        med = run_rounds(topo, {"plain": (BACKEND, ECHO_PORT, detach),
-                                "tc": (vip(n - 1), 80, attach),
-                                "tc+other": (BACKEND, ECHO_PORT, attach),
+        def mode(m: str | None) -> None:
+            """None: no filter; "routed": client-facing interface only; "snat": both."""
+            if state["mode"] != m:
+                if m is None:
+                    tc.detach_interfaces(BPFFS, instance, [dev, lan], netns=node)
+                elif m == "routed":  # detaches the backend-facing one if it was attached
+                    tc.attach_interfaces(BPFFS, instance, [dev], netns=node)
+                else:
+                    tc.attach_interfaces(BPFFS, instance, [dev, lan], netns=node,
+                                         snat_ports=args.snat_ports)
+                state["mode"] = m
+            route(m != "snat")
+
+        def counters() -> dict:
+            nonlocal tcm
+            if tcm is None:
+                tcm = tc.open_maps(BPFFS, instance)
+            return tcm.counters()
+        med = run_rounds(topo, {"plain": (BACKEND, ECHO_PORT, lambda: mode(None)),
+                                "tc": (vip(n - 1), 80, lambda: mode("routed")),
+                                "tc+other": (BACKEND, ECHO_PORT, lambda: mode("routed")),
+                                "tc-snat": (vip(n - 1), 80, lambda: mode("snat")),
+                                "nodeport": (NODE_A, NODE_PORT, lambda: mode("snat"),
+                                             NODE_PORT_PERF),
                                 "iptables": (ipt_vip(n - 1), 80, None),
-                                "plain+ipt": (BACKEND_B, ECHO_PORT, None)}, args)
+                                "plain+ipt": (BACKEND_B, ECHO_PORT, None)}, args,
+                         counters, counted=("tc", "tc+other", "tc-snat", "nodeport"))
+        tc_counters = counters()
+    except BaseException:
+        if tcm is not None:
+            try:
+                print(f"  tc counters at the failure: {tcm.counters()}", file=sys.stderr)
+            except Exception:  # noqa: BLE001 -- reporting only
+                pass
+        raise
     finally:
         try:
+            if tcm is not None:
+                tcm.close()
             if maps is not None:
                 maps.close()
             loader.remove(BPFFS, instance)
@@ -293,7 +356,7 @@ def bench_size(n: int, args) -> dict:
                   "flows_x": paired(p, "plain", "flows_per_sec"),
                   "connect_x": paired(p, "plain", "connect_p50_us")} for p in med}
     return {"meshd_sync_s": round(sync_s, 2), "iptables_load_s": round(ipt_s, 2),
-            "paths": med, "ratios": ratios,
+            "paths": med, "ratios": ratios, "tc_counters_total": tc_counters,
             "tc_vs_iptables": {"gbps_x": paired("tc", "iptables", "gbps"),
                                "flows_x": paired("tc", "iptables", "flows_per_sec")}}
 
@@ -309,6 +372,24 @@ def print_size(n: int, r: dict) -> None:
               f"{x['flows_x']:>8.3f} {m['connect_p50_us']:>10.0f}us {x['connect_x']:>8.3f}")
     t = r["tc_vs_iptables"]
     print(f"  tc / iptables: throughput {t['gbps_x']:.3f}x, new flows {t['flows_x']:.3f}x")
+    for p, m in r["paths"].items():
+        if "counters" in m:
+            nz = {k: v for k, v in m["counters"].items() if v}
+            print(f"  tc counters, {p} (sum over its runs): {nz}")
+    c = r["tc_counters_total"]
+    print(f"  tc counters at the end: snat_fail {c['snat_fail']}, errors {c['errors']}, "
+          f"no_backend {c['no_backend']}; all: {c}")
+
+
+def port_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition("-")
+    try:
+        r = int(lo), int(hi or lo)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port range LO-HI: {text!r}") from None
+    if not 1 <= r[0] <= r[1] <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port range within 1-65535: {text!r}")
+    return r
 
 
 def main() -> int:
@@ -316,13 +397,19 @@ def main() -> int:
     ap.add_argument("--services", default="1,10000")
     ap.add_argument("--seconds", type=float, default=1.0, help="per measurement (bounded)")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per path")
+    ap.add_argument("--snat-ports", type=port_range, default=(61000, 65535),
+                    help="SNAT source ports LO-HI (default: meshd's tc.snat_ports)")
+    ap.add_argument("--client-ports", type=port_range, default=(50000, 51999),
+                    help="the client's ephemeral ports LO-HI (fewer than --snat-ports holds)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tc.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("needs root (namespaces, BPF)", file=sys.stderr)
         return 2
     results = {"machine": sh("uname", "-r").strip(), "cpus": len(os.sched_getaffinity(0)),
-               "seconds": args.seconds, "rounds": args.rounds, "maglev_m": M, "sizes": {}}
+               "seconds": args.seconds, "rounds": args.rounds, "maglev_m": M,
+               "snat_ports": list(args.snat_ports), "client_ports": list(args.client_ports),
+               "sizes": {}}
     for n in [int(x) for x in args.services.split(",")]:
         results["sizes"][n] = bench_size(n, args)
         print_size(n, results["sizes"][n])

@@ -11,6 +11,11 @@
  * Routed mode: both programs sit on the same interface (the one clients come in on), and
  * the node is on the reply path (clients route the service range via the node; backends
  * route the clients via the node). The kernel routes the rewritten packet; no redirect.
+ * SNAT mode (meshd_tc_cfg.snat_port_min != 0) adds a layer for backends that would answer
+ * the client directly: the request leaves with the address of its egress interface and a
+ * port of the range (meshd_snat_out), the reply to it gets the client back on ingress
+ * (meshd_unsnat) and meets the routed layer's REV entry on its way out. NodePort needs no
+ * code here: node address:port frontends are ordinary entries of meshd_svc_v1.
  *
  * Shares meshd_svc_v1 / meshd_be_v1 / meshd_maglev_v1 with the socket LB (the loader
  * reuses the instance's pinned maps). Edge cases, each deliberate (docs/tc.md):
@@ -21,8 +26,7 @@
  *     meshd_tcfrag_v1; later fragments (no L4 header) follow that record or pass untouched.
  *     IPv6 extension headers (fragments included): untouched
  *   - ICMP errors (unreachable, time exceeded, parameter problem, packet too big) quoting a
- *     tracked flow are translated both ways, the quoted header included (not the quoted L4
- *     checksum, which nobody verifies)
+ *     tracked flow are translated both ways, the quoted headers and their checksums included
  *   - TCP RST, or FIN both ways, marks the flow closed; a later SYN on the same tuple is
  *     balanced afresh, other packets keep their backend; LRU reclaims the entry
  *   - a VIP:port with no usable backend: dropped (counted), not ICMP-rejected
@@ -446,7 +450,9 @@ static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct 
 	struct meshd_ct_key k = {};
 	struct meshd_tc_stats *st;
 	struct meshd_ct_val *v;
-	__u16 qports[2], qport, old_qcsum, new_qcsum;
+	__u16 qports[2], qport, old_qcsum, new_qcsum, old_l4, new_l4;
+	__u32 ql4_csum_off;
+	__u64 q_flags;
 	__u8 type, qproto;
 	__s64 diff;
 	int fwd = dir == MESHD_CT_FWD;
@@ -523,6 +529,27 @@ static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct 
 	}
 	if (meshd_set_port(skb, qport_off, qport, v->nat_port, icmp_csum_off, 0))
 		return meshd_drop_err(st);
+	/* The quoted L4 checksum, when it is quoted (a TCP quote of 8 bytes has none) and is not
+	 * a UDP "no checksum": it covers the quoted address (pseudo header) and port. The ICMP
+	 * checksum covers the quoted checksum in turn. */
+	ql4_csum_off = ql4 + (qproto == IPPROTO_TCP ? 16 : 6);
+	if (!bpf_skb_load_bytes(skb, ql4_csum_off, &old_l4, 2) &&
+	    (qproto == IPPROTO_TCP || old_l4 != 0)) {
+		q_flags = qproto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+		if (p->v6) {
+			diff = bpf_csum_diff(qaddr, 16, new_addr, 16, 0);
+			if (diff < 0 || bpf_l4_csum_replace(skb, ql4_csum_off, 0, diff, q_flags))
+				return meshd_drop_err(st);
+		} else if (bpf_l4_csum_replace(skb, ql4_csum_off, qaddr[3], new_addr[3],
+					       q_flags | 4)) {
+			return meshd_drop_err(st);
+		}
+		if ((qport != v->nat_port &&
+		     bpf_l4_csum_replace(skb, ql4_csum_off, qport, v->nat_port, q_flags | 2)) ||
+		    bpf_skb_load_bytes(skb, ql4_csum_off, &new_l4, 2) ||
+		    bpf_l4_csum_replace(skb, icmp_csum_off, old_l4, new_l4, 2))
+			return meshd_drop_err(st);
+	}
 	/* The outer address, when it is the one being translated. */
 	if (meshd_eq16(fwd ? p->daddr : p->saddr, qaddr) &&
 	    meshd_set_addr(skb, p, fwd, new_addr, p->v6 ? icmp_csum_off : 0, 0))

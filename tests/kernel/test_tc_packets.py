@@ -159,6 +159,14 @@ def eth(payload, v6=False):
     return Ether(src=MAC_A, dst=MAC_B, type=0x86DD if v6 else 0x0800) / payload
 
 
+def quote(src, dst, sport, dport, payload, chksum=None, **ip):
+    """What an ICMP error quotes: a whole UDP datagram as it was sent, checksums valid (the
+    program must keep the quoted UDP checksum right for the translated quote); chksum=0: a
+    datagram sent without a checksum."""
+    l3 = IPv6(src=src, dst=dst) if ":" in src else IP(src=src, dst=dst, **ip)
+    return Raw(bytes(l3 / UDP(sport=sport, dport=dport, chksum=chksum) / Raw(payload)))
+
+
 def rebuilt(pkt):
     """A copy with every checksum left to scapy."""
     p = pkt.copy()
@@ -324,13 +332,10 @@ def cases() -> list[Case]:
     sport = 40030
     b = be4(5353, "UDP", sport)
     req = udp_req(sport)
-    quoted_sum = 0x1234  # the quoted UDP checksum is not fixed (nobody verifies it)
     err = eth(IP(src=b, dst=CLIENT) / ICMP(type=3, code=3) /
-              IPerror(src=CLIENT, dst=b, id=4242, ttl=63) /
-              UDPerror(sport=sport, dport=5353, chksum=quoted_sum) / Raw(b"query"))
+              quote(CLIENT, b, sport, 5353, b"query", id=4242, ttl=63))
     want = eth(IP(src=DNS_VIP, dst=CLIENT) / ICMP(type=3, code=3) /
-               IPerror(src=CLIENT, dst=DNS_VIP, id=4242, ttl=63) /
-               UDPerror(sport=sport, dport=53, chksum=quoted_sum) / Raw(b"query"))
+               quote(CLIENT, DNS_VIP, sport, 53, b"query", id=4242, ttl=63))
     req_out = rebuilt(req)
     req_out[IP].dst, req_out[UDP].dport = b, 5353
     case("ICMP port unreachable from the backend: outer source and quoted destination "
@@ -352,13 +357,17 @@ def cases() -> list[Case]:
     req_out = rebuilt(req)
     req_out[IP].dst, req_out[UDP].dport = b, 5353
     err = eth(IP(src=CLIENT, dst=DNS_VIP) / ICMP(type=3, code=3) /
-              IPerror(src=DNS_VIP, dst=CLIENT) / UDPerror(sport=53, dport=sport, chksum=7) /
-              Raw(b"answer"))
+              quote(DNS_VIP, CLIENT, 53, sport, b"answer"))
     want = eth(IP(src=CLIENT, dst=b) / ICMP(type=3, code=3) /
-               IPerror(src=b, dst=CLIENT) / UDPerror(sport=5353, dport=sport, chksum=7) /
-               Raw(b"answer"))
+               quote(b, CLIENT, 5353, sport, b"answer"))
     case("ICMP port unreachable from the client about a reply: sent on to the backend",
          Step("in", req, OK, req_out), Step("in", err, OK, want))
+    err0 = eth(IP(src=CLIENT, dst=DNS_VIP) / ICMP(type=3, code=3) /
+               quote(DNS_VIP, CLIENT, 53, sport, b"nocsum", chksum=0))
+    want0 = eth(IP(src=CLIENT, dst=b) / ICMP(type=3, code=3) /
+                quote(b, CLIENT, 5353, sport, b"nocsum", chksum=0))
+    case("ICMP error quoting a UDP datagram sent without checksum: the quoted 0 stays 0",
+         Step("in", err0, OK, want0))
     case("ICMP error quoting no tracked flow: untouched",
          Step("out", eth(IP(src="10.0.9.11", dst=CLIENT) / ICMP(type=3, code=3) /
                          IPerror(src=CLIENT, dst="10.0.9.11") /
@@ -380,11 +389,9 @@ def cases() -> list[Case]:
     p_out = rebuilt(p)
     p_out[IPv6].dst, p_out[UDP].dport = b, 5353
     err = eth(IPv6(src=b, dst=CLIENT6) / ICMPv6DestUnreach(code=4) /
-              IPerror6(src=CLIENT6, dst=b) / UDPerror(sport=sport, dport=5353, chksum=9) /
-              Raw(b"q6"), v6=True)
+              quote(CLIENT6, b, sport, 5353, b"q6"), v6=True)
     want = eth(IPv6(src=DNS_VIP6, dst=CLIENT6) / ICMPv6DestUnreach(code=4) /
-               IPerror6(src=CLIENT6, dst=DNS_VIP6) / UDPerror(sport=sport, dport=53, chksum=9) /
-               Raw(b"q6"), v6=True)
+               quote(CLIENT6, DNS_VIP6, sport, 53, b"q6"), v6=True)
     case("ICMPv6 port unreachable from the backend: translated (pseudo header too)",
          Step("in", p, OK, p_out), Step("out", err, OK, want))
     case("IPv6 with an extension header (fragment) to a VIP: untouched",

@@ -15,7 +15,7 @@ import ctypes
 import ipaddress
 
 import pytest
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, UDPerror, fragment
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, fragment
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 from scapy.packet import Raw
@@ -25,7 +25,7 @@ from meshd.metrics import read_tc_counters
 from meshd.dataplane import tc
 from testlib import BPFFS
 from test_tc_packets import (CLIENT, CLIENT6, DNS_VIP, OK, SHOT, UNSPEC, VIP, VIP6, Env,
-                             be4, be6, dns, dnat_tcp, eth, rebuilt, syn, udp_req, web)
+                             be4, be6, dns, dnat_tcp, eth, quote, rebuilt, syn, udp_req, web)
 
 NODE, NODE6 = "10.0.9.1", "fd00:9::1"
 LO, HI = 61000, 61999
@@ -218,27 +218,22 @@ def test_icmp_errors_cross_both_layers(snat):
     fwd = run_ok(e, "in", udp_req(sport))
     _, port = snat_out(e, fwd, UDP)
     err = eth(IP(src=b, dst=NODE) / ICMP(type=3, code=3) /
-              IPerror(src=NODE, dst=b, id=4242, ttl=63) /
-              UDPerror(sport=port, dport=5353, chksum=0x1234) / Raw(b"query"))
+              quote(NODE, b, port, 5353, b"query", id=4242, ttl=63))
     back = run_ok(e, "in", err)
     want = eth(IP(src=b, dst=CLIENT) / ICMP(type=3, code=3) /
-               IPerror(src=CLIENT, dst=b, id=4242, ttl=63) /
-               UDPerror(sport=sport, dport=5353, chksum=0x1234) / Raw(b"query"))
+               quote(CLIENT, b, sport, 5353, b"query", id=4242, ttl=63))
     same(back, rebuilt(want))
     out = run_ok(e, "out", back)
     want2 = eth(IP(src=DNS_VIP, dst=CLIENT) / ICMP(type=3, code=3) /
-                IPerror(src=CLIENT, dst=DNS_VIP, id=4242, ttl=63) /
-                UDPerror(sport=sport, dport=53, chksum=0x1234) / Raw(b"query"))
+                quote(CLIENT, DNS_VIP, sport, 53, b"query", id=4242, ttl=63))
     same(out, rebuilt(want2))
     # the other way: the client says the VIP's reply was unwelcome
     cerr = eth(IP(src=CLIENT, dst=DNS_VIP) / ICMP(type=3, code=3) /
-               IPerror(src=DNS_VIP, dst=CLIENT, id=9, ttl=60) /
-               UDPerror(sport=53, dport=sport, chksum=0x4321) / Raw(b"answer"))
+               quote(DNS_VIP, CLIENT, 53, sport, b"answer", id=9, ttl=60))
     inb = run_ok(e, "in", cerr)
     assert inb[IP].dst == b and inb[IPerror].src == b
     leaving = run_ok(e, "out", inb)
     want3 = eth(IP(src=NODE, dst=b) / ICMP(type=3, code=3) /
-                IPerror(src=b, dst=NODE, id=9, ttl=60) /
-                UDPerror(sport=5353, dport=port, chksum=0x4321) / Raw(b"answer"))
+                quote(b, NODE, 5353, port, b"answer", id=9, ttl=60))
     same(leaving, rebuilt(want3))
     assert e.counters()["icmp_xlate"] == 4
