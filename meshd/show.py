@@ -42,6 +42,10 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
                   "services": sorted(groups.values(), key=lambda g: g["group"])}
     finally:
         maps.close()
+    from meshd.dataplane import tc
+    from meshd.metrics import read_tc_counters
+    report["tc"] = {"interfaces": tc.recorded_interfaces(cfg.bpffs, cfg.instance),
+                    "counters": read_tc_counters(cfg.bpffs, cfg.instance)}
     if with_desired:
         from meshd import drift
         groups, problems = drift.desired(cfg)
@@ -64,6 +68,11 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
 
 def format_report(r: dict) -> str:
     lines = [f"instance {r['instance']}  pins {r['pin_dir']}  maglev m={r['maglev_table_size']}"]
+    for t in (r.get("tc") or {}).get("interfaces", []):
+        mode = (f"snat, ports {t['snat_ports'][0]}-{t['snat_ports'][1]}" if t["snat_ports"]
+                else "routed")
+        lines.append(f"tc LB on {t['interface']} (ifindex {t['ifindex']}, netns inode "
+                     f"{t['netns_ino']}): {mode}")
     if not r["services"]:
         lines.append("  (no services in the kernel maps)")
     for g in r["services"]:

@@ -135,6 +135,8 @@ struct meshd_tc_if_val {
 	char name[16];		/* interface name at attach time, NUL-terminated */
 	__u32 handle;		/* tc filter handle (both directions) */
 	__u32 priority;		/* tc filter priority (both directions) */
+	__u16 snat_port_min;	/* the SNAT range the attached programs were loaded with (host */
+	__u16 snat_port_max;	/* order); 0: routed mode */
 };
 
 /* The flow -> backend pins and their reverse entries. LRU: when full, the least recently

@@ -90,7 +90,8 @@ class IfKey(C.Structure):
 
 
 class IfVal(C.Structure):
-    _fields_ = [("name", C.c_char * 16), ("handle", C.c_uint32), ("priority", C.c_uint32)]
+    _fields_ = [("name", C.c_char * 16), ("handle", C.c_uint32), ("priority", C.c_uint32),
+                ("snat_port_min", C.c_uint16), ("snat_port_max", C.c_uint16)]
 
 
 MIRRORS = {"meshd_ct_key": CtKey, "meshd_ct_val": CtVal, "meshd_frag_key": FragKey,
@@ -299,8 +300,10 @@ def attach_interfaces(bpffs: Path, instance: str, interfaces, netns: str | Path 
                 bpf.tc_hook_create(ifindex, what)
                 bpf.tc_attach(ifindex, bpf.TC_INGRESS, prog_in, handle, priority, what)
                 bpf.tc_attach(ifindex, bpf.TC_EGRESS, prog_out, handle, priority, what)
+                lo, hi = check_snat_ports(snat_ports)
                 record.update(IfKey(netns_ino=ino, ifindex=ifindex),
-                              IfVal(name=name.encode()[:15], handle=handle, priority=priority))
+                              IfVal(name=name.encode()[:15], handle=handle, priority=priority,
+                                    snat_port_min=lo, snat_port_max=hi))
                 done[name] = ifindex
             for key, val in list(record.items()):
                 if key.netns_ino == ino and key.ifindex not in idx.values():
@@ -386,6 +389,23 @@ def detach_all(bpffs: Path, instance: str) -> list[str]:
     finally:
         record.close()
     return removed
+
+
+def recorded_interfaces(bpffs: Path, instance: str) -> list[dict]:
+    """Where the instance has tc filters (for `meshd services`): name, ifindex, network
+    namespace inode, mode and SNAT range. Empty if the tc path was never loaded."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    if not (pin_dir / names.MAP_TC_IFS).exists():
+        return []
+    record = _if_map(pin_dir)
+    try:
+        rows = [{"interface": v.name.decode(), "ifindex": k.ifindex, "netns_ino": k.netns_ino,
+                 "mode": "snat" if v.snat_port_min else "routed",
+                 "snat_ports": [v.snat_port_min, v.snat_port_max] if v.snat_port_min else None}
+                for k, v in record.items()]
+    finally:
+        record.close()
+    return sorted(rows, key=lambda r: (r["netns_ino"], r["interface"]))
 
 
 # ---- reading -------------------------------------------------------------------------------

@@ -572,6 +572,17 @@ def test_daemon_serves_node_ports_in_snat_mode_from_its_config(topo, node_a, tmp
                 if line.startswith('meshd_tc_events_total{event="snat_new"}')]
         assert snat and float(snat[0].split()[-1]) >= 60, snat
         assert "tc LB (snat mode) on" in log.read_text()
+        cp = subprocess.run([sys.executable, "-m", "meshd", "services", "--json", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60)
+        assert cp.returncode == 0, cp.stderr
+        import json
+        shown = json.loads(cp.stdout)
+        assert sorted((t["interface"], t["mode"], tuple(t["snat_ports"]))
+                      for t in shown["tc"]["interfaces"]) == \
+            [(f"{topo.p}-bc", "snat", (61000, 61999)), (f"{topo.p}-bl", "snat", (61000, 61999))]
+        assert shown["tc"]["counters"]["snat_new"] >= 60
+        web = next(g for g in shown["services"] if g["group"] == "t/web:http/ipv4")
+        assert f"{NODE_B_CLIENT_SIDE}:30080/TCP" in web["frontends"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         proc = None
