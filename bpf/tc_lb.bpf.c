@@ -584,10 +584,11 @@ static __always_inline void meshd_snat_rev_key(struct meshd_ct_key *k, const str
 	k->dir = MESHD_CT_SNAT_REV;
 }
 
-/* Ingress DNAT of a flow in SNAT mode: its translated request gets a SNAT_OUT entry without
- * a port; the egress program of the interface it leaves by chooses address and port. An
- * entry already there (the flow's FWD entry was evicted, or this is a refresh) keeps its
- * port. 0, or a map error. */
+/* Ingress DNAT of a new or re-picked flow in SNAT mode: its translated request gets a
+ * SNAT_OUT entry without a port; the egress program of the interface it leaves by chooses
+ * address and port. An entry already there (the flow's FWD entry was evicted) keeps its
+ * port. Not re-created for a tracked flow: a flow that started before SNAT mode was turned
+ * on keeps leaving with the client's address, as it began. 0, or a map error. */
 static __always_inline int meshd_snat_prepare(const struct meshd_pkt *p, const __u32 *be_addr,
 					      __u16 be_port, __u32 be_id, __u32 group)
 {
@@ -628,7 +629,7 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 					   struct meshd_ct_val *chosen, __u64 now)
 {
 	struct meshd_ct_key rk = {};
-	struct meshd_ct_val rv = {};
+	struct meshd_ct_val rv = {}, *held;
 	struct meshd_tc_addr *a;
 	__u32 ifindex = skb->ifindex, h, size, i;
 	__u32 node[4];
@@ -649,11 +650,16 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 	for (i = 0; i < MESHD_SNAT_TRIES; i++) {
 		port = bpf_htons((__u16)(meshd_tc_cfg.snat_port_min + (h + i) % size));
 		meshd_snat_rev_key(&rk, p, node, port);
-		/* Look first: a failed NOEXIST insert into a full LRU map still evicts an entry. */
-		if (bpf_map_lookup_elem(&meshd_tcct_v1, &rk))
+		/* Look first: a failed NOEXIST insert into a full LRU map still evicts an entry.
+		 * A port held for this very client tuple is this flow's own (another CPU picked
+		 * it for a packet in flight, or the flow's SNAT_OUT was evicted): take it again. */
+		held = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
+		if (held) {
+			if (!meshd_eq16(held->nat_addr, p->saddr) || held->nat_port != p->sport)
+				continue;
+		} else if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST)) {
 			continue;
-		if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST))
-			continue;
+		}
 		__builtin_memcpy(chosen, out, sizeof(*chosen));
 		meshd_copy16(chosen->nat_addr, node);
 		chosen->nat_port = port;
@@ -672,12 +678,12 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct meshd_pkt *p)
 {
 	struct meshd_ct_key k = {}, rk = {};
-	struct meshd_ct_val *out, chosen = {}, rv = {};
+	struct meshd_ct_val *out, chosen = {}, rv = {}, *held;
 	struct meshd_tc_stats *st;
 	__u32 nat_addr[4], csum_off;
 	__u16 nat_port;
 	__u64 now, l4_flags;
-	int err;
+	int err, pick;
 
 	meshd_snat_out_key(&k, p, p->daddr, p->dport);
 	out = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
@@ -685,7 +691,25 @@ static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct me
 		return TC_ACT_UNSPEC;
 	st = meshd_stats();
 	now = bpf_ktime_get_coarse_ns();
-	if (!out->nat_port) {
+	pick = !out->nat_port;
+	if (!pick && now - out->refreshed_ns > MESHD_CT_REFRESH_NS) {
+		/* The reply entry: back if LRU evicted it while the flow only sent one way; if
+		 * meanwhile another flow took the port, this one moves to a new port rather than
+		 * share node:port (the backend would mix the two). */
+		meshd_snat_rev_key(&rk, p, out->nat_addr, out->nat_port);
+		held = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
+		if (!held) {
+			meshd_copy16(rv.nat_addr, p->saddr);
+			rv.nat_port = p->sport;
+			rv.backend = out->backend;
+			rv.group = out->group;
+			bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST);
+		} else if (!meshd_eq16(held->nat_addr, p->saddr) || held->nat_port != p->sport) {
+			pick = 1;
+		}
+		out->refreshed_ns = now;
+	}
+	if (pick) {
 		err = meshd_snat_pick(skb, p, &k, out, &chosen, now);
 		if (err == -2)
 			return meshd_drop_err(st);
@@ -699,18 +723,6 @@ static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct me
 	} else {
 		meshd_copy16(nat_addr, out->nat_addr);
 		nat_port = out->nat_port;
-		if (now - out->refreshed_ns > MESHD_CT_REFRESH_NS) {
-			/* a reply direction LRU evicted while the flow only sent one way */
-			meshd_snat_rev_key(&rk, p, nat_addr, nat_port);
-			if (!bpf_map_lookup_elem(&meshd_tcct_v1, &rk)) {
-				meshd_copy16(rv.nat_addr, p->saddr);
-				rv.nat_port = p->sport;
-				rv.backend = out->backend;
-				rv.group = out->group;
-				bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST);
-			}
-			out->refreshed_ns = now;
-		}
 	}
 	if (p->frag == MESHD_FRAG_FIRST && meshd_frag_note(p, MESHD_CT_REV, nat_addr))
 		return meshd_drop_err(st);
@@ -880,7 +892,6 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 			nv.backend = ct->backend;
 			nv.group = ct->group;
 			bpf_map_update_elem(&meshd_tcct_v1, &rk, &nv, BPF_ANY);
-			meshd_snat_prepare(&p, nat_addr, nat_port, ct->backend, ct->group);
 			ct->refreshed_ns = now;
 		}
 		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST)))

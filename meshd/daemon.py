@@ -26,7 +26,7 @@ from meshd import node, sdnotify
 from meshd.config import Config, load_config
 from meshd.dataplane import loader, sockdestroy
 from meshd.dataplane.kernel import KernelDataplane
-from meshd.desired import DesiredState, NodePorts
+from meshd.desired import DesiredState
 from meshd.errors import MeshdError, RecordError, RegistryError
 from meshd.model import Service
 from meshd.reconciler import Reconciler
@@ -247,7 +247,16 @@ class Daemon:
                 continue
             if addrs != self._local:
                 self._local = addrs
-                self._wake.set()
+                self._wake.set()  # node-port frontends follow
+                tcc = self.cfg.tc
+                if tcc.interfaces and tcc.mode == "snat":
+                    from meshd.dataplane import tc
+                    try:
+                        await asyncio.to_thread(tc.refresh_addresses, self.cfg.bpffs,
+                                                self.cfg.instance, tcc.interfaces)
+                        log.info("tc SNAT source addresses re-read (node addresses changed)")
+                    except MeshdError as e:
+                        log.warning("tc SNAT source addresses not re-read: %s", e)
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -357,8 +366,7 @@ class Daemon:
         forbidden = self._local | etcd_hosts(self.etcd_urls)
         t0 = time.perf_counter()
         waited = time.monotonic() - self._dirty_since if self._dirty_since is not None else 0.0
-        node_ports = NodePorts(node.node_port_addresses(self._local, cfg.node_ports.addresses),
-                               cfg.node_ports.range)
+        node_ports = node.node_ports(self._local, cfg.node_ports)
         groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden, node_ports)
         t_valid = time.perf_counter()
         rejected += bad

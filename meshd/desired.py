@@ -68,7 +68,10 @@ def desired_groups(services: Iterable[Service], node_ports: NodePorts = NodePort
             for family in (4, 6):
                 fronts = [Frontend(v, port.port, port.protocol)
                           for v in sorted(v for v in svc.vips if v.version == family)]
-                if port.node_port is not None:
+                if port.node_port is not None and (fronts or any(
+                        ep.address.version == family for ep in svc.endpoints)):
+                    # a family the service has VIPs or endpoints in; not every family the
+                    # node has addresses in (a single-stack service stays single-stack)
                     fronts += [Frontend(a, port.node_port, port.protocol) for a in
                                sorted(a for a in node_ports.addresses if a.version == family)]
                 if not fronts:

@@ -52,8 +52,10 @@ def desired(cfg: Config) -> tuple[dict[str, Group] | None, list[str]]:
             services += asyncio.run(_etcd_once(cfg, urls)).services
     except MeshdError as e:
         return None, [f"desired state unknown: {e}"]
-    forbidden = node.local_addresses() | etcd_hosts(urls)
-    groups, _rejected = DesiredState().update(services, cfg.service_cidrs, forbidden)
+    local = node.local_addresses()
+    groups, _rejected = DesiredState().update(services, cfg.service_cidrs,
+                                              local | etcd_hosts(urls),
+                                              node.node_ports(local, cfg.node_ports))
     return groups, problems
 
 

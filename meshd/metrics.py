@@ -15,6 +15,7 @@ Metric names and labels: docs/metrics.md.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import Counter
@@ -30,6 +31,8 @@ from prometheus_client.utils import floatToGoString
 
 from meshd.dataplane.structs import HIST_BUCKETS, STATS_COUNTERS
 from meshd.errors import MeshdError
+
+log = logging.getLogger(__name__)
 
 # Bucket i < HIST_BUCKETS - 1 holds values below 2^i microseconds (bucket 0: < 1 us); the
 # last bucket holds everything from 2^(HIST_BUCKETS - 2) us up. Prometheus "le" bounds:
@@ -145,15 +148,12 @@ class KernelSource:
 
 def read_tc_counters(bpffs: Path, instance: str) -> dict[str, int] | None:
     """The tc LB's counters summed over CPUs; None if the instance never loaded the tc path."""
-    from meshd import names
     from meshd.dataplane import tc
-    if not (names.pin_dir(bpffs, instance) / names.MAP_TC_STATS).exists():
-        return None
-    maps = tc.open_maps(bpffs, instance)
     try:
-        return maps.counters()
-    finally:
-        maps.close()
+        return tc.read_counters(bpffs, instance)
+    except MeshdError as e:  # a scrape never fails for the tc path's sake
+        log.warning("tc counters unreadable: %s", e)
+        return None
 
 
 def split_group(key: str) -> tuple[str, str, str, str]:

@@ -23,6 +23,13 @@ def local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     return addrs
 
 
+def node_ports(local, cfg_node_ports):
+    """desired.NodePorts from the node's addresses and the config's node_ports section (the
+    daemon and `meshd services` decide the same way)."""
+    from meshd.desired import NodePorts
+    return NodePorts(node_port_addresses(local, cfg_node_ports.addresses), cfg_node_ports.range)
+
+
 def node_port_addresses(local, cidrs=()) -> tuple:
     """The node addresses that serve node ports: `local` without loopback, link-local and
     multicast addresses; with `cidrs` (config node_ports.addresses), only those inside them."""

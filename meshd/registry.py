@@ -122,7 +122,11 @@ class Registry:
             raise RecordError(where, endpoints_in_service_reason(self.prefix, str(ns), str(name)))
         svc = parse_service(data, where)
         key = service_key(self.prefix, svc.namespace, svc.name)
-        value = _json(svc.model_dump(mode="json", exclude={"endpoints"}))
+        record = svc.model_dump(mode="json", exclude={"endpoints"})
+        for port in record["ports"]:  # older nodes reject keys they do not know: write
+            if port.get("node_port") is None:  # node_port only where it is set
+                port.pop("node_port", None)
+        value = _json(record)
         if len(value) > MAX_VALUE_BYTES:
             raise RecordError(key, f"record is {len(value)} bytes; at most {MAX_VALUE_BYTES} are allowed")
         check_record(self.prefix, key.encode(), value)  # exactly what the source will do

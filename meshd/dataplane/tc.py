@@ -150,6 +150,37 @@ def _maglev_m(pin_dir: Path, instance: str) -> int:
     return value.maglev_m
 
 
+class _IfValV1(C.Structure):  # meshd_tc_if_val before SNAT mode (no snat ports)
+    _fields_ = [("name", C.c_char * 16), ("handle", C.c_uint32), ("priority", C.c_uint32)]
+
+
+def _migrate_pins(pin_dir: Path) -> list[tuple[IfKey, IfVal]]:
+    """Pins of an older meshd whose value layout grew since: the counters map is dropped
+    (recreated empty: counters restart at zero), the interface record is read, dropped, and
+    returned, to be written into the new map after load. libbpf would refuse to reuse them."""
+    records: list[tuple[IfKey, IfVal]] = []
+    stats, ifs = pin_dir / names.MAP_TC_STATS, pin_dir / names.MAP_TC_IFS
+    if stats.exists():
+        fd = bpf.obj_get(stats)
+        try:
+            old = bpf.map_info(fd, names.MAP_TC_STATS).value_size != C.sizeof(TcStats)
+        finally:
+            os.close(fd)
+        if old:
+            stats.unlink()
+    if ifs.exists():
+        m = bpf.Map(bpf.obj_get(ifs), names.MAP_TC_IFS, IfKey, _IfValV1)
+        try:
+            if bpf.map_info(m.fd, names.MAP_TC_IFS).value_size == C.sizeof(_IfValV1):
+                records = [(IfKey(k.netns_ino, k.ifindex), IfVal(name=v.name, handle=v.handle,
+                                                                   priority=v.priority))
+                           for k, v in m.items()]
+                ifs.unlink()
+        finally:
+            m.close()
+    return records
+
+
 def check_snat_ports(snat_ports: tuple[int, int] | None) -> tuple[int, int]:
     """(lo, hi) as the programs take them; (0, 0): SNAT mode off."""
     if snat_ports is None:
@@ -179,9 +210,17 @@ def load(bpffs: Path, instance: str, ct_max_entries: int | None = None,
             obj.set_max_entries(names.MAP_TC_CT, ct_max_entries)
         # Every map of meshd_maps.h, used or not: an unused one would be created (revnat
         # alone is 31 MB) if it were not adopted.
+        migrated = _migrate_pins(pin_dir)
         adopted = adopt_pins(obj, pin_dir, names.SOCK_LB_MAPS + names.TC_MAPS)
         obj.load()
         pin_new(obj, pin_dir, names.TC_MAPS, adopted)
+        if migrated:
+            record = _if_map(pin_dir)
+            try:
+                for key, val in migrated:
+                    record.update(key, val)
+            finally:
+                record.close()
         return obj
     except BaseException:
         obj.close()
@@ -318,6 +357,28 @@ def attach_interfaces(bpffs: Path, instance: str, interfaces, netns: str | Path 
     return done
 
 
+def refresh_addresses(bpffs: Path, instance: str, interfaces,
+                      netns: str | Path | None = None) -> None:
+    """Re-reads the SNAT source address of each interface (after the node's addresses
+    changed: DHCP, an address added after start). Interfaces that are gone are skipped."""
+    pin_dir = names.pin_dir(bpffs, instance)
+    if not (pin_dir / names.MAP_TC_ADDRS).exists():
+        return
+    addrs = _addr_map(pin_dir)
+
+    def work() -> None:
+        for name in interfaces:
+            try:
+                ifindex = socket.if_nametoindex(name)
+            except OSError:
+                continue
+            addrs.update(C.c_uint32(ifindex), interface_addresses(name))
+    try:
+        _run_in(netns)(work)
+    finally:
+        addrs.close()
+
+
 def detach_interfaces(bpffs: Path, instance: str, interfaces=None,
                       netns: str | Path | None = None) -> list[str]:
     """Detaches the instance's filters from `interfaces` (None: every recorded interface of
@@ -325,6 +386,7 @@ def detach_interfaces(bpffs: Path, instance: str, interfaces=None,
     the interfaces a filter was removed from."""
     pin_dir = names.pin_dir(bpffs, instance)
     record = _if_map(pin_dir) if (pin_dir / names.MAP_TC_IFS).exists() else None
+    addrs = _addr_map(pin_dir) if (pin_dir / names.MAP_TC_ADDRS).exists() else None
     handle = filter_handle(instance)
     removed: list[str] = []
 
@@ -349,11 +411,14 @@ def detach_interfaces(bpffs: Path, instance: str, interfaces=None,
                 removed.append(name)
             if record is not None:
                 record.delete(IfKey(netns_ino=ino, ifindex=ifindex))
+            if addrs is not None:
+                addrs.delete(C.c_uint32(ifindex))
     try:
         _run_in(netns)(work)
     finally:
-        if record is not None:
-            record.close()
+        for m in (record, addrs):
+            if m is not None:
+                m.close()
     return removed
 
 
@@ -428,6 +493,23 @@ class TcMaps:
     def close(self) -> None:
         for m in (self.ct, self.frag, self.stats, self.addrs):
             m.close()
+
+
+def read_counters(bpffs: Path, instance: str) -> dict[str, int] | None:
+    """The counters (summed over CPUs) from the pinned stats map alone; None if the instance
+    never loaded the tc path."""
+    pin = names.pin_dir(bpffs, instance) / names.MAP_TC_STATS
+    if not pin.exists():
+        return None
+    stats = bpf.PercpuMap(bpf.obj_get(pin), names.MAP_TC_STATS, C.c_uint32, TcStats)
+    try:
+        value = stats.lookup(C.c_uint32(0))
+        if value is None:
+            return dict.fromkeys(STATS_COUNTERS, 0)
+        copies = stats.copies(value)
+        return {n: sum(getattr(c, n) for c in copies) for n in STATS_COUNTERS}
+    finally:
+        stats.close()
 
 
 def open_maps(bpffs: Path, instance: str) -> TcMaps:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import socket
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, fragment
@@ -237,3 +238,75 @@ def test_icmp_errors_cross_both_layers(snat):
                 quote(b, NODE, 5353, port, b"answer", id=9, ttl=60))
     same(leaving, rebuilt(want3))
     assert e.counters()["icmp_xlate"] == 4
+
+
+def test_pins_of_the_older_layout_are_migrated_on_load():
+    """An instance pinned before SNAT mode: smaller counter and interface-record values.
+    libbpf cannot reuse them; load() recreates the counters and carries the record over."""
+    import subprocess
+    from meshd import names
+    from meshd.dataplane import loader
+    from testlib import CGROUP2, TEST_PREFIX, claim, release
+    import secrets
+    instance = TEST_PREFIX + secrets.token_hex(4)
+    claim(instance)
+    cgroup = CGROUP2 / instance
+    cgroup.mkdir()
+    maps = None
+    try:
+        maps = loader.load(BPFFS, instance, cgroup, 1021, metrics=False)
+        pin_dir = names.pin_dir(BPFFS, instance)
+        subprocess.run(["bpftool", "map", "create", str(pin_dir / names.MAP_TC_STATS), "type",
+                        "percpu_array", "key", "4", "value", "80", "entries", "1", "name",
+                        names.MAP_TC_STATS], check=True)
+        subprocess.run(["bpftool", "map", "create", str(pin_dir / names.MAP_TC_IFS), "type",
+                        "hash", "key", "16", "value", "24", "entries", "256", "name",
+                        names.MAP_TC_IFS, "flags", "1"], check=True)
+        key = bytes(tc.IfKey(netns_ino=4026531840, ifindex=7))
+        val = b"eth7".ljust(16, b"\0") + (1234).to_bytes(4, "little") + (1).to_bytes(4, "little")
+        subprocess.run(["bpftool", "map", "update", "pinned", str(pin_dir / names.MAP_TC_IFS),
+                        "key", *map(str, key), "value", *map(str, val)], check=True)
+        with tc.load(BPFFS, instance):
+            pass
+        assert tc.recorded_interfaces(BPFFS, instance) == [
+            {"interface": "eth7", "ifindex": 7, "netns_ino": 4026531840, "mode": "routed",
+             "snat_ports": None}]
+        assert read_tc_counters(BPFFS, instance) == dict.fromkeys(tc.STATS_COUNTERS, 0)
+    finally:
+        if maps:
+            maps.close()
+        loader.remove(BPFFS, instance)
+        cgroup.rmdir()
+        release(instance)
+
+
+def _ct(e: Env, direction: int) -> list:
+    return [(k, v) for k, v in e.tcmaps.ct.items() if k.dir == direction]
+
+
+def test_a_flow_whose_entries_were_evicted_gets_its_own_port_again(snat):
+    e = snat()
+    sport = 42010
+    fwd = run_ok(e, "in", syn(sport))
+    _, port = snat_out(e, fwd, TCP)
+    for k, _v in _ct(e, tc.CT_FWD) + _ct(e, tc.CT_SNAT_OUT):  # as LRU would
+        e.tcmaps.ct.delete(k)
+    fwd2 = run_ok(e, "in", syn(sport, flags="A"))
+    assert run_ok(e, "out", fwd2)[TCP].sport == port  # its SNAT_REV entry names this client
+
+
+def test_a_flow_whose_port_was_taken_meanwhile_moves_instead_of_sharing_it(snat):
+    e = snat()
+    sport = 42011
+    fwd = run_ok(e, "in", syn(sport))
+    _, port = snat_out(e, fwd, TCP)
+    (rk, rv), = _ct(e, tc.CT_SNAT_REV)
+    rv.nat_addr = S.pack_addr(ipaddress.ip_address("10.250.0.99"))  # another client now
+    e.tcmaps.ct.update(rk, rv)
+    (ok, ov), = _ct(e, tc.CT_SNAT_OUT)
+    ov.refreshed_ns = 0  # due for its once-a-second check
+    e.tcmaps.ct.update(ok, ov)
+    got = run_ok(e, "out", run_ok(e, "in", syn(sport, flags="A")))
+    assert got[TCP].sport != port and LO <= got[TCP].sport <= HI
+    mine = [v for k, v in _ct(e, tc.CT_SNAT_REV) if socket.ntohs(k.dport) == got[TCP].sport]
+    assert len(mine) == 1 and mine[0].nat_port == socket.htons(sport)

@@ -599,3 +599,23 @@ def test_daemon_serves_node_ports_in_snat_mode_from_its_config(topo, node_a, tmp
         cgroup.rmdir()
         release(instance)
         topo.via("a")
+
+
+def test_snat_follows_a_changed_interface_address(topo, node_b_snat):
+    node, attach = node_b_snat
+    attach(snat=True)
+    lan = f"{topo.p}-bl"
+    topo.ip("nb", "addr", "del", f"{NODE_B_LAN}/24", "dev", lan)
+    topo.ip("nb", "addr", "add", "10.0.9.3/24", "dev", lan)
+    try:
+        tc.refresh_addresses(BPFFS, node.instance, [lan], netns=topo.ns("nb"))
+        assert set(tcp_names(topo, WEB, 80, 20)) == {"b1", "b2", "b3"}
+        m = tc.open_maps(BPFFS, node.instance)
+        try:
+            rev = [k for k, _v in m.ct.items() if k.dir == tc.CT_SNAT_REV]
+        finally:
+            m.close()
+        assert any(bytes(k.daddr)[-4:] == socket.inet_aton("10.0.9.3") for k in rev)
+    finally:
+        topo.ip("nb", "addr", "del", "10.0.9.3/24", "dev", lan)
+        topo.ip("nb", "addr", "add", f"{NODE_B_LAN}/24", "dev", lan)

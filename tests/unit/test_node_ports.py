@@ -131,3 +131,11 @@ def test_config_errors_name_the_key(tmp_path, text, words):
     with pytest.raises(ConfigError) as exc:
         load(tmp_path, text + "\n")
     assert words in str(exc.value)
+
+
+def test_a_single_stack_service_is_not_served_on_the_other_family():
+    s = parse_service({"namespace": "t", "name": "v4", "vips": ["10.96.0.10"],
+                       "ports": [{"name": "http", "port": 80, "node_port": 30080}],
+                       "endpoints": [{"address": "10.1.0.1", "ports": {"http": 8080}}]},
+                      where="v4")
+    assert sorted(desired_groups([s], NP)) == ["t/v4:http/ipv4"]
