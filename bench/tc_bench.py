@@ -55,6 +55,7 @@ Writes bench/results/tc.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import json
 import os
@@ -69,6 +70,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from meshd import names  # noqa: E402
 from meshd.dataplane import loader, tc  # noqa: E402
 from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
 from meshd.desired import NodePorts, desired_groups  # noqa: E402
@@ -381,6 +383,11 @@ def print_size(n: int, r: dict) -> None:
           f"no_backend {c['no_backend']}; all: {c}")
 
 
+def object_sha256() -> str:
+    """The tc object every attach loads afresh: a rebuild during a run mixes versions."""
+    return hashlib.sha256(loader.object_path(names.OBJ_TC_LB).read_bytes()).hexdigest()[:16]
+
+
 def port_range(text: str) -> tuple[int, int]:
     lo, _, hi = text.partition("-")
     try:
@@ -409,10 +416,15 @@ def main() -> int:
     results = {"machine": sh("uname", "-r").strip(), "cpus": len(os.sched_getaffinity(0)),
                "seconds": args.seconds, "rounds": args.rounds, "maglev_m": M,
                "snat_ports": list(args.snat_ports), "client_ports": list(args.client_ports),
-               "sizes": {}}
+               "git_head": sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD").strip(),
+               "tc_object_sha256": object_sha256(), "sizes": {}}
     for n in [int(x) for x in args.services.split(",")]:
         results["sizes"][n] = bench_size(n, args)
         print_size(n, results["sizes"][n])
+    if object_sha256() != results["tc_object_sha256"]:
+        results["tc_object_sha256_at_end"] = object_sha256()
+        print(f"WARNING: {names.OBJ_TC_LB} was rebuilt during the run: the results mix "
+              "program versions", file=sys.stderr)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
