@@ -484,11 +484,7 @@ class TcMaps:
 
     def counters(self) -> dict[str, int]:
         """struct meshd_tc_stats summed over CPUs."""
-        value = self.stats.lookup(C.c_uint32(0))
-        if value is None:
-            return dict.fromkeys(STATS_COUNTERS, 0)
-        copies = self.stats.copies(value)
-        return {n: sum(getattr(c, n) for c in copies) for n in STATS_COUNTERS}
+        return _sum_counters(self.stats)
 
     def close(self) -> None:
         for m in (self.ct, self.frag, self.stats, self.addrs):
@@ -503,13 +499,17 @@ def read_counters(bpffs: Path, instance: str) -> dict[str, int] | None:
         return None
     stats = bpf.PercpuMap(bpf.obj_get(pin), names.MAP_TC_STATS, C.c_uint32, TcStats)
     try:
-        value = stats.lookup(C.c_uint32(0))
-        if value is None:
-            return dict.fromkeys(STATS_COUNTERS, 0)
-        copies = stats.copies(value)
-        return {n: sum(getattr(c, n) for c in copies) for n in STATS_COUNTERS}
+        return _sum_counters(stats)
     finally:
         stats.close()
+
+
+def _sum_counters(stats: bpf.PercpuMap) -> dict[str, int]:
+    value = stats.lookup(C.c_uint32(0))
+    if value is None:
+        return dict.fromkeys(STATS_COUNTERS, 0)
+    copies = stats.copies(value)
+    return {n: sum(getattr(c, n) for c in copies) for n in STATS_COUNTERS}
 
 
 def open_maps(bpffs: Path, instance: str) -> TcMaps:
