@@ -37,11 +37,9 @@ Paths, all ending at the same backend process:
               iperf3), SNAT mode as tc-snat (the measured service has node ports)
 The tc mode is switched per path (detached / routed on A's client-facing interface / SNAT
 on both), so the meshd paths share node A, its links and its conntrack map with plain.
-The client's ephemeral ports are limited to --client-ports (all paths): meshd holds a SNAT
-port per client (address, port) until its conntrack LRU evicts it, so more distinct client
-ports than the SNAT range holds exhaust it (snat_fail, dropped SYNs). So client ports recur
-and most SNAT flows reuse the port their client tuple got before (snat_new << flows): the
-first-pick cost (one more lookup and two inserts on the SYN) is mostly not in the numbers.
+The client uses the kernel's default ephemeral ports (--client-ports narrows them): every
+connection is a new client tuple, so SNAT picks a port for each; a closed flow's port is
+taken over a second after its close (snat_new counts the picks).
 The tc counters (summed deltas over each path's measured runs, and the totals) are in the
 results.
 Metrics: TCP throughput (one iperf3 stream for 2 x --seconds, slow start omitted, Gbit/s)
@@ -71,6 +69,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from meshd import names  # noqa: E402
+from meshd.config import TcConfig  # noqa: E402
 from meshd.dataplane import loader, tc  # noqa: E402
 from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
 from meshd.desired import NodePorts, desired_groups  # noqa: E402
@@ -404,10 +403,10 @@ def main() -> int:
     ap.add_argument("--services", default="1,10000")
     ap.add_argument("--seconds", type=float, default=1.0, help="per measurement (bounded)")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per path")
-    ap.add_argument("--snat-ports", type=port_range, default=(61000, 65535),
+    ap.add_argument("--snat-ports", type=port_range, default=TcConfig().snat_ports,
                     help="SNAT source ports LO-HI (default: meshd's tc.snat_ports)")
-    ap.add_argument("--client-ports", type=port_range, default=(50000, 51999),
-                    help="the client's ephemeral ports LO-HI (fewer than --snat-ports holds)")
+    ap.add_argument("--client-ports", type=port_range, default=None,
+                    help="the client's ephemeral ports LO-HI (default: the kernel's)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tc.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -415,7 +414,7 @@ def main() -> int:
         return 2
     results = {"machine": sh("uname", "-r").strip(), "cpus": len(os.sched_getaffinity(0)),
                "seconds": args.seconds, "rounds": args.rounds, "maglev_m": M,
-               "snat_ports": list(args.snat_ports), "client_ports": list(args.client_ports),
+               "snat_ports": list(args.snat_ports), "client_ports": list(args.client_ports) if args.client_ports else None,
                "git_head": sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD").strip(),
                "tc_object_sha256": object_sha256(), "sizes": {}}
     for n in [int(x) for x in args.services.split(",")]:

@@ -73,6 +73,11 @@ const volatile struct meshd_tc_cfg meshd_tc_cfg = { .maglev_m = MESHD_DEFAULT_MA
 
 /* Ports tried for a new SNAT flow before it is dropped (snat_fail). */
 #define MESHD_SNAT_TRIES 32
+/* A SNAT port held by another flow may be taken over once that flow is a TCP flow closed
+ * (RST, or FIN both ways) this long ago -- stragglers (the last ACK, a retransmitted FIN)
+ * have passed -- or a UDP flow idle this long (as netfilter's UDP timeout). */
+#define MESHD_SNAT_REUSE_CLOSED_NS 1000000000LL
+#define MESHD_SNAT_REUSE_UDP_NS 30000000000LL
 
 enum { MESHD_FRAG_NONE, MESHD_FRAG_FIRST, MESHD_FRAG_LATER };
 enum { MESHD_PARSE_OK, MESHD_PARSE_SKIP, MESHD_PARSE_SHORT };
@@ -372,8 +377,8 @@ static __always_inline int meshd_ct_closed(const struct meshd_ct_val *v)
 }
 
 /* Notes a TCP FIN or RST in the flow's FWD entry (`from_client`: the direction). */
-static __always_inline void meshd_ct_tcp(struct meshd_ct_val *fwd, __u8 flags, int from_client,
-					 struct meshd_tc_stats *st)
+static __always_inline int meshd_ct_tcp(struct meshd_ct_val *fwd, __u8 flags, int from_client,
+					struct meshd_tc_stats *st)
 {
 	int was = meshd_ct_closed(fwd);
 
@@ -385,10 +390,12 @@ static __always_inline void meshd_ct_tcp(struct meshd_ct_val *fwd, __u8 flags, i
 		else
 			fwd->fin_rev = 1;
 	} else {
-		return;
+		return 0;
 	}
-	if (!was && meshd_ct_closed(fwd))
-		MESHD_COUNT(st, ct_closed);
+	if (was || !meshd_ct_closed(fwd))
+		return 0;
+	MESHD_COUNT(st, ct_closed);
+	return 1; /* closed by this packet */
 }
 
 static __always_inline int meshd_frag_note(const struct meshd_pkt *p, __u8 dir, const __u32 *addr)
@@ -586,25 +593,71 @@ static __always_inline void meshd_snat_rev_key(struct meshd_ct_key *k, const str
 
 /* Ingress DNAT of a new or re-picked flow in SNAT mode: its translated request gets a
  * SNAT_OUT entry without a port; the egress program of the interface it leaves by chooses
- * address and port. An entry already there (the flow's FWD entry was evicted) keeps its
- * port. Not re-created for a tracked flow: a flow that started before SNAT mode was turned
- * on keeps leaving with the client's address, as it began. 0, or a map error. */
+ * address and port. A flow that had a port (its FWD entry was evicted, or a SYN reopened
+ * it after a close) gets the same one back from the picker while its SNAT_REV entry still
+ * names it, and its close mark is cleared. Not written for a tracked flow: a flow that
+ * started before SNAT mode was turned on keeps leaving with the client's address, as it
+ * began. 0, or a map error. */
 static __always_inline int meshd_snat_prepare(const struct meshd_pkt *p, const __u32 *be_addr,
 					      __u16 be_port, __u32 be_id, __u32 group)
 {
 	struct meshd_ct_key k = {};
 	struct meshd_ct_val v = {};
-	int err;
 
 	if (!meshd_snat_on())
 		return 0;
 	meshd_snat_out_key(&k, p, be_addr, be_port);
-	if (bpf_map_lookup_elem(&meshd_tcct_v1, &k))
-		return 0;
 	v.backend = be_id;
 	v.group = group;
-	err = bpf_map_update_elem(&meshd_tcct_v1, &k, &v, BPF_NOEXIST);
-	return err == -17 /* EEXIST: written by another CPU meanwhile */ ? 0 : err;
+	return bpf_map_update_elem(&meshd_tcct_v1, &k, &v, BPF_ANY);
+}
+
+/* Does SNAT_REV entry `held` give its port to client:cport? */
+static __always_inline int meshd_snat_owns(const struct meshd_ct_val *held, const __u32 *client,
+					   __u16 cport)
+{
+	return meshd_eq16(held->nat_addr, client) && held->nat_port == cport;
+}
+
+/* May the port of another flow's SNAT_REV entry be taken over? (signed: another CPU may
+ * have stamped a time after `now`) */
+static __always_inline int meshd_snat_reusable(const struct meshd_ct_val *held, __u8 proto,
+					       __u64 now)
+{
+	__s64 idle = (__s64)(now - held->refreshed_ns);
+
+	if (proto == IPPROTO_UDP)
+		return idle > MESHD_SNAT_REUSE_UDP_NS;
+	return held->rst && idle > MESHD_SNAT_REUSE_CLOSED_NS;
+}
+
+/* A TCP flow client:cport -> backend:bport (as after DNAT) closed: mark its SNAT_REV entry
+ * (rst = closed, refreshed_ns = when), so its port can serve another flow a second later. */
+static __always_inline void meshd_snat_closed(const __u32 *client, __u16 cport, const __u32 *be,
+					      __u16 bport, __u64 now)
+{
+	struct meshd_ct_key k = {};
+	struct meshd_ct_val *out, *rv;
+
+	meshd_copy16(k.saddr, client);
+	meshd_copy16(k.daddr, be);
+	k.sport = cport;
+	k.dport = bport;
+	k.proto = IPPROTO_TCP;
+	k.dir = MESHD_CT_SNAT_OUT;
+	out = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (!out || !out->nat_port)
+		return;
+	meshd_copy16(k.saddr, be);
+	meshd_copy16(k.daddr, out->nat_addr);
+	k.sport = bport;
+	k.dport = out->nat_port;
+	k.dir = MESHD_CT_SNAT_REV;
+	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (!rv || !meshd_snat_owns(rv, client, cport))
+		return;
+	rv->rst = 1;
+	rv->refreshed_ns = now;
 }
 
 static __always_inline __u32 meshd_snat_hash(const struct meshd_pkt *p)
@@ -645,6 +698,7 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 	rv.nat_port = p->sport;
 	rv.backend = out->backend;
 	rv.group = out->group;
+	rv.refreshed_ns = now;
 	h = meshd_snat_hash(p);
 	size = (__u32)meshd_tc_cfg.snat_port_max - meshd_tc_cfg.snat_port_min + 1;
 	for (i = 0; i < MESHD_SNAT_TRIES; i++) {
@@ -652,10 +706,15 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 		meshd_snat_rev_key(&rk, p, node, port);
 		/* Look first: a failed NOEXIST insert into a full LRU map still evicts an entry.
 		 * A port held for this very client tuple is this flow's own (another CPU picked
-		 * it for a packet in flight, or the flow's SNAT_OUT was evicted): take it again. */
+		 * it for a packet in flight, its SNAT_OUT was evicted, or it reopened after a
+		 * close): take it again, unmarked. A port of a flow closed (TCP) or idle (UDP)
+		 * long enough: take it over. */
 		held = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
 		if (held) {
-			if (!meshd_eq16(held->nat_addr, p->saddr) || held->nat_port != p->sport)
+			if (!meshd_snat_owns(held, p->saddr, p->sport) &&
+			    !meshd_snat_reusable(held, p->proto, now))
+				continue;
+			if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_EXIST))
 				continue;
 		} else if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST)) {
 			continue;
@@ -703,9 +762,12 @@ static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct me
 			rv.nat_port = p->sport;
 			rv.backend = out->backend;
 			rv.group = out->group;
+			rv.refreshed_ns = now;
 			bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST);
-		} else if (!meshd_eq16(held->nat_addr, p->saddr) || held->nat_port != p->sport) {
+		} else if (!meshd_snat_owns(held, p->saddr, p->sport)) {
 			pick = 1;
+		} else if (!held->rst) {
+			held->refreshed_ns = now; /* in use: not idle (UDP) */
 		}
 		out->refreshed_ns = now;
 	}
@@ -743,7 +805,7 @@ static __always_inline int meshd_unsnat(struct __sk_buff *skb, const struct mesh
 	struct meshd_ct_val *v;
 	struct meshd_tc_stats *st;
 	__u32 csum_off;
-	__u64 l4_flags;
+	__u64 l4_flags, now;
 
 	meshd_copy16(k.saddr, p->saddr);
 	meshd_copy16(k.daddr, p->daddr);
@@ -755,6 +817,9 @@ static __always_inline int meshd_unsnat(struct __sk_buff *skb, const struct mesh
 	if (!v)
 		return TC_ACT_UNSPEC;
 	st = meshd_stats();
+	now = bpf_ktime_get_coarse_ns();
+	if (!v->rst && (__s64)(now - v->refreshed_ns) > (__s64)MESHD_CT_REFRESH_NS)
+		v->refreshed_ns = now; /* in use: not idle (UDP); at most one write a second */
 	if (p->frag == MESHD_FRAG_FIRST && meshd_frag_note(p, MESHD_CT_FWD, v->nat_addr))
 		return meshd_drop_err(st);
 	csum_off = meshd_l4_csum_off(p);
@@ -895,7 +960,8 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 			ct->refreshed_ns = now;
 		}
 		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST)))
-			meshd_ct_tcp(ct, p.tcp_flags, 1, st);
+			if (meshd_ct_tcp(ct, p.tcp_flags, 1, st) && meshd_snat_on())
+				meshd_snat_closed(p.saddr, p.sport, ct->nat_addr, ct->nat_port, now);
 	}
 	if (p.frag == MESHD_FRAG_FIRST && meshd_frag_note(&p, MESHD_CT_FWD, nat_addr))
 		return meshd_drop_err(st);
@@ -943,8 +1009,9 @@ static __always_inline int meshd_nat_rev(struct __sk_buff *skb)
 		fk.proto = p.proto;
 		fk.dir = MESHD_CT_FWD;
 		fwd = bpf_map_lookup_elem(&meshd_tcct_v1, &fk);
-		if (fwd)
-			meshd_ct_tcp(fwd, p.tcp_flags, 0, st);
+		if (fwd && meshd_ct_tcp(fwd, p.tcp_flags, 0, st) && meshd_snat_on())
+			meshd_snat_closed(p.daddr, p.dport, p.saddr, p.sport,
+					  bpf_ktime_get_coarse_ns());
 	}
 	if (p.frag == MESHD_FRAG_FIRST && meshd_frag_note(&p, MESHD_CT_REV, rv->nat_addr))
 		return meshd_drop_err(st);

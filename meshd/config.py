@@ -274,7 +274,9 @@ class TcConfig(StrictModel):
     # routed: replies come back through the node by routing; snat: requests leave with the
     # address of the interface they leave by and a port of snat_ports (docs/tc.md)
     mode: Literal["routed", "snat"] = "routed"
-    snat_ports: PortRange = (61000, 65535)
+    # below node ports (30000-32767) and the kernel's ephemeral ports (32768-60999): a reply
+    # is taken for SNAT only when it comes from the backend address:port a SNAT flow uses
+    snat_ports: PortRange = (1024, 29999)
 
 
 class NodePortsConfig(StrictModel):

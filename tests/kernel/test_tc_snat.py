@@ -310,3 +310,69 @@ def test_a_flow_whose_port_was_taken_meanwhile_moves_instead_of_sharing_it(snat)
     assert got[TCP].sport != port and LO <= got[TCP].sport <= HI
     mine = [v for k, v in _ct(e, tc.CT_SNAT_REV) if socket.ntohs(k.dport) == got[TCP].sport]
     assert len(mine) == 1 and mine[0].nat_port == socket.htons(sport)
+
+
+# ---- ports come back: closed TCP flows, idle UDP flows ---------------------------------------
+def _age_snat_rev(e: Env) -> None:
+    """Every SNAT_REV entry stamped long ago (instead of waiting out the reuse delay)."""
+    for k, v in _ct(e, tc.CT_SNAT_REV):
+        v.refreshed_ns = 1
+        e.tcmaps.ct.update(k, v)
+
+
+def _one_port_flow(e: Env, src: str, sport: int, pkt=None):
+    pkt = pkt or syn(sport, src=src)
+    fwd = run_ok(e, "in", pkt)
+    return e.run("out", fwd)
+
+
+def test_a_closed_tcp_flows_port_serves_a_new_flow_after_the_delay(snat):
+    e = snat(web(ids=(1,)), ports=(LO, LO))
+    v, out = _one_port_flow(e, "10.250.0.1", 42100)
+    assert v == OK and Ether(out)[TCP].sport == LO
+    assert _one_port_flow(e, "10.250.0.2", 42100)[0] == SHOT  # held by an open flow
+    _age_snat_rev(e)
+    assert _one_port_flow(e, "10.250.0.2", 42101)[0] == SHOT, "an open flow is never reclaimed"
+    rst = syn(42100, src="10.250.0.1", flags="R")
+    run_ok(e, "out", run_ok(e, "in", rst))  # the client resets: the flow is closed
+    (_k, rv), = _ct(e, tc.CT_SNAT_REV)
+    assert rv.rst == 1
+    assert _one_port_flow(e, "10.250.0.2", 42102)[0] == SHOT, "not before the delay"
+    _age_snat_rev(e)
+    v, out = _one_port_flow(e, "10.250.0.2", 42103)
+    assert v == OK and Ether(out)[TCP].sport == LO
+    (_k, rv), = _ct(e, tc.CT_SNAT_REV)
+    assert (rv.rst, socket.ntohs(rv.nat_port)) == (0, 42103)  # now the new client's
+    reply = eth(IP(src=be4(8080, "TCP", 0, client="10.250.0.2"), dst=NODE) /
+                TCP(sport=8080, dport=LO, flags="SA"))
+    assert run_ok(e, "in", reply)[IP].dst == "10.250.0.2"
+
+
+def test_a_flow_closed_by_the_backend_frees_its_port_too(snat):
+    e = snat(web(ids=(1,)), ports=(LO, LO))
+    _one_port_flow(e, "10.250.0.1", 42110)
+    b = "10.0.9.11"
+    fin_b = eth(IP(src=b, dst=NODE) / TCP(sport=8080, dport=LO, flags="FA"))
+    run_ok(e, "out", run_ok(e, "in", fin_b))  # un-SNAT, then the routed REV layer
+    run_ok(e, "out", run_ok(e, "in", syn(42110, flags="FA")))  # the client's FIN
+    _age_snat_rev(e)
+    assert _one_port_flow(e, "10.250.0.2", 42111)[0] == OK
+
+
+def test_a_syn_reopening_a_closed_flow_keeps_its_port_and_clears_the_mark(snat):
+    e = snat(web(ids=(1,)), ports=(LO, LO + 100))
+    v, out = _one_port_flow(e, "10.250.0.1", 42120)
+    port = Ether(out)[TCP].sport
+    run_ok(e, "out", run_ok(e, "in", syn(42120, flags="R")))
+    v, out = _one_port_flow(e, "10.250.0.1", 42120)  # the same tuple again, a new SYN
+    assert v == OK and Ether(out)[TCP].sport == port
+    assert [rv.rst for _k, rv in _ct(e, tc.CT_SNAT_REV)] == [0]
+
+
+def test_an_idle_udp_flows_port_serves_a_new_flow(snat):
+    e = snat(dns(ids=(1,)), ports=(LO, LO))
+    assert _one_port_flow(e, "", 0, udp_req(42130))[0] == OK
+    assert _one_port_flow(e, "", 0, udp_req(42131))[0] == SHOT  # busy (not idle 30 s)
+    _age_snat_rev(e)
+    v, out = _one_port_flow(e, "", 0, udp_req(42132))
+    assert v == OK and Ether(out)[UDP].sport == LO

@@ -110,7 +110,7 @@ def load(tmp_path: Path, text: str):
 def test_config_defaults_and_forms(tmp_path):
     cfg = load(tmp_path, "")
     assert cfg.node_ports.range == (30000, 32767) and cfg.node_ports.addresses == []
-    assert (cfg.tc.mode, cfg.tc.snat_ports) == ("routed", (61000, 65535))
+    assert (cfg.tc.mode, cfg.tc.snat_ports) == ("routed", (1024, 29999))
     cfg = load(tmp_path, "tc: {mode: snat, snat_ports: 40000-40999}\n"
                          "node_ports: {range: 20000-20999, addresses: [10.0.9.0/24]}\n")
     assert (cfg.tc.mode, cfg.tc.snat_ports, cfg.node_ports.range) == \
