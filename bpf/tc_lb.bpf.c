@@ -78,6 +78,9 @@ const volatile struct meshd_tc_cfg meshd_tc_cfg = { .maglev_m = MESHD_DEFAULT_MA
  * have passed -- or a UDP flow idle this long (as netfilter's UDP timeout). */
 #define MESHD_SNAT_REUSE_CLOSED_NS 1000000000LL
 #define MESHD_SNAT_REUSE_UDP_NS 30000000000LL
+/* ... or an open TCP flow without a packet either way this long (a client that vanished
+ * without FIN or RST; Cilium's TCP conntrack lifetime) */
+#define MESHD_SNAT_REUSE_TCP_IDLE_NS 21600000000000LL
 
 enum { MESHD_FRAG_NONE, MESHD_FRAG_FIRST, MESHD_FRAG_LATER };
 enum { MESHD_PARSE_OK, MESHD_PARSE_SKIP, MESHD_PARSE_SHORT };
@@ -377,8 +380,8 @@ static __always_inline int meshd_ct_closed(const struct meshd_ct_val *v)
 }
 
 /* Notes a TCP FIN or RST in the flow's FWD entry (`from_client`: the direction). */
-static __always_inline int meshd_ct_tcp(struct meshd_ct_val *fwd, __u8 flags, int from_client,
-					struct meshd_tc_stats *st)
+static __always_inline void meshd_ct_tcp(struct meshd_ct_val *fwd, __u8 flags, int from_client,
+					 struct meshd_tc_stats *st)
 {
 	int was = meshd_ct_closed(fwd);
 
@@ -390,12 +393,10 @@ static __always_inline int meshd_ct_tcp(struct meshd_ct_val *fwd, __u8 flags, in
 		else
 			fwd->fin_rev = 1;
 	} else {
-		return 0;
+		return;
 	}
-	if (was || !meshd_ct_closed(fwd))
-		return 0;
-	MESHD_COUNT(st, ct_closed);
-	return 1; /* closed by this packet */
+	if (!was && meshd_ct_closed(fwd))
+		MESHD_COUNT(st, ct_closed);
 }
 
 static __always_inline int meshd_frag_note(const struct meshd_pkt *p, __u8 dir, const __u32 *addr)
@@ -591,27 +592,6 @@ static __always_inline void meshd_snat_rev_key(struct meshd_ct_key *k, const str
 	k->dir = MESHD_CT_SNAT_REV;
 }
 
-/* Ingress DNAT of a new or re-picked flow in SNAT mode: its translated request gets a
- * SNAT_OUT entry without a port; the egress program of the interface it leaves by chooses
- * address and port. A flow that had a port (its FWD entry was evicted, or a SYN reopened
- * it after a close) gets the same one back from the picker while its SNAT_REV entry still
- * names it, and its close mark is cleared. Not written for a tracked flow: a flow that
- * started before SNAT mode was turned on keeps leaving with the client's address, as it
- * began. 0, or a map error. */
-static __always_inline int meshd_snat_prepare(const struct meshd_pkt *p, const __u32 *be_addr,
-					      __u16 be_port, __u32 be_id, __u32 group)
-{
-	struct meshd_ct_key k = {};
-	struct meshd_ct_val v = {};
-
-	if (!meshd_snat_on())
-		return 0;
-	meshd_snat_out_key(&k, p, be_addr, be_port);
-	v.backend = be_id;
-	v.group = group;
-	return bpf_map_update_elem(&meshd_tcct_v1, &k, &v, BPF_ANY);
-}
-
 /* Does SNAT_REV entry `held` give its port to client:cport? */
 static __always_inline int meshd_snat_owns(const struct meshd_ct_val *held, const __u32 *client,
 					   __u16 cport)
@@ -619,20 +599,71 @@ static __always_inline int meshd_snat_owns(const struct meshd_ct_val *held, cons
 	return meshd_eq16(held->nat_addr, client) && held->nat_port == cport;
 }
 
-/* May the port of another flow's SNAT_REV entry be taken over? (signed: another CPU may
- * have stamped a time after `now`) */
-static __always_inline int meshd_snat_reusable(const struct meshd_ct_val *held, __u8 proto,
-					       __u64 now)
+/* May the port of another flow's SNAT_REV entry, stamped `seen`, be taken over? Signed: a
+ * CPU may have stamped a time after `now`. A stamp of 0 (an entry of an older object) is
+ * of unknown age: never. */
+static __always_inline int meshd_snat_reusable(const struct meshd_ct_val *held, __u64 seen,
+					       __u8 proto, __u64 now)
 {
-	__s64 idle = (__s64)(now - held->refreshed_ns);
+	__s64 idle = (__s64)(now - seen);
 
+	if (!seen)
+		return 0;
 	if (proto == IPPROTO_UDP)
 		return idle > MESHD_SNAT_REUSE_UDP_NS;
-	return held->rst && idle > MESHD_SNAT_REUSE_CLOSED_NS;
+	return idle > (held->rst ? MESHD_SNAT_REUSE_CLOSED_NS : MESHD_SNAT_REUSE_TCP_IDLE_NS);
 }
 
-/* A TCP flow client:cport -> backend:bport (as after DNAT) closed: mark its SNAT_REV entry
- * (rst = closed, refreshed_ns = when), so its port can serve another flow a second later. */
+/* Ingress DNAT of a new or re-picked flow in SNAT mode. Without a SNAT_OUT entry, its
+ * translated request gets one without a port: the egress program of the interface it
+ * leaves by chooses address and port. With one whose port its SNAT_REV entry still gives
+ * to this client (its FWD entry was evicted, or a SYN reopens it after a close), the port
+ * stays, and a reopening SYN clears the close mark; if the port went to another flow
+ * meanwhile, it is chosen again. Entries are changed in place (an update of an LRU map may
+ * evict another entry). Not called for a tracked flow: a flow that started before SNAT
+ * mode was turned on keeps leaving with the client's address, as it began. 0, or a map
+ * error. */
+static __always_inline int meshd_snat_prepare(const struct meshd_pkt *p, const __u32 *be_addr,
+					      __u16 be_port, __u32 be_id, __u32 group, int syn,
+					      __u64 now)
+{
+	struct meshd_ct_key k = {};
+	struct meshd_ct_val v = {}, *out, *held;
+	int err;
+
+	if (!meshd_snat_on())
+		return 0;
+	meshd_snat_out_key(&k, p, be_addr, be_port);
+	out = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (!out) {
+		v.backend = be_id;
+		v.group = group;
+		err = bpf_map_update_elem(&meshd_tcct_v1, &k, &v, BPF_NOEXIST);
+		return err == -17 /* EEXIST: another CPU meanwhile */ ? 0 : err;
+	}
+	if (!out->nat_port)
+		return 0;
+	meshd_copy16(k.saddr, be_addr);
+	meshd_copy16(k.daddr, out->nat_addr);
+	k.sport = be_port;
+	k.dport = out->nat_port;
+	k.dir = MESHD_CT_SNAT_REV;
+	held = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
+	if (held && meshd_snat_owns(held, p->saddr, p->sport)) {
+		if (syn && held->rst) {
+			held->rst = 0;
+			held->refreshed_ns = now;
+		}
+		return 0;
+	}
+	out->nat_port = 0; /* its port is gone: choose again */
+	return 0;
+}
+
+/* A TCP flow client:cport -> backend:bport (as after DNAT) is closed: mark its SNAT_REV
+ * entry (rst = closed, refreshed_ns = when), so its port can serve another flow a second
+ * later. Called for every FIN or RST once the flow is closed, so a mark one CPU missed
+ * (FINs crossing) is made by the next. */
 static __always_inline void meshd_snat_closed(const __u32 *client, __u16 cport, const __u32 *be,
 					      __u16 bport, __u64 now)
 {
@@ -654,8 +685,8 @@ static __always_inline void meshd_snat_closed(const __u32 *client, __u16 cport, 
 	k.dport = out->nat_port;
 	k.dir = MESHD_CT_SNAT_REV;
 	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
-	if (!rv || !meshd_snat_owns(rv, client, cport))
-		return;
+	if (!rv || rv->rst || !meshd_snat_owns(rv, client, cport))
+		return; /* marked once: a retransmitted FIN does not push the reuse back */
 	rv->rst = 1;
 	rv->refreshed_ns = now;
 }
@@ -677,15 +708,14 @@ static __always_inline __u32 meshd_snat_hash(const struct meshd_pkt *p)
  * *chosen). 0, or -1: no address, or no free port in MESHD_SNAT_TRIES (snat_fail), or -2:
  * a map update failed. */
 static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct meshd_pkt *p,
-					   const struct meshd_ct_key *ok,
-					   const struct meshd_ct_val *out,
-					   struct meshd_ct_val *chosen, __u64 now)
+					   struct meshd_ct_val *out, __u64 now)
 {
-	struct meshd_ct_key rk = {};
+	struct meshd_ct_key rk = {}, old = {};
 	struct meshd_ct_val rv = {}, *held;
 	struct meshd_tc_addr *a;
 	__u32 ifindex = skb->ifindex, h, size, i;
 	__u32 node[4];
+	__u64 seen;
 	__u16 port;
 
 	a = bpf_map_lookup_elem(&meshd_tcaddr_v1, &ifindex);
@@ -706,27 +736,38 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 		meshd_snat_rev_key(&rk, p, node, port);
 		/* Look first: a failed NOEXIST insert into a full LRU map still evicts an entry.
 		 * A port held for this very client tuple is this flow's own (another CPU picked
-		 * it for a packet in flight, its SNAT_OUT was evicted, or it reopened after a
-		 * close): take it again, unmarked. A port of a flow closed (TCP) or idle (UDP)
-		 * long enough: take it over. */
+		 * it for a packet in flight, or its SNAT_OUT was evicted): take it again. A port
+		 * of a flow closed (TCP) or idle long enough: take it over -- one CPU only (the
+		 * stamp is swapped atomically), in place, and the old flow's SNAT_OUT goes, so
+		 * its stragglers cannot leave by the port. */
 		held = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
 		if (held) {
-			if (!meshd_snat_owns(held, p->saddr, p->sport) &&
-			    !meshd_snat_reusable(held, p->proto, now))
-				continue;
-			if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_EXIST))
-				continue;
+			if (!meshd_snat_owns(held, p->saddr, p->sport)) {
+				seen = held->refreshed_ns;
+				if (!meshd_snat_reusable(held, seen, p->proto, now) ||
+				    __sync_val_compare_and_swap(&held->refreshed_ns, seen, now) != seen)
+					continue;
+				meshd_copy16(old.saddr, held->nat_addr);
+				meshd_copy16(old.daddr, p->daddr);
+				old.sport = held->nat_port;
+				old.dport = p->dport;
+				old.proto = p->proto;
+				old.dir = MESHD_CT_SNAT_OUT;
+				bpf_map_delete_elem(&meshd_tcct_v1, &old);
+				held->backend = out->backend;
+				held->group = out->group;
+				meshd_copy16(held->nat_addr, p->saddr);
+				held->nat_port = p->sport;
+			}
+			held->rst = 0;
 		} else if (bpf_map_update_elem(&meshd_tcct_v1, &rk, &rv, BPF_NOEXIST)) {
 			continue;
 		}
-		__builtin_memcpy(chosen, out, sizeof(*chosen));
-		meshd_copy16(chosen->nat_addr, node);
-		chosen->nat_port = port;
-		chosen->refreshed_ns = now;
-		if (bpf_map_update_elem(&meshd_tcct_v1, ok, chosen, BPF_ANY)) {
-			bpf_map_delete_elem(&meshd_tcct_v1, &rk);
-			return -2;
-		}
+		/* In place; the port last: a reader that sees it sees the address. */
+		meshd_copy16(out->nat_addr, node);
+		out->refreshed_ns = now;
+		barrier();
+		out->nat_port = port;
 		return 0;
 	}
 	return -1;
@@ -737,12 +778,12 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct meshd_pkt *p)
 {
 	struct meshd_ct_key k = {}, rk = {};
-	struct meshd_ct_val *out, chosen = {}, rv = {}, *held;
+	struct meshd_ct_val *out, rv = {}, *held;
 	struct meshd_tc_stats *st;
 	__u32 nat_addr[4], csum_off;
 	__u16 nat_port;
 	__u64 now, l4_flags;
-	int err, pick;
+	int pick;
 
 	meshd_snat_out_key(&k, p, p->daddr, p->dport);
 	out = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
@@ -751,7 +792,7 @@ static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct me
 	st = meshd_stats();
 	now = bpf_ktime_get_coarse_ns();
 	pick = !out->nat_port;
-	if (!pick && now - out->refreshed_ns > MESHD_CT_REFRESH_NS) {
+	if (!pick && (__s64)(now - out->refreshed_ns) > (__s64)MESHD_CT_REFRESH_NS) {
 		/* The reply entry: back if LRU evicted it while the flow only sent one way; if
 		 * meanwhile another flow took the port, this one moves to a new port rather than
 		 * share node:port (the backend would mix the two). */
@@ -772,20 +813,14 @@ static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct me
 		out->refreshed_ns = now;
 	}
 	if (pick) {
-		err = meshd_snat_pick(skb, p, &k, out, &chosen, now);
-		if (err == -2)
-			return meshd_drop_err(st);
-		if (err) {
+		if (meshd_snat_pick(skb, p, out, now)) {
 			MESHD_COUNT(st, snat_fail);
 			return TC_ACT_SHOT;
 		}
 		MESHD_COUNT(st, snat_new);
-		meshd_copy16(nat_addr, chosen.nat_addr);
-		nat_port = chosen.nat_port;
-	} else {
-		meshd_copy16(nat_addr, out->nat_addr);
-		nat_port = out->nat_port;
 	}
+	meshd_copy16(nat_addr, out->nat_addr);
+	nat_port = out->nat_port;
 	if (p->frag == MESHD_FRAG_FIRST && meshd_frag_note(p, MESHD_CT_REV, nat_addr))
 		return meshd_drop_err(st);
 	csum_off = meshd_l4_csum_off(p);
@@ -941,7 +976,9 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 			nv.fin_fwd = !!(p.tcp_flags & MESHD_TCP_FIN);
 		}
 		if (bpf_map_update_elem(&meshd_tcct_v1, &fk, &nv, BPF_ANY) ||
-		    meshd_snat_prepare(&p, nat_addr, nat_port, be_id, svc->id))
+		    meshd_snat_prepare(&p, nat_addr, nat_port, be_id, svc->id,
+				       p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_SYN |
+						MESHD_TCP_ACK)) == MESHD_TCP_SYN, now))
 			return meshd_drop_err(st);
 		if (repick)
 			MESHD_COUNT(st, ct_repick);
@@ -959,9 +996,11 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 			bpf_map_update_elem(&meshd_tcct_v1, &rk, &nv, BPF_ANY);
 			ct->refreshed_ns = now;
 		}
-		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST)))
-			if (meshd_ct_tcp(ct, p.tcp_flags, 1, st) && meshd_snat_on())
+		if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST))) {
+			meshd_ct_tcp(ct, p.tcp_flags, 1, st);
+			if (meshd_snat_on() && meshd_ct_closed(ct))
 				meshd_snat_closed(p.saddr, p.sport, ct->nat_addr, ct->nat_port, now);
+		}
 	}
 	if (p.frag == MESHD_FRAG_FIRST && meshd_frag_note(&p, MESHD_CT_FWD, nat_addr))
 		return meshd_drop_err(st);
@@ -1009,7 +1048,10 @@ static __always_inline int meshd_nat_rev(struct __sk_buff *skb)
 		fk.proto = p.proto;
 		fk.dir = MESHD_CT_FWD;
 		fwd = bpf_map_lookup_elem(&meshd_tcct_v1, &fk);
-		if (fwd && meshd_ct_tcp(fwd, p.tcp_flags, 0, st) && meshd_snat_on())
+		if (fwd)
+			meshd_ct_tcp(fwd, p.tcp_flags, 0, st);
+		/* a RST from the backend closes the flow even if its FWD entry is gone */
+		if (meshd_snat_on() && ((fwd && meshd_ct_closed(fwd)) || (p.tcp_flags & MESHD_TCP_RST)))
 			meshd_snat_closed(p.daddr, p.dport, p.saddr, p.sport,
 					  bpf_ktime_get_coarse_ns());
 	}

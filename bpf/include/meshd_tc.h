@@ -63,12 +63,14 @@ struct meshd_ct_val {
 				 * egress program chose one */
 	__u8 fin_fwd;		/* FWD: 1 once the client sent a FIN; REV: zero */
 	__u8 fin_rev;		/* FWD: 1 once the backend sent a FIN; REV: zero */
-	__u8 rst;		/* FWD: 1 once either side sent a RST; REV: zero */
+	__u8 rst;		/* FWD: 1 once either side sent a RST; SNAT_REV: 1 once the flow
+				 * closed (its port may go to another flow a second later) */
 	__u8 pad[3];		/* zero */
 	__u32 backend;		/* backend id in meshd_be_v1 (host order), both entries */
 	__u32 group;		/* frontend group id (host order), both entries */
 	__u64 refreshed_ns;	/* FWD / SNAT_OUT: coarse clock when the REV / SNAT_REV entry was
-				 * last (re)written */
+				 * last (re)written; SNAT_REV: last use (a packet either way, at
+				 * most once a second), or when the flow closed (rst set) */
 };
 
 /* Load-time settings of the tc object (.rodata, set before load). */

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+import time
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror, fragment
@@ -313,10 +314,12 @@ def test_a_flow_whose_port_was_taken_meanwhile_moves_instead_of_sharing_it(snat)
 
 
 # ---- ports come back: closed TCP flows, idle UDP flows ---------------------------------------
-def _age_snat_rev(e: Env) -> None:
-    """Every SNAT_REV entry stamped long ago (instead of waiting out the reuse delay)."""
+def _age_snat_rev(e: Env, seconds: float = 40) -> None:
+    """Every SNAT_REV entry stamped `seconds` ago (instead of waiting out a reuse delay);
+    the programs' clock is CLOCK_MONOTONIC (coarse)."""
+    stamp = max(1, time.monotonic_ns() - int(seconds * 1e9))
     for k, v in _ct(e, tc.CT_SNAT_REV):
-        v.refreshed_ns = 1
+        v.refreshed_ns = stamp
         e.tcmaps.ct.update(k, v)
 
 
@@ -331,18 +334,21 @@ def test_a_closed_tcp_flows_port_serves_a_new_flow_after_the_delay(snat):
     v, out = _one_port_flow(e, "10.250.0.1", 42100)
     assert v == OK and Ether(out)[TCP].sport == LO
     assert _one_port_flow(e, "10.250.0.2", 42100)[0] == SHOT  # held by an open flow
-    _age_snat_rev(e)
-    assert _one_port_flow(e, "10.250.0.2", 42101)[0] == SHOT, "an open flow is never reclaimed"
+    _age_snat_rev(e, 3600)
+    assert _one_port_flow(e, "10.250.0.2", 42101)[0] == SHOT, "an open flow idle for an hour"
     rst = syn(42100, src="10.250.0.1", flags="R")
     run_ok(e, "out", run_ok(e, "in", rst))  # the client resets: the flow is closed
     (_k, rv), = _ct(e, tc.CT_SNAT_REV)
     assert rv.rst == 1
     assert _one_port_flow(e, "10.250.0.2", 42102)[0] == SHOT, "not before the delay"
-    _age_snat_rev(e)
+    _age_snat_rev(e, 2)
     v, out = _one_port_flow(e, "10.250.0.2", 42103)
     assert v == OK and Ether(out)[TCP].sport == LO
     (_k, rv), = _ct(e, tc.CT_SNAT_REV)
     assert (rv.rst, socket.ntohs(rv.nat_port)) == (0, 42103)  # now the new client's
+    old_client = bytes(S.pack_addr(ipaddress.ip_address("10.250.0.1")))
+    outs = [(bytes(k.saddr), socket.ntohs(k.sport)) for k, _v in _ct(e, tc.CT_SNAT_OUT)]
+    assert (old_client, 42100) not in outs, "the old flow's request entry went with its port"
     reply = eth(IP(src=be4(8080, "TCP", 0, client="10.250.0.2"), dst=NODE) /
                 TCP(sport=8080, dport=LO, flags="SA"))
     assert run_ok(e, "in", reply)[IP].dst == "10.250.0.2"
@@ -352,6 +358,13 @@ def test_a_flow_closed_by_the_backend_frees_its_port_too(snat):
     e = snat(web(ids=(1,)), ports=(LO, LO))
     _one_port_flow(e, "10.250.0.1", 42110)
     b = "10.0.9.11"
+    for k, _v in _ct(e, tc.CT_FWD):  # as LRU would: the mark must not need it
+        e.tcmaps.ct.delete(k)
+    rst_b = eth(IP(src=b, dst=NODE) / TCP(sport=8080, dport=LO, flags="R"))
+    run_ok(e, "out", run_ok(e, "in", rst_b))
+    assert [rv.rst for _k, rv in _ct(e, tc.CT_SNAT_REV)] == [1]
+    e = snat(web(ids=(1,)), ports=(LO, LO))  # and by FINs, each side one
+    _one_port_flow(e, "10.250.0.1", 42110)
     fin_b = eth(IP(src=b, dst=NODE) / TCP(sport=8080, dport=LO, flags="FA"))
     run_ok(e, "out", run_ok(e, "in", fin_b))  # un-SNAT, then the routed REV layer
     run_ok(e, "out", run_ok(e, "in", syn(42110, flags="FA")))  # the client's FIN
@@ -373,6 +386,33 @@ def test_an_idle_udp_flows_port_serves_a_new_flow(snat):
     e = snat(dns(ids=(1,)), ports=(LO, LO))
     assert _one_port_flow(e, "", 0, udp_req(42130))[0] == OK
     assert _one_port_flow(e, "", 0, udp_req(42131))[0] == SHOT  # busy (not idle 30 s)
-    _age_snat_rev(e)
+    _age_snat_rev(e, 20)
+    assert _one_port_flow(e, "", 0, udp_req(42133))[0] == SHOT  # idle 20 s: still its own
+    _age_snat_rev(e, 31)
     v, out = _one_port_flow(e, "", 0, udp_req(42132))
     assert v == OK and Ether(out)[UDP].sport == LO
+
+
+def test_a_flow_whose_fwd_entry_alone_was_evicted_keeps_its_port_without_a_new_pick(snat):
+    e = snat()
+    sport = 42140
+    _, port = snat_out(e, run_ok(e, "in", syn(sport)), TCP)
+    for k, _v in _ct(e, tc.CT_FWD):
+        e.tcmaps.ct.delete(k)
+    picks = e.counters()["snat_new"]
+    got = run_ok(e, "out", run_ok(e, "in", syn(sport, flags="A")))
+    assert got[TCP].sport == port and e.counters()["snat_new"] == picks
+
+
+def test_an_open_tcp_flow_idle_six_hours_gives_its_port_up(snat):
+    e = snat(web(ids=(1,)), ports=(LO, LO))
+    _one_port_flow(e, "10.250.0.1", 42150)
+    _age_snat_rev(e, 5 * 3600)
+    assert _one_port_flow(e, "10.250.0.2", 42151)[0] == SHOT
+    if time.monotonic() > 6 * 3600 + 60:  # the clock must reach back that far
+        _age_snat_rev(e, 6 * 3600 + 10)
+        assert _one_port_flow(e, "10.250.0.2", 42152)[0] == OK
+    for k, v in _ct(e, tc.CT_SNAT_REV):  # stamped 0 by an older object: unknown age, kept
+        v.refreshed_ns = 0
+        e.tcmaps.ct.update(k, v)
+    assert _one_port_flow(e, "10.250.0.3", 42153)[0] == SHOT
