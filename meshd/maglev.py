@@ -119,15 +119,27 @@ def _quotas(weights: list[int], m: int) -> np.ndarray:
     return np.array(quota, dtype=np.int64)
 
 
-def _claims(who: np.ndarray, slot: np.ndarray, room: np.ndarray) -> np.ndarray:
+def _first_per_slot(slot: np.ndarray, n_slots: int) -> np.ndarray:
+    """Indexes of the first occurrence of each value of ``slot`` (any order). Most slots
+    occur once: only the others pay for a sort."""
+    counts = np.bincount(slot, minlength=n_slots)[slot]
+    alone = np.flatnonzero(counts == 1)
+    shared = np.flatnonzero(counts > 1)
+    if not shared.size:
+        return alone
+    return np.concatenate((alone, shared[np.unique(slot[shared], return_index=True)[1]]))
+
+
+def _claims(who: np.ndarray, slot: np.ndarray, room: np.ndarray, by_backend: np.ndarray,
+            n_slots: int) -> np.ndarray:
     """Which of a batch's looks (in play order; all at then-free slots) claim.
 
+    ``by_backend`` lists the looks grouped by backend, each backend's in play order.
     A look claims iff it is the first look at its slot among the looks still in
     play; a backend's looks after it has made ``room`` claims drop out of play.
     Dropping looks only adds claims, so iterating to a fixed point gives exactly
     the result of playing the looks one by one.
     """
-    by_backend = np.argsort(who, kind="stable")  # looks grouped by backend, in order
     grouped = who[by_backend]
     looks = np.bincount(grouped, minlength=room.size)
     group_start = (np.cumsum(looks) - looks)[grouped]
@@ -135,7 +147,7 @@ def _claims(who: np.ndarray, slot: np.ndarray, room: np.ndarray) -> np.ndarray:
     while True:
         live = np.flatnonzero(in_play)
         wins = np.zeros(who.size, dtype=bool)
-        wins[live[np.unique(slot[live], return_index=True)[1]]] = True
+        wins[live[_first_per_slot(slot[live], n_slots)]] = True
         won = wins[by_backend].astype(np.int64)
         before = np.cumsum(won) - won
         before -= before[group_start]  # claims among the backend's earlier looks
@@ -214,11 +226,16 @@ def build_tables(groups: Sequence[Sequence[tuple[str, int]]], m: int) -> list[np
         pointer[active] += np.bincount(row, weights=in_batch, minlength=active.size).astype(np.int64)
         who = active[row]
         slot = table_of[who] * m + (offset[who] + pos * skip[who]) % m
-        keep = in_batch & ~claimed[slot]
-        # within a table, global backend order is name order, as in build_table
-        order = np.flatnonzero(keep)[np.lexsort((who[keep], look_time[keep]))]
+        keep = np.flatnonzero(in_batch & ~claimed[slot])
+        # Looks are generated grouped by backend (global order = name order within a
+        # table), each backend's in time order: a stable sort by time is the play order
+        # (time, then name), and its inverse lists them grouped by backend again.
+        by_time = np.argsort(look_time[keep], kind="stable")
+        by_backend = np.empty_like(by_time)
+        by_backend[by_time] = np.arange(by_time.size)
+        order = keep[by_time]
         who, slot = who[order], slot[order]
-        wins = _claims(who, slot, quota - held)
+        wins = _claims(who, slot, quota - held, by_backend, t_count * m)
         table[slot[wins]] = who[wins] - base[table_of[who[wins]]]
         claimed[slot[wins]] = True
         held += np.bincount(who[wins], minlength=n)

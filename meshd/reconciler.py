@@ -18,8 +18,10 @@ on the next apply. Errors never reach the sources.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -226,18 +228,26 @@ class Reconciler:
             ok[key] = g
         pending: dict[str, tuple[int, np.ndarray]] = {}
         t0 = time.perf_counter()
-        for start in range(0, len(need), TABLE_BUILD_BATCH):
-            keys = need[start:start + TABLE_BUILD_BATCH]
+
+        def build(keys: list[str]) -> list[np.ndarray | None]:
             try:
-                tables = self._tables([desired[k] for k in keys])
+                return self._tables([desired[k] for k in keys])
             except ValueError:  # one bad group: find it, build the rest one by one
-                tables = []
+                tables: list[np.ndarray | None] = []
                 for k in keys:
                     try:
                         tables.append(self._tables([desired[k]])[0])
                     except ValueError as e1:
                         rep.errors[k] = str(e1)
                         tables.append(None)
+                return tables
+        chunks = [need[s:s + TABLE_BUILD_BATCH] for s in range(0, len(need), TABLE_BUILD_BATCH)]
+        if len(chunks) > 1:  # numpy's sorts let go of the GIL: ~1.5x on 2 CPUs (a cold sync)
+            with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
+                built = list(pool.map(build, chunks))
+        else:
+            built = [build(c) for c in chunks]
+        for keys, tables in zip(chunks, built):
             for key, table in zip(keys, tables):
                 if table is None:
                     continue

@@ -257,3 +257,23 @@ def test_a_literal_bracket_key_is_reported_not_crashed_on() -> None:
     """Found by the junk-record property: a record with a key spelled "[key]"."""
     with pytest.raises(RecordError, match=r"\['\[key\]'\]: unknown key"):
         parse_service({"[key]": None}, "x")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from(["{}", "0{}", " {}", "{}.0", "{} "]))
+def test_fast_ipv4_parse_agrees_with_ipaddress(n: int, form: str) -> None:
+    """model._ip parses canonical dotted quads itself: it must accept, reject and return
+    exactly what the ipaddress-based path does."""
+    from ipaddress import ip_address
+    from meshd.model import _ip
+    text = form.format(str(IPv4Address(n)))
+    try:
+        want = ip_address(text)
+        bad = want.is_unspecified or want.is_multicast or int(want) == 2**32 - 1
+    except ValueError:
+        want, bad = None, True
+    if bad:
+        with pytest.raises(Exception):
+            _ip(text)
+    else:
+        assert _ip(text) == want and type(_ip(text)) is IPv4Address
