@@ -216,11 +216,15 @@ class RegistryState:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        self._raw: dict[bytes, bytes] = {}  # every key of the two subtrees -> its value
-        self._where: dict[bytes, KeyInfo] = {}  # valid records -> where they belong
+        # Memory matters here (10^5 records): a value is kept as its hash (enough to see that
+        # a put changes nothing: SipHash with this process's random key, 64 bits), where a
+        # valid record belongs is not stored but read from its key again when it goes
+        # (classify_key), and an endpoint keeps its key as bytes (the same object as in
+        # _raw), decoded only for an error message.
+        self._raw: dict[bytes, int] = {}  # every key of the two subtrees -> hash of its value
         self._errors: dict[bytes, RecordError] = {}  # records that failed on their own
         self._services: dict[str, Service] = {}  # "ns/name" -> valid service record (no endpoints)
-        self._endpoints: dict[str, dict[str, tuple[str, Endpoint]]] = {}  # "ns/name" -> id -> (key, ep)
+        self._endpoints: dict[str, dict[str, tuple[bytes, Endpoint]]] = {}  # "ns/name" -> id -> (key, ep)
         # composed output, kept between snapshots
         self._composed: dict[str, Service] = {}
         self._compose_errors: dict[str, tuple[RecordError, ...]] = {}
@@ -240,13 +244,14 @@ class RegistryState:
     # -- changes --
     def put(self, key: bytes, value: bytes) -> bool:
         """Apply a put; False if nothing changed (same value, or a key that is not ours)."""
-        if self._raw.get(key) == value:
+        digest = hash(value)
+        if self._raw.get(key) == digest:
             return False
         try:
             checked = check_record(self.prefix, key, value)
         except RecordError as e:
             self._forget(key)
-            self._raw[key] = value
+            self._raw[key] = digest
             self._errors[key] = e
             self._errors_out = None
             return True
@@ -255,16 +260,15 @@ class RegistryState:
                       self.prefix, self.prefix)
             return False
         self._forget(key)
-        self._raw[key] = value
+        self._raw[key] = digest
         info, record = checked
-        self._where[key] = info
         skey = info.service
         if info.kind == "service":
             assert isinstance(record, Service)
             self._services[skey] = record
         else:
             assert isinstance(record, Endpoint) and info.endpoint_id is not None
-            self._endpoints.setdefault(skey, {})[info.endpoint_id] = (key_text(key), record)
+            self._endpoints.setdefault(skey, {})[info.endpoint_id] = (key, record)
         self._dirty.add(skey)
         return True
 
@@ -298,7 +302,13 @@ class RegistryState:
         """Remove what the key's previous value contributed."""
         if self._errors.pop(key, None) is not None:
             self._errors_out = None
-        info = self._where.pop(key, None)
+            return  # a record that failed on its own contributed nothing else
+        if key not in self._raw:
+            return
+        try:
+            info = classify_key(self.prefix, key)  # valid before, so it parses again
+        except RecordError:
+            info = None
         if info is None:
             return
         skey = info.service
@@ -332,7 +342,8 @@ class RegistryState:
         kept: list[Endpoint] = []
         problems: list[RecordError] = []
         for eid in sorted(eps):
-            where, ep = eps[eid]
+            key, ep = eps[eid]
+            where = key_text(key)
             unknown = sorted(p for p in ep.ports if p not in known)
             if unknown:
                 problems.append(RecordError(where, f"ports: unknown port name {show(unknown[0])} "
