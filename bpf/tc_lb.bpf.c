@@ -351,27 +351,30 @@ static __always_inline int meshd_pick(const struct meshd_svc_val *svc, const str
 	return 0;
 }
 
+/* A conntrack key: addresses IPv4-mapped, ports network order (padding stays zero). */
+static __always_inline void meshd_ct_key_set(struct meshd_ct_key *k, const __u32 *saddr,
+					     const __u32 *daddr, __u16 sport, __u16 dport,
+					     __u8 proto, __u8 dir)
+{
+	meshd_copy16(k->saddr, saddr);
+	meshd_copy16(k->daddr, daddr);
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->dir = dir;
+}
+
 /* The FWD key of a packet as the client sent it. */
 static __always_inline void meshd_fwd_key(struct meshd_ct_key *k, const struct meshd_pkt *p)
 {
-	meshd_copy16(k->saddr, p->saddr);
-	meshd_copy16(k->daddr, p->daddr);
-	k->sport = p->sport;
-	k->dport = p->dport;
-	k->proto = p->proto;
-	k->dir = MESHD_CT_FWD;
+	meshd_ct_key_set(k, p->saddr, p->daddr, p->sport, p->dport, p->proto, MESHD_CT_FWD);
 }
 
 /* The REV key of the replies of flow `p` (as received) served by backend addr:port. */
 static __always_inline void meshd_rev_key(struct meshd_ct_key *k, const struct meshd_pkt *p,
 					  const __u32 *be_addr, __u16 be_port)
 {
-	meshd_copy16(k->saddr, be_addr);
-	meshd_copy16(k->daddr, p->saddr);
-	k->sport = be_port;
-	k->dport = p->sport;
-	k->proto = p->proto;
-	k->dir = MESHD_CT_REV;
+	meshd_ct_key_set(k, be_addr, p->saddr, be_port, p->sport, p->proto, MESHD_CT_REV);
 }
 
 static __always_inline int meshd_ct_closed(const struct meshd_ct_val *v)
@@ -572,24 +575,14 @@ static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct 
 static __always_inline void meshd_snat_out_key(struct meshd_ct_key *k, const struct meshd_pkt *p,
 					       const __u32 *be_addr, __u16 be_port)
 {
-	meshd_copy16(k->saddr, p->saddr);
-	meshd_copy16(k->daddr, be_addr);
-	k->sport = p->sport;
-	k->dport = be_port;
-	k->proto = p->proto;
-	k->dir = MESHD_CT_SNAT_OUT;
+	meshd_ct_key_set(k, p->saddr, be_addr, p->sport, be_port, p->proto, MESHD_CT_SNAT_OUT);
 }
 
 /* The SNAT_REV key of the replies to node:port of request `p` (as it leaves, before SNAT). */
 static __always_inline void meshd_snat_rev_key(struct meshd_ct_key *k, const struct meshd_pkt *p,
 					       const __u32 *node, __u16 port)
 {
-	meshd_copy16(k->saddr, p->daddr);
-	meshd_copy16(k->daddr, node);
-	k->sport = p->dport;
-	k->dport = port;
-	k->proto = p->proto;
-	k->dir = MESHD_CT_SNAT_REV;
+	meshd_ct_key_set(k, p->daddr, node, p->dport, port, p->proto, MESHD_CT_SNAT_REV);
 }
 
 /* Does SNAT_REV entry `held` give its port to client:cport? */
@@ -643,11 +636,8 @@ static __always_inline int meshd_snat_prepare(const struct meshd_pkt *p, const _
 	}
 	if (!out->nat_port)
 		return 0;
-	meshd_copy16(k.saddr, be_addr);
-	meshd_copy16(k.daddr, out->nat_addr);
-	k.sport = be_port;
-	k.dport = out->nat_port;
-	k.dir = MESHD_CT_SNAT_REV;
+	meshd_ct_key_set(&k, be_addr, out->nat_addr, be_port, out->nat_port, p->proto,
+			 MESHD_CT_SNAT_REV);
 	held = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
 	if (held && meshd_snat_owns(held, p->saddr, p->sport)) {
 		if (syn && held->rst) {
@@ -670,20 +660,12 @@ static __always_inline void meshd_snat_closed(const __u32 *client, __u16 cport, 
 	struct meshd_ct_key k = {};
 	struct meshd_ct_val *out, *rv;
 
-	meshd_copy16(k.saddr, client);
-	meshd_copy16(k.daddr, be);
-	k.sport = cport;
-	k.dport = bport;
-	k.proto = IPPROTO_TCP;
-	k.dir = MESHD_CT_SNAT_OUT;
+	meshd_ct_key_set(&k, client, be, cport, bport, IPPROTO_TCP, MESHD_CT_SNAT_OUT);
 	out = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
 	if (!out || !out->nat_port)
 		return;
-	meshd_copy16(k.saddr, be);
-	meshd_copy16(k.daddr, out->nat_addr);
-	k.sport = bport;
-	k.dport = out->nat_port;
-	k.dir = MESHD_CT_SNAT_REV;
+	meshd_ct_key_set(&k, be, out->nat_addr, bport, out->nat_port, IPPROTO_TCP,
+			 MESHD_CT_SNAT_REV);
 	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
 	if (!rv || rv->rst || !meshd_snat_owns(rv, client, cport))
 		return; /* marked once: a retransmitted FIN does not push the reuse back */
@@ -747,12 +729,8 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 				if (!meshd_snat_reusable(held, seen, p->proto, now) ||
 				    __sync_val_compare_and_swap(&held->refreshed_ns, seen, now) != seen)
 					continue;
-				meshd_copy16(old.saddr, held->nat_addr);
-				meshd_copy16(old.daddr, p->daddr);
-				old.sport = held->nat_port;
-				old.dport = p->dport;
-				old.proto = p->proto;
-				old.dir = MESHD_CT_SNAT_OUT;
+				meshd_ct_key_set(&old, held->nat_addr, p->daddr, held->nat_port, p->dport,
+						 p->proto, MESHD_CT_SNAT_OUT);
 				bpf_map_delete_elem(&meshd_tcct_v1, &old);
 				held->backend = out->backend;
 				held->group = out->group;
@@ -842,12 +820,7 @@ static __always_inline int meshd_unsnat(struct __sk_buff *skb, const struct mesh
 	__u32 csum_off;
 	__u64 l4_flags, now;
 
-	meshd_copy16(k.saddr, p->saddr);
-	meshd_copy16(k.daddr, p->daddr);
-	k.sport = p->sport;
-	k.dport = p->dport;
-	k.proto = p->proto;
-	k.dir = MESHD_CT_SNAT_REV;
+	meshd_ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, MESHD_CT_SNAT_REV);
 	v = bpf_map_lookup_elem(&meshd_tcct_v1, &k);
 	if (!v)
 		return TC_ACT_UNSPEC;
@@ -878,21 +851,12 @@ static __always_inline void meshd_forget_shadowed(const struct meshd_pkt *p)
 	struct meshd_ct_key rk = {}, fk = {};
 	struct meshd_ct_val *rv;
 
-	meshd_copy16(rk.saddr, p->daddr);
-	meshd_copy16(rk.daddr, p->saddr);
-	rk.sport = p->dport;
-	rk.dport = p->sport;
-	rk.proto = p->proto;
-	rk.dir = MESHD_CT_REV;
+	meshd_ct_key_set(&rk, p->daddr, p->saddr, p->dport, p->sport, p->proto, MESHD_CT_REV);
 	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
 	if (!rv)
 		return;
-	meshd_copy16(fk.saddr, p->saddr);
-	meshd_copy16(fk.daddr, rv->nat_addr);
-	fk.sport = p->sport;
-	fk.dport = rv->nat_port;
-	fk.proto = p->proto;
-	fk.dir = MESHD_CT_FWD;
+	meshd_ct_key_set(&fk, p->saddr, rv->nat_addr, p->sport, rv->nat_port, p->proto,
+			 MESHD_CT_FWD);
 	bpf_map_delete_elem(&meshd_tcct_v1, &fk);
 	bpf_map_delete_elem(&meshd_tcct_v1, &rk);
 	MESHD_COUNT(meshd_stats(), ct_shadowed);
@@ -1030,23 +994,14 @@ static __always_inline int meshd_nat_rev(struct __sk_buff *skb)
 	if (p.proto == IPPROTO_ICMP || p.proto == MESHD_NEXTHDR_ICMP6)
 		return meshd_icmp_xlate(skb, &p, MESHD_CT_REV);
 
-	meshd_copy16(rk.saddr, p.saddr);
-	meshd_copy16(rk.daddr, p.daddr);
-	rk.sport = p.sport;
-	rk.dport = p.dport;
-	rk.proto = p.proto;
-	rk.dir = MESHD_CT_REV;
+	meshd_ct_key_set(&rk, p.saddr, p.daddr, p.sport, p.dport, p.proto, MESHD_CT_REV);
 	rv = bpf_map_lookup_elem(&meshd_tcct_v1, &rk);
 	if (!rv) /* not a reply of a tracked flow; in SNAT mode maybe a request leaving */
 		return meshd_snat_on() ? meshd_snat_out(skb, &p) : TC_ACT_UNSPEC;
 	st = meshd_stats();
 	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (MESHD_TCP_FIN | MESHD_TCP_RST))) {
-		meshd_copy16(fk.saddr, p.daddr);
-		meshd_copy16(fk.daddr, rv->nat_addr);
-		fk.sport = p.dport;
-		fk.dport = rv->nat_port;
-		fk.proto = p.proto;
-		fk.dir = MESHD_CT_FWD;
+		meshd_ct_key_set(&fk, p.daddr, rv->nat_addr, p.dport, rv->nat_port, p.proto,
+				 MESHD_CT_FWD);
 		fwd = bpf_map_lookup_elem(&meshd_tcct_v1, &fk);
 		if (fwd)
 			meshd_ct_tcp(fwd, p.tcp_flags, 0, st);
