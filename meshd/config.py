@@ -32,6 +32,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, Field, PlainVa
 from pydantic_core import PydanticCustomError
 
 from meshd.errors import ConfigError
+from meshd.node import cgroup2_mount
 from meshd.model import IPNetwork, StrictModel, explain_errors, format_loc, show
 
 ENV_PREFIX = "MESHD_"
@@ -102,8 +103,9 @@ def _prefix(v: str) -> str:
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
-def split_host_port(v: str) -> tuple[str, int]:
-    """'127.0.0.1:9469' / '[::1]:9469' / 'localhost:9469' -> (host, port); ValueError with a reason."""
+def split_host_port(v: str, allow_zero: bool = False) -> tuple[str, int]:
+    """'127.0.0.1:9469' / '[::1]:9469' / 'localhost:9469' -> (host, port); ValueError with a reason.
+    `allow_zero`: port 0 (a listener: the kernel picks a free port)."""
     if v.startswith("["):
         host, _, rest = v[1:].partition("]")
         if not rest.startswith(":"):
@@ -126,14 +128,16 @@ def split_host_port(v: str) -> tuple[str, int]:
         except ValueError:
             if not _HOSTNAME.fullmatch(host) or host.replace(".", "").isdigit():
                 raise ValueError(f"{host!r} is not an IPv4 address or host name") from None
-    if not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ValueError(f"port must be 1-65535 (got {port!r})")
+    lowest = 0 if allow_zero else 1
+    if not port.isdigit() or not lowest <= int(port) <= 65535:
+        raise ValueError(f"port must be {lowest}-65535" + (" (0: any free port)" if allow_zero else "")
+                         + f" (got {port!r})")
     return host, int(port)
 
 
 def _listen(v: str) -> str:
     try:
-        split_host_port(v)
+        split_host_port(v, allow_zero=True)
     except ValueError as e:
         raise _fail("{reason} (got {got})", reason=e, got=show(v)) from None
     return v
@@ -242,12 +246,16 @@ class EtcdConfig(StrictModel):
 
 
 class MetricsConfig(StrictModel):
-    listen: Annotated[str, AfterValidator(_listen)] = "127.0.0.1:9469"
+    # null: no exporter; port 0: a free port, logged and written to the status file
+    listen: Annotated[str, AfterValidator(_listen)] | None = "127.0.0.1:9469"
 
-    @property
-    def host_port(self) -> tuple[str, int]:
-        """(host, port) with IPv6 brackets removed, ready for a socket bind."""
-        return split_host_port(self.listen)
+
+class MapsConfig(StrictModel):
+    """Capacities of the socket LB's maps, fixed for the life of the pins (`meshd cleanup` to
+    change). A service record that does not fit is reported (status, metrics, log) and the
+    others keep serving."""
+    max_frontends: Annotated[int, Field(ge=16, le=1 << 22)] = 65536  # VIP:port/proto entries
+    max_backends: Annotated[int, Field(ge=16, le=1 << 22)] = 262144  # distinct backends
 
 
 class MaglevConfig(StrictModel):
@@ -291,7 +299,9 @@ def _default_cidrs() -> list[IPNetwork]:
 
 class Config(StrictModel):
     instance: Annotated[str, AfterValidator(_instance)] = "default"
-    cgroup: AbsPath = Path("/sys/fs/cgroup/unified")  # cgroup2 dir the socket programs attach to
+    # cgroup2 dir the socket programs attach to; default: where cgroup2 is mounted (the root
+    # covers the whole machine: /sys/fs/cgroup on pure v2, /sys/fs/cgroup/unified on hybrid)
+    cgroup: AbsPath = Field(default_factory=lambda: cgroup2_mount())
     bpffs: AbsPath = Path("/sys/fs/bpf")
     state_dir: AbsPath = Path("/var/lib/meshd")
     services_file: AnyPath | None = None
@@ -301,6 +311,7 @@ class Config(StrictModel):
                              AfterValidator(_non_empty_list)] = Field(default_factory=_default_cidrs)
     metrics: Annotated[MetricsConfig, _section({})] = Field(default_factory=MetricsConfig)
     maglev: Annotated[MaglevConfig, _section({})] = Field(default_factory=MaglevConfig)
+    maps: Annotated[MapsConfig, _section({})] = Field(default_factory=MapsConfig)
     tc: Annotated[TcConfig, _section({})] = Field(default_factory=TcConfig)
     node_ports: Annotated[NodePortsConfig, _section({})] = Field(default_factory=NodePortsConfig)
     log_level: Annotated[Literal["debug", "info", "warning", "error"],

@@ -215,7 +215,12 @@ class ControlPlaneStats:
         self.last_sync_timestamp = 0.0  # unix time the last sync finished
         self.sync_lag_seconds = 0.0  # registry change seen -> kernel maps written
         self.records_rejected = 0  # records currently rejected (invalid, out of range)
-        self.sync_errors = 0  # group/map errors reported by syncs, in total
+        # failures by stage: "dataplane" = errors the reconciler reported (one per group or
+        # map entry); addresses/validate/apply/sockdestroy/status/prune = a sync stage raised
+        self.sync_errors: Counter[str] = Counter()
+        self.task_failures: Counter[str] = Counter()  # supervised task -> restarts
+        self.source_up: dict[str, bool] = {}
+        self.progress = None  # meshd.agent.health.Progress (age, stuck), set by the daemon
         self.map_ops: Counter[str] = Counter()  # map operation (reconciler op name) -> total
         self.map_fill: dict[str, tuple[int, int]] = {}  # map -> (entries, max_entries)
 
@@ -225,7 +230,8 @@ class ControlPlaneStats:
         how long after the change it was seen the kernel held it."""
         with self._lock:
             self.map_ops.update({k: v for k, v in ops.items() if v})
-            self.sync_errors += errors
+            if errors:
+                self.sync_errors["dataplane"] += errors
             self.records_rejected = rejected
             self.sync_lag_seconds = lag_seconds
             self.last_sync_timestamp = time.time() if finished_at is None else finished_at
@@ -234,11 +240,28 @@ class ControlPlaneStats:
         with self._lock:
             self.map_fill[name] = (entries, max_entries)
 
+    def count_sync_error(self, stage: str) -> None:
+        with self._lock:
+            self.sync_errors[stage] += 1
+
+    def count_task_failure(self, task: str) -> None:
+        with self._lock:
+            self.task_failures[task] += 1
+
+    def set_source_up(self, source: str, up: bool) -> None:
+        with self._lock:
+            self.source_up[source] = up
+
     def view(self) -> dict:
         with self._lock:
             return {"last_sync_timestamp": self.last_sync_timestamp,
                     "sync_lag_seconds": self.sync_lag_seconds,
-                    "records_rejected": self.records_rejected, "sync_errors": self.sync_errors,
+                    "records_rejected": self.records_rejected,
+                    "sync_errors": dict(self.sync_errors),
+                    "task_failures": dict(self.task_failures),
+                    "source_up": dict(self.source_up),
+                    "sync_age_seconds": None if self.progress is None else self.progress.age(),
+                    "stuck": None if self.progress is None else self.progress.stuck(),
                     "map_ops": dict(self.map_ops), "map_fill": dict(self.map_fill)}
 
 
@@ -364,9 +387,38 @@ class MeshdCollector:
                               "Last sync: from the registry change seen to the kernel updated.")
         g.add_metric([], v["sync_lag_seconds"])
         yield g
-        c = CounterMetricFamily("meshd_sync_errors", "Data-plane errors reported by syncs.")
-        c.add_metric([], float(v["sync_errors"]))
+        c = CounterMetricFamily("meshd_sync_errors", "Sync failures by stage: dataplane = "
+                                "errors the reconciler reported (one per group or map entry; "
+                                "retried); addresses, validate, apply, sockdestroy, status, "
+                                "prune = that stage raised (retried with backoff).",
+                                labels=["stage"])
+        for stage in ("dataplane", "apply"):  # always present, so rate() works from 0
+            c.add_metric([stage], float(v["sync_errors"].get(stage, 0)))
+        for stage, n in sorted(v["sync_errors"].items()):
+            if stage not in ("dataplane", "apply"):
+                c.add_metric([stage], float(n))
         yield c
+        c = CounterMetricFamily("meshd_task_failures", "Restarts of a daemon task (file, "
+                                "etcd, sync, addresses, watchdog) after it raised.",
+                                labels=["task"])
+        for task, n in sorted(v["task_failures"].items()):
+            c.add_metric([task], float(n))
+        yield c
+        g = GaugeMetricFamily("meshd_source_up", "1 while a registry source is read and "
+                              "followed; 0 while it cannot be (its last state is served).",
+                              labels=["source"])
+        for name, up in sorted(v["source_up"].items()):
+            g.add_metric([name], 1.0 if up else 0.0)
+        yield g
+        if v["sync_age_seconds"] is not None:
+            g = GaugeMetricFamily("meshd_sync_age_seconds", "Seconds since the last successful "
+                                  "sync (since the start, before the first one).")
+            g.add_metric([], v["sync_age_seconds"])
+            yield g
+            g = GaugeMetricFamily("meshd_sync_stuck", "1 while syncs fail or hang past their "
+                                  "limits (the systemd watchdog is then not pinged).")
+            g.add_metric([], 1.0 if v["stuck"] else 0.0)
+            yield g
         g = GaugeMetricFamily("meshd_registry_rejected_records",
                               "Service records currently skipped as invalid.")
         g.add_metric([], float(v["records_rejected"]))
@@ -391,7 +443,7 @@ def start_metrics_server(listen: str, collector, registry: CollectorRegistry | N
     """Serves /metrics on `listen` ("127.0.0.1:9469", "[::1]:9469", "0.0.0.0:9469") in a
     daemon thread. Returns the server: `.shutdown()` then `.server_close()` stops it."""
     from meshd.config import split_host_port
-    host, port = split_host_port(listen)
+    host, port = split_host_port(listen, allow_zero=True)
     if registry is None:
         registry = CollectorRegistry(auto_describe=False)
         ProcessCollector(registry=registry)  # process_* of the daemon itself

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import subprocess
+from pathlib import Path
 
 
 def local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
@@ -46,3 +47,24 @@ def ephemeral_ports() -> tuple[int, int] | None:
         return int(lo), int(hi)
     except (OSError, ValueError):
         return None
+
+
+def cgroup2_mount(mountinfo: str | None = None) -> Path:
+    """Where the cgroup2 hierarchy is mounted (/proc/self/mountinfo): /sys/fs/cgroup on a pure
+    v2 host, /sys/fs/cgroup/unified on a hybrid one. /sys/fs/cgroup when none is found (the
+    loader then names the problem)."""
+    if mountinfo is None:
+        try:
+            mountinfo = Path("/proc/self/mountinfo").read_text()
+        except OSError:
+            mountinfo = ""
+    found = []
+    for line in mountinfo.splitlines():
+        pre, sep, post = line.partition(" - ")
+        fields = pre.split()
+        if sep and post.split()[:1] == ["cgroup2"] and len(fields) >= 5:
+            found.append(fields[4].replace("\\040", " "))
+    for want in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+        if want in found:
+            return Path(want)
+    return Path(found[0]) if found else Path("/sys/fs/cgroup")

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 
 from meshd.config import Config
-from meshd.daemon import status_path
+from meshd.agent.status import status_path
 from meshd.dataplane import loader
 from meshd.dataplane.kernel import KernelDataplane
 

@@ -37,7 +37,7 @@ def test_defaults_without_a_file() -> None:
     assert cfg.etcd is not None and cfg.etcd.embedded  # no etcd section = embedded etcd
     assert cfg.etcd.embedded_client_url == "http://127.0.0.1:2379"
     assert cfg.service_cidrs == [ip_network("10.96.0.0/12"), ip_network("fd00:96::/108")]
-    assert cfg.metrics.listen == "127.0.0.1:9469" and cfg.metrics.host_port == ("127.0.0.1", 9469)
+    assert cfg.metrics.listen == "127.0.0.1:9469"
     assert cfg.maglev.table_size == 16381 and cfg.tc.interfaces == [] and cfg.log_level == "info"
     assert cfg.pin_dir == Path("/sys/fs/bpf/meshd/default")
 
@@ -104,7 +104,7 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     ("service_cidrs: [10.96.0.1/12]", "service_cidrs[0]: 10.96.0.1/12 has host bits set; did you mean 10.96.0.0/12?"),
     ("service_cidrs: []", "service_cidrs: must list at least one entry"),
     ("metrics: {listen: '::1:9469'}", "metrics.listen: write IPv6 in brackets, e.g. [::1]:9469"),
-    ("metrics: {listen: '127.0.0.1:70000'}", "metrics.listen: port must be 1-65535"),
+    ("metrics: {listen: '127.0.0.1:70000'}", "metrics.listen: port must be 0-65535 (0: any free port)"),
     ("metrics: {listen: ':9469'}", "use 0.0.0.0:PORT"),
     ("etcd: {prefix: meshd}", "etcd.prefix: must start and end with '/'"),
     ("etcd: {endpoints: ['127.0.0.1:2379']}", "etcd.endpoints[0]: must be an http(s)://host:port URL"),
@@ -128,7 +128,7 @@ etcd: {endpoints: ["https://10.0.0.1:2379"], prefix: /x/, username: u, password:
 tc: {interfaces: [eth0]}
 """), env={})
     assert cfg.pin_dir == Path("/sys/fs/bpf/meshd/edge-1") and cfg.log_level == "debug"
-    assert cfg.metrics.host_port == ("::1", 9469)
+    assert cfg.metrics.listen == "[::1]:9469"
     assert cfg.etcd is not None and not cfg.etcd.embedded and cfg.etcd.password == "p"
 
 

@@ -197,7 +197,7 @@ def test_control_plane_figures():
     assert value(s, "meshd_map_ops_total", op="put_backend") == 5
     assert value(s, "meshd_map_ops_total", op="put_table") == 1
     assert not [lv for lv, _ in s["meshd_map_ops_total"] if lv["op"] == "delete_name"]
-    assert value(s, "meshd_sync_errors_total") == 1
+    assert value(s, "meshd_sync_errors_total", stage="dataplane") == 1
     assert value(s, "meshd_registry_rejected_records") == 0
     assert value(s, "meshd_sync_lag_seconds") == pytest.approx(0.1)
     assert value(s, "meshd_sync_last_timestamp_seconds") > 1700000000

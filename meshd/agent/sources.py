@@ -1,0 +1,146 @@
+"""The registry sources of a running daemon: the services file and etcd.
+
+Each source publishes its latest full snapshot into `Sources` and wakes the sync loop; the
+sync loop never applies a partial view (a source not yet read would make its services
+vanish for a moment). A source that cannot be read now keeps its last snapshot (the kernel
+keeps serving it) and shows the reason in `error` (status file, `meshd_source_up`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from meshd.errors import RecordError, RegistryError
+from meshd.model import Service
+from meshd.sources.static import load_services_file
+
+log = logging.getLogger("meshd.daemon")
+
+FILE_POLL_SECONDS = 1.0
+ETCD_MONITOR_SECONDS = 1.0
+
+
+@dataclass
+class SourceState:
+    services: tuple[Service, ...] = ()
+    errors: tuple[RecordError, ...] = ()
+    synced: bool = False  # delivered at least one full snapshot
+    error: str | None = None  # the source cannot be read now (its last snapshot is kept)
+
+    @property
+    def up(self) -> bool:
+        return self.synced and self.error is None
+
+
+class Sources(dict):
+    """name -> SourceState, plus the event that wakes the sync loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake = asyncio.Event()
+        self.dirty_since: float | None = None  # first change not yet in the kernel
+        self.on_change = lambda: None  # status file refresh (set by the daemon)
+
+    def publish(self, name: str, services, errors) -> None:
+        if self.dirty_since is None:
+            self.dirty_since = time.monotonic()
+        st = self[name]
+        st.services, st.errors, st.synced, st.error = tuple(services), tuple(errors), True, None
+        self.wake.set()
+
+    def set_error(self, name: str, error: str | None) -> None:
+        if self[name].error != error:
+            self[name].error = error
+            self.on_change()
+
+    def unread(self) -> list[str]:
+        return [n for n, s in self.items() if not s.synced]
+
+    def complete(self) -> bool:
+        """Every source has been read at least once (or is known unreachable)."""
+        return all(s.synced or s.error for s in self.values())
+
+    def never_read(self) -> bool:
+        """Some source was never read: applying the rest would drop its services."""
+        return any(s.error and not s.synced for s in self.values())
+
+
+class FileFeed:
+    """Polls the services file (inode, size, mtime) and re-reads it on change or poke()."""
+
+    def __init__(self, sources: Sources, path_of):
+        self.sources = sources
+        self.path_of = path_of  # () -> Path: the reloaded config's path
+        self._sig: tuple | None = None
+        self._poke = asyncio.Event()
+        sources["file"] = SourceState()
+
+    def poke(self) -> None:
+        self._sig = None
+        self._poke.set()
+
+    def _stat(self, path: Path) -> tuple:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return ("missing",)
+        return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+    async def run(self) -> None:
+        while True:
+            path = Path(self.path_of())
+            sig = self._stat(path)
+            if sig != self._sig:
+                self._sig = sig
+                try:
+                    snap = await asyncio.to_thread(load_services_file, path)
+                    self.sources.publish("file", snap.services, snap.errors)
+                except RegistryError as e:
+                    # Keep what the kernel holds: a broken file must not take services down.
+                    log.error("services file not applied, kernel state kept: %s", e)
+                    self.sources.set_error("file", str(e))
+            try:
+                await asyncio.wait_for(self._poke.wait(), FILE_POLL_SECONDS)
+            except asyncio.TimeoutError:
+                pass
+            self._poke.clear()
+
+
+class EtcdFeed:
+    """Follows etcd (meshd.sources.etcd.EtcdSource) and shows a lost connection in `error`."""
+
+    def __init__(self, sources: Sources, etcd_cfg, urls: list[str]):
+        self.sources = sources
+        self.cfg, self.urls = etcd_cfg, urls
+        sources["etcd"] = SourceState()
+
+    async def run(self) -> None:
+        from meshd.sources.etcd import EtcdSource
+        src = EtcdSource(self.cfg, endpoints=self.urls)
+
+        async def emit(snap) -> None:
+            self.sources.publish("etcd", snap.services, snap.errors)
+
+        async def monitor() -> None:
+            # Listing (no error yet) is progress, not an outage: READY waits for it.
+            while True:
+                await asyncio.sleep(ETCD_MONITOR_SECONDS)
+                err = None if src.connected or src.last_error is None else \
+                    f"not connected ({src.last_error})"
+                if err != self.sources["etcd"].error:
+                    if err:
+                        log.warning("etcd: %s; serving the last synced state", err)
+                    else:
+                        log.info("etcd: connected")
+                    self.sources.set_error("etcd", err)
+
+        mon = asyncio.create_task(monitor(), name="etcd-monitor")
+        try:
+            await src.run(emit)
+        finally:
+            mon.cancel()

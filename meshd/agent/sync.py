@@ -1,0 +1,264 @@
+"""The sync loop: merged source snapshots -> desired state -> reconciler -> kernel maps.
+
+Every failure of a sync is logged with its stage, counted (`meshd_sync_errors_total{stage}`)
+and retried with backoff; after an exception the next sync diffs every group (the change
+hints of the failed one are gone). Data-plane errors the reconciler reports (a full map,
+EPERM) are retried the same way; they are the data's problem, not a stuck daemon, so they
+do not stop the watchdog. Counter pruning runs in this loop too, between syncs, so it never
+sees the reconciler's state while a worker thread changes it.
+
+Test hook: MESHD_FAULT_SYNC_ERRORS=N makes the first N syncs raise in the apply stage (the
+fault suite injects real exceptions into a real daemon with it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from meshd import node
+from meshd.agent.supervise import Backoff
+from meshd.dataplane import loader, sockdestroy
+from meshd.desired import DesiredState
+
+log = logging.getLogger("meshd.daemon")
+
+PRUNE_DELAY_SECONDS = 2.0
+GC_THRESHOLDS = gc.get_threshold()  # the interpreter's own (700, 10, 10)
+GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards
+FAULT_ENV = "MESHD_FAULT_SYNC_ERRORS"
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+@dataclass
+class SyncResult:
+    synced_at: float = 0.0
+    rejected: list[dict] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    services: int = 0
+    ops: int = 0
+
+
+def settle_heap() -> None:
+    """After a bulk load: move the (long-lived) registry model out of the collector's view --
+    otherwise every full collection walks 10^5-10^6 objects and stalls a sync by ~50-100 ms --
+    give freed memory back, full collections on again."""
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+    from meshd.dataplane.libbpf import release_free_memory
+    release_free_memory()
+
+
+class Syncer:
+    def __init__(self, ctx):
+        self.ctx = ctx  # meshd.daemon.Daemon: cfg, sources, reconciler, maps, control, ...
+        self.desired = DesiredState()
+        self.result = SyncResult()
+        self.backoff = Backoff(0.5, 30.0)
+        self.current: asyncio.Future | None = None  # the sync in flight (stop waits for it)
+        self.stage = "idle"
+        self._retry_at: float | None = None
+        self._prune_at: float | None = None
+        self._full_next = False  # after an exception: diff every group
+        self._doomed: set = set()  # removed UDP backends whose sockets are still to destroy
+        self._logged_rejects: set[tuple[str, str]] = set()
+        self._warned_affinity: set[str] = set()
+        self._faults = int(os.environ.get(FAULT_ENV, "0") or 0)
+
+    # ---- the loop -----------------------------------------------------------------------
+    async def run(self) -> None:
+        wake = self.ctx.sources.wake
+        while True:
+            await self._wait(wake)
+            now = time.monotonic()
+            if self._prune_at is not None and now >= self._prune_at:
+                await self._prune()
+            if self._retry_at is not None:
+                if now < self._retry_at:
+                    continue
+                self._retry_at = None
+            elif not wake.is_set():
+                continue
+            wake.clear()
+            if not self.ctx.sources.complete():
+                continue  # never apply a partial view: a service would vanish for a moment
+            self.current = asyncio.ensure_future(self._attempt())
+            # shielded: a stop waits for the sync in flight (its libbpf calls run in a thread
+            # that cancellation cannot stop) before the maps it writes are closed
+            await asyncio.shield(self.current)
+
+    async def _wait(self, wake: asyncio.Event) -> None:
+        timers = [t for t in (self._retry_at, self._prune_at) if t is not None]
+        if self._retry_at is None and wake.is_set():
+            return
+        timeout = max(0.0, min(timers) - time.monotonic()) if timers else None
+        if self._retry_at is not None:  # backing off: changes wait for the retry
+            await asyncio.sleep(timeout)
+            return
+        try:
+            await asyncio.wait_for(wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _attempt(self) -> None:
+        progress, control = self.ctx.progress, self.ctx.control
+        progress.begin()
+        try:
+            errors = await self.sync()
+        except Exception as e:
+            stage = self.stage
+            log.error("sync failed in stage %s: %s: %s; retrying in %.1fs", stage,
+                      type(e).__name__, e, self._schedule_retry(),
+                      exc_info=not isinstance(e, InjectedFault))
+            control.count_sync_error(stage)
+            self._full_next = True
+            progress.failed(f"{stage}: {type(e).__name__}: {e}")
+            self.ctx.write_status()
+            return
+        finally:
+            self.stage = "idle"
+        if errors is None:  # nothing applied (a source never read)
+            progress.inflight_since = None
+            return
+        progress.succeeded()
+        if errors:
+            log.warning("sync left %d data-plane errors; retrying them in %.1fs", errors,
+                        self._schedule_retry())
+        else:
+            self.backoff.reset()
+        if self.ctx.sources.complete() and not self.ctx.sources.unread():
+            progress.ready.set()
+
+    def _schedule_retry(self) -> float:
+        delay = self.backoff.next()
+        self._retry_at = time.monotonic() + delay
+        return delay
+
+    # ---- one sync -----------------------------------------------------------------------
+    async def sync(self) -> int | None:
+        """One pass; returns the number of data-plane errors left (retried later), None
+        when nothing could be applied."""
+        ctx = self.ctx
+        cfg, sources = ctx.cfg, ctx.sources
+        if sources.never_read():
+            return None  # a source was never read: applying the rest would drop its services
+        services = [s for st in sources.values() for s in st.services]
+        rejected = [e for st in sources.values() for e in st.errors]
+        self.stage = "addresses"
+        if ctx.local is None:
+            ctx.local = await asyncio.to_thread(node.local_addresses)
+        forbidden = ctx.local | ctx.etcd_addresses()
+        t0 = time.perf_counter()
+        dirty = sources.dirty_since
+        self.stage = "validate"
+        node_ports = node.node_ports(ctx.local, cfg.node_ports)
+        groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden, node_ports)
+        t_valid = time.perf_counter()
+        rejected += bad
+        self._log_rejects(rejected)
+        self._warn_affinity()
+        hint = None if self._full_next else self.desired.changed_groups
+        self.stage = "apply"
+        report = await asyncio.to_thread(self._apply, groups,
+                                         None if hint is None else set(hint))
+        self._full_next = False
+        ms = (time.perf_counter() - t0) * 1e3
+        ops = sum(report.ops.values())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("sync stages: validate %.1f ms, %s, total apply %.1f ms",
+                      (t_valid - t0) * 1e3,
+                      ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in report.timings.items()),
+                      (time.perf_counter() - t_valid) * 1e3)
+        n_services = len(services) - len(bad)
+        log.log(logging.INFO if ops or report.errors else logging.DEBUG,
+                "sync: %d services, %d rejected, %d groups changed, %d map ops in %.1f ms%s",
+                n_services, len(rejected), report.groups_changed, ops, ms,
+                f", {len(report.errors)} errors" if report.errors else "")
+        for what, err in report.errors.items():
+            log.error("data plane: %s: %s", what, err)
+        lag = time.monotonic() - dirty if dirty is not None else 0.0
+        if sources.dirty_since == dirty:
+            sources.dirty_since = None
+        ctx.control.record_sync(report.ops, errors=len(report.errors), rejected=len(rejected),
+                                lag_seconds=lag)
+        ctx.record_fill()
+        if report.ops.get("delete_name") or report.ops.get("delete_backend"):
+            # ids are reused: their counters go, off the sync path
+            self._prune_at = self._prune_at or time.monotonic() + PRUNE_DELAY_SECONDS
+        if report.groups_changed > GC_FREEZE_AFTER and gc.get_threshold() == GC_THRESHOLDS:
+            settle_heap()  # (the first sync's is done once ready)
+        self.result = SyncResult(time.time(), [{"where": e.where, "reason": e.reason}
+                                               for e in rejected],
+                                 dict(report.errors), n_services, ops)
+        self._doomed |= set(report.removed)
+        if self._doomed:
+            self.stage = "sockdestroy"
+            await self._destroy_udp()
+        self.stage = "status"
+        ctx.write_status()
+        return len(report.errors)
+
+    def _apply(self, groups, hint):
+        if self._faults > 0:
+            self._faults -= 1
+            raise InjectedFault(f"injected by {FAULT_ENV} ({self._faults} more)")
+        return self.ctx.reconciler.apply(groups, hint)
+
+    async def _destroy_udp(self) -> None:
+        """Connected UDP sockets still aimed at removed backends; a failure is counted and
+        the same backends are tried again after the next sync."""
+        doomed, self._doomed = self._doomed, set()
+        try:
+            await asyncio.to_thread(sockdestroy.destroy_udp, self.ctx.maps.pin_dir, doomed,
+                                    self.ctx.cfg.cgroup)
+        except Exception as e:
+            self._doomed |= doomed
+            self.ctx.control.count_sync_error("sockdestroy")
+            log.warning("could not destroy UDP sockets of %d removed backends (retried after "
+                        "the next sync): %s: %s", len(doomed), type(e).__name__, e)
+
+    def _log_rejects(self, rejected) -> None:
+        new = {(e.where, e.reason) for e in rejected}
+        for e in rejected:
+            if (e.where, e.reason) not in self._logged_rejects:
+                log.warning("record skipped: %s: %s", e.where, e.reason)
+        self._logged_rejects = new
+
+    def _warn_affinity(self) -> None:
+        for key in self.desired.changed_services:
+            s = self.desired.service(key)
+            if s is not None and s.session_affinity == "ClientIP" and \
+                    s.key not in self._warned_affinity:
+                log.warning("%s: session_affinity ClientIP is not enforced yet; each socket "
+                            "is balanced on its own", s.key)
+                self._warned_affinity.add(s.key)
+
+    # ---- counters of removed groups/backends --------------------------------------------
+    async def _prune(self) -> None:
+        """Between syncs (this loop owns the reconciler's state now): the live ids are read
+        here, the map walk runs in a thread."""
+        self._prune_at = None
+        rec = self.ctx.reconciler
+        groups = {g.gid for g in rec.groups.values()}
+        backends = set(rec.backend_ids.values())
+        try:
+            await asyncio.to_thread(self._prune_stats, groups, backends)
+        except Exception as e:
+            self.ctx.control.count_sync_error("prune")
+            log.warning("metrics counters of removed services not pruned: %s: %s",
+                        type(e).__name__, e)
+
+    def _prune_stats(self, groups: set[int], backends: set[int]) -> None:
+        cfg = self.ctx.cfg
+        mm = loader.open_metrics(cfg.bpffs, cfg.instance)
+        try:
+            mm.prune(groups, backends)
+        finally:
+            mm.close()

@@ -1,0 +1,160 @@
+"""The daemon's pure parts: reload plan, backoff, progress/watchdog rules, the instance lock,
+cgroup2 discovery, and the config habits of issue 12 (metrics.listen null / port 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meshd.agent import health
+from meshd.agent.lock import InstanceLock, InstanceLocked
+from meshd.agent.reload import plan_reload
+from meshd.agent.supervise import Backoff, supervise
+from meshd.config import load_config
+from meshd.node import cgroup2_mount
+
+
+def cfg_of(tmp_path: Path, text: str):
+    p = tmp_path / "meshd.yaml"
+    p.write_text(text)
+    return load_config(p, env={})
+
+
+def test_reload_applies_live_keys_and_names_the_restart_ones(tmp_path):
+    old = cfg_of(tmp_path, "etcd: {endpoints: ['http://127.0.0.1:2379']}\nlog_level: info\n")
+    new = cfg_of(tmp_path, "etcd: {endpoints: ['http://127.0.0.1:2999']}\nlog_level: debug\n"
+                           "service_cidrs: [10.100.0.0/16]\nmetrics: {listen: null}\n"
+                           "node_ports: {range: 31000-31999}\n")
+    plan = plan_reload(old, new)
+    assert plan.applied == ["service_cidrs", "node_ports", "log_level", "metrics"]
+    assert plan.refused == ["etcd"]
+    assert plan.config.etcd == old.etcd and plan.config.log_level == "debug"
+    assert str(plan.config.service_cidrs[0]) == "10.100.0.0/16"
+    assert "NOT applied (need a restart of meshd): etcd" in plan.message()
+
+
+def test_reload_with_nothing_changed_says_so(tmp_path):
+    a = cfg_of(tmp_path, "etcd: null\n")
+    plan = plan_reload(a, cfg_of(tmp_path, "etcd: null\n"))
+    assert (plan.applied, plan.refused) == ([], [])
+    assert plan.message() == "reload: no live setting changed"
+
+
+def test_reload_refuses_adding_the_file_source(tmp_path):
+    a = cfg_of(tmp_path, "etcd: null\n")
+    b = cfg_of(tmp_path, "etcd: null\nservices_file: s.yaml\n")
+    plan = plan_reload(a, b)
+    assert plan.refused == ["services_file (added or removed)"] and plan.config.services_file is None
+
+
+def test_backoff_doubles_to_its_ceiling_and_resets():
+    b = Backoff(0.5, 4.0)
+    assert [b.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    b.reset()
+    assert b.next() == 0.5
+
+
+def test_progress_is_stuck_only_after_failing_or_hanging_long():
+    p = health.Progress()
+    assert p.stuck() is None
+    p.failed("apply: RuntimeError: x")
+    t0 = p.failing_since
+    assert p.stuck(t0 + health.STUCK_AFTER_SECONDS - 1) is None
+    assert "syncs have failed for" in p.stuck(t0 + health.STUCK_AFTER_SECONDS + 1)
+    p.begin()  # a retry starts: still failing until it succeeds
+    assert p.stuck(t0 + health.STUCK_AFTER_SECONDS + 1)
+    p.succeeded()
+    assert p.stuck() is None and p.age() < 1
+    p.begin()
+    assert "running for" in p.stuck(p.inflight_since + health.SYNC_HANG_SECONDS + 1)
+
+
+def test_supervise_restarts_a_failing_task_and_counts_it():
+    runs, failures = [], []
+
+    async def flaky():
+        runs.append(1)
+        if len(runs) < 3:
+            raise RuntimeError("boom")
+        await asyncio.sleep(3600)
+
+    async def main():
+        t = asyncio.create_task(supervise("flaky", flaky, failures.append, Backoff(0.01, 0.02)))
+        for _ in range(200):
+            if len(runs) == 3:
+                break
+            await asyncio.sleep(0.01)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+
+    asyncio.run(main())
+    assert len(runs) == 3 and failures == ["flaky", "flaky"]
+
+
+def test_second_lock_names_the_holder(tmp_path):
+    code = ("import sys, time; from meshd.agent.lock import InstanceLock; "
+            f"l = InstanceLock({str(tmp_path)!r}, 'x'); l.acquire(); print('held', flush=True); "
+            "time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InstanceLocked, match=f"already run by pid {holder.pid}"):
+            InstanceLock(tmp_path, "x").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = InstanceLock(tmp_path, "x")  # the kernel dropped it with the process
+    lock.acquire()
+    assert (tmp_path / "x.lock").read_text().strip() == str(os.getpid())
+    lock.release()
+
+
+MOUNTINFO_HYBRID = """\
+24 30 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+30 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+35 24 0:30 / /sys/fs/cgroup ro,nosuid shared:9 - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/unified rw,nosuid shared:10 - cgroup2 cgroup2 rw,nsdelegate
+37 35 0:32 / /sys/fs/cgroup/systemd rw,nosuid shared:11 - cgroup cgroup rw,name=systemd
+"""
+MOUNTINFO_V2 = """\
+30 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate
+"""
+
+
+def test_cgroup2_is_found_on_hybrid_and_pure_v2_hosts():
+    assert cgroup2_mount(MOUNTINFO_HYBRID) == Path("/sys/fs/cgroup/unified")
+    assert cgroup2_mount(MOUNTINFO_V2) == Path("/sys/fs/cgroup")
+    assert cgroup2_mount("") == Path("/sys/fs/cgroup")
+    assert cgroup2_mount("40 1 0:5 / /mnt/cg\\040two rw - cgroup2 none rw\n") == Path("/mnt/cg two")
+
+
+def test_default_cgroup_is_this_hosts_cgroup2_mount(tmp_path):
+    assert cfg_of(tmp_path, "{}\n").cgroup == cgroup2_mount()
+
+
+def test_metrics_listen_null_turns_the_exporter_off_and_port_0_is_allowed(tmp_path):
+    assert cfg_of(tmp_path, "metrics: {listen: null}\n").metrics.listen is None
+    assert cfg_of(tmp_path, "metrics: {listen: '127.0.0.1:0'}\n").metrics.listen == "127.0.0.1:0"
+    assert load_config(None, env={"MESHD_METRICS__LISTEN": ""}).metrics.listen is None
+
+
+def test_exporter_on_port_0_reports_the_port_it_got():
+    from meshd.agent.exporter import Exporter
+    from meshd.metrics import ControlPlaneStats, MeshdCollector
+    import urllib.request
+    ex = Exporter(MeshdCollector(None, ControlPlaneStats()))
+    ex.start("127.0.0.1:0")
+    try:
+        host, port = ex.address.rsplit(":", 1)
+        assert host == "127.0.0.1" and int(port) > 0
+        body = urllib.request.urlopen(f"http://{ex.address}/metrics", timeout=5).read()
+        assert b"meshd_sync_errors_total" in body
+    finally:
+        ex.stop()
