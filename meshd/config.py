@@ -258,6 +258,14 @@ class MapsConfig(StrictModel):
     max_backends: Annotated[int, Field(ge=16, le=1 << 22)] = 262144  # distinct backends
 
 
+class SyncConfig(StrictModel):
+    """When the daemon counts as stuck or ready (meshd/agent/health.py)."""
+    # syncs failing this long: the systemd watchdog is no longer pinged (systemd restarts us)
+    stuck_after_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 60.0
+    # READY anyway (serving the pinned state) when every source still unread is unreachable
+    ready_grace_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 20.0
+
+
 class MaglevConfig(StrictModel):
     table_size: Annotated[int, AfterValidator(_table_size)] = 16381
 
@@ -312,6 +320,7 @@ class Config(StrictModel):
     metrics: Annotated[MetricsConfig, _section({})] = Field(default_factory=MetricsConfig)
     maglev: Annotated[MaglevConfig, _section({})] = Field(default_factory=MaglevConfig)
     maps: Annotated[MapsConfig, _section({})] = Field(default_factory=MapsConfig)
+    sync: Annotated[SyncConfig, _section({})] = Field(default_factory=SyncConfig)
     tc: Annotated[TcConfig, _section({})] = Field(default_factory=TcConfig)
     node_ports: Annotated[NodePortsConfig, _section({})] = Field(default_factory=NodePortsConfig)
     log_level: Annotated[Literal["debug", "info", "warning", "error"],

@@ -60,7 +60,8 @@ class Daemon:
         self.config_path = config_path
         self.cfg = cfg
         self.control = ControlPlaneStats()
-        self.progress = health.Progress()
+        self.progress = health.Progress(cfg.sync.stuck_after_seconds,
+                                        cfg.sync.ready_grace_seconds)
         self.control.progress = self.progress
         self.sources = Sources()
         self.sources.on_change = self.write_status
@@ -181,6 +182,9 @@ class Daemon:
                 self.exporter.relisten(self.cfg.metrics.listen)
             if "tc" in plan.applied:
                 asyncio.get_running_loop().run_in_executor(None, self._apply_tc_logged)
+            if "sync" in plan.applied:
+                self.progress.stuck_after = self.cfg.sync.stuck_after_seconds
+                self.progress.ready_grace = self.cfg.sync.ready_grace_seconds
             if {"service_cidrs", "node_ports"} & set(plan.applied):
                 self.sources.wake.set()
             del old

@@ -57,8 +57,9 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
     if status.exists():
         try:
             doc = json.loads(status.read_text())
-            report["daemon"] = {k: doc.get(k) for k in ("pid", "synced_at", "sources",
-                                                         "source_error", "etcd", "services")}
+            report["daemon"] = {k: doc.get(k) for k in (
+                "pid", "synced_at", "last_sync_ok", "sync_age_seconds", "sync_failing", "stuck",
+                "sources", "source_error", "etcd", "services", "metrics", "maps", "written_at")}
             report["rejected"] = doc.get("rejected", [])
             report["errors"] = doc.get("errors", {})
         except (OSError, ValueError):
@@ -91,6 +92,34 @@ def format_report(r: dict) -> str:
         lines.append(f"error: {what}: {err}")
     if r.get("desired_error"):
         lines.append(r["desired_error"] + " (kernel state shown alone)")
-    if r.get("daemon", {}).get("source_error"):
-        lines.append(f"source error: {r['daemon']['source_error']}")
+    d = r.get("daemon") or {}
+    if d.get("source_error"):
+        lines.append(f"source error: {d['source_error']}")
+    if d:
+        lines.extend(_daemon_lines(d))
     return "\n".join(lines)
+
+
+def _daemon_lines(d: dict) -> list[str]:
+    """Liveness as the status file last told it: sources, sync age, map fill."""
+    import time
+    out = []
+    ok = d.get("last_sync_ok")
+    if d.get("written_at") and d.get("sync_age_seconds") is not None:
+        age = d["sync_age_seconds"] + max(0.0, time.time() - d["written_at"])
+        when = f"last successful sync {age:.0f}s ago" if ok else "no successful sync yet"
+    else:
+        when = "sync age unknown (older daemon)"
+    srcs = ", ".join(f"{n} {'up' if s.get('up', not s.get('error')) else 'DOWN'}"
+                     for n, s in (d.get("sources") or {}).items())
+    out.append(f"daemon pid {d.get('pid')}: {when}; sources: {srcs or 'none'}"
+               + (f"; metrics http://{d['metrics']}/metrics" if d.get("metrics") else ""))
+    if d.get("sync_failing"):
+        out.append(f"SYNC FAILING: {d['sync_failing']}")
+    if d.get("stuck"):
+        out.append(f"STUCK (watchdog not pinged): {d['stuck']}")
+    fills = [f"{name} {m['entries']}/{m['max_entries']} ({m['entries'] / m['max_entries']:.0%})"
+             for name, m in sorted((d.get("maps") or {}).items()) if m.get("max_entries")]
+    if fills:
+        out.append("maps: " + ", ".join(fills))
+    return out

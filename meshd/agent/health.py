@@ -2,12 +2,12 @@
 
 READY=1 means "installed": sent after the first successful sync of every source. A source
 that cannot be reached (etcd down, a broken services file) does not hold READY back for
-ever: after READY_GRACE_SECONDS the daemon is ready with the pinned kernel state, and says
+ever: after sync.ready_grace_seconds the daemon is ready with the pinned kernel state, and says
 so. A source that is reachable and still reading (a large file, a long etcd list) does hold
 it back; systemd's TimeoutStartSec is the user's limit (systemd/meshd.service).
 
 The watchdog pings only while syncs make progress: the sync loop is not failing for longer
-than STUCK_AFTER_SECONDS, and no single sync runs longer than SYNC_HANG_SECONDS. Otherwise
+than sync.stuck_after_seconds, and no single sync runs longer than SYNC_HANG_SECONDS. Otherwise
 systemd (WatchdogSec) restarts the daemon; the pinned data plane keeps serving meanwhile.
 """
 
@@ -22,15 +22,17 @@ from meshd import sdnotify
 
 log = logging.getLogger("meshd.daemon")
 
-READY_GRACE_SECONDS = 20.0
-STUCK_AFTER_SECONDS = 60.0  # syncs failing this long: stop the watchdog pings
+READY_GRACE_SECONDS = 20.0  # defaults of config sync.ready_grace_seconds,
+STUCK_AFTER_SECONDS = 60.0  # and sync.stuck_after_seconds
 SYNC_HANG_SECONDS = 600.0  # one sync running this long is hung (a cold sync takes seconds)
 
 
 class Progress:
     """What the sync loop reports; read by the watchdog, the exporter and the status file."""
 
-    def __init__(self) -> None:
+    def __init__(self, stuck_after: float = STUCK_AFTER_SECONDS,
+                 ready_grace: float = READY_GRACE_SECONDS) -> None:
+        self.stuck_after, self.ready_grace = stuck_after, ready_grace
         self.started = time.time()
         self.last_ok: float | None = None  # unix time the last successful sync ended
         self.failing_since: float | None = None  # monotonic, first failure of the current run
@@ -60,7 +62,7 @@ class Progress:
     def stuck(self, now: float | None = None) -> str | None:
         """Why the daemon is not making progress, or None."""
         now = time.monotonic() if now is None else now
-        if self.failing_since is not None and now - self.failing_since > STUCK_AFTER_SECONDS:
+        if self.failing_since is not None and now - self.failing_since > self.stuck_after:
             return (f"syncs have failed for {now - self.failing_since:.0f}s "
                     f"(last: {self.last_failure})")
         if self.inflight_since is not None and now - self.inflight_since > SYNC_HANG_SECONDS:
@@ -89,7 +91,7 @@ async def watchdog(progress: Progress, interval: float) -> None:
 async def announce_ready(progress: Progress, sources, count: Callable[[], int]) -> None:
     """READY=1 once the first full sync is in; after the grace time also when every source
     still unread is unreachable (then the pinned kernel state is what is served)."""
-    deadline = time.monotonic() + READY_GRACE_SECONDS
+    deadline = time.monotonic() + progress.ready_grace
     while not progress.ready.is_set():
         try:
             await asyncio.wait_for(progress.ready.wait(), 1.0)
@@ -100,7 +102,7 @@ async def announce_ready(progress: Progress, sources, count: Callable[[], int]) 
         unread = sources.unread()
         if unread and all(sources[n].error for n in unread):
             log.warning("sources not read after %.0fs (%s): ready anyway, serving the pinned "
-                        "kernel state", READY_GRACE_SECONDS,
+                        "kernel state", progress.ready_grace,
                         "; ".join(f"{n}: {sources[n].error}" for n in unread))
             break
     n = count()

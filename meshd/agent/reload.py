@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RESTART_ONLY = ("instance", "bpffs", "cgroup", "state_dir", "maglev", "maps", "etcd")
-LIVE = ("service_cidrs", "node_ports", "tc", "log_level", "metrics", "services_file")
+LIVE = ("service_cidrs", "node_ports", "tc", "log_level", "metrics", "services_file", "sync")
 
 
 @dataclass

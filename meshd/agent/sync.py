@@ -128,6 +128,7 @@ class Syncer:
             progress.inflight_since = None
             return
         progress.succeeded()
+        self.ctx.write_status()
         if errors:
             log.warning("sync left %d data-plane errors; retrying them in %.1fs", errors,
                         self._schedule_retry())
@@ -201,8 +202,6 @@ class Syncer:
         if self._doomed:
             self.stage = "sockdestroy"
             await self._destroy_udp()
-        self.stage = "status"
-        ctx.write_status()
         return len(report.errors)
 
     def _apply(self, groups, hint):

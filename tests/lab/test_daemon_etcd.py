@@ -882,3 +882,21 @@ def test_kill_9_and_restart_with_the_embedded_etcd_under_load(lab, make_meshd):
     assert "adopted 6 pinned maps" in log
     assert m.stop() == 0
     assert not alive(new_etcd)
+
+
+def test_sighup_with_an_etcd_only_config_applies_service_cidrs(lab, etcd, make_meshd):
+    """Issue 12 item 4: with etcd as the only source, a SIGHUP used to apply nothing (no
+    source woke the sync) while logging "other settings applied"."""
+    m = make_meshd({"endpoints": [etcd.url], "dial_timeout": 2})
+    m.start()
+    m.wait(m.synced, "first sync")
+    _two_services(m, lab)
+    doc = yaml.safe_load(m.config.read_text())
+    doc["service_cidrs"] = ["10.96.0.11/32"]  # VIP_B only: web-a's VIP is now outside
+    doc["log_level"] = "debug"
+    m.config.write_text(yaml.safe_dump(doc))
+    m.proc.send_signal(signal.SIGHUP)
+    m.wait(lambda r: groups(r) == {group("web-b")}, "web-a dropped by the new service_cidrs")
+    assert reach(lab, VIP_B)["by_backend"] == {"b2": 30}
+    assert reach(lab, VIP_A, count=3)["errors"] == {"ENETUNREACH": 3}
+    m.wait_log("reload: applied service_cidrs, log_level", "the reload's message")
