@@ -274,6 +274,10 @@ def test_dashboard_queries_only_metrics_the_exporter_serves():
     control = ControlPlaneStats()
     control.record_sync({"put_backend": 1}, errors=0, rejected=0, lag_seconds=0.1)
     control.set_map_fill("meshd_svc_v1", 1, 2)
+    control.count_task_failure("etcd")
+    control.set_source_up("etcd", False)
+    from meshd.agent.health import Progress
+    control.progress = Progress()
     served = set(scrape(MeshdCollector(Fake(snapshot()), control)))
     assert used and used <= served, used - served
 
@@ -290,3 +294,29 @@ def test_tc_counters_are_exported_by_event_when_the_tc_path_is_loaded():
     reg2 = CollectorRegistry()
     reg2.register(MeshdCollector(Fake(snapshot())))  # no tc maps: no tc series at all
     assert "meshd_tc_events" not in generate_latest(reg2).decode()
+
+
+def test_liveness_figures_source_up_sync_age_stuck_and_errors_by_stage():
+    from meshd.agent.health import Progress
+    control = ControlPlaneStats()
+    prog = Progress(stuck_after=5)
+    control.progress = prog
+    control.set_source_up("etcd", False)
+    control.set_source_up("file", True)
+    control.count_sync_error("apply")
+    control.count_sync_error("apply")
+    control.count_sync_error("sockdestroy")
+    control.count_task_failure("addresses")
+    s = scrape(MeshdCollector(None, control))
+    assert value(s, "meshd_source_up", source="etcd") == 0
+    assert value(s, "meshd_source_up", source="file") == 1
+    assert value(s, "meshd_sync_errors_total", stage="apply") == 2
+    assert value(s, "meshd_sync_errors_total", stage="sockdestroy") == 1
+    assert value(s, "meshd_sync_errors_total", stage="dataplane") == 0
+    assert value(s, "meshd_task_failures_total", task="addresses") == 1
+    assert value(s, "meshd_sync_stuck") == 0
+    prog.failed("apply: RuntimeError: x")
+    prog.failing_since -= 10  # failing for 10 s > stuck_after
+    s = scrape(MeshdCollector(None, control))
+    assert value(s, "meshd_sync_stuck") == 1
+    assert value(s, "meshd_sync_age_seconds") >= 0

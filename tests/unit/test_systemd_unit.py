@@ -31,3 +31,17 @@ def test_unit_is_notify_with_watchdog_and_least_capabilities():
     assert set(caps.split("=", 1)[1].split()) <= {
         "CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN", "CAP_PERFMON", "CAP_SYS_RESOURCE",
         "CAP_SYS_PTRACE"}
+
+
+def _seconds(text: str, key: str) -> float:
+    return float(next(l for l in text.splitlines() if l.startswith(key + "=")).split("=")[1])
+
+
+def test_stop_timeout_exceeds_the_daemons_own_stop_wait():
+    from meshd.daemon import SYNC_STOP_WAIT_SECONDS
+    from meshd.sources.etcd_server import STOP_TIMEOUT
+    text = UNIT.read_text()
+    assert _seconds(text, "TimeoutStopSec") > SYNC_STOP_WAIT_SECONDS + STOP_TIMEOUT
+    # the watchdog stops only after syncs have failed past the stuck limit
+    from meshd.config import SyncConfig
+    assert _seconds(text, "TimeoutStartSec") > SyncConfig().ready_grace_seconds
