@@ -113,6 +113,7 @@ class Snapshot:
     stats_capacity: int = 0  # max_entries of the stats map
     taken_at: float = field(default_factory=time.monotonic)
     tc: dict[str, int] | None = None  # tc LB counters (struct meshd_tc_stats); None: no tc maps
+    pressure: dict[str, tuple[int, int]] = field(default_factory=dict)  # map -> (entries, max)
 
     def by_group(self) -> dict[int, Counters]:
         """Per group: all its backends (and its refusals) added up; every known group."""
@@ -131,8 +132,20 @@ class KernelSource:
     """Reads the pinned maps of one instance; opens them per snapshot, so it keeps working
     across daemon restarts and reports a clear error while nothing is pinned."""
 
+    PRESSURE_EVERY = 60.0  # seconds between walks of every map's keys (~1 us an entry)
+
     def __init__(self, bpffs: Path, instance: str):
         self.bpffs, self.instance = Path(bpffs), instance
+        self._pressure: tuple[float, dict] = (-1e9, {})
+
+    def pressure(self) -> dict[str, tuple[int, int]]:
+        """Fill of every fillable pinned map (LRUs included), at most once a minute."""
+        at, value = self._pressure
+        if time.monotonic() - at >= self.PRESSURE_EVERY:
+            from meshd.dataplane import loader
+            value = loader.map_pressure(self.bpffs / "meshd" / self.instance)
+            self._pressure = (time.monotonic(), value)
+        return value
 
     def snapshot(self) -> Snapshot:
         from meshd.dataplane import loader  # the kernel side only when really used
@@ -143,6 +156,10 @@ class KernelSource:
         finally:
             mm.close()
         snap.tc = read_tc_counters(self.bpffs, self.instance)
+        try:
+            snap.pressure = self.pressure()
+        except MeshdError as e:  # a scrape never fails for it either
+            log.warning("map fill unreadable: %s", e)
         return snap
 
 
@@ -310,7 +327,9 @@ class MeshdCollector:
 
     def collect(self):
         yield from self._control_plane()
+        fill = dict(self.control.view()["map_fill"]) if self.control is not None else {}
         if self.source is None:
+            yield from self._map_fill(fill)
             return
         t0 = time.perf_counter()
         up = GaugeMetricFamily("meshd_dataplane_up",
@@ -320,9 +339,12 @@ class MeshdCollector:
         except MeshdError:
             up.add_metric([], 0.0)
             yield up
+            yield from self._map_fill(fill)
             return
         up.add_metric([], 1.0)
         yield up
+        # the daemon's own counts are exact and current; the walk covers every other map
+        yield from self._map_fill({**snap.pressure, **fill})
         yield from self._traffic("service", SERVICE_LABELS, self._service_rows(snap))
         if self.per_backend:
             yield from self._traffic("backend", SERVICE_LABELS + ("backend",),
@@ -374,6 +396,20 @@ class MeshdCollector:
             rtt.add_metric(lv, cumulative_buckets(c.rtt_hist), c.rtt_sum_us * 1e-6)
         yield from fams.values()
         yield from (fails, conn, rtt)
+
+    @staticmethod
+    def _map_fill(fill: dict[str, tuple[int, int]]):
+        e = GaugeMetricFamily("meshd_map_entries", "Entries in a kernel map (hash-like maps; "
+                              "LRU maps and the tc maps counted at most once a minute).",
+                              labels=["map"])
+        r = GaugeMetricFamily("meshd_map_fill_ratio",
+                              "Entries of a kernel map divided by its max_entries.",
+                              labels=["map"])
+        for name, (n, mx) in sorted(fill.items()):
+            e.add_metric([name], float(n))
+            r.add_metric([name], n / mx if mx else 0.0)
+        yield e
+        yield r
 
     def _control_plane(self):
         if self.control is None:
@@ -428,15 +464,6 @@ class MeshdCollector:
         for op, n in sorted(v["map_ops"].items()):
             c.add_metric([op], float(n))
         yield c
-        e = GaugeMetricFamily("meshd_map_entries", "Entries in a kernel map.", labels=["map"])
-        r = GaugeMetricFamily("meshd_map_fill_ratio",
-                              "Entries of a kernel map divided by its max_entries.",
-                              labels=["map"])
-        for name, (n, mx) in sorted(v["map_fill"].items()):
-            e.add_metric([name], float(n))
-            r.add_metric([name], n / mx if mx else 0.0)
-        yield e
-        yield r
 
 
 def start_metrics_server(listen: str, collector, registry: CollectorRegistry | None = None):

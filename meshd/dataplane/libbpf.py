@@ -591,3 +591,9 @@ def prog_test_run(prog_fd: int, data: bytes, what: str, repeat: int = 1,
     _check(_prog_test_run(prog_fd, C.byref(opts)), "bpf_prog_test_run_opts", what)
     retval = opts.retval - (1 << 32) if opts.retval >= 1 << 31 else opts.retval
     return retval, buf_out.raw[: opts.data_size_out], opts.duration
+
+
+def count_keys(fd: int, key_size: int, what: str) -> int:
+    """Entries of a hash-like map, by walking its keys (no values read)."""
+    kt = C.c_ubyte * key_size
+    return sum(1 for _ in Map(fd, what, kt, kt).keys())

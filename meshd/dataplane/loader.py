@@ -371,3 +371,31 @@ def remove(bpffs: Path, instance: str) -> list[str]:
     except OSError:
         pass
     return removed
+
+
+# BPF_MAP_TYPE_ HASH, PERCPU_HASH, LRU_HASH, LRU_PERCPU_HASH, LPM_TRIE, HASH_OF_MAPS: maps
+# that fill up (arrays are always "full"; socket storage lives and dies with sockets)
+_FILLABLE = {1, 5, 9, 10, 11, 13}
+
+
+def map_pressure(pin_dir: Path) -> dict[str, tuple[int, int]]:
+    """(entries, max_entries) of every fillable map pinned under `pin_dir` (tc's included).
+    Walks keys: ~1 us per entry, so callers cache it (the exporter: once a minute)."""
+    out: dict[str, tuple[int, int]] = {}
+    for path in sorted(Path(pin_dir).rglob("*")):
+        if path.name.startswith("link_") or not path.is_file():
+            continue
+        try:
+            fd = bpf.obj_get(path)
+        except DataplaneError:
+            continue  # removed meanwhile
+        try:
+            info = bpf.map_info(fd, path.name)
+            if info.type in _FILLABLE:
+                out[path.name] = (bpf.count_keys(fd, info.key_size, path.name),
+                                  info.max_entries)
+        except DataplaneError:
+            continue
+        finally:
+            bpf.close_fd(fd)
+    return out

@@ -113,6 +113,10 @@ def test_a_sync_that_raises_is_logged_counted_retried_and_converges(lab, daemon)
     assert metric(text, "meshd_sync_stuck") == 0
     assert 0 <= metric(text, "meshd_sync_age_seconds") < 30
     assert metric(text, "meshd_map_fill_ratio", map="meshd_svc_v1") > 0
+    # every fillable map, LRUs included (Cilium's map pressure), not only the three the
+    # daemon counts itself
+    for m in ("meshd_revnat_v1", "meshd_stats_v1", "meshd_names_v1"):
+        assert metric(text, "meshd_map_fill_ratio", map=m) is not None, m
     assert rep["daemon"]["sync_failing"] is None and rep["daemon"]["stuck"] is None
     # later changes still reach the kernel (the loop did not die)
     daemon.write(svc(lab, "web", VIP, [3]))
