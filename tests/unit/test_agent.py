@@ -158,3 +158,66 @@ def test_exporter_on_port_0_reports_the_port_it_got():
         assert b"meshd_sync_errors_total" in body
     finally:
         ex.stop()
+
+
+def test_counter_pruning_never_runs_while_a_sync_writes_the_reconcilers_state(monkeypatch):
+    """Issue 12 item 2: the prune task used to iterate the reconciler's dicts on the loop
+    while the worker thread changed them (RuntimeError: dictionary changed size). Pruning is
+    now a step of the sync loop: it can only run between syncs."""
+    import threading
+    import time as _time
+    from types import SimpleNamespace
+
+    from meshd.agent import sync as syncmod
+    from meshd.agent.health import Progress
+    from meshd.agent.sources import Sources, SourceState
+    from meshd.metrics import ControlPlaneStats
+
+    events: list[str] = []
+    busy = threading.Event()
+
+    class SlowReconciler:
+        def __init__(self):
+            self.groups, self.backend_ids = {}, {}
+
+        def apply(self, groups, hint):
+            busy.set()
+            for i in range(200):  # the worker thread churns the dicts for ~0.2 s
+                self.backend_ids[i] = i
+                self.backend_ids.pop(i - 1, None)
+                _time.sleep(0.001)
+            busy.clear()
+            events.append("apply")
+            return SimpleNamespace(ops={"delete_backend": 1}, errors={}, groups_changed=1,
+                                   removed=(), timings={})
+
+    def prune_stats(self, groups, backends):
+        events.append("prune-during-apply" if busy.is_set() else "prune")
+
+    monkeypatch.setattr(syncmod.Syncer, "_prune_stats", prune_stats)
+    monkeypatch.setattr(syncmod, "PRUNE_DELAY_SECONDS", 0.0)
+
+    async def main():
+        sources = Sources()
+        sources["file"] = SourceState(synced=True)
+        ctx = SimpleNamespace(cfg=SimpleNamespace(service_cidrs=[], node_ports=SimpleNamespace(
+            addresses=[], range=(30000, 32767))), sources=sources, local=set(),
+            etcd_addresses=set, control=ControlPlaneStats(), progress=Progress(),
+            reconciler=SlowReconciler(), write_status=lambda: None, record_fill=lambda: None,
+            maps=None)
+        s = syncmod.Syncer(ctx)
+        loop = asyncio.create_task(s.run())
+        for _ in range(5):  # five syncs, each leaving a prune due
+            sources.wake.set()
+            await asyncio.sleep(0.05)
+        for _ in range(100):
+            if events.count("apply") >= 2 and "prune" in events:
+                break
+            await asyncio.sleep(0.05)
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+
+    asyncio.run(main())
+    assert "prune" in events and "apply" in events
+    assert "prune-during-apply" not in events, events
