@@ -188,3 +188,22 @@ def test_sighup_applies_live_keys_and_names_the_restart_ones(lab, daemon, tmp_pa
     assert "NOT applied (need a restart of meshd): maglev" in log
     assert "meshd_sync_age_seconds" in urllib.request.urlopen(
         f"http://{new_listen}/metrics", timeout=5).read().decode()
+
+
+def test_metrics_on_port_0_and_off_with_null(lab, daemon):
+    set_config(daemon, metrics={"listen": "127.0.0.1:0"})
+    daemon.write(svc(lab, "web", VIP, [1]))
+    daemon.start()
+    rep = daemon.wait(lambda r: (r.get("daemon") or {}).get("metrics"), "the exporter's port")
+    addr = rep["daemon"]["metrics"]
+    assert addr.startswith("127.0.0.1:") and int(addr.rsplit(":", 1)[1]) > 0
+    assert f"metrics on http://{addr}/metrics" in daemon.log.read_text()
+    assert "meshd_source_up" in urllib.request.urlopen(f"http://{addr}/metrics",
+                                                       timeout=5).read().decode()
+    text = meshd("services", "--config", str(daemon.config)).stdout
+    assert f"metrics http://{addr}/metrics" in text and "sources: file up" in text
+    set_config(daemon, metrics={"listen": None})
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait(lambda r: (r.get("daemon") or {}).get("metrics") is None, "exporter off")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://{addr}/metrics", timeout=2)
