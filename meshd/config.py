@@ -258,6 +258,23 @@ class MapsConfig(StrictModel):
     max_backends: Annotated[int, Field(ge=16, le=1 << 22)] = 262144  # distinct backends
 
 
+def _node_name() -> str:
+    import socket
+    return os.environ.get("NODE_NAME") or socket.gethostname()
+
+
+class NodeConfig(StrictModel):
+    """This node's identity: endpoints whose `node` equals `name` are local (traffic
+    policy Local); `zone` picks topology-hinted endpoints."""
+    name: Annotated[str, BeforeValidator(_not_empty)] = Field(default_factory=_node_name)
+    zone: str | None = None
+
+
+class HealthzConfig(StrictModel):
+    # kube-proxy's node healthz (/healthz, /livez); null turns it off
+    listen: Annotated[str, AfterValidator(_listen)] | None = "0.0.0.0:10256"
+
+
 class SyncConfig(StrictModel):
     """When the daemon counts as stuck or ready (meshd/agent/health.py)."""
     # syncs failing this long: the systemd watchdog is no longer pinged (systemd restarts us)
@@ -321,6 +338,10 @@ class Config(StrictModel):
     maglev: Annotated[MaglevConfig, _section({})] = Field(default_factory=MaglevConfig)
     maps: Annotated[MapsConfig, _section({})] = Field(default_factory=MapsConfig)
     sync: Annotated[SyncConfig, _section({})] = Field(default_factory=SyncConfig)
+    node: Annotated[NodeConfig, _section({})] = Field(default_factory=NodeConfig)
+    healthz: Annotated[HealthzConfig, _section({})] = Field(default_factory=HealthzConfig)
+    # externalIPs are honoured only inside these (default none: CVE-2020-8554)
+    external_ip_cidrs: list[Annotated[IPNetwork, PlainValidator(_cidr)]] = []
     tc: Annotated[TcConfig, _section({})] = Field(default_factory=TcConfig)
     node_ports: Annotated[NodePortsConfig, _section({})] = Field(default_factory=NodePortsConfig)
     log_level: Annotated[Literal["debug", "info", "warning", "error"],

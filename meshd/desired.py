@@ -64,6 +64,8 @@ def desired_groups(services: Iterable[Service], node_ports: NodePorts = NodePort
                    ) -> dict[str, Group]:
     out: dict[str, Group] = {}
     for svc in services:
+        if not svc.vips:
+            continue  # headless: a valid record that installs nothing
         for port in svc.ports:
             for family in (4, 6):
                 fronts = [Frontend(v, port.port, port.protocol)

@@ -182,7 +182,17 @@ class Endpoint(StrictModel):
     zone: Annotated[StrictStr, AfterValidator(_text)] | None = None
     node: Annotated[StrictStr, AfterValidator(_text)] | None = None
     ready: StrictBool = True
+    # Kubernetes' EndpointConditions: serving = ready regardless of terminating; absent, it
+    # follows `ready` (as the API says: "consumers should defer to the ready condition")
+    serving: StrictBool | None = None
     terminating: StrictBool = False
+    # topology hints (EndpointSlice hints.forZones): the zones this endpoint should serve
+    hints_for_zones: Annotated[tuple[Annotated[StrictStr, AfterValidator(_text)], ...],
+                               AfterValidator(_unique_zones)] | None = None
+
+    @property
+    def is_serving(self) -> bool:
+        return self.ready if self.serving is None else self.serving
 
     @property
     def usable(self) -> bool:
@@ -202,13 +212,33 @@ class Endpoint(StrictModel):
 _FIELDS_SETS: dict[frozenset[str], frozenset[str]] = {}  # at most 2^7 (Endpoint's fields)
 
 
+def _unique_zones(v: tuple[str, ...]) -> tuple[str, ...]:
+    if len(set(v)) != len(v):
+        raise _fail("duplicate", "lists a zone twice (got {got})", got=show(list(v)))
+    return v
+
+
+def _source_range(v: object) -> IPNetwork:
+    from ipaddress import ip_network
+    if isinstance(v, (IPv4Network, IPv6Network)):
+        return v
+    try:
+        return ip_network(v, strict=False) if isinstance(v, str) else None  # type: ignore[return-value]
+    except ValueError:
+        pass
+    raise _fail("cidr", "must be a CIDR such as 203.0.113.0/24 (got {got})", got=show(v))
+
+
+Policy = Annotated[Literal["Cluster", "Local"], _or_default("Cluster")]
+SourceRange = Annotated[IPNetwork, PlainValidator(_source_range)]
+
+
 class LbSettings(StrictModel):
     algorithm: Literal["maglev"] = "maglev"
 
 
 def _check_vips(vips: tuple[IPAddress, ...]) -> tuple[IPAddress, ...]:
-    if not vips:
-        raise _fail("empty", "must list at least one address")
+    """No VIP at all is a headless service: valid, and nothing is installed for it."""
     first: dict[IPAddress, int] = {}
     for i, vip in enumerate(vips):
         if vip in first:
@@ -250,6 +280,16 @@ class Service(StrictModel):
     session_affinity: Annotated[Literal["None", "ClientIP"], _or_default("None")] = "None"
     lb: Annotated[LbSettings, _or_default({})] = LbSettings()
     endpoints: Annotated[tuple[Endpoint, ...], _or_default(())] = ()
+    # kube-proxy semantics (docs/services.md; meshd/selection.py decides)
+    internal_traffic_policy: Policy = "Cluster"  # frontends on VIPs
+    external_traffic_policy: Policy = "Cluster"  # node ports, external IPs, LB IPs (tc path)
+    affinity_timeout_seconds: Annotated[StrictInt, _in_range(1, 86400)] = 10800
+    external_ips: Annotated[tuple[IPAddr, ...], _or_default(())] = ()  # spec.externalIPs
+    load_balancer_ips: Annotated[tuple[IPAddr, ...], _or_default(())] = ()  # LB ingress IPs
+    load_balancer_source_ranges: Annotated[tuple[SourceRange, ...], _or_default(())] = ()
+    health_check_node_port: PortNumber | None = None
+    topology_mode: Annotated[StrictStr, AfterValidator(_text)] | None = None  # "Auto" = hints
+    traffic_distribution: Annotated[StrictStr, AfterValidator(_text)] | None = None
 
     @property
     def key(self) -> str:

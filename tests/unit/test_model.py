@@ -140,9 +140,11 @@ def test_duplicates_within_a_service() -> None:
         record(endpoints=[{"address": "10.1.0.1", "ports": {"http": 8080}}] * 2))
 
 
-def test_empty_lists_rejected() -> None:
-    assert reason(record(vips=[])) == "vips: must list at least one address"
+def test_empty_ports_rejected_and_no_vip_is_a_headless_service() -> None:
     assert reason(record(ports=[], endpoints=[])) == "ports: must list at least one port"
+    headless = parse_service(record(vips=[]), "x")
+    from meshd.desired import desired_groups
+    assert headless.vips == () and desired_groups([headless]) == {}  # installs nothing
 
 
 def test_endpoint_port_names_must_exist_on_the_service() -> None:
