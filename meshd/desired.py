@@ -1,10 +1,24 @@
 """Desired kernel state, derived from validated services (pure).
 
-The kernel balances *frontend groups*: one per (service, port, address family). A group has
-frontends (VIP, port, protocol) — every VIP of that family on that service port, and for a
-port with a `node_port`, every node address of that family at the node port — and the
-usable backends (endpoint address, the endpoint's number for that port name, weight) of the
-same family, ordered by their stable name so Maglev sees the same input on every node.
+The kernel balances *frontend groups*: one per (service, port, address family) and
+selection. A group has frontends (VIP, port, protocol) and backends (endpoint address, the
+endpoint's number for that port name, weight) of the same family, ordered by their stable
+name so Maglev sees the same input on every node. Which endpoints: meshd/selection.py
+(kube-proxy's rules).
+
+Frontend classes: *internal* (the service VIPs) follow internal_traffic_policy; *external*
+(node ports on the node's addresses, external IPs, load-balancer IPs) follow
+external_traffic_policy on the tc path, while clients on the node itself (socket hooks)
+reaching them get the Cluster selection, as with kube-proxy. One service port therefore has
+up to three selections; groups are made only for the distinct ones:
+
+    <ns>/<name>:<port>/ipv4            internal frontends (+ whatever shares its selection)
+    <ns>/<name>:<port>/ipv4/cluster    external frontends, socket path (when it differs)
+    <ns>/<name>:<port>/ipv4/external   external frontends, tc path (when it differs)
+
+`frontends` go to the frontend map both paths read; `tc_frontends` to the tc-only override
+map (tc looks there first). Per-frontend flags (FE_*) say what the datapath does beyond
+balancing; group flags (G_*) apply to all of a group's frontends.
 """
 
 from __future__ import annotations
@@ -15,6 +29,7 @@ from typing import Iterable, NamedTuple
 
 from meshd.errors import RecordError
 from meshd.model import NODE_PORT_RANGE, Service
+from meshd.selection import categorize, topology_wanted
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -41,11 +56,34 @@ class BackendRef(NamedTuple):
         return f"{host}:{self.port}/{self.protocol}"
 
 
+# Flags of a frontend entry (struct meshd_svc_val.flags; the same bits in bpf/include).
+G_DROP_EMPTY = 0x1  # no backend: drop (EHOSTUNREACH on the socket path), not refuse
+G_AFFINITY = 0x2  # session affinity ClientIP (timeout: Group.affinity)
+FE_EXTERNAL = 0x4  # node port, external IP or LB IP (reached from outside through tc)
+FE_KEEP_SOURCE = 0x8  # tc: never SNAT (external_traffic_policy Local keeps the client's address)
+FE_SOURCE_RANGES = 0x10  # tc: only sources in Group.source_ranges may use this frontend
+
+
 @dataclass(frozen=True)
 class Group:
-    key: str  # "namespace/name:port-name/ipv4"
+    key: str  # "namespace/name:port-name/ipv4[/cluster|/external]"
     frontends: tuple[Frontend, ...]
-    backends: tuple[tuple[BackendRef, int], ...]  # (backend, weight), usable only, by name
+    backends: tuple[tuple[BackendRef, int], ...]  # (backend, weight), selected only, by name
+    flags: int = 0  # G_* for every frontend of the group
+    affinity: int = 0  # ClientIP affinity timeout, seconds (with G_AFFINITY)
+    tc_frontends: tuple[Frontend, ...] = ()  # tc-path overrides of external frontends
+    fe_flags: tuple[tuple[Frontend, int], ...] = ()  # FE_* per frontend (absent: 0)
+    source_ranges: tuple = ()  # networks allowed on FE_SOURCE_RANGES frontends
+
+    def frontend_flags(self, fe: Frontend) -> int:
+        return self.flags | dict(self.fe_flags).get(fe, 0)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """This node: endpoints with `node == name` are local; `zone` picks hinted endpoints."""
+    name: str = ""
+    zone: str | None = None
 
 
 @dataclass(frozen=True)
@@ -60,38 +98,105 @@ def group_key(namespace: str, name: str, port_name: str, family: int) -> str:
     return f"{namespace}/{name}:{port_name}/ipv{family}"
 
 
-def desired_groups(services: Iterable[Service], node_ports: NodePorts = NodePorts()
-                   ) -> dict[str, Group]:
+def desired_groups(services: Iterable[Service], node_ports: NodePorts = NodePorts(),
+                   node: NodeInfo = NodeInfo()) -> dict[str, Group]:
     out: dict[str, Group] = {}
     for svc in services:
         if not svc.vips:
             continue  # headless: a valid record that installs nothing
+        topology = topology_wanted(svc.topology_mode, svc.traffic_distribution)
         for port in svc.ports:
             for family in (4, 6):
-                fronts = [Frontend(v, port.port, port.protocol)
-                          for v in sorted(v for v in svc.vips if v.version == family)]
-                if port.node_port is not None and (fronts or any(
-                        ep.address.version == family for ep in svc.endpoints)):
-                    # a family the service has VIPs or endpoints in; not every family the
-                    # node has addresses in (a single-stack service stays single-stack)
-                    fronts += [Frontend(a, port.node_port, port.protocol) for a in
-                               sorted(a for a in node_ports.addresses if a.version == family)]
-                if not fronts:
-                    continue
-                weights: dict[BackendRef, int] = {}
-                for ep in svc.endpoints:
-                    number = ep.ports.get(port.name)
-                    if not ep.usable or number is None or ep.address.version != family:
-                        continue
-                    ref = BackendRef(ep.address, number, port.protocol)
-                    weights[ref] = weights.get(ref, 0) + ep.weight  # same addr twice: add up
-                key = group_key(svc.namespace, svc.name, port.name, family)
-                out[key] = Group(
-                    key=key,
-                    frontends=tuple(fronts),
-                    backends=tuple(sorted(weights.items(), key=lambda bw: bw[0].name)),
-                )
+                out.update(_port_groups(svc, port, family, node_ports, node, topology))
     return out
+
+
+def _port_groups(svc: Service, port, family: int, node_ports: NodePorts, node: NodeInfo,
+                 topology: bool) -> dict[str, Group]:
+    internal = [Frontend(v, port.port, port.protocol)
+                for v in sorted(v for v in svc.vips if v.version == family)]
+    has_eps = any(ep.address.version == family for ep in svc.endpoints)
+    external: list[Frontend] = []
+    lb: set[Frontend] = set()
+    if port.node_port is not None and (internal or has_eps):
+        # a family the service has VIPs or endpoints in; not every family the node has
+        # addresses in (a single-stack service stays single-stack)
+        external += [Frontend(a, port.node_port, port.protocol) for a in
+                     sorted(a for a in node_ports.addresses if a.version == family)]
+    external += [Frontend(a, port.port, port.protocol)
+                 for a in sorted(a for a in svc.external_ips if a.version == family)]
+    for a in sorted(a for a in svc.load_balancer_ips if a.version == family):
+        fe = Frontend(a, port.port, port.protocol)
+        if fe not in external:
+            external.append(fe)
+        lb.add(fe)
+    if not internal and not external:
+        return {}
+    candidates = [ep for ep in svc.endpoints
+                  if ep.address.version == family and port.name in ep.ports]
+    sel = categorize(_View.of(candidates), node=node.name, zone=node.zone, topology=topology)
+
+    def backends(policy: str) -> tuple[tuple[tuple[BackendRef, int], ...], int]:
+        chosen, empty = sel.for_policy(policy)
+        weights: dict[BackendRef, int] = {}
+        for v in chosen:
+            ref = BackendRef(v.ep.address, v.ep.ports[port.name], port.protocol)
+            weights[ref] = weights.get(ref, 0) + v.ep.weight  # same address twice: add up
+        flags = G_DROP_EMPTY if empty == "drop" and not weights else 0  # matters only empty
+        return tuple(sorted(weights.items(), key=lambda bw: bw[0].name)), flags
+
+    affinity = svc.affinity_timeout_seconds if svc.session_affinity == "ClientIP" else 0
+    gflags = G_AFFINITY if affinity else 0
+    base = group_key(svc.namespace, svc.name, port.name, family)
+    ext_flags = FE_EXTERNAL | (FE_KEEP_SOURCE if svc.external_traffic_policy == "Local" else 0)
+    fe_flags = {fe: ext_flags | (FE_SOURCE_RANGES if fe in lb and svc.load_balancer_source_ranges
+                                 else 0) for fe in external}
+    # (selection, empty-action) -> [key, frontends, tc_frontends]
+    made: dict[tuple, list] = {}
+
+    def put(key: str, sel_flags, fronts=(), tc_fronts=()) -> None:
+        slot = made.setdefault(sel_flags, [key, [], []])
+        slot[1] += fronts
+        slot[2] += tc_fronts
+
+    internal_sel = backends(svc.internal_traffic_policy)
+    put(base, internal_sel, internal)
+    if external:
+        sock_sel = backends("Cluster")
+        tc_sel = backends(svc.external_traffic_policy)
+        put(base + "/cluster", sock_sel, external)
+        if tc_sel != sock_sel:
+            put(base + "/external", tc_sel, (), external)
+    out = {}
+    for (bk, sflags), (key, fronts, tc_fronts) in made.items():
+        if not fronts and not tc_fronts:
+            continue
+        members = set(fronts) | set(tc_fronts)
+        out[key] = Group(key=key, frontends=tuple(fronts), backends=bk, flags=gflags | sflags,
+                         affinity=affinity, tc_frontends=tuple(tc_fronts),
+                         fe_flags=tuple((fe, f) for fe, f in fe_flags.items()
+                                        if f and fe in members),
+                         source_ranges=tuple(svc.load_balancer_source_ranges)
+                         if any(fe in lb for fe in members) else ())
+    return out
+
+
+class _View(NamedTuple):
+    """An endpoint as meshd.selection sees it (serving defaults to ready)."""
+    ep: object
+    ready: bool
+    serving: bool
+    terminating: bool
+    weight: int
+    node: str | None
+    hints_for_zones: tuple | None
+
+    @classmethod
+    def of(cls, eps) -> list["_View"]:
+        # a record may say ready and terminating at once; Kubernetes never does (a
+        # terminating endpoint is not ready): terminating wins
+        return [cls(e, e.ready and not e.terminating, e.is_serving, e.terminating, e.weight,
+                    e.node, e.hints_for_zones) for e in eps]
 
 
 class DesiredState:
@@ -109,6 +214,8 @@ class DesiredState:
         self._cidrs: tuple = ()
         self._forbidden: frozenset = frozenset()
         self._node_ports = NodePorts()
+        self._node = NodeInfo()
+        self._ext_cidrs: tuple = ()
         self._svc: dict[str, Service] = {}  # key -> the service in use
         self._key_of: dict[int, str] = {}  # id(service in _svc) -> its key
         # group keys the last update touched; None = unknown (after a reset): compare all
@@ -124,23 +231,31 @@ class DesiredState:
     def service(self, key: str) -> Service | None:
         return self._svc.get(key)
 
+    @property
+    def served(self) -> int:
+        """Services kept (installed), including those with dropped external addresses."""
+        return len(self._kept)
+
     @staticmethod
     def _frontends(svc: Service) -> set[Frontend]:
-        fronts = {Frontend(v, p.port, p.protocol) for v in svc.vips for p in svc.ports}
+        fronts = {Frontend(v, p.port, p.protocol) for v in
+                  (*svc.vips, *svc.external_ips, *svc.load_balancer_ips) for p in svc.ports}
         # a node port claims its number on every node address: vip None stands for them
         return fronts | {Frontend(None, p.node_port, p.protocol)  # type: ignore[arg-type]
                          for p in svc.ports if p.node_port is not None}
 
     def update(self, services: Iterable[Service], cidrs, forbidden,
-               node_ports: NodePorts = NodePorts()
-               ) -> tuple[dict[str, Group], list[RecordError]]:
+               node_ports: NodePorts = NodePorts(), node: NodeInfo = NodeInfo(),
+               external_ip_cidrs=()) -> tuple[dict[str, Group], list[RecordError]]:
         from meshd.model import check_services
-        cidrs, forbidden = tuple(cidrs), frozenset(forbidden)
-        reset = (cidrs, forbidden, node_ports) != (self._cidrs, self._forbidden,
-                                                   self._node_ports)
+        cidrs, forbidden, ext = tuple(cidrs), frozenset(forbidden), tuple(external_ip_cidrs)
+        inputs = (cidrs, forbidden, node_ports, node, ext)
+        reset = inputs != (self._cidrs, self._forbidden, self._node_ports, self._node,
+                           self._ext_cidrs)
         if reset:
             self.__init__()  # validation inputs changed: start over
-            self._cidrs, self._forbidden, self._node_ports = cidrs, forbidden, node_ports
+            (self._cidrs, self._forbidden, self._node_ports, self._node,
+             self._ext_cidrs) = inputs
         # The key of a service object we saw before, by identity: `Service.key` builds a
         # string each time, and this loop runs over every service on every sync.
         key_of, svc_now = self._key_of, self._svc
@@ -214,7 +329,7 @@ class DesiredState:
     def _revalidate(self, affected: set[str], check_services) -> None:
         present = sorted(k for k in affected if k in self._svc)
         kept, errors = check_services([self._svc[k] for k in present], self._cidrs,
-                                      self._forbidden, self._node_ports.range)
+                                      self._forbidden, self._node_ports.range, self._ext_cidrs)
         kept_keys = {s.key for s in kept}
         for key in affected:
             self._errors.pop(key, None)
@@ -223,9 +338,11 @@ class DesiredState:
                 self.changed_groups.add(gk)
             self._kept.discard(key)
         for e in errors:
+            if e.where in self._errors:  # a kept service with several dropped addresses
+                e = RecordError(e.where, f"{self._errors[e.where].reason}; {e.reason}")
             self._errors[e.where] = e
         for s in kept:
-            groups = desired_groups([s], self._node_ports)
+            groups = desired_groups([s], self._node_ports, self._node)
             self._groups_of[s.key] = groups
             self.groups.update(groups)
             self.changed_groups.update(groups)

@@ -53,9 +53,11 @@ def desired(cfg: Config) -> tuple[dict[str, Group] | None, list[str]]:
     except MeshdError as e:
         return None, [f"desired state unknown: {e}"]
     local = node.local_addresses()
+    from meshd.agent.sync import node_info
     groups, _rejected = DesiredState().update(services, cfg.service_cidrs,
                                               local | etcd_hosts(urls),
-                                              node.node_ports(local, cfg.node_ports))
+                                              node.node_ports(local, cfg.node_ports),
+                                              node_info(cfg), cfg.external_ip_cidrs)
     return groups, problems
 
 

@@ -470,15 +470,23 @@ NODE_PORT_RANGE = (30000, 32767)  # the default of node_ports.range (as Kubernet
 def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwork],
                    forbidden: Iterable[IPAddress | str] = (),
                    node_port_range: tuple[int, int] = NODE_PORT_RANGE,
+                   external_ip_cidrs: Sequence[IPNetwork] = (),
                    ) -> tuple[list[Service], list[RecordError]]:
     """Keep services whose VIPs all lie in `service_cidrs`, are not `forbidden` (node/etcd
     addresses), whose node ports lie in `node_port_range`, and whose (vip, port, protocol)
     frontends and (node_port, protocol) are free. Services are processed in (key, content)
     order, so the same set always yields the same winners; identical duplicates are merged
-    silently. Returns (kept in that order, errors with where=service key)."""
+    silently. Returns (kept in that order, errors with where=service key).
+
+    External addresses never reject a service: an external IP outside `external_ip_cidrs`
+    (CVE-2020-8554: anyone who can write a service could otherwise capture any address), or
+    an external / load-balancer IP that is forbidden, loopback, or taken by another service,
+    is dropped from the kept service with an error naming it; its VIPs keep serving."""
     cidrs = tuple(service_cidrs)
+    ext_cidrs = tuple(external_ip_cidrs)
     banned = {ip_address(str(a)) for a in forbidden}
     owner: dict[tuple[IPAddress | None, int, str], str] = {}  # None: a node port
+    hc_owner: dict[int, str] = {}
     kept: dict[str, Service] = {}
     errors: list[RecordError] = []
     for svc in _by_key_then_content(services):
@@ -499,6 +507,14 @@ def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwor
             if p.node_port is not None and not lo <= p.node_port <= hi:
                 problems.append(f"port {p.name!r}: node_port {p.node_port} is outside "
                                 f"node_ports.range ({lo}-{hi})")
+        hc = svc.health_check_node_port
+        if hc is not None:
+            if svc.external_traffic_policy != "Local":
+                problems.append("health_check_node_port is only for external_traffic_policy "
+                                "Local (a node without local endpoints answers 503)")
+            elif hc in hc_owner:
+                problems.append(f"health_check_node_port {hc} already used by service "
+                                f"{hc_owner[hc]}")
         taken: dict[str, list[str]] = {}
         for vip in svc.vips:
             for p in svc.ports:
@@ -515,7 +531,44 @@ def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwor
         if problems:
             errors.append(RecordError(svc.key, "; ".join(problems)))
             continue
+        svc, dropped = _external_addresses(svc, ext_cidrs, banned, owner)
+        errors += [RecordError(svc.key, why) for why in dropped]
         kept[svc.key] = svc
+        if hc is not None:
+            hc_owner[hc] = svc.key
         owner.update({(vip, p.port, p.protocol): svc.key for vip in svc.vips for p in svc.ports})
+        owner.update({(a, p.port, p.protocol): svc.key for a in
+                      (*svc.external_ips, *svc.load_balancer_ips) for p in svc.ports})
         owner.update({(None, p.node_port, p.protocol): svc.key for p in svc.ports if p.node_port})
     return list(kept.values()), errors
+
+
+def _external_addresses(svc: Service, ext_cidrs, banned, owner) -> tuple[Service, list[str]]:
+    """`svc` without the external / LB IPs it may not use, and why each was dropped."""
+    why: list[str] = []
+
+    def usable(addr: IPAddress, what: str, need_cidr: bool) -> bool:
+        if need_cidr and not any(addr.version == n.version and addr in n for n in ext_cidrs):
+            why.append(f"{what} {addr} dropped: outside external_ip_cidrs "
+                       f"({', '.join(map(str, ext_cidrs)) or 'none configured'}); the rest of "
+                       "the service is served")
+            return False
+        if addr in banned or addr.is_loopback or addr.is_link_local:
+            why.append(f"{what} {addr} dropped: an address of this node, of etcd, loopback or "
+                       "link-local may not be a service address")
+            return False
+        if svc.vips and addr in svc.vips:
+            why.append(f"{what} {addr} dropped: it is also a VIP of the service")
+            return False
+        others = {owner.get((addr, p.port, p.protocol)) for p in svc.ports} - {None}
+        if others:
+            why.append(f"{what} {addr} dropped: already used by service {', '.join(sorted(others))}")
+            return False
+        return True
+
+    ext = tuple(a for a in svc.external_ips if usable(a, "external_ip", True))
+    lbs = tuple(a for a in svc.load_balancer_ips
+                if a in ext or usable(a, "load_balancer_ip", False))
+    if ext == svc.external_ips and lbs == svc.load_balancer_ips:
+        return svc, why
+    return svc.model_copy(update={"external_ips": ext, "load_balancer_ips": lbs}), why

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from meshd import node
 from meshd.agent.supervise import Backoff
 from meshd.dataplane import loader, sockdestroy
-from meshd.desired import DesiredState
+from meshd.desired import DesiredState, NodeInfo
 
 log = logging.getLogger("meshd.daemon")
 
@@ -31,6 +31,10 @@ PRUNE_DELAY_SECONDS = 2.0
 GC_THRESHOLDS = gc.get_threshold()  # the interpreter's own (700, 10, 10)
 GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards
 FAULT_ENV = "MESHD_FAULT_SYNC_ERRORS"
+
+
+def node_info(cfg) -> NodeInfo:
+    return NodeInfo(cfg.node.name, cfg.node.zone)
 
 
 class InjectedFault(RuntimeError):
@@ -160,7 +164,8 @@ class Syncer:
         dirty = sources.dirty_since
         self.stage = "validate"
         node_ports = node.node_ports(ctx.local, cfg.node_ports)
-        groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden, node_ports)
+        groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden, node_ports,
+                                          node_info(cfg), cfg.external_ip_cidrs)
         t_valid = time.perf_counter()
         rejected += bad
         self._log_rejects(rejected)
@@ -177,7 +182,7 @@ class Syncer:
                       (t_valid - t0) * 1e3,
                       ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in report.timings.items()),
                       (time.perf_counter() - t_valid) * 1e3)
-        n_services = len(services) - len(bad)
+        n_services = self.desired.served
         log.log(logging.INFO if ops or report.errors else logging.DEBUG,
                 "sync: %d services, %d rejected, %d groups changed, %d map ops in %.1f ms%s",
                 n_services, len(rejected), report.groups_changed, ops, ms,

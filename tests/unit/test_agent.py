@@ -200,7 +200,8 @@ def test_counter_pruning_never_runs_while_a_sync_writes_the_reconcilers_state(mo
     async def main():
         sources = Sources()
         sources["file"] = SourceState(synced=True)
-        ctx = SimpleNamespace(cfg=SimpleNamespace(service_cidrs=[], node_ports=SimpleNamespace(
+        ctx = SimpleNamespace(cfg=SimpleNamespace(service_cidrs=[], external_ip_cidrs=[],
+            node=SimpleNamespace(name="n1", zone=None), node_ports=SimpleNamespace(
             addresses=[], range=(30000, 32767))), sources=sources, local=set(),
             etcd_addresses=set, control=ControlPlaneStats(), progress=Progress(),
             reconciler=SlowReconciler(), write_status=lambda: None, record_fill=lambda: None,
