@@ -15,7 +15,7 @@ import time
 import pytest
 
 from meshdlib import (PREFIX, ConnectLoop, TcpProxy, backends, be, group, groups, reach,
-                      scrape, tail, wait_for)
+                      scrape, svc, tail, wait_for)
 
 VIP_A, VIP_B, VIP_C = "10.96.0.10", "10.96.0.11", "10.96.0.12"
 
@@ -37,7 +37,8 @@ def records(lab, ns: str, name: str, vip: str, *backends_: int) -> list[tuple[st
 
 # ---- 1. etcd killed during the initial list -------------------------------------------------
 
-BULK = 1200  # services (+1 endpoint each): 2,400 keys, three list pages of 1,000
+BULK = 1200  # services (+1 endpoint each): 2,400 keys, three list pages of 1,000 (~300 KB)
+KILL_AFTER = 20_000  # bytes of the list that reach the daemon before etcd is killed
 
 
 def bulk_vip(i: int) -> str:
@@ -49,10 +50,11 @@ def bulk_group(i: int) -> str:
 
 
 def test_etcd_killed_during_the_initial_list(lab, etcd, make_meshd, workdir):
-    """kill -9 of etcd while the daemon's first list is in flight (the proxy between them sees
-    the first reply bytes and kills etcd by PID then; two more pages were still to come): the
+    """kill -9 of etcd while the daemon's first list is in flight (the proxy between them
+    kills etcd by PID once 20 KB of the first page went through; more pages were to come): the
     daemon applies nothing partial -- every service the kernel held from an earlier run keeps
-    serving -- and once etcd is back it lists again, converges to the full set (with the
+    serving, also when its other source (a services file) changes meanwhile and wakes the
+    sync -- and once etcd is back it lists again, converges to the full set (with the
     changes made while no daemon ran) and only then tells systemd READY."""
     items = []
     for i in range(BULK):
@@ -63,7 +65,7 @@ def test_etcd_killed_during_the_initial_list(lab, etcd, make_meshd, workdir):
     at_kill: dict = {}
 
     def on_reply(n: int) -> None:
-        if armed.is_set() and not killed.is_set():
+        if armed.is_set() and not killed.is_set() and n >= KILL_AFTER:
             killed.set()
             at_kill["bytes"] = n
             etcd.kill()
@@ -71,9 +73,10 @@ def test_etcd_killed_during_the_initial_list(lab, etcd, make_meshd, workdir):
     proxy = TcpProxy(etcd.client_port, on_reply=on_reply)
     client = None
     try:
-        m = make_meshd({"endpoints": [proxy.url], "dial_timeout": 2})
-        m.start()  # an earlier run: the kernel holds all 1,200 services
-        m.wait(lambda r: m.synced(r) and len(groups(r)) == BULK, "the first run's full sync",
+        m = make_meshd({"endpoints": [proxy.url], "dial_timeout": 2}, services_file=True)
+        m.write(svc(lab, "static", "10.96.9.9", [1]))
+        m.start()  # an earlier run: the kernel holds all 1,200 services (and the file's)
+        m.wait(lambda r: m.synced(r) and len(groups(r)) == BULK + 1, "the first run's sync",
                timeout=60)
         assert m.stop() == 0
         # while no daemon runs: one service goes, one comes
@@ -94,17 +97,22 @@ def test_etcd_killed_during_the_initial_list(lab, etcd, make_meshd, workdir):
                      detail=lambda: tail(m.log))
             assert "etcd: listed" not in m.log.read_bytes()[offset:].decode(), \
                 "the list ended before the kill"
-            # etcd stays dead for a while: nothing may be removed meanwhile
+            # etcd stays dead for a while (the daemon marks it as not connected after 1 s),
+            # the services file changes (a wake-up for the sync): nothing may be removed
+            time.sleep(1.5)
+            m.write(svc(lab, "static", "10.96.9.9", [1, 2]))
             t_end = time.monotonic() + 3
             while time.monotonic() < t_end:
                 rep = m.report()
-                assert rep is not None and len(groups(rep)) == BULK, \
+                assert rep is not None and len(groups(rep)) == BULK + 1, \
                     f"services vanished while etcd was down: {len(groups(rep or {}))} left"
             assert m.proc.poll() is None, tail(m.log)
             etcd.start()
-            want = {bulk_group(i) for i in range(1, BULK)} | {"bulk/late:http/ipv4"}
-            m.wait(lambda r: m.synced(r) and groups(r) == want, "convergence after etcd is back",
-                   timeout=60)
+            want = {bulk_group(i) for i in range(1, BULK)} | {"bulk/late:http/ipv4",
+                                                              "default/static:http/ipv4"}
+            m.wait(lambda r: m.synced(r) and groups(r) == want
+                   and len(backends(r, "default/static:http/ipv4")) == 2,
+                   "convergence after etcd is back", timeout=60)
             msgs = []
             end = time.monotonic() + 20
             while not any("READY=1" in x for x in msgs) and time.monotonic() < end:
@@ -115,7 +123,7 @@ def test_etcd_killed_during_the_initial_list(lab, etcd, make_meshd, workdir):
         finally:
             notify.close()
         ready = [x for x in msgs if "READY=1" in x]
-        assert ready and f"STATUS=serving {BULK} services" in ready[0], msgs
+        assert ready and f"STATUS=serving {BULK + 1} services" in ready[0], msgs
         res = client.stop()
         assert res["errors"] == {} and res["count"] > 100, res
         assert set(res["by_backend"]) == {f"b{last % 3 + 1}"}
