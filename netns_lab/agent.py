@@ -18,6 +18,7 @@ and time; errors are counted by errno name, never raised)::
     udp      --addr A --port P --count N [--connected|--unconnected] [--timeout S]
     rr       --addr A --port P --duration S --max N [--timeout S]
     connrate --addr A --port P --duration S --max N [--timeout S]
+             (rr and connrate stop early on SIGTERM and still print their result)
     wait     --target ADDR,PORT,NAME ... [--udp] [--deadline S]
 
 Error names are errno names (``ENETUNREACH``, ``ECONNREFUSED``, ``ETIMEDOUT``
@@ -257,6 +258,11 @@ def udp_client(addr: str, port: int, count: int, timeout: float, connected: bool
             "rtt_us": pct(rtt_us), "count": count}
 
 
+# Set by SIGTERM in the timed clients (rr, connrate): stop at the next loop turn and still
+# print the result, so a test can end a load it started "until the fault is over".
+STOP = threading.Event()
+
+
 def rr_client(addr: str, port: int, duration: float, limit: int, timeout: float) -> dict[str, Any]:
     """Request/response on one persistent TCP connection."""
     errs: Counter[str] = Counter()
@@ -269,7 +275,7 @@ def rr_client(addr: str, port: int, duration: float, limit: int, timeout: float)
             s.connect((addr, port))
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             buf = bytearray()
-            while len(rtts) < limit and time.monotonic() < end:
+            while len(rtts) < limit and time.monotonic() < end and not STOP.is_set():
                 t0 = time.perf_counter()
                 s.sendall(REQUEST)
                 backend = recv_line(s, buf).decode(errors="replace")
@@ -290,7 +296,7 @@ def connrate_client(addr: str, port: int, duration: float, limit: int, timeout: 
     n = 0
     start = time.monotonic()
     end = start + duration
-    while n + sum(errs.values()) < limit and time.monotonic() < end:
+    while n + sum(errs.values()) < limit and time.monotonic() < end and not STOP.is_set():
         with socket.socket(fam, socket.SOCK_STREAM) as s:
             s.settimeout(timeout)
             try:
@@ -381,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.cmd == "serve":
         return serve(a.name, a.port, a.udp)
+    if a.cmd in ("rr", "connrate"):
+        signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     if a.cmd == "tcp":
         emit(tcp_client(a.addr, a.port, a.count, a.timeout, a.hold))
     elif a.cmd == "udp":

@@ -1,6 +1,8 @@
 """Test layers: tests/unit (pure, no root), tests/kernel (root, real BPF), tests/lab (root,
-namespaces, real traffic). Privileged tests skip without root — except where
-MESHD_REQUIRE_PRIVILEGED=1 (CI), where a skip would hide a broken data plane: it fails."""
+namespaces, real traffic), tests/faults (root: real faults against a real daemon; marked
+`lab` as well). Privileged tests skip without root — except where
+MESHD_REQUIRE_PRIVILEGED=1 (CI), where a skip would hide a broken data plane: it fails.
+The daemon/etcd harness and its fixtures: tests/meshdlib.py (a plugin, registered below)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 
 from testlib import BPFFS, CGROUP2, TEST_PREFIX, claim, release, sweep_kernel_leftovers
 
-pytest_plugins = ["netns_lab.pytest_plugin"]
+pytest_plugins = ["netns_lab.pytest_plugin", "meshdlib"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
         parts = Path(str(item.fspath)).parts
         if "kernel" in parts:
             item.add_marker(pytest.mark.kernel)
-        if "lab" in parts:
+        if "lab" in parts or "faults" in parts:
             item.add_marker(pytest.mark.lab)
 
 

@@ -7,108 +7,17 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pytest
 import yaml
 
-from meshd.dataplane import loader
-
-from testlib import BPFFS, TEST_PREFIX, claim, free_port, release
+from meshdlib import backends as backends_of, meshd, reach as _reach, svc
+from testlib import BPFFS
 
 VIP = "10.96.0.10"
 
 
-def meshd(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meshd", *args], capture_output=True,
-                          text=True, timeout=60, check=check)
-
-
-def svc(lab, name: str, vip: str, backends: list[int], port: int = 80) -> dict:
-    return {"namespace": "default", "name": name, "vips": [vip],
-            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
-            "endpoints": [{"address": lab.backend_addr(i), "ports": {"http": 8080}}
-                          for i in backends]}
-
-
-class Daemon:
-    def __init__(self, lab, tmp: Path):
-        self.lab = lab
-        self.instance = TEST_PREFIX + lab.prefix
-        claim(self.instance)
-        self.services_file = tmp / "services.yaml"
-        self.config = tmp / "meshd.yaml"
-        self.config.write_text(yaml.safe_dump({
-            "instance": self.instance, "cgroup": str(lab.cgroup), "bpffs": str(BPFFS),
-            "state_dir": str(tmp / "state"), "services_file": str(self.services_file),
-            "maglev": {"table_size": 1021}, "etcd": None,
-            "metrics": {"listen": f"127.0.0.1:{free_port()}"}}))
-        self.log = tmp / "meshd.log"
-        self.proc: subprocess.Popen | None = None
-
-    def write(self, *services: dict, raw: str | None = None) -> None:
-        tmp = self.services_file.with_suffix(".tmp")
-        tmp.write_text(raw if raw is not None else yaml.safe_dump({"services": list(services)}))
-        tmp.replace(self.services_file)
-
-    def start(self, env: dict | None = None) -> None:
-        import os
-        with open(self.log, "ab") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "meshd", "run", "--config",
-                                          str(self.config)], stdout=f, stderr=f,
-                                         env=dict(os.environ, **(env or {})))
-
-    def stop(self, sig=signal.SIGTERM) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        rc = self.proc.wait(timeout=15)
-        self.proc = None
-        return rc
-
-    def services(self) -> dict:
-        return json.loads(meshd("services", "--json", "--config", str(self.config)).stdout)
-
-    def wait(self, pred, what: str, timeout: float = 15) -> dict:
-        end = time.monotonic() + timeout
-        last = None
-        while time.monotonic() < end:
-            if self.proc is not None and self.proc.poll() is not None:
-                pytest.fail(f"meshd exited {self.proc.returncode}: {self.log.read_text()}")
-            r = meshd("services", "--json", "--config", str(self.config), check=False)
-            if r.returncode == 0:
-                last = json.loads(r.stdout)
-                if pred(last):
-                    return last
-            time.sleep(0.2)
-        pytest.fail(f"timed out waiting for {what}; last report {last}; log:\n"
-                    f"{self.log.read_text() if self.log.exists() else ''}")
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        loader.remove(BPFFS, self.instance)
-        release(self.instance)
-
-
-@pytest.fixture
-def daemon(lab, tmp_path):
-    d = Daemon(lab, tmp_path)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
-def backends_of(report: dict, group: str) -> set[str]:
-    for g in report["services"]:
-        if g["group"] == group:
-            return {b["backend"] for b in g["backends"]}
-    return set()
-
-
 def reach(lab, vip=VIP, count=30) -> dict:
-    return lab.agent("tcp", cgroup=True, addr=vip, port=80, count=count, timeout=2)
+    return _reach(lab, vip, count)
 
 
 def test_bad_entry_is_reported_with_position_and_skipped(lab, daemon):

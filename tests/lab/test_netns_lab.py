@@ -94,6 +94,23 @@ def test_rr_and_connrate(lab_module: Lab) -> None:
     assert 0 < cr["count"] <= 50 and cr["errors"] == {} and cr["by_backend"] == {"b3": cr["count"]}
 
 
+def test_timed_clients_stop_on_sigterm_and_still_report(lab_module: Lab) -> None:
+    import signal
+    from netns_lab.lab import agent_argv
+    for mode in ("rr", "connrate"):
+        p = lab_module.run("cli", agent_argv(mode) + ["--addr", lab_module.backend_addr(1),
+                                                     "--port", str(PORT), "--duration", "60",
+                                                     "--max", "10000000"],
+                           stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=10)
+        assert time.monotonic() - t0 < 5, f"{mode} ignored SIGTERM"
+        res = json.loads(out)
+        assert res["count"] > 0 and res["errors"] == {}, (mode, res)
+
+
 # ------------------------------------------------------------ processes and cgroup
 
 
