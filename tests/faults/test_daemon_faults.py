@@ -20,7 +20,13 @@ import urllib.request
 import pytest
 import yaml
 
-from test_daemon import VIP, Daemon, backends_of, meshd, reach, svc
+from meshdlib import Meshd, backends as backends_of, meshd, reach as _reach, svc
+
+VIP = "10.96.0.10"
+
+
+def reach(lab, vip=VIP, count=30) -> dict:
+    return _reach(lab, vip, count)
 
 GROUP = "default/web:http/ipv4"
 
@@ -70,24 +76,14 @@ def systemd(tmp_path):
     s.close()
 
 
-@pytest.fixture
-def daemon(lab, tmp_path):
-    d = Daemon(lab, tmp_path)
-    try:
-        yield d
-    finally:
-        d.close()
-
-
-def set_config(d: Daemon, **changes) -> None:
+def set_config(d: Meshd, **changes) -> None:
     doc = yaml.safe_load(d.config.read_text())
     doc.update(changes)
     d.config.write_text(yaml.safe_dump(doc))
 
 
-def scrape(d: Daemon) -> str:
-    listen = yaml.safe_load(d.config.read_text())["metrics"]["listen"]
-    return urllib.request.urlopen(f"http://{listen}/metrics", timeout=5).read().decode()
+def scrape(d: Meshd) -> str:
+    return urllib.request.urlopen(d.metrics_url, timeout=5).read().decode()
 
 
 def metric(text: str, name: str, **labels) -> float | None:
