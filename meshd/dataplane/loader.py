@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +29,10 @@ from meshd.desired import BackendRef
 from meshd.errors import DataplaneError
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
+from meshd.dataplane import tc
+from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
 log = logging.getLogger("meshd.dataplane")
-
-BPF_OBJ_DIR = Path(__file__).resolve().parent.parent / "bpf_obj"
 
 # Map name -> (key type, value type) as seen from user space. The Maglev outer map's value
 # is an inner map fd on update and an inner map id on lookup.
@@ -47,24 +46,6 @@ MAP_TYPES = {
     names.MAP_SKMETA: (C.c_int, S.SkMeta),
     names.MAP_STATS: (S.StatsKey, S.Stats),  # per CPU: opened as a PercpuMap
 }
-
-
-def object_path(name: str) -> Path:
-    return BPF_OBJ_DIR / name
-
-
-def ensure_bpffs(bpffs: Path) -> None:
-    """Mounts bpffs at `bpffs` if nothing of type bpf is mounted there."""
-    bpffs = Path(bpffs)
-    with open("/proc/self/mounts") as f:
-        if any(line.split()[1] == str(bpffs) and line.split()[2] == "bpf" for line in f):
-            return
-    bpffs.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise DataplaneError(f"cannot mount bpffs at {bpffs}: {r.stderr.strip()} "
-                             "(run as root, or mount it: mount -t bpf bpf /sys/fs/bpf)")
-    log.info("mounted bpffs at %s", bpffs)
 
 
 def cgroup_id(path: Path) -> int:
@@ -183,29 +164,6 @@ def open_metrics(bpffs: Path, instance: str) -> MetricsMaps:
     except BaseException:
         stats.close()
         raise
-
-
-def adopt_pins(obj: bpf.BpfObject, pin_dir: Path, map_names) -> set[str]:
-    """Before load: makes each map of `map_names` that is pinned in `pin_dir` reuse the pinned
-    map (its entries survive a restart or upgrade). Returns the names adopted."""
-    adopted = set()
-    for name in map_names:
-        pin = pin_dir / name
-        if pin.exists():
-            fd = bpf.obj_get(pin)
-            try:
-                obj.reuse_map_fd(name, fd)
-            finally:
-                bpf.close_fd(fd)
-            adopted.add(name)
-    return adopted
-
-
-def pin_new(obj: bpf.BpfObject, pin_dir: Path, map_names, adopted: set[str]) -> None:
-    """After load: pins every map of `map_names` that was not adopted."""
-    for name in map_names:
-        if name not in adopted:
-            bpf.obj_pin(obj.map_fd(name), pin_dir / name)
 
 
 def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
@@ -350,7 +308,6 @@ def attached_cgroup_ids(pin_dir: Path) -> dict[str, int | None]:
 
 def remove(bpffs: Path, instance: str) -> list[str]:
     """Detaches every link and removes every pin of `instance`. Returns what it removed."""
-    from meshd.dataplane import tc  # lazy: tc imports this module
     removed: list[str] = [f"tc filter on {n}" for n in tc.detach_all(bpffs, instance)]
     pin_dir = names.pin_dir(bpffs, instance)
     if not pin_dir.exists():

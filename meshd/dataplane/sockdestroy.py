@@ -17,8 +17,7 @@ from meshd import names
 from meshd.desired import BackendRef, Frontend
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
-from meshd.dataplane import loader
-from meshd.dataplane.loader import object_path
+from meshd.dataplane.pins import adopt_pins, object_path
 
 log = logging.getLogger("meshd.dataplane")
 
@@ -62,7 +61,7 @@ def destroy_udp(pin_dir: Path, pairs: Iterable[tuple[Frontend, BackendRef]],
     if not pairs:
         return 0
     with bpf.BpfObject(object_path(OBJ)) as obj:
-        if not loader.adopt_pins(obj, pin_dir, (names.MAP_REVNAT,)):
+        if not adopt_pins(obj, pin_dir, (names.MAP_REVNAT,)):
             return 0  # nothing pinned: nothing was ever translated
         obj.load()
         doomed = bpf.Map(obj.map_fd(MAP_DOOMED), MAP_DOOMED, DoomedKey, C.c_uint8)

@@ -38,7 +38,7 @@ from meshd import names
 from meshd.errors import BpfError, DataplaneError
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
-from meshd.dataplane.loader import adopt_pins, ensure_bpffs, object_path, pin_new
+from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
 PRIORITY = 1  # tc filter priority (both hooks): first, so other filters see translated packets
 TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2  # what the programs return
