@@ -40,8 +40,11 @@ from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
 from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
-PRIORITY = 1  # tc filter priority (both hooks): first, so other filters see translated packets
-TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2  # what the programs return
+# tc filter priority (both hooks): first, so filters at later priorities see translated
+# packets -- the programs return TC_ACT_UNSPEC after a rewrite (the chain goes on), never
+# TC_ACT_OK (which would end it); TC_ACT_SHOT only for a drop.
+PRIORITY = 1
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2
 CT_FWD, CT_REV, CT_SNAT_OUT, CT_SNAT_REV = 0, 1, 2, 3  # meshd_ct_key.dir
 
 
