@@ -29,9 +29,11 @@ def run_hidden(hide: Path, argv: list[str], tmp_path: Path) -> subprocess.Comple
 
 
 def assert_one_line(cp: subprocess.CompletedProcess, *words: str) -> str:
+    """Exit 1, no traceback, one line of error (libbpf's own log lines, which go through
+    logging as warnings, may come before it)."""
     assert cp.returncode == 1, (cp.returncode, cp.stdout, cp.stderr)
     assert "Traceback" not in cp.stderr, cp.stderr
-    lines = [ln for ln in cp.stderr.splitlines() if ln.strip()]
+    lines = [ln for ln in cp.stderr.splitlines() if ln.strip() and not ln.startswith("libbpf: ")]
     assert len(lines) == 1, cp.stderr
     for w in words:
         assert w in lines[0], lines[0]
@@ -59,3 +61,29 @@ def test_without_libbpf_every_verb_says_what_to_install_in_one_line(verb, config
 def test_the_host_still_has_libbpf():
     """The bind mounts above stayed private to their namespaces."""
     assert ctypes.util.find_library("bpf") and LIBBPF.stat().st_size > 0
+
+
+LOAD = r"""
+import sys
+from pathlib import Path
+from meshd.dataplane import loader
+from meshd.errors import MeshdError
+try:
+    loader.load(Path("/sys/fs/bpf"), sys.argv[1], Path(sys.argv[2]), 1021).close()
+except MeshdError as e:
+    print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+def test_a_kernel_without_btf_is_named_when_the_socket_lb_cannot_load(kernel_instance,
+                                                                        tmp_path):
+    """The socket LB's metrics use CO-RE, which needs the kernel's BTF: with
+    /sys/kernel/btf/vmlinux hidden, loading fails and says so in one line."""
+    inst, cg = kernel_instance
+    btf = Path("/sys/kernel/btf/vmlinux")
+    if not btf.exists():
+        pytest.skip("this kernel has no BTF to hide")
+    cp = run_hidden(btf, [sys.executable, "-c", LOAD, inst, str(cg)], tmp_path)
+    line = assert_one_line(cp, "KernelFeatureMissing", "kernel BTF", "CONFIG_DEBUG_INFO_BTF")
+    assert os.uname().release in line
