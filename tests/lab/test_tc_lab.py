@@ -422,6 +422,25 @@ def test_attach_detach_and_a_clear_error_for_an_unknown_interface(topo, node_a):
     assert tcp_names(topo, WEB, 80, 3)
 
 
+def test_an_l3_device_is_refused_by_name_and_nothing_is_attached(topo, node_a):
+    """A tun device (like WireGuard or an ipip tunnel) carries bare IP packets: the programs
+    parse Ethernet frames and would rewrite bytes 14 too far. attach refuses it, naming it,
+    before anything is attached."""
+    dev_c, tun = f"{topo.p}-ac", f"{topo.p}-tn"
+    topo.ip("na", "tuntap", "add", "mode", "tun", "name", tun)
+    try:
+        topo.ip("na", "link", "set", tun, "up")
+        with pytest.raises(DataplaneError, match=rf"tc.interfaces: '{tun}' \(link type none\) "
+                           r"in network namespace .* not Ethernet frames .*remove it from "
+                           r"tc.interfaces"):
+            tc.attach_interfaces(BPFFS, node_a.instance, [dev_c, tun], netns=topo.ns("na"))
+        assert _filters(topo, "na", tun) == []
+        assert len(_filters(topo, "na", dev_c)) == 2
+    finally:
+        topo.ip("na", "link", "del", tun)
+    assert tcp_names(topo, WEB, 80, 3)
+
+
 def _mirrored(topo: Topo, node: str, dev: str, hook: str) -> int:
     """Packets the mirror action of `dev`'s filter at priority 50 on `hook` has seen."""
     cp = sh("tc", "-n", topo.ns(node), "-s", "-j", "filter", "show", "dev", dev, hook)
