@@ -5,7 +5,8 @@
  * client) would keep sending to a removed backend forever. After the reconciler removes
  * backends from a UDP service, the daemon fills meshd_doomed with (backend, VIP) pairs and
  * reads this iterator in each network namespace of the cgroup's processes. A socket is
- * destroyed only if meshd translated it (its reverse-translation entry names that VIP), so
+ * destroyed only if meshd translated it (its socket storage, or for sockets connected by an
+ * older meshd its reverse-translation entry, names that VIP), so
  * sockets that connected to a backend address on their own are never touched. The socket
  * is aborted and disconnected: the application's next send() fails with EDESTADDRREQ (a
  * receive reports ECONNABORTED), and when it reconnects it lands on a live backend.
@@ -20,7 +21,9 @@
 #define AF_INET6 10
 #define TCP_ESTABLISHED 1 /* a connected UDP socket's state */
 
-/* A (backend, VIP) pair whose translation is no longer valid. */
+/* A (backend, VIP) pair whose translation is no longer valid. The daemon writes at most
+ * MESHD_DOOMED_MAX pairs per iterator pass and runs as many passes as it needs. */
+#define MESHD_DOOMED_MAX 65536
 struct meshd_doomed_key {
 	__u32 be_addr[4];	/* backend address, network order, IPv4-mapped */
 	__u32 vip_addr[4];	/* VIP, network order, IPv4-mapped */
@@ -30,7 +33,7 @@ struct meshd_doomed_key {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, MESHD_DOOMED_MAX);
 	__type(key, struct meshd_doomed_key);
 	__type(value, __u8);
 } meshd_doomed SEC(".maps");
@@ -42,6 +45,15 @@ struct {
 	__type(key, struct meshd_revnat_key);
 	__type(value, struct meshd_revnat_val);
 } meshd_revnat_v1 SEC(".maps");
+
+/* Reused from the socket LB's pinned socket storage (same definition as in sock_lb.bpf.c):
+ * where connect() keeps (backend, VIP) of a translated socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct meshd_sknat);
+} meshd_sknat_v1 SEC(".maps");
 
 /* [0] -> sockets destroyed by this run (one reader at a time). */
 struct {
@@ -60,6 +72,7 @@ int meshd_destroy_udp(struct bpf_iter__udp *ctx)
 	struct meshd_revnat_key rk = {};
 	struct meshd_doomed_key dk = {};
 	struct meshd_revnat_val *rv;
+	struct meshd_sknat *sn;
 	struct sock_common *skc;
 	__u32 zero = 0;
 	__u64 *n;
@@ -81,14 +94,24 @@ int meshd_destroy_udp(struct bpf_iter__udp *ctx)
 		return 0;
 	}
 	rk.port = skc->skc_dport;
-	rk.cookie = bpf_get_socket_cookie(&udp_sk->inet.sk);
-	rv = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);
-	if (!rv)
-		return 0; /* not translated by meshd */
 	__builtin_memcpy(dk.be_addr, rk.addr, sizeof(dk.be_addr));
-	__builtin_memcpy(dk.vip_addr, rv->addr, sizeof(dk.vip_addr));
 	dk.be_port = rk.port;
-	dk.vip_port = rv->port;
+	/* connect() of this meshd keeps (backend, VIP) in the socket's storage; a socket
+	 * connected by an older meshd has its entry in the LRU */
+	sn = bpf_sk_storage_get(&meshd_sknat_v1, &udp_sk->inet.sk, 0, 0);
+	if (sn && sn->be_port == rk.port && sn->be_addr[0] == rk.addr[0] &&
+	    sn->be_addr[1] == rk.addr[1] && sn->be_addr[2] == rk.addr[2] &&
+	    sn->be_addr[3] == rk.addr[3]) {
+		__builtin_memcpy(dk.vip_addr, sn->vip_addr, sizeof(dk.vip_addr));
+		dk.vip_port = sn->vip_port;
+	} else {
+		rk.cookie = bpf_get_socket_cookie(&udp_sk->inet.sk);
+		rv = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);
+		if (!rv)
+			return 0; /* not translated by meshd */
+		__builtin_memcpy(dk.vip_addr, rv->addr, sizeof(dk.vip_addr));
+		dk.vip_port = rv->port;
+	}
 	if (!bpf_map_lookup_elem(&meshd_doomed, &dk))
 		return 0;
 	if (bpf_sock_destroy(skc) == 0) {

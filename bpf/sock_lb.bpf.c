@@ -37,8 +37,33 @@
 #define MESHD_EPIPE 32
 
 /* Set by the loader before load (.rodata is frozen, so the verifier knows maglev_m and can
- * bound the table index with it). */
+ * bound the table index with it, and drops the self check when self_tgid is 0). */
 const volatile struct meshd_cfg meshd_cfg = { .maglev_m = MESHD_DEFAULT_MAGLEV_M };
+
+/* socket -> (backend, VIP) for sockets connect() translated (see struct meshd_sknat). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct meshd_sknat);
+} meshd_sknat_v1 SEC(".maps");
+
+/* True for sockets of the meshd daemon itself: they are never translated, so a VIP that
+ * equals an address the daemon needs (an etcd endpoint, the API server) cannot cut the
+ * daemon off from the registry that would repair it. The daemon is identified by its
+ * process id in its own pid namespace (works when it runs in a container). Only asked for
+ * destinations that are services: other connects pay nothing. */
+static __always_inline int meshd_is_self(void)
+{
+	struct bpf_pidns_info ns = {};
+
+	if (!meshd_cfg.self_tgid)
+		return 0;
+	if (bpf_get_ns_current_pid_tgid(meshd_cfg.self_pidns_dev, meshd_cfg.self_pidns_ino, &ns,
+					sizeof(ns)))
+		return 0; /* not in the daemon's pid namespace: not the daemon */
+	return ns.tgid == meshd_cfg.self_tgid;
+}
 
 
 /* Picks a backend for the frontend `key`. Returns 0 and fills *be, -ENOENT when the
@@ -55,8 +80,8 @@ static __always_inline int meshd_pick(const struct meshd_svc_key *key, __u64 coo
 	__u32 zero = 0, slot, m, be_id;
 
 	svc = bpf_map_lookup_elem(&meshd_svc_v1, key);
-	if (!svc)
-		return -2; /* ENOENT: not a service */
+	if (!svc || meshd_is_self())
+		return -2; /* ENOENT: not a service (or the daemon's own socket): leave it */
 	ids->group = svc->id;
 	if (svc->count == 0)
 		return -MESHD_ECONNREFUSED;
@@ -81,15 +106,40 @@ static __always_inline int meshd_pick(const struct meshd_svc_key *key, __u64 coo
 	return 0;
 }
 
-static __always_inline void meshd_remember(__u64 cookie, const struct meshd_backend *be,
-					   const struct meshd_svc_key *key)
+static __always_inline int meshd_eq16(const __u32 *a, const __u32 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
+}
+
+/* Remembers backend -> VIP for recvmsg/getpeername. connect(): in the socket's own storage
+ * (never evicted while the socket lives); sendmsg (unconnected UDP): in the LRU, looked up
+ * first and written only when new or changed -- a socket sending a stream of datagrams
+ * does not rewrite (and contend on) the same entry each time, as in Cilium. */
+static __always_inline void meshd_remember(struct bpf_sock_addr *ctx, __u64 cookie,
+					   const struct meshd_backend *be,
+					   const struct meshd_svc_key *key, int is_connect)
 {
 	struct meshd_revnat_key rk = {};
-	struct meshd_revnat_val rv = {};
+	struct meshd_revnat_val rv = {}, *old;
+	struct meshd_sknat *sn;
 
+	if (is_connect && ctx->sk) {
+		sn = bpf_sk_storage_get(&meshd_sknat_v1, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		if (sn) {
+			__builtin_memcpy(sn->be_addr, be->addr, sizeof(sn->be_addr));
+			__builtin_memcpy(sn->vip_addr, key->addr, sizeof(sn->vip_addr));
+			sn->be_port = be->port;
+			sn->vip_port = key->port;
+			return;
+		}
+		/* no memory for the storage: fall back to the LRU */
+	}
 	rk.cookie = cookie;
 	__builtin_memcpy(rk.addr, be->addr, sizeof(rk.addr));
 	rk.port = be->port;
+	old = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);
+	if (old && old->port == key->port && meshd_eq16(old->addr, key->addr))
+		return;
 	__builtin_memcpy(rv.addr, key->addr, sizeof(rv.addr));
 	rv.port = key->port;
 	bpf_map_update_elem(&meshd_revnat_v1, &rk, &rv, BPF_ANY);
@@ -133,7 +183,7 @@ static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connec
 	}
 	ctx->user_ip4 = be.addr[3];
 	ctx->user_port = be.port;
-	meshd_remember(cookie, &be, &key);
+	meshd_remember(ctx, cookie, &be, &key, is_connect);
 	meshd_observe(ctx, &ids, 0, is_connect);
 	return 1;
 }
@@ -167,46 +217,66 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connec
 	ctx->user_ip6[2] = be.addr[2];
 	ctx->user_ip6[3] = be.addr[3];
 	ctx->user_port = be.port;
-	meshd_remember(cookie, &be, &key);
+	meshd_remember(ctx, cookie, &be, &key, is_connect);
 	meshd_observe(ctx, &ids, 0, is_connect);
 	return 1;
 }
 
-/* Shared by recvmsg and getpeername: backend -> VIP if this socket was translated. */
-static __always_inline void meshd_restore4(struct bpf_sock_addr *ctx)
+/* Shared by recvmsg and getpeername: the VIP for `addr`:`port` (a backend) if this socket
+ * was translated to it -- from the socket's storage (connect) or the LRU (sendmsg). */
+static __always_inline int meshd_vip_of(struct bpf_sock_addr *ctx, const __u32 *addr,
+					__u16 port, __u32 *vip, __u16 *vip_port)
 {
 	struct meshd_revnat_key rk = {};
 	struct meshd_revnat_val *rv;
+	struct meshd_sknat *sn = 0;
 
+	if (ctx->sk)
+		sn = bpf_sk_storage_get(&meshd_sknat_v1, ctx->sk, 0, 0);
+	if (sn && sn->be_port == port && meshd_eq16(sn->be_addr, addr)) {
+		__builtin_memcpy(vip, sn->vip_addr, 16);
+		*vip_port = sn->vip_port;
+		return 1;
+	}
 	rk.cookie = bpf_get_socket_cookie(ctx);
-	meshd_map_v4(rk.addr, ctx->user_ip4);
-	rk.port = (__u16)ctx->user_port;
+	__builtin_memcpy(rk.addr, addr, sizeof(rk.addr));
+	rk.port = port;
 	rv = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);
 	if (!rv)
+		return 0;
+	__builtin_memcpy(vip, rv->addr, 16);
+	*vip_port = rv->port;
+	return 1;
+}
+
+static __always_inline void meshd_restore4(struct bpf_sock_addr *ctx)
+{
+	__u32 addr[4], vip[4];
+	__u16 vip_port;
+
+	meshd_map_v4(addr, ctx->user_ip4);
+	if (!meshd_vip_of(ctx, addr, (__u16)ctx->user_port, vip, &vip_port))
 		return;
-	ctx->user_ip4 = rv->addr[3];
-	ctx->user_port = rv->port;
+	ctx->user_ip4 = vip[3];
+	ctx->user_port = vip_port;
 }
 
 static __always_inline void meshd_restore6(struct bpf_sock_addr *ctx)
 {
-	struct meshd_revnat_key rk = {};
-	struct meshd_revnat_val *rv;
+	__u32 addr[4], vip[4];
+	__u16 vip_port;
 
-	rk.cookie = bpf_get_socket_cookie(ctx);
-	rk.addr[0] = ctx->user_ip6[0];
-	rk.addr[1] = ctx->user_ip6[1];
-	rk.addr[2] = ctx->user_ip6[2];
-	rk.addr[3] = ctx->user_ip6[3];
-	rk.port = (__u16)ctx->user_port;
-	rv = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);
-	if (!rv)
+	addr[0] = ctx->user_ip6[0];
+	addr[1] = ctx->user_ip6[1];
+	addr[2] = ctx->user_ip6[2];
+	addr[3] = ctx->user_ip6[3];
+	if (!meshd_vip_of(ctx, addr, (__u16)ctx->user_port, vip, &vip_port))
 		return;
-	ctx->user_ip6[0] = rv->addr[0];
-	ctx->user_ip6[1] = rv->addr[1];
-	ctx->user_ip6[2] = rv->addr[2];
-	ctx->user_ip6[3] = rv->addr[3];
-	ctx->user_port = rv->port;
+	ctx->user_ip6[0] = vip[0];
+	ctx->user_ip6[1] = vip[1];
+	ctx->user_ip6[2] = vip[2];
+	ctx->user_ip6[3] = vip[3];
+	ctx->user_port = vip_port;
 }
 
 SEC("cgroup/connect4")

@@ -18,7 +18,11 @@
  * code here: node address:port frontends are ordinary entries of meshd_svc_v1.
  *
  * Shares meshd_svc_v1 / meshd_be_v1 / meshd_maglev_v1 with the socket LB (the loader
- * reuses the instance's pinned maps). Edge cases, each deliberate (docs/tc.md):
+ * reuses the instance's pinned maps). Verdicts: a translated packet returns TC_ACT_UNSPEC
+ * too, never TC_ACT_OK: OK would end the filter chain, and filters of other tools at later
+ * priorities on the same hook (policy, accounting, mirroring) would never see the packet;
+ * with UNSPEC they see it translated, and the packet goes on as with OK when no filter
+ * follows. Only TC_ACT_SHOT (a drop) is final. Edge cases, each deliberate (docs/tc.md):
  *   - not TCP/UDP/ICMP, not IPv4/IPv6, not a VIP:port/proto: untouched, TC_ACT_UNSPEC (so
  *     filters of other tools at later priorities still run); one hash lookup
  *   - IPv4 options: the L4 header is found at ihl * 4
@@ -436,7 +440,7 @@ static __always_inline int meshd_frag_xlate(struct __sk_buff *skb, const struct 
 	if (meshd_set_addr(skb, p, dir == MESHD_CT_FWD, fv->addr, 0, 0))
 		return meshd_drop_err(st);
 	MESHD_COUNT(st, frag_xlate);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC; /* translated: later filters still run */
 }
 
 /* ---- ICMP errors quoting a tracked flow ------------------------------------------------ */
@@ -566,7 +570,7 @@ static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct 
 	    meshd_set_addr(skb, p, fwd, new_addr, p->v6 ? icmp_csum_off : 0, 0))
 		return meshd_drop_err(st);
 	MESHD_COUNT(st, icmp_xlate);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC; /* translated: later filters still run */
 }
 
 /* ---- SNAT mode ------------------------------------------------------------------------- */
@@ -807,7 +811,7 @@ static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct me
 	    meshd_set_port(skb, p->l4off, p->sport, nat_port, csum_off, l4_flags))
 		return meshd_drop_err(st);
 	MESHD_COUNT(st, snat);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC; /* translated: later filters still run */
 }
 
 /* Ingress, SNAT mode: a reply to node address:port of a SNAT flow gets its client back as
@@ -836,7 +840,7 @@ static __always_inline int meshd_unsnat(struct __sk_buff *skb, const struct mesh
 	    meshd_set_port(skb, p->l4off + 2, p->dport, v->nat_port, csum_off, l4_flags))
 		return meshd_drop_err(st);
 	MESHD_COUNT(st, unsnat);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC; /* translated: later filters still run */
 }
 
 /* ---- the two directions ---------------------------------------------------------------- */
@@ -975,7 +979,7 @@ static __always_inline int meshd_nat_fwd(struct __sk_buff *skb)
 	    meshd_set_port(skb, p.l4off + 2, p.dport, nat_port, csum_off, l4_flags))
 		return meshd_drop_err(st);
 	MESHD_COUNT(st, dnat);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC; /* translated: later filters still run */
 }
 
 static __always_inline int meshd_nat_rev(struct __sk_buff *skb)
@@ -1019,7 +1023,7 @@ static __always_inline int meshd_nat_rev(struct __sk_buff *skb)
 	    meshd_set_port(skb, p.l4off, p.sport, rv->nat_port, csum_off, l4_flags))
 		return meshd_drop_err(st);
 	MESHD_COUNT(st, revnat);
-	return TC_ACT_OK;
+	return TC_ACT_UNSPEC; /* translated: later filters still run */
 }
 
 SEC("tc")

@@ -5,7 +5,9 @@
      ├── RecordError      one bad service record (names its key/position and the reason)
      ├── RegistryError    a registry (etcd, file) could not be read
      ├── DataplaneError   the kernel side could not be set up or changed
-     │    └── BpfError    one libbpf/bpf() call failed: errno, operation, object
+     │    ├── BpfError    one libbpf/bpf() call failed: errno, operation, object
+     │    ├── LibbpfMissing   libbpf.so.1 (or a function meshd needs) is not on this host
+     │    └── KernelFeatureMissing   the running kernel lacks something meshd needs
      └── LabError         the netns lab could not be built or torn down
 """
 
@@ -63,6 +65,14 @@ class BpfError(DataplaneError):
         if hint:
             msg += f" — {hint}"
         super().__init__(msg)
+
+
+class LibbpfMissing(DataplaneError):
+    """libbpf.so.1 cannot be loaded, or lacks a function meshd calls."""
+
+
+class KernelFeatureMissing(DataplaneError):
+    """The running kernel lacks a feature meshd needs (names it and the kernel version)."""
 
 
 class LabError(MeshdError):

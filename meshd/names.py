@@ -15,13 +15,18 @@ MAP_META = "meshd_meta_v1"
 MAP_NAMES = "meshd_names_v1"
 SOCK_LB_MAPS = (MAP_SVC, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_META, MAP_NAMES)
 
+# Socket storage of translated sockets: connect() keeps (backend, VIP) there, so a
+# connected socket's getpeername() never depends on the LRU meshd_revnat_v1 (which only
+# unconnected UDP uses). In bpf/sock_lb.bpf.c; reused by bpf/sock_destroy.bpf.c.
+MAP_SKNAT = "meshd_sknat_v1"
+
 # Metrics maps (bpf/include/meshd_metrics.h), in the same object and pin dir. The zero-value
 # map (meshd_zero_v1) is not pinned: a fresh one per load is as good.
 MAP_SKMETA = "meshd_skmeta_v1"  # socket storage: socket -> (group, backend, start)
 MAP_STATS = "meshd_stats_v1"  # per-CPU hash: (group, backend) -> counters and histograms
 METRICS_MAPS = (MAP_SKMETA, MAP_STATS)
 # Every map the loader pins and adopts across restarts.
-PINNED_MAPS = SOCK_LB_MAPS + METRICS_MAPS
+PINNED_MAPS = SOCK_LB_MAPS + (MAP_SKNAT,) + METRICS_MAPS
 
 # Name of each Maglev inner map the reconciler creates (kernel names are at most 15 chars).
 MAGLEV_INNER_NAME = "meshd_mglv_tbl"

@@ -4,13 +4,16 @@ Order, so a connecting socket never sees a half-written service:
   1. backends that are new                   (nothing points at them yet)
   2. per group: its Maglev table, built aside and swapped in as one inner map (all changed
      tables in one batch: every map-in-map update syscall waits an RCU grace period)
-  3. frontends (VIP:port -> group, count)    (now everything they point at exists)
+  3. frontends (VIP:port -> group, count)    (now everything they point at exists; the ones
+                                             nothing wants any more go first: in a full map
+                                             they make room)
   4. tables and names of groups that are gone, after their frontends
   5. backends no table references any more
 Work is proportional to what changed: a group whose Group object is the one applied last
 time is skipped without looking inside (DesiredState keeps unchanged groups' objects), so
 one endpoint change at 10,000 services costs one group's work.
-A kernel error on one group (map full, ENOMEM) is recorded as that group's status and the
+A kernel error on one group (map full: E2BIG, ENOMEM), whether on its name, table or one of
+its frontends, is recorded under the group's key as its status and the
 group keeps what it had; every other group still converges; the failed group is retried
 on the next apply. Errors never reach the sources.
 """
@@ -295,11 +298,33 @@ class Reconciler:
                 for g, i in zip(groups, idx)]
 
     def _write_frontends(self, desired, changed, ok: dict[str, Group], rep: Report) -> None:
+        # A failed write (the frontend map is full: E2BIG) is that group's error, so the
+        # service shows it and the next apply retries it; every other group still converges.
         want: dict[Frontend, tuple[int, int]] = {}
+        owner: dict[Frontend, str] = {}
         for key, g in ok.items():
             gid = self.groups[key].gid
             for fe in g.frontends:
                 want[fe] = (gid, min(len(g.backends), MAX_COUNT))
+                owner[fe] = key
+        # Frontends of changed groups that no group wants any more (a failed group keeps its)
+        # go first: nothing wants them, and in a full map they make room for the new ones.
+        stale: dict[Frontend, str] = {}
+        for key in changed:
+            cur = self.groups.get(key)
+            if cur is not None and (key in ok or key not in desired):
+                # (not `set - want.keys()`: that copies all of `want` per group: quadratic)
+                stale.update((fe, key) for fe in self._fes_of.get(cur.gid, ()) if fe not in want)
+        if self._full:  # adopted entries of a group that has no name (a crash mid-write)
+            named = {cur.gid for cur in self.groups.values()}
+            stale.update((fe, f"frontend {fe}") for fe, (gid, _c) in self.frontends.items()
+                         if gid not in named and fe not in want)
+        for fe in sorted(stale, key=str):
+            try:
+                self._op(rep, "delete_frontend", self.dp.delete_frontend, fe)
+                self._forget_frontend(fe)
+            except DataplaneError as e:
+                rep.errors.setdefault(stale[fe], f"frontend {fe} not removed: {e}")
         for fe, val in sorted(want.items(), key=lambda kv: str(kv[0])):
             if self.frontends.get(fe) == val:
                 continue
@@ -309,24 +334,8 @@ class Reconciler:
                 self.frontends[fe] = val
                 self._fes_of.setdefault(val[0], set()).add(fe)
             except DataplaneError as e:
-                rep.errors[f"frontend {fe}"] = str(e)
-        # frontends of changed groups that no group wants any more (a failed group keeps its)
-        stale = set()
-        for key in changed:
-            cur = self.groups.get(key)
-            if cur is not None and (key in ok or key not in desired):
-                # (not `set - want.keys()`: that copies all of `want` per group: quadratic)
-                stale.update(fe for fe in self._fes_of.get(cur.gid, ()) if fe not in want)
-        if self._full:  # adopted entries of a group that has no name (a crash mid-write)
-            named = {cur.gid for cur in self.groups.values()}
-            stale |= {fe for fe, (gid, _c) in self.frontends.items()
-                      if gid not in named and fe not in want}
-        for fe in sorted(stale, key=str):
-            try:
-                self._op(rep, "delete_frontend", self.dp.delete_frontend, fe)
-                self._forget_frontend(fe)
-            except DataplaneError as e:
-                rep.errors[f"frontend {fe}"] = str(e)
+                log.error("service group %s: frontend %s not written: %s", owner[fe], fe, e)
+                rep.errors.setdefault(owner[fe], f"frontend {fe} not written: {e}")
 
     def _forget_frontend(self, fe: Frontend) -> None:
         old = self.frontends.pop(fe, None)

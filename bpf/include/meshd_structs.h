@@ -61,6 +61,21 @@ struct meshd_revnat_val {
 struct meshd_cfg {
 	__u32 maglev_m;	/* Maglev table size (prime); inner map value is maglev_m * 4 bytes */
 	__u32 flags;	/* MESHD_CFG_F_* (meshd_metrics.h); was padding (zero: no metrics) */
+	__u64 self_pidns_dev;	/* the daemon's pid namespace: nsfs device (kernel dev_t) */
+	__u64 self_pidns_ino;	/* ... and inode */
+	__u32 self_tgid;	/* the daemon's process id in that namespace; 0: translate everyone */
+	__u32 pad;		/* zero */
+};
+
+/* Value of meshd_sknat_v1, the socket storage of every socket connect() translated: the
+ * backend it was sent to and the VIP it asked for. Lives and dies with the socket, so a
+ * connected socket's getpeername() shows the VIP however many other sockets come and go
+ * (the LRU meshd_revnat_v1 is only for unconnected UDP, keyed per datagram peer). */
+struct meshd_sknat {
+	__u32 be_addr[4];	/* backend address, network order, IPv4-mapped */
+	__u32 vip_addr[4];	/* VIP, network order, IPv4-mapped */
+	__u16 be_port;		/* backend port, network order */
+	__u16 vip_port;		/* VIP port, network order */
 };
 
 /* Value of meshd_meta_v1[0]: what the pinned maps were created with, so a restarted

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from meshd.errors import BpfError
+from meshd.errors import BpfError, LibbpfMissing
 
 log = logging.getLogger("meshd.libbpf")
 
@@ -38,12 +38,23 @@ ATTACH_TYPES = {
 }
 BPF_ANY, BPF_NOEXIST, BPF_EXIST = 0, 1, 2
 
-_lib = C.CDLL("libbpf.so.1", use_errno=True)
+LIBBPF = "libbpf.so.1"
+_INSTALL = "install it: apt-get install libbpf1 (Debian/Ubuntu; dnf install libbpf on Fedora)"
+
+try:
+    _lib = C.CDLL(LIBBPF, use_errno=True)
+except OSError as e:  # raised at import: every CLI verb reports it in one line
+    raise LibbpfMissing(f"cannot load {LIBBPF} ({e}): meshd needs libbpf >= 1.1; "
+                        f"{_INSTALL}") from None
 _libc = C.CDLL(None, use_errno=True)
 
 
 def _fn(name: str, restype, *argtypes):
-    f = getattr(_lib, name)
+    try:
+        f = getattr(_lib, name)
+    except AttributeError:
+        raise LibbpfMissing(f"{LIBBPF} has no {name}(): it is older than the libbpf 1.1 meshd "
+                            f"needs; {_INSTALL}") from None
     f.restype = restype
     f.argtypes = list(argtypes)
     return f

@@ -19,7 +19,6 @@ import ipaddress
 import logging
 import os
 import socket
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,13 +26,14 @@ import numpy as np
 
 from meshd import names
 from meshd.desired import BackendRef
-from meshd.errors import DataplaneError
+from meshd.errors import BpfError, DataplaneError
+from meshd.dataplane import features
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
+from meshd.dataplane import tc
+from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
 log = logging.getLogger("meshd.dataplane")
-
-BPF_OBJ_DIR = Path(__file__).resolve().parent.parent / "bpf_obj"
 
 # Map name -> (key type, value type) as seen from user space. The Maglev outer map's value
 # is an inner map fd on update and an inner map id on lookup.
@@ -47,24 +47,6 @@ MAP_TYPES = {
     names.MAP_SKMETA: (C.c_int, S.SkMeta),
     names.MAP_STATS: (S.StatsKey, S.Stats),  # per CPU: opened as a PercpuMap
 }
-
-
-def object_path(name: str) -> Path:
-    return BPF_OBJ_DIR / name
-
-
-def ensure_bpffs(bpffs: Path) -> None:
-    """Mounts bpffs at `bpffs` if nothing of type bpf is mounted there."""
-    bpffs = Path(bpffs)
-    with open("/proc/self/mounts") as f:
-        if any(line.split()[1] == str(bpffs) and line.split()[2] == "bpf" for line in f):
-            return
-    bpffs.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise DataplaneError(f"cannot mount bpffs at {bpffs}: {r.stderr.strip()} "
-                             "(run as root, or mount it: mount -t bpf bpf /sys/fs/bpf)")
-    log.info("mounted bpffs at %s", bpffs)
 
 
 def cgroup_id(path: Path) -> int:
@@ -185,29 +167,6 @@ def open_metrics(bpffs: Path, instance: str) -> MetricsMaps:
         raise
 
 
-def adopt_pins(obj: bpf.BpfObject, pin_dir: Path, map_names) -> set[str]:
-    """Before load: makes each map of `map_names` that is pinned in `pin_dir` reuse the pinned
-    map (its entries survive a restart or upgrade). Returns the names adopted."""
-    adopted = set()
-    for name in map_names:
-        pin = pin_dir / name
-        if pin.exists():
-            fd = bpf.obj_get(pin)
-            try:
-                obj.reuse_map_fd(name, fd)
-            finally:
-                bpf.close_fd(fd)
-            adopted.add(name)
-    return adopted
-
-
-def pin_new(obj: bpf.BpfObject, pin_dir: Path, map_names, adopted: set[str]) -> None:
-    """After load: pins every map of `map_names` that was not adopted."""
-    for name in map_names:
-        if name not in adopted:
-            bpf.obj_pin(obj.map_fd(name), pin_dir / name)
-
-
 def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
     meta_pin = pin_dir / names.MAP_META
     if not meta_pin.exists():
@@ -229,29 +188,92 @@ def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
             "`meshd cleanup` (drops the pinned state) and start again")
 
 
+def _self_cfg(self_pid: int | None) -> tuple[int, int, int]:
+    """(pidns dev, pidns ino, tgid) for .rodata: whose sockets the hooks never translate."""
+    if self_pid == 0:
+        return 0, 0, 0
+    pid = os.getpid() if self_pid is None else self_pid
+    if features.missing((features.SELF_PID,)):
+        log.warning("kernel %s: %s is missing, so the daemon's own connections to VIPs are "
+                    "translated like any other (a VIP equal to an etcd address would cut the "
+                    "daemon off)", os.uname().release, features.WHY[features.SELF_PID])
+        return 0, 0, 0
+    return features.self_identity(pid)
+
+
+def _check_sizes(pin_dir: Path, want: dict[str, int]) -> None:
+    """Pinned maps must have the sizes asked for: libbpf would adopt them silently with their
+    old size (a full map later, far from the cause)."""
+    for name, n in want.items():
+        pin = pin_dir / name
+        if not pin.exists():
+            continue
+        fd = bpf.obj_get(pin)
+        try:
+            have = bpf.map_info(fd, name).max_entries
+        finally:
+            bpf.close_fd(fd)
+        if have != n:
+            raise DataplaneError(
+                f"map {name} pinned at {pin_dir} holds {have} entries, {n} were asked for: "
+                f"set the size back to {have}, or run `meshd cleanup` (drops the pinned "
+                "state) and start again")
+
+
+def map_sizes(max_frontends: int | None, max_backends: int | None) -> dict[str, int]:
+    """max_entries per map for the given limits: the frontend limit also bounds the Maglev
+    tables and group names (every group has at least one frontend)."""
+    out: dict[str, int] = {}
+    for what, n in (("max_frontends", max_frontends), ("max_backends", max_backends)):
+        if n is not None and not 1 <= n <= 1 << 24:
+            raise DataplaneError(f"{what}={n}: must be between 1 and {1 << 24}")
+    if max_frontends is not None:
+        out.update({names.MAP_SVC: max_frontends, names.MAP_MAGLEV: max_frontends,
+                    names.MAP_NAMES: max_frontends})
+    if max_backends is not None:
+        out[names.MAP_BACKENDS] = max_backends
+    return out
+
+
 def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool = True,
-         stats_max_entries: int | None = None) -> Maps:
+         stats_max_entries: int | None = None, *, self_pid: int | None = None,
+         max_frontends: int | None = None, max_backends: int | None = None) -> Maps:
     """Loads (or adopts) the socket LB of `instance` and attaches it to `cgroup`; with
     `metrics`, also the metrics programs (else they are detached if they were attached).
     `stats_max_entries` caps the (group, backend) pairs with counters when the stats map is
-    created (default MESHD_MAX_STATS = 65536); a pinned map keeps its size."""
+    created (default MESHD_MAX_STATS = 65536); a pinned map keeps its size.
+    `self_pid`: a process whose sockets are never translated (default: the calling process,
+    i.e. the daemon; 0: none). `max_frontends` / `max_backends`: max_entries of meshd_svc_v1
+    (and of the Maglev and names maps) / of meshd_be_v1 (default 65,536 / 262,144); pinned
+    maps of another size are refused (DataplaneError naming `meshd cleanup`); None adopts
+    whatever size is pinned."""
     cgroup = Path(cgroup)
     if not (cgroup / "cgroup.procs").exists():
         raise DataplaneError(f"cgroup {cgroup} is not a cgroup v2 directory (on this machine "
                              "cgroup2 is usually at /sys/fs/cgroup/unified); fix `cgroup:`")
+    sizes = map_sizes(max_frontends, max_backends)
+    self_dev, self_ino, self_tgid = _self_cfg(self_pid)
     ensure_bpffs(bpffs)
     pin_dir = names.pin_dir(bpffs, instance)
     pin_dir.mkdir(parents=True, exist_ok=True)
     _check_adoptable(pin_dir, maglev_m)
+    _check_sizes(pin_dir, sizes)
+    needs = (features.BTF, features.SET_RETVAL) + ((features.SELF_PID,) if self_tgid else ())
 
     with bpf.BpfObject(object_path(names.OBJ_SOCK_LB)) as obj:
-        obj.set_rodata(bytes(S.Cfg(maglev_m=maglev_m,
-                                   flags=S.CFG_F_METRICS if metrics else 0)))
+        obj.set_rodata(bytes(S.Cfg(maglev_m=maglev_m, flags=S.CFG_F_METRICS if metrics else 0,
+                                   self_pidns_dev=self_dev, self_pidns_ino=self_ino,
+                                   self_tgid=self_tgid)))
         obj.set_inner_value_size(names.MAP_MAGLEV, 4 * maglev_m)
         if stats_max_entries:
             obj.set_max_entries(names.MAP_STATS, stats_max_entries)
+        for name, n in sizes.items():
+            obj.set_max_entries(name, n)
         adopted = adopt_pins(obj, pin_dir, names.PINNED_MAPS)
-        obj.load()
+        try:
+            obj.load()
+        except BpfError as e:
+            raise features.explain(e, f"the socket LB ({names.OBJ_SOCK_LB})", needs) from e
         pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
         log.info("socket LB loaded (maglev m=%d); adopted %d pinned maps; metrics %s "
                  "(adopted %d pinned metrics maps)", maglev_m,
@@ -308,11 +330,13 @@ def _detach_pinned(pin_dir: Path, programs: dict[str, str]) -> None:
             pin.unlink()
 
 
-def set_metrics(bpffs: Path, instance: str, cgroup: Path, enabled: bool) -> None:
+def set_metrics(bpffs: Path, instance: str, cgroup: Path, enabled: bool, *,
+                self_pid: int | None = None) -> None:
     """Turns the metrics of a loaded instance on or off, keeping the pinned maps and their
     counters: reloads the object with or without MESHD_CFG_F_METRICS and swaps every socket
     hook in place (bpf_link_update, no gap), then attaches or detaches the metrics programs.
-    For the overhead benchmark and for operators who want the bare data path."""
+    For the overhead benchmark and for operators who want the bare data path. `self_pid`
+    as in load(): the daemon's pid when another process calls this."""
     pin_dir = names.pin_dir(bpffs, instance)
     meta_pin = pin_dir / names.MAP_META
     if not meta_pin.exists():
@@ -324,7 +348,7 @@ def set_metrics(bpffs: Path, instance: str, cgroup: Path, enabled: bool) -> None
         meta_map.close()
     if meta is None or meta.maglev_m == 0:
         raise DataplaneError(f"instance {instance!r} at {pin_dir} was never fully loaded")
-    load(bpffs, instance, cgroup, meta.maglev_m, metrics=enabled).close()
+    load(bpffs, instance, cgroup, meta.maglev_m, metrics=enabled, self_pid=self_pid).close()
 
 
 def metrics_attached(pin_dir: Path) -> bool:
@@ -350,7 +374,6 @@ def attached_cgroup_ids(pin_dir: Path) -> dict[str, int | None]:
 
 def remove(bpffs: Path, instance: str) -> list[str]:
     """Detaches every link and removes every pin of `instance`. Returns what it removed."""
-    from meshd.dataplane import tc  # lazy: tc imports this module
     removed: list[str] = [f"tc filter on {n}" for n in tc.detach_all(bpffs, instance)]
     pin_dir = names.pin_dir(bpffs, instance)
     if not pin_dir.exists():

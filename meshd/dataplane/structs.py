@@ -40,7 +40,15 @@ class RevnatVal(C.Structure):
 
 
 class Cfg(C.Structure):
-    _fields_ = [("maglev_m", C.c_uint32), ("flags", C.c_uint32)]
+    _fields_ = [("maglev_m", C.c_uint32), ("flags", C.c_uint32),
+                ("self_pidns_dev", C.c_uint64), ("self_pidns_ino", C.c_uint64),
+                ("self_tgid", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class SkNat(C.Structure):
+    """Value of meshd_sknat_v1 (socket storage): backend and VIP of a connected socket."""
+    _fields_ = [("be_addr", Addr16), ("vip_addr", Addr16), ("be_port", C.c_uint16),
+                ("vip_port", C.c_uint16)]
 
 
 CFG_F_METRICS = 1  # MESHD_CFG_F_METRICS: the socket hooks tag sockets and count refusals
@@ -95,6 +103,7 @@ MIRRORS = {
     "meshd_revnat_key": RevnatKey,
     "meshd_revnat_val": RevnatVal,
     "meshd_cfg": Cfg,
+    "meshd_sknat": SkNat,
     "meshd_meta": Meta,
     "meshd_svc_name": SvcName,
     "meshd_sk_meta": SkMeta,

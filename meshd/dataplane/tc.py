@@ -24,6 +24,7 @@ tc calls act on the calling thread's network namespace; with `netns` (a name und
 from __future__ import annotations
 
 import ctypes as C
+import fcntl
 import ipaddress
 import json
 import os
@@ -38,10 +39,13 @@ from meshd import names
 from meshd.errors import BpfError, DataplaneError
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
-from meshd.dataplane.loader import adopt_pins, ensure_bpffs, object_path, pin_new
+from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
-PRIORITY = 1  # tc filter priority (both hooks): first, so other filters see translated packets
-TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2  # what the programs return
+# tc filter priority (both hooks): first, so filters at later priorities see translated
+# packets -- the programs return TC_ACT_UNSPEC after a rewrite (the chain goes on), never
+# TC_ACT_OK (which would end it); TC_ACT_SHOT only for a drop.
+PRIORITY = 1
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2
 CT_FWD, CT_REV, CT_SNAT_OUT, CT_SNAT_REV = 0, 1, 2, 3  # meshd_ct_key.dir
 
 
@@ -263,6 +267,35 @@ def _ifindexes(interfaces, where: str) -> dict[str, int]:
     return out
 
 
+# Link types (ARPHRD_*) whose frames start with a 14-byte Ethernet header, as the programs
+# parse them (bpf/tc_lb.bpf.c: ETH_HLEN); loopback has one too (all-zero addresses).
+_ETHERNET_LIKE = {1: "ether", 772: "loopback"}
+_LINK_TYPES = {65534: "none", 768: "ipip", 769: "tunnel6", 776: "sit", 778: "gre",
+               823: "ip6gre", 512: "ppp"}
+_SIOCGIFHWADDR = 0x8927
+
+
+def link_type(name: str) -> int:
+    """ARPHRD_* type of interface `name` in the calling thread's network namespace."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:  # made in this namespace
+        ifr = fcntl.ioctl(s.fileno(), _SIOCGIFHWADDR, struct.pack("16s16x", name.encode()))
+    return struct.unpack_from("H", ifr, 16)[0]
+
+
+def _check_ethernet(idx: dict[str, int], where: str) -> None:
+    """The programs parse Ethernet frames: on an L3 device (WireGuard, tun, ipip, gre) they
+    would read the IP header 14 bytes too far and translate garbage. Refused, by name."""
+    bad = {n: link_type(n) for n in idx}
+    bad = {n: t for n, t in bad.items() if t not in _ETHERNET_LIKE}
+    if bad:
+        what = ", ".join(f"{n!r} (link type {_LINK_TYPES.get(t, t)})" for n, t in bad.items())
+        raise DataplaneError(
+            f"tc.interfaces: {what} in {where} carries bare IP packets, not Ethernet frames "
+            "(WireGuard, tun, ipip/gre tunnels), and meshd's tc programs parse Ethernet "
+            "frames only: remove it from tc.interfaces (the tc path does not support L3 "
+            "devices; list the Ethernet interface the traffic arrives on, if it has one)")
+
+
 def _if_map(pin_dir: Path) -> bpf.Map:
     return bpf.Map(bpf.obj_get(pin_dir / names.MAP_TC_IFS), names.MAP_TC_IFS, IfKey, IfVal)
 
@@ -328,6 +361,7 @@ def attach_interfaces(bpffs: Path, instance: str, interfaces, netns: str | Path 
 
         def work() -> None:
             idx = _ifindexes(interfaces, where)
+            _check_ethernet(idx, where)
             ino = _thread_netns_ino()
             for name, ifindex in idx.items():  # before any program runs in SNAT mode
                 addrs.update(C.c_uint32(ifindex), interface_addresses(name))

@@ -37,7 +37,11 @@ from meshd.reconciler import Reconciler
 from testlib import BPFFS, CGROUP2, TEST_PREFIX, claim, release
 
 M = 1021
-OK, UNSPEC, SHOT = tc.TC_ACT_OK, tc.TC_ACT_UNSPEC, tc.TC_ACT_SHOT
+# A translated packet returns UNSPEC too (the filter chain goes on: later filters of other
+# tools see it); TC_ACT_OK is never returned. Steps say XLATED (the output packet is
+# compared) or UNSPEC (untouched): both are the verdict -1.
+UNSPEC, SHOT = tc.TC_ACT_UNSPEC, tc.TC_ACT_SHOT
+XLATED = UNSPEC
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"  # explicit: scapy must not resolve
 CLIENT, CLIENT6 = "10.250.0.1", "fd00:250::1"
 VIP, VIP2, DNS_VIP, EMPTY_VIP = "10.96.0.10", "10.96.0.11", "10.96.0.53", "10.96.0.99"
@@ -229,32 +233,32 @@ def cases() -> list[Case]:
     # ---- translation, IPv4
     p = syn(40001)
     case("TCP SYN to a VIP:port goes to the Maglev backend, checksums patched",
-         Step("in", p, OK, dnat_tcp(p, be4(8080, "TCP", 40001))))
+         Step("in", p, XLATED, dnat_tcp(p, be4(8080, "TCP", 40001))))
     p = udp_req(40002)
     out_p = rebuilt(p)
     out_p[IP].dst, out_p[UDP].dport = be4(5353, "UDP", 40002), 5353
-    case("UDP to a VIP:port goes to the Maglev backend", Step("in", p, OK, out_p))
+    case("UDP to a VIP:port goes to the Maglev backend", Step("in", p, XLATED, out_p))
     p = udp_req(40003, chksum=0)
     out_p = rebuilt(p)
     out_p[IP].dst, out_p[UDP].dport, out_p[UDP].chksum = be4(5353, "UDP", 40003), 5353, 0
-    case("UDP without checksum (0) keeps 0", Step("in", p, OK, out_p))
+    case("UDP without checksum (0) keeps 0", Step("in", p, XLATED, out_p))
     b = be4(8080, "TCP", 40004)
     p = syn(40004)
     reply = eth(IP(src=b, dst=CLIENT) / TCP(sport=8080, dport=40004, flags="SA", seq=5, ack=1001))
     back = rebuilt(reply)
     back[IP].src, back[TCP].sport = VIP, 80
     case("the reply gets the VIP:port back as its source",
-         Step("in", p, OK, dnat_tcp(p, b)), Step("out", reply, OK, back))
+         Step("in", p, XLATED, dnat_tcp(p, b)), Step("out", reply, XLATED, back))
     p = syn(40005, options=[IPOption_Router_Alert()])
     case("IP options (ihl 6): the TCP header is found at ihl*4",
-         Step("in", p, OK, dnat_tcp(p, be4(8080, "TCP", 40005))))
+         Step("in", p, XLATED, dnat_tcp(p, be4(8080, "TCP", 40005))))
     p = syn(40006, options=[IPOption_RR(routers=["10.0.0.%d" % i for i in range(1, 10)])])
     case("IP options (ihl 15, the maximum)",
-         Step("in", p, OK, dnat_tcp(p, be4(8080, "TCP", 40006))))
+         Step("in", p, XLATED, dnat_tcp(p, be4(8080, "TCP", 40006))))
     p1, p2 = syn(40007, dst=VIP), syn(40007, dst=VIP2)
     b = be4(8080, "TCP", 40007)
     case("daddr is not hashed: the same flow to two VIPs of a service, same backend",
-         Step("in", p1, OK, dnat_tcp(p1, b)), Step("in", p2, OK, dnat_tcp(p2, b)))
+         Step("in", p1, XLATED, dnat_tcp(p1, b)), Step("in", p2, XLATED, dnat_tcp(p2, b)))
 
     # ---- untouched
     case("TCP to a VIP on a port that is no service: untouched",
@@ -282,7 +286,7 @@ def cases() -> list[Case]:
     synack = eth(IP(src=b, dst=CLIENT) / TCP(sport=8080, dport=sport, flags="SA"))
     case("a client reusing a closed VIP flow's port to reach the backend directly: its "
          "replies are left alone",
-         Step("in", p, OK, dnat_tcp(p, b)), Step("in", syn(sport, flags="R"), OK,
+         Step("in", p, XLATED, dnat_tcp(p, b)), Step("in", syn(sport, flags="R"), XLATED,
                                                  dnat_tcp(syn(sport, flags="R"), b)),
          Step("in", direct, UNSPEC), Step("out", synack, UNSPEC))
     sport = 40051
@@ -292,9 +296,9 @@ def cases() -> list[Case]:
     ack_vip = rebuilt(ack)
     ack_vip[IP].src, ack_vip[TCP].sport = VIP, 80
     case("a stray non-SYN packet straight to the backend does not end a VIP flow",
-         Step("in", p, OK, dnat_tcp(p, b)), Step("in", syn(sport, dst=b, dport=8080,
+         Step("in", p, XLATED, dnat_tcp(p, b)), Step("in", syn(sport, dst=b, dport=8080,
                                                           flags="A"), UNSPEC),
-         Step("out", ack, OK, ack_vip))
+         Step("out", ack, XLATED, ack_vip))
     sport = 40052
     b = be4(5353, "UDP", sport)
     p = udp_req(sport)
@@ -302,7 +306,7 @@ def cases() -> list[Case]:
     p_out[IP].dst, p_out[UDP].dport = b, 5353
     answer = eth(IP(src=b, dst=CLIENT) / UDP(sport=5353, dport=sport) / Raw(b"a"))
     case("UDP: a datagram straight to the backend from a VIP flow's tuple ends that flow",
-         Step("in", p, OK, p_out), Step("in", udp_req(sport, dst=b, dport=5353), UNSPEC),
+         Step("in", p, XLATED, p_out), Step("in", udp_req(sport, dst=b, dport=5353), UNSPEC),
          Step("out", answer, UNSPEC))
 
     # ---- fragments
@@ -316,7 +320,7 @@ def cases() -> list[Case]:
     assert len(frags_in) == 3
     case("IPv4 fragments: the first is translated (UDP checksum of the whole datagram), "
          "later ones follow it (IP checksum)",
-         *[Step("in", fi, OK, fo) for fi, fo in zip(frags_in, frags_out)])
+         *[Step("in", fi, XLATED, fo) for fi, fo in zip(frags_in, frags_out)])
     stray = frags_in[1].copy()
     stray[IP].id = 778
     case("a later fragment of an unknown datagram: untouched", Step("in", stray, UNSPEC))
@@ -325,7 +329,7 @@ def cases() -> list[Case]:
     rx = rebuilt(rdgram)
     rx[IP].src, rx[UDP].sport = DNS_VIP, 53
     case("fragmented reply: every fragment gets the VIP back",
-         *[Step("out", eth(fi), OK, eth(fo)) for fi, fo in
+         *[Step("out", eth(fi), XLATED, eth(fo)) for fi, fo in
            zip(fragment(rdgram[IP], fragsize=256), fragment(Ether(bytes(rx))[IP], fragsize=256))])
 
     # ---- ICMP errors about tracked flows
@@ -339,7 +343,7 @@ def cases() -> list[Case]:
     req_out = rebuilt(req)
     req_out[IP].dst, req_out[UDP].dport = b, 5353
     case("ICMP port unreachable from the backend: outer source and quoted destination "
-         "become the VIP", Step("in", req, OK, req_out), Step("out", err, OK, want))
+         "become the VIP", Step("in", req, XLATED, req_out), Step("out", err, XLATED, want))
     sport = 40031
     b = be4(8080, "TCP", sport)
     p = syn(sport)
@@ -350,7 +354,7 @@ def cases() -> list[Case]:
     want = eth(IP(src=ROUTER, dst=CLIENT) / ICMP(type=3, code=4, nexthopmtu=1400) /
                IPerror(src=CLIENT, dst=VIP, len=1500, flags="DF", proto=6) / Raw(tcp8_vip))
     case("ICMP fragmentation needed from a router: the router's source stays, the quoted "
-         "flow is translated", Step("in", p, OK, dnat_tcp(p, b)), Step("out", err, OK, want))
+         "flow is translated", Step("in", p, XLATED, dnat_tcp(p, b)), Step("out", err, XLATED, want))
     sport = 40032
     b = be4(5353, "UDP", sport)
     req = udp_req(sport)
@@ -361,13 +365,13 @@ def cases() -> list[Case]:
     want = eth(IP(src=CLIENT, dst=b) / ICMP(type=3, code=3) /
                quote(b, CLIENT, 5353, sport, b"answer"))
     case("ICMP port unreachable from the client about a reply: sent on to the backend",
-         Step("in", req, OK, req_out), Step("in", err, OK, want))
+         Step("in", req, XLATED, req_out), Step("in", err, XLATED, want))
     err0 = eth(IP(src=CLIENT, dst=DNS_VIP) / ICMP(type=3, code=3) /
                quote(DNS_VIP, CLIENT, 53, sport, b"nocsum", chksum=0))
     want0 = eth(IP(src=CLIENT, dst=b) / ICMP(type=3, code=3) /
                 quote(b, CLIENT, 5353, sport, b"nocsum", chksum=0))
     case("ICMP error quoting a UDP datagram sent without checksum: the quoted 0 stays 0",
-         Step("in", err0, OK, want0))
+         Step("in", err0, XLATED, want0))
     case("ICMP error quoting no tracked flow: untouched",
          Step("out", eth(IP(src="10.0.9.11", dst=CLIENT) / ICMP(type=3, code=3) /
                          IPerror(src=CLIENT, dst="10.0.9.11") /
@@ -382,7 +386,7 @@ def cases() -> list[Case]:
     r = eth(IPv6(src=b, dst=CLIENT6) / TCP(sport=8080, dport=sport, flags="SA"), v6=True)
     r_out = rebuilt(r)
     r_out[IPv6].src, r_out[TCP].sport = VIP6, 80
-    case("IPv6 TCP: VIP -> backend and back", Step("in", p, OK, p_out), Step("out", r, OK, r_out))
+    case("IPv6 TCP: VIP -> backend and back", Step("in", p, XLATED, p_out), Step("out", r, XLATED, r_out))
     sport = 40041
     b = be6(5353, "UDP", sport)
     p = eth(IPv6(src=CLIENT6, dst=DNS_VIP6) / UDP(sport=sport, dport=53) / Raw(b"q6"), v6=True)
@@ -393,7 +397,7 @@ def cases() -> list[Case]:
     want = eth(IPv6(src=DNS_VIP6, dst=CLIENT6) / ICMPv6DestUnreach(code=4) /
                quote(CLIENT6, DNS_VIP6, sport, 53, b"q6"), v6=True)
     case("ICMPv6 port unreachable from the backend: translated (pseudo header too)",
-         Step("in", p, OK, p_out), Step("out", err, OK, want))
+         Step("in", p, XLATED, p_out), Step("out", err, XLATED, want))
     case("IPv6 with an extension header (fragment) to a VIP: untouched",
          Step("in", eth(IPv6(src=CLIENT6, dst=VIP6, nh=44) /
                         Raw(bytes([6, 0, 0, 0, 0, 0, 0, 1]) + bytes(TCP(sport=40042, dport=80))),
@@ -444,7 +448,7 @@ def test_counters_follow_what_happened(fresh):
 # ---- conntrack ---------------------------------------------------------------------------
 def backend_of(e: Env, pkt) -> str:
     verdict, out = e.run("in", pkt)
-    assert verdict == OK
+    assert verdict == XLATED
     return Ether(out)[IP].dst
 
 
@@ -506,12 +510,12 @@ def test_a_new_syn_after_close_is_balanced_afresh(fresh, ending):
         backend_of(e, syn(s, flags="R"))
     elif ending == "rst-from-backend":
         reply[TCP].flags = "R"
-        assert e.run("out", reply)[0] == OK
+        assert e.run("out", reply)[0] == XLATED
     else:
         backend_of(e, syn(s, flags="FA"))
         assert backend_of(e, syn(s, flags="A")) == first, "half closed: still pinned"
         reply[TCP].flags = "FA"
-        assert e.run("out", reply)[0] == OK
+        assert e.run("out", reply)[0] == XLATED
     assert e.counters()["ct_closed"] == 1
     assert backend_of(e, syn(s, flags="A")) == first, "the last ACK still reaches it"
     assert backend_of(e, syn(s)) == expected_backend(backends4((1, 2, 3, 4, 5, 6)), 8080,
@@ -532,7 +536,7 @@ def test_conntrack_full_evicts_lru_and_flows_keep_their_backend(fresh):
         assert backend_of(e, syn(s, flags="A")) == want[s]
         reply = eth(IP(src=want[s], dst=CLIENT) / TCP(sport=8080, dport=s, flags="A"))
         verdict, out = e.run("out", reply)
-        assert verdict == OK and Ether(out)[IP].src == VIP
+        assert verdict == XLATED and Ether(out)[IP].src == VIP
     assert e.counters()["errors"] == 0
 
 
@@ -550,7 +554,7 @@ def test_two_nodes_with_the_same_state_pick_the_same_backend(fresh):
         client = str(ipaddress.IPv4Address(rnd.getrandbits(32)))
         p = syn(rnd.randrange(1024, 65536), src=client)
         ra, rb = a.run("in", p), b.run("in", p)
-        assert ra == rb and ra[0] == OK
+        assert ra == rb and ra[0] == XLATED
 
 
 def test_distribution_follows_the_table(fresh):

@@ -26,7 +26,7 @@ from meshd.dataplane import structs as S
 from meshd.metrics import read_tc_counters
 from meshd.dataplane import tc
 from testlib import BPFFS
-from test_tc_packets import (CLIENT, CLIENT6, DNS_VIP, OK, SHOT, UNSPEC, VIP, VIP6, Env,
+from test_tc_packets import (CLIENT, CLIENT6, DNS_VIP, SHOT, UNSPEC, XLATED, VIP, VIP6, Env,
                              be4, be6, dns, dnat_tcp, eth, quote, rebuilt, syn, udp_req, web)
 
 NODE, NODE6 = "10.0.9.1", "fd00:9::1"
@@ -62,7 +62,8 @@ def snat():
 
 def run_ok(e: Env, direction: str, pkt) -> Ether:
     verdict, out = e.run(direction, pkt)
-    assert verdict == OK, f"{direction}: verdict {verdict}\n{Ether(bytes(pkt)).show2(dump=True)}"
+    assert verdict == XLATED, \
+        f"{direction}: verdict {verdict}\n{Ether(bytes(pkt)).show2(dump=True)}"
     return Ether(out)
 
 
@@ -158,7 +159,7 @@ def test_port_range_exhausted_drops_and_counts(snat):
     for i in range(3):
         fwd = run_ok(e, "in", syn(43100, src=f"10.250.0.{i + 1}"))
         verdicts.append(e.run("out", fwd)[0])
-    assert verdicts == [OK, OK, SHOT]
+    assert verdicts == [XLATED, XLATED, SHOT]
     c = e.counters()
     assert (c["snat_new"], c["snat_fail"]) == (2, 1)
 
@@ -332,7 +333,7 @@ def _one_port_flow(e: Env, src: str, sport: int, pkt=None):
 def test_a_closed_tcp_flows_port_serves_a_new_flow_after_the_delay(snat):
     e = snat(web(ids=(1,)), ports=(LO, LO))
     v, out = _one_port_flow(e, "10.250.0.1", 42100)
-    assert v == OK and Ether(out)[TCP].sport == LO
+    assert v == XLATED and Ether(out)[TCP].sport == LO
     assert _one_port_flow(e, "10.250.0.2", 42100)[0] == SHOT  # held by an open flow
     _age_snat_rev(e, 3600)
     assert _one_port_flow(e, "10.250.0.2", 42101)[0] == SHOT, "an open flow idle for an hour"
@@ -343,7 +344,7 @@ def test_a_closed_tcp_flows_port_serves_a_new_flow_after_the_delay(snat):
     assert _one_port_flow(e, "10.250.0.2", 42102)[0] == SHOT, "not before the delay"
     _age_snat_rev(e, 2)
     v, out = _one_port_flow(e, "10.250.0.2", 42103)
-    assert v == OK and Ether(out)[TCP].sport == LO
+    assert v == XLATED and Ether(out)[TCP].sport == LO
     (_k, rv), = _ct(e, tc.CT_SNAT_REV)
     assert (rv.rst, socket.ntohs(rv.nat_port)) == (0, 42103)  # now the new client's
     old_client = bytes(S.pack_addr(ipaddress.ip_address("10.250.0.1")))
@@ -369,7 +370,7 @@ def test_a_flow_closed_by_the_backend_frees_its_port_too(snat):
     run_ok(e, "out", run_ok(e, "in", fin_b))  # un-SNAT, then the routed REV layer
     run_ok(e, "out", run_ok(e, "in", syn(42110, flags="FA")))  # the client's FIN
     _age_snat_rev(e)
-    assert _one_port_flow(e, "10.250.0.2", 42111)[0] == OK
+    assert _one_port_flow(e, "10.250.0.2", 42111)[0] == XLATED
 
 
 def test_a_syn_reopening_a_closed_flow_keeps_its_port_and_clears_the_mark(snat):
@@ -378,19 +379,19 @@ def test_a_syn_reopening_a_closed_flow_keeps_its_port_and_clears_the_mark(snat):
     port = Ether(out)[TCP].sport
     run_ok(e, "out", run_ok(e, "in", syn(42120, flags="R")))
     v, out = _one_port_flow(e, "10.250.0.1", 42120)  # the same tuple again, a new SYN
-    assert v == OK and Ether(out)[TCP].sport == port
+    assert v == XLATED and Ether(out)[TCP].sport == port
     assert [rv.rst for _k, rv in _ct(e, tc.CT_SNAT_REV)] == [0]
 
 
 def test_an_idle_udp_flows_port_serves_a_new_flow(snat):
     e = snat(dns(ids=(1,)), ports=(LO, LO))
-    assert _one_port_flow(e, "", 0, udp_req(42130))[0] == OK
+    assert _one_port_flow(e, "", 0, udp_req(42130))[0] == XLATED
     assert _one_port_flow(e, "", 0, udp_req(42131))[0] == SHOT  # busy (not idle 30 s)
     _age_snat_rev(e, 20)
     assert _one_port_flow(e, "", 0, udp_req(42133))[0] == SHOT  # idle 20 s: still its own
     _age_snat_rev(e, 31)
     v, out = _one_port_flow(e, "", 0, udp_req(42132))
-    assert v == OK and Ether(out)[UDP].sport == LO
+    assert v == XLATED and Ether(out)[UDP].sport == LO
 
 
 def test_a_flow_whose_fwd_entry_alone_was_evicted_keeps_its_port_without_a_new_pick(snat):
@@ -411,7 +412,7 @@ def test_an_open_tcp_flow_idle_six_hours_gives_its_port_up(snat):
     assert _one_port_flow(e, "10.250.0.2", 42151)[0] == SHOT
     if time.monotonic() > 6 * 3600 + 60:  # the clock must reach back that far
         _age_snat_rev(e, 6 * 3600 + 10)
-        assert _one_port_flow(e, "10.250.0.2", 42152)[0] == OK
+        assert _one_port_flow(e, "10.250.0.2", 42152)[0] == XLATED
     for k, v in _ct(e, tc.CT_SNAT_REV):  # stamped 0 by an older object: unknown age, kept
         v.refreshed_ns = 0
         e.tcmaps.ct.update(k, v)

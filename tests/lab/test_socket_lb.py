@@ -4,6 +4,9 @@ service range, so an untranslated VIP connect fails with ENETUNREACH instead of 
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from testlib import SocketLB
@@ -111,6 +114,75 @@ def test_other_traffic_and_other_processes_are_untouched(lab, socklb):
     assert tcp(lab, VIP4, port=81, count=3)["errors"] == {"ENETUNREACH": 3}
     # a process outside the cgroup is not translated: no route to the service range
     assert tcp(lab, VIP4, count=3, cgroup=False)["errors"] == {"ENETUNREACH": 3}
+
+
+SELF_CLIENT = r"""
+import errno, socket, sys
+sys.stdin.readline()  # the data plane is told who "self" is first
+for family, addr in ((socket.AF_INET, sys.argv[1]), (socket.AF_INET6, sys.argv[2])):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect((addr, 80))
+        s.sendall(b"hi\n")
+        print("ok " + s.recv(64).decode().strip(), flush=True)
+    except OSError as e:
+        print("err " + errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+    finally:
+        s.close()
+"""
+
+
+def test_the_daemons_own_connections_are_never_translated(lab, socklb):
+    """A VIP equal to an address the daemon itself needs (an etcd endpoint) must not cut the
+    daemon off: sockets of the process the data plane was loaded for ("self", by default
+    the caller of loader.load(), i.e. the daemon) keep their destination; every other
+    process in the cgroup is translated. Self's connect stays in the client namespace,
+    which has no route to the service range: ENETUNREACH, nothing leaves."""
+    from meshd.dataplane import loader
+    from testlib import BPFFS
+    socklb.apply(service(lab))
+    procs = [lab.run("cli", [sys.executable, "-c", SELF_CLIENT, VIP4, VIP6], cgroup=True,
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    me, other = procs
+    # what a restarted daemon does (programs swapped in place), told who it is
+    loader.load(BPFFS, socklb.instance, lab.cgroup, 1021, self_pid=me.pid).close()
+    out = {}
+    for name, p in (("self", me), ("other", other)):
+        out[name] = p.communicate("\n", timeout=15)[0].split("\n")[:2]
+    assert out["self"] == ["err ENETUNREACH", "err ENETUNREACH"], out
+    assert all(line.startswith("ok b") for line in out["other"]), out
+
+
+PEER_CLIENT = r"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=2)
+print(s.getpeername()[0], flush=True)
+sys.stdin.readline()
+print(s.getpeername()[0], flush=True)
+s.sendall(b"hi\n")
+print(s.recv(64).decode().strip(), flush=True)
+"""
+
+
+def test_a_long_lived_socket_keeps_the_vip_as_its_peer_whatever_the_lru_drops(lab, socklb):
+    """getpeername() of a connected socket is the VIP for the socket's whole life: the
+    translation is kept in the socket's own storage, not in the LRU meshd_revnat_v1, which
+    only unconnected UDP uses and which evicts entries when other sockets come and go
+    (here: every entry is dropped, as eviction would)."""
+    socklb.apply(service(lab))
+    p = lab.run("cli", [sys.executable, "-c", PEER_CLIENT, VIP4], cgroup=True,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == VIP4
+    revnat = socklb.maps.revnat
+    held = list(revnat.keys())
+    for key in held:
+        revnat.delete(key)
+    out = p.communicate("\n", timeout=10)[0].split()
+    assert out[0] == VIP4, out  # was the backend's address once its entry was gone
+    assert out[1].startswith("b")
+    assert held == [], "connect() needs no LRU entry"
 
 
 def test_teardown_leaves_no_pin_and_no_attachment(lab):

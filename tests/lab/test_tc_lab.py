@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import os
 import secrets
 import signal
@@ -419,6 +420,62 @@ def test_attach_detach_and_a_clear_error_for_an_unknown_interface(topo, node_a):
     finally:
         node_a.attach()
     assert tcp_names(topo, WEB, 80, 3)
+
+
+def test_an_l3_device_is_refused_by_name_and_nothing_is_attached(topo, node_a):
+    """A tun device (like WireGuard or an ipip tunnel) carries bare IP packets: the programs
+    parse Ethernet frames and would rewrite bytes 14 too far. attach refuses it, naming it,
+    before anything is attached."""
+    dev_c, tun = f"{topo.p}-ac", f"{topo.p}-tn"
+    topo.ip("na", "tuntap", "add", "mode", "tun", "name", tun)
+    try:
+        topo.ip("na", "link", "set", tun, "up")
+        with pytest.raises(DataplaneError, match=rf"tc.interfaces: '{tun}' \(link type none\) "
+                           r"in network namespace .* not Ethernet frames .*remove it from "
+                           r"tc.interfaces"):
+            tc.attach_interfaces(BPFFS, node_a.instance, [dev_c, tun], netns=topo.ns("na"))
+        assert _filters(topo, "na", tun) == []
+        assert len(_filters(topo, "na", dev_c)) == 2
+    finally:
+        topo.ip("na", "link", "del", tun)
+    assert tcp_names(topo, WEB, 80, 3)
+
+
+def _mirrored(topo: Topo, node: str, dev: str, hook: str) -> int:
+    """Packets the mirror action of `dev`'s filter at priority 50 on `hook` has seen."""
+    cp = sh("tc", "-n", topo.ns(node), "-s", "-j", "filter", "show", "dev", dev, hook)
+    return sum(a["stats"]["packets"] for f in json.loads(cp.stdout) if f.get("pref") == 50
+               for a in f.get("options", {}).get("actions", []))
+
+
+def test_filters_of_other_tools_after_ours_see_translated_packets(topo, node_a):
+    """Another tool's filters at a later priority on the same hooks (here a traffic tap: u32
+    + mirred, as a capture or IDS would add) run after meshd's and see the packets as meshd
+    left them: requests to the backend, replies from the VIP. With TC_ACT_OK they never ran."""
+    dev = f"{topo.p}-ac"
+    tap_ns = topo.ns("tap")
+    sh("ip", "netns", "add", tap_ns)
+    topo.namespaces.append(tap_ns)
+    try:  # the mirror's copies leave by a veth into a namespace that drops them
+        sh("ip", "-n", topo.ns("na"), "link", "add", f"{topo.p}-tp", "type", "veth", "peer",
+           "name", f"{topo.p}-tq", "netns", tap_ns)
+        topo.ip("na", "link", "set", f"{topo.p}-tp", "up")
+        sh("ip", "-n", tap_ns, "link", "set", f"{topo.p}-tq", "up")
+        for hook, match in (("ingress", ["dst", "10.0.9.0/24"]), ("egress", ["src", WEB])):
+            sh("tc", "-n", topo.ns("na"), "filter", "add", "dev", dev, hook, "prio", "50",
+               "protocol", "ip", "u32", "match", "ip", *match, "action", "mirred", "egress",
+               "mirror", "dev", f"{topo.p}-tp")
+        n = 5
+        assert len(tcp_names(topo, WEB, 80, n)) == n  # the chain goes on: still served
+        # every request packet (SYN, data, ACKs, FIN) and every reply: at least 3 each way
+        assert _mirrored(topo, "na", dev, "ingress") >= 3 * n
+        assert _mirrored(topo, "na", dev, "egress") >= 3 * n
+    finally:
+        for hook in ("ingress", "egress"):
+            sh("tc", "-n", topo.ns("na"), "filter", "del", "dev", dev, hook, "prio", "50",
+               check=False)
+        sh("ip", "netns", "del", tap_ns, check=False)  # takes the veth pair with it
+        topo.namespaces.remove(tap_ns)
 
 
 # ---- SNAT mode and NodePort -------------------------------------------------------------------

@@ -79,3 +79,28 @@ def test_nothing_to_destroy_costs_nothing(lab, socklb):
     rep = socklb.apply(udp_service(lab, [1, 2]))
     assert rep.removed == set()
     assert destroy_udp(socklb.maps.pin_dir, rep.removed, lab.cgroup) == 0
+
+
+def test_more_pairs_than_the_doomed_map_holds_still_destroy(lab, socklb):
+    """A sync that removes very many (VIP, backend) pairs (a large UDP service scaled down,
+    or many services) goes to the kernel in passes: the doomed map holds 65,536 pairs, and
+    one pair more used to fail the whole call, destroying nothing."""
+    import ipaddress
+
+    from meshd.dataplane.sockdestroy import DOOMED_MAX
+    from meshd.desired import BackendRef, Frontend
+    socklb.apply(udp_service(lab, [1, 2, 3]))
+    clients = [start_client(lab, VIP, 53) for _ in range(9)]
+    victim = sorted({name for _p, name in clients})[0]
+    keep = [i for i in (1, 2, 3) if f"b{i}" != victim]
+    rep = socklb.apply(udp_service(lab, keep))
+    fe = Frontend(ipaddress.ip_address("10.96.200.1"), 53, "UDP")
+    base = int(ipaddress.ip_address("10.240.0.0"))
+    bogus = [(fe, BackendRef(ipaddress.ip_address(base + i), 53, "UDP"))
+             for i in range(DOOMED_MAX + 10)]
+    n = destroy_udp(socklb.maps.pin_dir, bogus + sorted(rep.removed), lab.cgroup)
+    results = [(name, finish(p)) for p, name in clients]
+    doomed = [r for name, r in results if name == victim]
+    assert n == len(doomed) >= 1
+    assert all(r in ("err EDESTADDRREQ", "err ECONNABORTED") for r in doomed), results
+    assert all(r.startswith("ok b") for name, r in results if name != victim), results
