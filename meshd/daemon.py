@@ -91,8 +91,10 @@ class Daemon:
         # sync): with 10^6 new long-lived objects each full pass walks them all again (~2.4 s
         # of a 10,000-service cold start). Young collections go on. Back once ready.
         gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], 10**9)
-        self.maps = await asyncio.to_thread(loader.load, cfg.bpffs, cfg.instance, cfg.cgroup,
-                                            cfg.maglev.table_size)
+        self.maps = await asyncio.to_thread(
+            lambda: loader.load(cfg.bpffs, cfg.instance, cfg.cgroup, cfg.maglev.table_size,
+                                max_frontends=cfg.maps.max_frontends,
+                                max_backends=cfg.maps.max_backends))
         try:
             await asyncio.to_thread(tcwire.apply_tc, cfg)
         except BaseException:

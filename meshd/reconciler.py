@@ -213,16 +213,20 @@ class Reconciler:
             if broken:
                 rep.errors[key] = f"backends not written: {', '.join(broken)}"
                 continue
-            try:
-                cur = self.groups.get(key)
-                if cur is None:
-                    cur = _Applied(self._gids.take(), (), False)
-                    self.groups[key] = cur
-                    self._op(rep, "put_name", self.dp.put_name, cur.gid, key)
-            except DataplaneError as e:
-                log.error("service group %s not updated: %s", key, e)
-                rep.errors[key] = str(e)
-                continue
+            cur = self.groups.get(key)
+            if cur is None:
+                gid = self._gids.take()
+                try:
+                    self._op(rep, "put_name", self.dp.put_name, gid, key)
+                except DataplaneError as e:
+                    # not registered: the retry names it (a group known here but unnamed
+                    # in the kernel was never named again)
+                    self._gids.free(gid)
+                    log.error("service group %s not updated: %s", key, e)
+                    rep.errors[key] = str(e)
+                    continue
+                cur = _Applied(gid, (), False)
+                self.groups[key] = cur
             if g.backends and (cur.backends != g.backends or not cur.has_table):
                 need.append(key)
                 continue

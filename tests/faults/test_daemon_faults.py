@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 import yaml
 
-from meshdlib import Meshd, backends as backends_of, meshd, reach as _reach, svc
+from meshdlib import Meshd, backends as backends_of, groups, meshd, reach as _reach, svc
 
 VIP = "10.96.0.10"
 
@@ -203,3 +203,29 @@ def test_metrics_on_port_0_and_off_with_null(lab, daemon):
     daemon.wait(lambda r: (r.get("daemon") or {}).get("metrics") is None, "exporter off")
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{addr}/metrics", timeout=2)
+
+
+def test_a_full_frontend_map_rejects_the_overflow_reports_it_and_serves_the_rest(lab, daemon):
+    set_config(daemon, maps={"max_frontends": 16, "max_backends": 64})
+    many = [svc(lab, f"s{i:02d}", f"10.96.1.{i + 1}", [1 + i % 3]) for i in range(20)]
+    daemon.write(*many)
+    daemon.start()
+    rep = daemon.wait(lambda r: len(groups(r)) == 16 and r.get("errors"),
+                      "16 services in, 4 reported", timeout=30)
+    assert sorted(rep["errors"]) == [f"default/s{i}:http/ipv4" for i in range(16, 20)]
+    assert all("the map is full" in e for e in rep["errors"].values()), rep["errors"]
+    text = scrape(daemon)
+    assert metric(text, "meshd_map_fill_ratio", map="meshd_svc_v1") == 1.0
+    assert metric(text, "meshd_sync_errors_total", stage="dataplane") >= 4
+    assert metric(text, "meshd_sync_stuck") == 0  # a full map is the data's problem
+    for i in (0, 7, 15):  # installed ones serve
+        assert reach(lab, f"10.96.1.{i + 1}", count=5)["errors"] == {}
+    # one not installed: no translation at all (never a half-written service)
+    assert reach(lab, "10.96.1.20", count=2)["errors"] == {"ENETUNREACH": 2}
+    assert "error: default/s19:http/ipv4:" in meshd("services", "--config",
+                                                    str(daemon.config)).stdout
+    # two services leave: the retries (with backoff) take the room, no other change needed
+    daemon.write(*many[2:])
+    rep = daemon.wait(lambda r: len(groups(r)) == 16 and len(r.get("errors") or {}) == 2,
+                      "two freed slots taken by the retried services", timeout=45)
+    assert "default/s16:http/ipv4" in groups(rep) and "default/s17:http/ipv4" in groups(rep)
