@@ -18,7 +18,9 @@ def registry_urls(cfg: Config) -> list[str]:
                           "commands need etcd: remove that line (embedded) or set etcd.endpoints")
     if cfg.etcd.endpoints:
         return list(cfg.etcd.endpoints)
-    return [cfg.etcd.embedded_client_url]
+    # the embedded etcd's unix socket, which only root can reach (as the daemon does)
+    from meshd.sources.etcd_server import client_url, data_dir_of
+    return [client_url(data_dir_of(cfg.state_dir, cfg.instance))]
 
 
 def _split_name(s: str) -> tuple[str, str]:

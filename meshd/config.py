@@ -17,11 +17,13 @@ MESHD_ETCD__ENDPOINTS= turns on the embedded etcd).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import stat
 import types
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
+from ipaddress import IPv4Address, IPv6Address, ip_network
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 from urllib.parse import urlsplit
@@ -34,6 +36,8 @@ from pydantic_core import PydanticCustomError
 from meshd.errors import ConfigError
 from meshd.node import cgroup2_mount
 from meshd.model import IPNetwork, StrictModel, explain_errors, format_loc, show
+
+log = logging.getLogger("meshd.config")
 
 ENV_PREFIX = "MESHD_"
 MAGLEV_MIN, MAGLEV_MAX = 251, 131071
@@ -82,16 +86,27 @@ def _non_empty_list(v: list[Any]) -> list[Any]:
 
 
 def _etcd_url(v: str) -> str:
+    """An etcd endpoint as etcdctl takes it: http(s)://host:port, host:port (= http://), or
+    unix:///absolute/path. Returns the URL with its scheme."""
+    if isinstance(v, str) and "://" not in v:
+        try:
+            split_host_port(v)
+            v = f"http://{v}"  # etcdctl's default scheme
+        except ValueError:
+            pass
     try:
         u = urlsplit(v)
-        ok = u.scheme in ("http", "https") and bool(u.hostname) and u.port is not None \
-            and u.path in ("", "/") and not (u.query or u.fragment or u.username)
+        if u.scheme == "unix":
+            ok = not u.netloc and u.path.startswith("/") and u.path != "/" and not (u.query or u.fragment)
+        else:
+            ok = u.scheme in ("http", "https") and bool(u.hostname) and u.port is not None \
+                and u.path in ("", "/") and not (u.query or u.fragment or u.username)
     except ValueError:
         ok = False
     if not ok:
-        raise _fail("must be an http(s)://host:port URL such as http://127.0.0.1:2379 (got {got})",
-                    got=show(v))
-    return v
+        raise _fail("must be http(s)://host:port, host:port or unix:///path, such as "
+                    "https://etcd-1:2379 (got {got})", got=show(v))
+    return v.rstrip("/") if u.scheme != "unix" else v
 
 
 def _prefix(v: str) -> str:
@@ -141,28 +156,6 @@ def _listen(v: str) -> str:
     except ValueError as e:
         raise _fail("{reason} (got {got})", reason=e, got=show(v)) from None
     return v
-
-
-def _loopback_listen(v: str) -> str:
-    """host:port on loopback: the embedded etcd has no TLS or auth, so it must not be reachable
-    from other machines."""
-    try:
-        host, _ = split_host_port(v)
-    except ValueError as e:
-        raise _fail("{reason} (got {got})", reason=e, got=show(v)) from None
-    try:
-        loopback = host == "localhost" or ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise _fail("must be a loopback address such as 127.0.0.1:2379 or [::1]:2379; the embedded "
-                    "etcd has no TLS or auth (got {got})", got=show(v))
-    return v
-
-
-def _http_url(listen: str) -> str:
-    host, port = split_host_port(listen)
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def is_prime(n: int) -> bool:
@@ -216,33 +209,57 @@ class EtcdConfig(StrictModel):
     key_file: AnyPath | None = None
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
+    # A file holding the password (one trailing newline stripped), read by load_config into
+    # `password`; keeps the secret out of the YAML and the environment.
+    password_file: AnyPath | None = None
     dial_timeout: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 5.0
-    # The embedded etcd (endpoints empty): its client and peer addresses, loopback only.
-    embedded_listen: Annotated[str, AfterValidator(_loopback_listen)] = "127.0.0.1:2379"
-    embedded_peer_listen: Annotated[str, AfterValidator(_loopback_listen)] = "127.0.0.1:2380"
+    # Deprecated and ignored (accepted so old configs still load): the embedded etcd listened
+    # on these loopback ports; it now listens on unix sockets only root can reach (docs/etcd.md).
+    embedded_listen: str | None = None
+    embedded_peer_listen: str | None = None
 
     @property
     def embedded(self) -> bool:
         return not self.endpoints
 
-    @property
-    def embedded_client_url(self) -> str:
-        """http://host:port of the embedded etcd's client listener (what the daemon connects to)."""
-        return _http_url(self.embedded_listen)
-
-    @property
-    def embedded_peer_url(self) -> str:
-        return _http_url(self.embedded_peer_listen)
 
     @model_validator(mode="after")
     def _pairs(self) -> EtcdConfig:
         if (self.cert_file is None) != (self.key_file is None):
             raise _fail("cert_file and key_file must be set together (client TLS needs both)")
-        if (self.username is None) != (self.password is None):
-            raise _fail("username and password must be set together")
-        if split_host_port(self.embedded_listen)[1] == split_host_port(self.embedded_peer_listen)[1]:
-            raise _fail("embedded_listen and embedded_peer_listen must use different ports")
+        if self.password is not None and self.password_file is not None:
+            raise _fail("set password or password_file, not both")
+        if (self.username is None) != (self.password is None and self.password_file is None):
+            raise _fail("username and password (or password_file) must be set together")
+        for key in ("embedded_listen", "embedded_peer_listen"):
+            if getattr(self, key) is not None:
+                log.warning("config: etcd.%s is ignored and can be removed: the embedded etcd no longer "
+                            "listens on TCP, only on a unix socket under state_dir that only root can "
+                            "reach (docs/etcd.md)", key)
         return self
+
+
+def _read_password_file(cfg: Config, label: str) -> Config:
+    """Read etcd.password_file into etcd.password; ConfigError if it cannot be read."""
+    etcd = cfg.etcd
+    if etcd is None or etcd.password_file is None:
+        return cfg
+    path = Path(etcd.password_file)
+    try:
+        mode = path.stat().st_mode
+        secret = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        why = getattr(e, "strerror", None) or str(e)
+        raise ConfigError(f"config {label}: etcd.password_file {path}: cannot read: {why}; it must be a UTF-8 text file "
+                          "readable by meshd") from None
+    secret = secret[:-1] if secret.endswith("\n") else secret
+    secret = secret[:-1] if secret.endswith("\r") else secret
+    if not secret:
+        raise ConfigError(f"config {label}: etcd.password_file {path}: the file is empty; write the etcd password in it")
+    if mode & 0o077:
+        log.warning("config: etcd.password_file %s can be read by other users (mode %o); chmod 600 it",
+                    path, stat.S_IMODE(mode))
+    return cfg.model_copy(update={"etcd": etcd.model_copy(update={"password": secret})})
 
 
 class MetricsConfig(StrictModel):
@@ -488,7 +505,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> tuple[dict[str, 
 
 # ---- loading ---------------------------------------------------------------------------------
 
-_RELATIVE_TO_FILE = (("services_file",), ("etcd", "ca_file"), ("etcd", "cert_file"), ("etcd", "key_file"))
+_RELATIVE_TO_FILE = (("services_file",), ("etcd", "ca_file"), ("etcd", "cert_file"), ("etcd", "key_file"),
+                     ("etcd", "password_file"))
 
 
 def _resolve_paths(cfg: Config, file_dir: Path, from_env: Mapping[tuple[str, ...], str]) -> Config:
@@ -534,4 +552,4 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
             where = format_loc(loc) + (f" (from {var})" if var else "")
             parts.append(f"{where}: {msg}" if where else msg)
         raise ConfigError(f"config {label}: " + "; ".join(parts)) from None
-    return _resolve_paths(cfg, file_dir, from_env)
+    return _read_password_file(_resolve_paths(cfg, file_dir, from_env), label)

@@ -35,6 +35,7 @@ from meshd.reconciler import Reconciler
 
 log = logging.getLogger("meshd.daemon")
 
+ETCD_RESOLVE_SECONDS = 60.0
 SYNC_STOP_WAIT_SECONDS = 60.0  # a cold sync at 10,000 services takes ~8 s (unit: TimeoutStopSec)
 
 __all__ = ["Daemon", "run", "status_path", "etcd_hosts"]
@@ -74,6 +75,7 @@ class Daemon:
         self._file: FileFeed | None = None
         self._stop = asyncio.Event()
         self._max_entries: dict[str, int] = {}
+        self._etcd_addrs: set = set()
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -121,8 +123,11 @@ class Daemon:
                 task("file", self._file.run)
             if cfg.etcd is not None:
                 server = await self._start_embedded_etcd()
+                from meshd.sources.etcd_addresses import resolve_etcd_addresses
+                self._etcd_addrs = await resolve_etcd_addresses(self.etcd_urls)  # before a sync
                 feed = EtcdFeed(self.sources, cfg.etcd, self.etcd_urls)
                 task("etcd", feed.run)
+                task("etcd-resolve", self._resolve_etcd)
             if not self.sources:
                 log.warning("no source configured (services_file, etcd): serving nothing")
             task("sync", self.syncer.run)
@@ -206,17 +211,28 @@ class Daemon:
         if etcd_cfg.endpoints:
             self.etcd_urls = list(etcd_cfg.endpoints)
             return None
-        from meshd.sources.etcd_server import EmbeddedEtcd
-        data = Path(self.cfg.state_dir) / self.cfg.instance / "etcd"
-        server = EmbeddedEtcd(data, client_url=etcd_cfg.embedded_client_url,
-                              peer_url=etcd_cfg.embedded_peer_url)
+        from meshd.sources.etcd_server import EmbeddedEtcd, data_dir_of
+        data = data_dir_of(self.cfg.state_dir, self.cfg.instance)
+        server = EmbeddedEtcd(data)
         await server.start()
         log.info("embedded etcd at %s (pid %s, data %s)", server.url, server.pid, data)
         self.etcd_urls = [server.url]
         return server
 
     def etcd_addresses(self) -> set:
-        return etcd_hosts(self.etcd_urls)
+        """Addresses of etcd (literals and resolved host names): never a VIP."""
+        return self._etcd_addrs | etcd_hosts(self.etcd_urls)
+
+    async def _resolve_etcd(self) -> None:
+        """etcd host names resolved at start and every ETCD_RESOLVE_SECONDS (not per sync);
+        a new address wakes a sync so that a VIP on it is refused at once."""
+        from meshd.sources.etcd_addresses import resolve_etcd_addresses
+        while True:
+            addrs = await resolve_etcd_addresses(self.etcd_urls)
+            if addrs != self._etcd_addrs:
+                self._etcd_addrs = addrs
+                self.sources.wake.set()
+            await asyncio.sleep(ETCD_RESOLVE_SECONDS)
 
     # ---- what others read ---------------------------------------------------------------
     def record_fill(self) -> None:

@@ -90,8 +90,6 @@ def main() -> int:
             cfg_path.write_text(yaml.safe_dump({
                 "instance": instance, "cgroup": str(lab.cgroup), "bpffs": str(BPFFS),
                 "state_dir": str(Path(tmp) / "state"),
-                "etcd": {"embedded_listen": f"127.0.0.1:{_free_port()}",
-                         "embedded_peer_listen": f"127.0.0.1:{_free_port()}"},
                 "metrics": {"listen": f"127.0.0.1:{_free_port()}"}}))
             print(f"lab {lab.prefix}: client {lab.client_ns}, backends "
                   + ", ".join(f"b{i}={lab.backend_addr(i)}" for i in (1, 2, 3)))

@@ -40,7 +40,7 @@ async def _etcd_once(cfg: Config, urls: list[str]):
 def desired(cfg: Config) -> tuple[dict[str, Group] | None, list[str]]:
     """(groups, problems). groups is None when a source could not be read."""
     from meshd import node
-    from meshd.daemon import etcd_hosts
+    from meshd.sources.etcd_addresses import resolve_etcd_addresses
     from meshd.sources.static import load_services_file
     services, problems = [], []
     try:
@@ -48,14 +48,15 @@ def desired(cfg: Config) -> tuple[dict[str, Group] | None, list[str]]:
             services += load_services_file(Path(cfg.services_file)).services
         urls: list[str] = []
         if cfg.etcd is not None:
-            urls = list(cfg.etcd.endpoints) or [cfg.etcd.embedded_client_url]
+            from meshd.cli_registry import registry_urls
+            urls = registry_urls(cfg)
             services += asyncio.run(_etcd_once(cfg, urls)).services
     except MeshdError as e:
         return None, [f"desired state unknown: {e}"]
     local = node.local_addresses()
     from meshd.agent.sync import node_info
     groups, _rejected = DesiredState().update(services, cfg.service_cidrs,
-                                              local | etcd_hosts(urls),
+                                              local | asyncio.run(resolve_etcd_addresses(urls)),
                                               node.node_ports(local, cfg.node_ports),
                                               node_info(cfg), cfg.external_ip_cidrs)
     return groups, problems

@@ -114,6 +114,42 @@ def _ip(v: object) -> IPAddress:
     return addr
 
 
+# Cloud metadata / host services reachable from every VM: AWS, GCP, Azure, OpenStack
+# (169.254.169.254, also link-local), AWS over IPv6, Alibaba Cloud, Azure's WireServer.
+METADATA_ADDRESSES = frozenset({IPv4Address("169.254.169.254"), IPv6Address("fd00:ec2::254"),
+                                IPv4Address("100.100.100.200"), IPv4Address("168.63.129.16")})
+
+
+def local_endpoint_problem(addr: IPAddress) -> str | None:
+    """Why a backend at `addr` would send a service's connections to this machine itself or to
+    its cloud's metadata service (loopback, link-local, metadata address), or None. Such an
+    endpoint is refused unless its service sets allow_local_endpoints (multicast, broadcast and
+    unspecified addresses are never valid, see _ip)."""
+    if type(addr) is IPv4Address:
+        n = int(addr)
+        if n >> 24 == 127:
+            return f"{addr} is a loopback address"
+        if addr in METADATA_ADDRESSES:
+            return f"{addr} is a cloud metadata address"
+        if n >> 16 == 0xA9FE:
+            return f"{addr} is a link-local address"
+        return None
+    if addr in METADATA_ADDRESSES:
+        return f"{addr} is a cloud metadata address"
+    if addr.is_loopback:
+        return f"{addr} is a loopback address"
+    if addr.is_link_local:
+        return f"{addr} is a link-local address"
+    return None
+
+
+def local_endpoint_reason(addr: IPAddress, service: str) -> str:
+    """The whole message for an endpoint refused by local_endpoint_problem."""
+    return (f"address {local_endpoint_problem(addr)}: connections to service {service} would go to this "
+            "machine itself or its metadata service; set allow_local_endpoints: true on the service "
+            "if that is intended")
+
+
 def _or_default(default: object) -> BeforeValidator:
     """YAML `key:` with nothing after it is null; treat it like the key being absent."""
     return BeforeValidator(lambda v: default if v is None else v)
@@ -279,6 +315,10 @@ class Service(StrictModel):
     ports: Annotated[tuple[PortSpec, ...], AfterValidator(_check_ports)]
     session_affinity: Annotated[Literal["None", "ClientIP"], _or_default("None")] = "None"
     lb: Annotated[LbSettings, _or_default({})] = LbSettings()
+    # Endpoints on loopback, link-local or a metadata address are refused unless this is true
+    # (local_endpoint_problem): anyone who can write an endpoint could otherwise send the
+    # service's clients to a port of this machine (sshd on 127.0.0.1:22) or to 169.254.169.254.
+    allow_local_endpoints: StrictBool = False
     endpoints: Annotated[tuple[Endpoint, ...], _or_default(())] = ()
     # kube-proxy semantics (docs/services.md; meshd/selection.py decides)
     internal_traffic_policy: Policy = "Cluster"  # frontends on VIPs
@@ -301,6 +341,8 @@ class Service(StrictModel):
         problems: list[str] = []
         backends: dict[tuple[str, IPAddress, int], int] = {}
         for i, ep in enumerate(self.endpoints):
+            if not self.allow_local_endpoints and local_endpoint_problem(ep.address):
+                problems.append(f"endpoints[{i}]: " + local_endpoint_reason(ep.address, self.key))
             for pname, number in ep.ports.items():
                 if pname not in known:
                     problems.append(f"endpoints[{i}].ports: unknown port name {pname!r} "

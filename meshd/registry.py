@@ -29,7 +29,8 @@ from aetcd.utils import prefix_range_end  # noqa: E402
 
 from meshd.config import EtcdConfig  # noqa: E402
 from meshd.errors import RecordError, RegistryError  # noqa: E402
-from meshd.model import Service, parse_endpoint, parse_service  # noqa: E402
+from meshd.model import (Service, local_endpoint_problem, local_endpoint_reason, parse_endpoint,  # noqa: E402
+                         parse_service)
 from meshd.sources.etcd import (MAX_VALUE_BYTES, check_record, close_client, describe,  # noqa: E402
                                 endpoint_id_problem, endpoint_key, endpoints_in_service_reason,
                                 endpoints_prefix, hint, key_text, label_problem, open_client,
@@ -56,8 +57,10 @@ class Registry:
     def __init__(self, cfg: EtcdConfig, endpoints: list[str] | None = None):
         self.cfg = cfg
         self.prefix = cfg.prefix
-        self.endpoints: list[str] = list(endpoints) if endpoints else (list(cfg.endpoints) or
-                                                                      [cfg.embedded_client_url])
+        self.endpoints: list[str] = list(endpoints or cfg.endpoints)
+        if not self.endpoints:
+            raise RegistryError("registry: no etcd endpoint (meshd.cli_registry.registry_urls() gives the "
+                                "embedded etcd's)")
         self.url: str | None = None  # the endpoint in use
         self._client: aetcd.Client | None = None
 
@@ -126,6 +129,8 @@ class Registry:
         for port in record["ports"]:  # older nodes reject keys they do not know: write
             if port.get("node_port") is None:  # node_port only where it is set
                 port.pop("node_port", None)
+        if not record.get("allow_local_endpoints"):  # likewise: only when it is true
+            record.pop("allow_local_endpoints", None)
         value = _json(record)
         if len(value) > MAX_VALUE_BYTES:
             raise RecordError(key, f"record is {len(value)} bytes; at most {MAX_VALUE_BYTES} are allowed")
@@ -204,6 +209,8 @@ class Registry:
                 if unknown:
                     raise RecordError(key, f"ports: unknown port name {unknown[0]!r} (service {namespace}/{name} "
                                       f"has ports: {', '.join(sorted(known))})")
+                if not checked[1].allow_local_endpoints and local_endpoint_problem(ep.address):
+                    raise RecordError(key, local_endpoint_reason(ep.address, f"{namespace}/{name}"))
         lease_id = None
         try:
             if ttl is not None:

@@ -295,7 +295,7 @@ class Meshd:
     def metrics_url(self) -> str:
         return f"http://{yaml.safe_load(self.config.read_text())['metrics']['listen']}/metrics"
 
-    # embedded etcd files (etcd_server.py): <state_dir>/<instance>/etcd{,.pid}
+    # embedded etcd files (etcd_server.py): <state_dir>/<instance>/etcd{,.pid,-sock/}
     @property
     def etcd_data(self) -> Path:
         return self.state_dir / self.instance / "etcd"
@@ -562,9 +562,7 @@ def daemon(make_meshd) -> Meshd:
 
 
 def embedded_cfg() -> dict:
-    client, peer = free_ports(2)
-    return {"embedded_listen": f"127.0.0.1:{client}", "embedded_peer_listen": f"127.0.0.1:{peer}",
-            "dial_timeout": 2}
+    return {"dial_timeout": 2}  # the embedded etcd: unix sockets under the test's state_dir
 
 
 

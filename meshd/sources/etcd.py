@@ -118,19 +118,45 @@ def uses_tls(url: str) -> bool:
     return urlsplit(url).scheme == "https"
 
 
+_warned_plain: set[str] = set()  # endpoints already warned about (once per process)
+
+
+def _unix_target(url: str) -> str:
+    """The grpc target of a unix:///path endpoint (the URL itself). RegistryError, naming the fix,
+    when this user may not reach the socket: the embedded etcd's is for root only."""
+    path = urlsplit(url).path
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise RegistryError(f"etcd at {url}: permission denied; the embedded etcd can only be reached by "
+                            "root (its socket directory is mode 0700): run this command as root") from None
+    except OSError:
+        pass  # not there (yet): the connect fails and says so, and the caller retries or reports
+    return url
+
+
 async def open_client(cfg: EtcdConfig, url: str) -> aetcd.Client:
     """A connected (and, with username/password, authenticated) aetcd client for one endpoint
-    URL. https:// uses TLS with cfg.ca_file (else the system roots) and, if set, the client
-    certificate cfg.cert_file/key_file. Raises RegistryError for unreadable TLS files and aetcd's
-    ClientError subclasses for etcd errors (see describe())."""
+    URL: http(s)://host:port or unix:///path. https:// uses TLS with cfg.ca_file (else the
+    system roots) and, if set, the client certificate cfg.cert_file/key_file. Raises
+    RegistryError for unreadable TLS files or an unreachable socket path and aetcd's ClientError
+    subclasses for etcd errors (see describe())."""
     u = urlsplit(url)
-    host = u.hostname or ""
-    target = f"[{host}]:{u.port}" if ":" in host else f"{host}:{u.port}"
+    if u.scheme == "unix":
+        target = _unix_target(url)
+    else:
+        host = u.hostname or ""
+        target = f"[{host}]:{u.port}" if ":" in host else f"{host}:{u.port}"
     creds = None
     if uses_tls(url):
         creds = grpc.ssl_channel_credentials(root_certificates=_read_file("ca_file", cfg.ca_file),
                                              private_key=_read_file("key_file", cfg.key_file),
                                              certificate_chain=_read_file("cert_file", cfg.cert_file))
+    elif u.scheme == "http" and cfg.password is not None and url not in _warned_plain:
+        _warned_plain.add(url)
+        log.warning("etcd: the password for user %s goes to %s over plain http: anyone on the path can "
+                    "read it and then write the registry; serve etcd over TLS and use an https:// endpoint",
+                    cfg.username, url)
     client = _Client(target, creds, username=cfg.username, password=cfg.password,
                      timeout=cfg.dial_timeout, options=dict(CHANNEL_OPTIONS))
     await client.connect()
@@ -195,8 +221,10 @@ class EtcdSource:
 
     def __init__(self, cfg: EtcdConfig, endpoints: list[str] | None = None):
         self.cfg = cfg
-        self.endpoints: list[str] = list(endpoints) if endpoints else (list(cfg.endpoints) or
-                                                                      [cfg.embedded_client_url])
+        self.endpoints: list[str] = list(endpoints or cfg.endpoints)
+        if not self.endpoints:
+            raise RegistryError("etcd source: no endpoint (the embedded etcd's is "
+                                "meshd.sources.etcd_server.client_url(data dir))")
         self.state = RegistryState(cfg.prefix)
         self.revision: int | None = None  # every event up to here is applied (None: never listed)
         self.last_error: str | None = None

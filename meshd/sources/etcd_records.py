@@ -22,7 +22,8 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from meshd.errors import RecordError
-from meshd.model import Endpoint, Service, parse_endpoint, parse_service, show
+from meshd.model import (Endpoint, Service, local_endpoint_problem, local_endpoint_reason, parse_endpoint,
+                         parse_service, show)
 
 log = logging.getLogger("meshd.etcd")
 
@@ -348,6 +349,9 @@ class RegistryState:
             if unknown:
                 problems.append(RecordError(where, f"ports: unknown port name {show(unknown[0])} "
                                             f"(service {skey} has ports: {', '.join(sorted(known))})"))
+                continue
+            if not svc.allow_local_endpoints and local_endpoint_problem(ep.address):
+                problems.append(RecordError(where, local_endpoint_reason(ep.address, skey)))
                 continue
             dup = next(((p, n) for p, n in ep.ports.items() if (p, ep.address, n) in backends), None)
             if dup is not None:

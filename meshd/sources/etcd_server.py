@@ -1,7 +1,11 @@
 """The embedded etcd: Debian's /usr/bin/etcd, run by `meshd run` when etcd.endpoints is empty.
 
-A single-member cluster listening on loopback only (it has no TLS and no auth). Its data dir is
-<state_dir>/<instance>/etcd (the daemon chooses it); next to it are etcd.log (etcd's own log,
+A single-member cluster with no TCP port at all: its client and peer listeners are unix sockets
+(client.sock:1, peer.sock:2) in <data dir>-sock, a directory of mode 0700 owned by meshd (root),
+so only root can read or write the registry — it has no TLS and no auth of its own, and a
+loopback port would let any local user redirect root's connections. The daemon and the CLI reach
+it at unix:///<state_dir>/<instance>/etcd-sock/client.sock:1 (client_url()); so does etcdctl, as
+root. Its data dir is <state_dir>/<instance>/etcd (data_dir_of()); next to it are etcd.log (etcd's own log,
 appended, rotated at 10 MiB) and etcd.pid (so a start after a crashed daemon can stop the etcd it
 left behind — only if that PID is still an etcd on this data dir). History is compacted by etcd
 every hour (--auto-compaction-mode periodic); the etcd source re-lists when it needs older
@@ -15,7 +19,6 @@ here is bound to an event loop: start() and stop() may run under different loops
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -23,11 +26,10 @@ import platform
 import re
 import signal
 import socket
+import stat
 import subprocess
 import time
-from ipaddress import ip_address
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from meshd.errors import RegistryError
 
@@ -39,57 +41,70 @@ STOP_TIMEOUT = 10.0
 _ARCH = {"aarch64": "arm64", "arm64": "arm64", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
-def _loopback_url(what: str, url: str) -> tuple[str, int]:
-    """(host, port) of an http://<loopback>:<port> URL; RegistryError otherwise."""
+CLIENT_SOCKET = "client.sock:1"  # etcd 3.4 takes unix://NAME:PORT only, and binds NAME:PORT as a
+PEER_SOCKET = "peer.sock:2"  # path relative to its working directory (the socket dir)
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with the NUL
+
+
+def socket_dir(data_dir: Path) -> Path:
+    """The 0700 directory holding the embedded etcd's sockets: <data dir>-sock beside the data dir."""
+    data_dir = Path(data_dir)
+    return data_dir.parent / f"{data_dir.name}-sock"
+
+
+def client_url(data_dir: Path) -> str:
+    """unix:///<socket dir>/client.sock:1: how the daemon and the CLI reach the embedded etcd
+    (grpc and etcdctl take this form)."""
+    return f"unix://{socket_dir(data_dir) / CLIENT_SOCKET}"
+
+
+def data_dir_of(state_dir: Path, instance: str) -> Path:
+    """Where `meshd run` keeps the embedded etcd of an instance."""
+    return Path(state_dir) / instance / "etcd"
+
+
+def _secure_dir(path: Path) -> None:
+    """Create `path` (mode 0700) or make an existing one 0700; refuse one that is a symlink or not
+    owned by us (someone else could swap the sockets in it). RegistryError naming the fix."""
     try:
-        u = urlsplit(url)
-        host, port = u.hostname or "", u.port
-    except ValueError:
-        host, port, u = "", None, None
-    if u is None or u.scheme != "http" or port is None or u.path not in ("", "/"):
-        raise RegistryError(f"embedded etcd: the {what} URL must look like http://127.0.0.1:PORT (got {url!r})")
-    try:
-        loopback = host == "localhost" or ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
-        raise RegistryError(f"embedded etcd: the {what} URL {url} is not on loopback; the embedded etcd "
-                            "has no TLS or auth, so it only listens on 127.0.0.1/::1. Run your own etcd "
-                            "cluster and set etcd.endpoints to serve other machines")
-    return host, port
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = os.lstat(path)
+    except OSError as e:
+        raise RegistryError(f"embedded etcd: cannot create {path}: {e.strerror or e}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RegistryError(f"embedded etcd: {path} is not a directory (a symlink?); remove it")
+    if st.st_uid != os.geteuid():
+        raise RegistryError(f"embedded etcd: {path} is owned by uid {st.st_uid}, not by meshd (uid "
+                            f"{os.geteuid()}); anyone owning it could intercept the registry: remove it")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
 
 
-def _port_in_use(host: str, port: int) -> bool:
-    """Would etcd's bind fail with EADDRINUSE? (SO_REUSEADDR like Go's listeners: TIME_WAIT is fine)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except OSError:
-        return False
-    for family, stype, proto, _, addr in infos:
-        with socket.socket(family, stype, proto) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                s.bind(addr)
-            except OSError as e:
-                if e.errno == errno.EADDRINUSE:
-                    return True
-    return False
-
-
-def _owns_listener(pid: int, port: int) -> bool:
-    """Does process `pid` hold the socket listening on TCP `port`? (Another process answering
-    /health on that port must not pass for our etcd.) True if /proc cannot tell."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+def _socket_answers(path: Path) -> bool:
+    """Does something accept connections on the unix socket `path`?"""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
         try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
+            s.connect(str(path))
         except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
-                inodes.add(cols[9])
+            return False
+    return True
+
+
+def _owns_listener(pid: int, name: str) -> bool:
+    """Does process `pid` hold a listening unix socket bound to `name`? (Another process answering
+    /health on our socket must not pass for our etcd.) True if /proc cannot tell."""
+    inodes = set()
+    try:
+        with open("/proc/net/unix") as f:
+            rows = f.read().splitlines()[1:]
+    except OSError:
+        return True
+    for row in rows:
+        cols = row.split()
+        # Num RefCount Protocol Flags Type St Inode Path; St 01 = SS_UNCONNECTED (a listener)
+        if len(cols) > 7 and cols[5] == "01" and cols[7].rsplit("/", 1)[-1] == name:
+            inodes.add(cols[6])
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -122,37 +137,42 @@ def _log_lines(text: str, n: int = 8) -> str:
 
 
 class EmbeddedEtcd:
-    def __init__(self, data_dir: Path, client_url: str = "http://127.0.0.1:2379",
-                 peer_url: str = "http://127.0.0.1:2380", name: str = "meshd", binary: str = ETCD_BINARY):
-        self.data_dir = Path(data_dir)
-        self.client_url = client_url.rstrip("/")
-        self.peer_url = peer_url.rstrip("/")
+    """`client_url`/`peer_url` are accepted for callers written for the old TCP listener and
+    ignored: the embedded etcd listens on unix sockets only (see the module docstring)."""
+
+    def __init__(self, data_dir: Path, client_url: str | None = None, peer_url: str | None = None,
+                 name: str = "meshd", binary: str = ETCD_BINARY):
+        self.data_dir = Path(data_dir).absolute()
+        self.socket_dir = socket_dir(self.data_dir)
+        self.client_socket = self.socket_dir / CLIENT_SOCKET
         self.name = name
         self.binary = binary
-        self._client = _loopback_url("client", self.client_url)
-        self._peer = _loopback_url("peer", self.peer_url)
-        if self._client[1] == self._peer[1]:
-            raise RegistryError(f"embedded etcd: client and peer URLs use the same port {self._client[1]}")
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
             raise RegistryError(f"embedded etcd: member name {name!r} must be 1-64 of A-Z a-z 0-9 . _ -")
+        if len(os.fsencode(self.client_socket)) > UNIX_PATH_MAX:
+            raise RegistryError(f"embedded etcd: its socket path {self.client_socket} is "
+                                f"{len(os.fsencode(self.client_socket))} bytes, more than the {UNIX_PATH_MAX} a "
+                                "unix socket allows; set state_dir to a shorter path")
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}.log"
         self.pid_path = self.data_dir.parent / f"{self.data_dir.name}.pid"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        """The client URL to give the etcd source / registry."""
-        return self.client_url
+        """The client URL to give the etcd source / registry: unix:///<socket dir>/client.sock:1."""
+        return client_url(self.data_dir)
 
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
     def _command(self) -> list[str]:
+        # Relative NAME:PORT socket names, bound in the working directory (the socket dir).
+        client, peer = f"unix://{CLIENT_SOCKET}", f"unix://{PEER_SOCKET}"
         return [self.binary, "--name", self.name, "--data-dir", str(self.data_dir),
-                "--listen-client-urls", self.client_url, "--advertise-client-urls", self.client_url,
-                "--listen-peer-urls", self.peer_url, "--initial-advertise-peer-urls", self.peer_url,
-                "--initial-cluster", f"{self.name}={self.peer_url}", "--initial-cluster-state", "new",
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"{self.name}={peer}", "--initial-cluster-state", "new",
                 "--initial-cluster-token", f"meshd-{self.name}",
                 "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "1h",
                 "--logger", "zap", "--log-outputs", "stderr"]
@@ -167,8 +187,9 @@ class EmbeddedEtcd:
         return env
 
     async def start(self, timeout: float = 15) -> None:
-        """Spawn etcd and wait until GET <client_url>/health says healthy. RegistryError (with the
-        reason, the fix and etcd's last log lines) if it exits or is not healthy in `timeout` s."""
+        """Spawn etcd and wait until GET /health on its client socket says healthy. RegistryError
+        (with the reason, the fix and etcd's last log lines) if it exits or is not healthy in
+        `timeout` s."""
         if self.pid is not None:
             return
         if not os.access(self.binary, os.X_OK):
@@ -180,16 +201,17 @@ class EmbeddedEtcd:
         except OSError as e:
             raise RegistryError(f"embedded etcd: cannot create data dir {self.data_dir}: {e.strerror or e}") \
                 from None
+        _secure_dir(self.socket_dir)  # only its owner (root) may reach the sockets in it
         await self._stop_stale()
-        for what, (host, port), key in (("client", self._client, "embedded_listen"),
-                                        ("peer", self._peer, "embedded_peer_listen")):
-            if _port_in_use(host, port):
-                raise RegistryError(self._port_message(what, host, port, key))
+        if _socket_answers(self.client_socket):
+            raise RegistryError(f"embedded etcd: another process already serves {self.client_socket} (another "
+                                "meshd with the same state_dir and instance?); stop it, or give this one "
+                                "another instance name")
         logf, offset = self._open_log()
         try:
             self._proc = subprocess.Popen(self._command(), stdin=subprocess.DEVNULL, stdout=logf,
                                           stderr=subprocess.STDOUT, env=self._env(), start_new_session=True,
-                                          close_fds=True)
+                                          close_fds=True, cwd=self.socket_dir)
         except OSError as e:
             raise RegistryError(f"embedded etcd: cannot run {self.binary}: {e.strerror or e}") from None
         finally:
@@ -198,29 +220,24 @@ class EmbeddedEtcd:
             self.pid_path.write_text(f"{self._proc.pid}\n")
         except OSError:
             log.debug("embedded etcd: cannot write %s", self.pid_path, exc_info=True)
-        log.info("embedded etcd: started pid %d, client %s, data %s, log %s", self._proc.pid, self.client_url,
+        log.info("embedded etcd: started pid %d, client %s, data %s, log %s", self._proc.pid, self.url,
                  self.data_dir, self.log_path)
         deadline = time.monotonic() + timeout
         try:
             while True:
                 if self._proc.poll() is not None:
                     raise RegistryError(self._exit_message(offset))
-                if await self._healthy() and _owns_listener(self._proc.pid, self._client[1]):
-                    log.info("embedded etcd: healthy at %s", self.client_url)
+                if await self._healthy() and _owns_listener(self._proc.pid, CLIENT_SOCKET):
+                    log.info("embedded etcd: healthy at %s", self.url)
                     return
                 if time.monotonic() > deadline:
                     raise RegistryError(f"embedded etcd (pid {self._proc.pid}) was not healthy at "
-                                        f"{self.client_url}/health within {timeout:g}s; last lines of "
+                                        f"{self.client_socket} within {timeout:g}s; last lines of "
                                         f"{self.log_path}:\n  {_log_lines(self._read_log(offset))}")
                 await asyncio.sleep(0.05)
         except BaseException:
             await self.stop()
             raise
-
-    def _port_message(self, what: str, host: str, port: int, key: str) -> str:
-        return (f"embedded etcd: {what} port {port} on {host} is already in use (another meshd instance, "
-                f"a stray etcd, or another service); stop what holds it (`ss -ltnp 'sport = :{port}'`) or "
-                f"set etcd.{key} to a free port")
 
     def _open_log(self):  # type: ignore[no-untyped-def]
         try:
@@ -248,11 +265,6 @@ class EmbeddedEtcd:
         assert self._proc is not None
         text = self._read_log(offset)
         code = self._proc.returncode
-        m = re.search(r"listen tcp ([^\"\s]*?):(\d+): bind: address already in use", text)
-        if m:
-            port = int(m.group(2))
-            what, key = ("client", "embedded_listen") if port == self._client[1] else ("peer", "embedded_peer_listen")
-            return self._port_message(what, m.group(1).strip("[]"), port, key)
         why = ""
         if "permission denied" in text:
             why = f" (permission denied: check the owner and mode of {self.data_dir} and {self.log_path})"
@@ -263,11 +275,10 @@ class EmbeddedEtcd:
                 f"{self.log_path}:\n  {_log_lines(text)}")
 
     async def _healthy(self) -> bool:
-        host, port = self._client
         writer = None
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-            writer.write(f"GET /health HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(self.client_socket)), 1.0)
+            writer.write(b"GET /health HTTP/1.0\r\nHost: localhost\r\n\r\n")
             data = await asyncio.wait_for(reader.read(65536), 2.0)
             head, _, body = data.partition(b"\r\n\r\n")
             return b" 200 " in head.split(b"\r\n", 1)[0] and json.loads(body).get("health") == "true"

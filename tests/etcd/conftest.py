@@ -1,9 +1,9 @@
 """Tests against a real etcd (Debian's /usr/bin/etcd, no root needed).
 
 Fixtures:
-  etcd_server  one etcd per test module on two free loopback ports and a tmp data dir; stopped
-               (by PID) and its dir removed at the end, also on failure. Helpers on it: stop(),
-               start(), restart() (same ports and data dir: history survives), compact(),
+  etcd_server  one embedded etcd per test module (unix sockets in a tmp dir, as `meshd run` runs
+               it); stopped (by PID) and its dir removed at the end, also on failure. Helpers on
+               it: stop(), start(), restart() (same data dir: history survives), compact(),
                revision(), etcdctl(...).
   cfg          an EtcdConfig for that server with a prefix of its own, so tests do not see each
                other's keys.
@@ -55,10 +55,7 @@ def run(coro: Awaitable[T], timeout: float = 30) -> T:
 class EtcdServer:
     def __init__(self, root: Path):
         self.root = root
-        client_port, peer_port = free_ports(2)
-        self.client_port, self.peer_port = client_port, peer_port
-        self.etcd = EmbeddedEtcd(root / "etcd", f"http://127.0.0.1:{client_port}",
-                                 f"http://127.0.0.1:{peer_port}", name="meshd-test")
+        self.etcd = EmbeddedEtcd(root / "etcd", name="meshd-test")
 
     @property
     def url(self) -> str:
@@ -173,11 +170,12 @@ async def until(pred: Callable[[], bool], timeout: float = 5.0, what: str = "con
 
 
 class TcpProxy:
-    """127.0.0.1:<port> -> target. pause(): drop every connection and refuse new ones (accept and
-    close at once), like a network outage; resume(): forward again."""
+    """127.0.0.1:<port> -> target (a TCP port, or an etcd URL: unix:///path or http://host:port).
+    pause(): drop every connection and refuse new ones (accept and close at once), like a network
+    outage; resume(): forward again."""
 
-    def __init__(self, target_port: int):
-        self.target_port = target_port
+    def __init__(self, target: int | str):
+        self.target = target
         self.paused = False
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
@@ -198,7 +196,7 @@ class TcpProxy:
             writer.transport.abort()
             return
         try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            up_r, up_w = await self._connect_upstream()
         except OSError:
             writer.transport.abort()
             return
@@ -207,6 +205,15 @@ class TcpProxy:
         self._tasks.update(pipes)
         for t in pipes:
             t.add_done_callback(self._tasks.discard)
+
+    async def _connect_upstream(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if isinstance(self.target, int):
+            return await asyncio.open_connection("127.0.0.1", self.target)
+        from urllib.parse import urlsplit
+        u = urlsplit(self.target)
+        if u.scheme == "unix":
+            return await asyncio.open_unix_connection(u.path)
+        return await asyncio.open_connection(u.hostname, u.port)
 
     async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         try:

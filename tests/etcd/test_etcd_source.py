@@ -180,7 +180,7 @@ def test_etcd_restart_resumes_the_watch_and_sees_writes_made_right_after(cfg, et
 
 
 async def _behind_proxy(cfg: EtcdConfig, etcdlib):  # type: ignore[no-untyped-def]
-    proxy = await etcdlib.TcpProxy(int(cfg.endpoints[0].rsplit(":", 1)[1])).start()
+    proxy = await etcdlib.TcpProxy(cfg.endpoints[0]).start()
     return proxy, EtcdSource(cfg, endpoints=[proxy.url])
 
 
@@ -559,3 +559,28 @@ def test_state_recomposes_a_service_when_any_of_its_records_changes() -> None:
     st.replace([(b"/m/services/a/web", j(svc("a", "web"))), (b"/m/endpoints/a/web/3", j(ep("10.1.0.3")))])
     snap = st.snapshot(6)
     assert addrs(snap, "a/web") == ["10.1.0.3"] and snap.errors == () and len(st) == 2
+
+
+def test_an_endpoint_record_on_loopback_or_metadata_is_rejected_unless_its_service_opts_in(cfg, etcdlib) -> None:
+    """Issue 12 item 5: whoever can write one endpoint key must not be able to send an existing
+    service's clients to this machine (127.0.0.1:22) or its metadata service."""
+    async def body() -> None:
+        src = EtcdSource(cfg)
+        async with Writer(cfg) as w, etcdlib.running(src) as snaps:
+            await w.put(f"services/a/web", j(svc("a", "web")))
+            await w.put(f"endpoints/a/web/good", j(ep("10.1.0.1")))
+            await w.put(f"endpoints/a/web/ssh", j(ep("127.0.0.1", 22)))
+            await w.put(f"endpoints/a/web/meta", j(ep("169.254.169.254", 80)))
+            await w.put(f"endpoints/a/web/v6", j(ep("::1", 22)))
+            snap = await snaps.wait(lambda s: len(s.errors) == 3, what="three rejected endpoints")
+            assert addrs(snap, "a/web") == ["10.1.0.1"]
+            why = {e.where.rsplit("/", 1)[1]: e.reason for e in snap.errors}
+            assert "127.0.0.1 is a loopback address" in why["ssh"] and "allow_local_endpoints" in why["ssh"]
+            assert "169.254.169.254 is a cloud metadata address" in why["meta"]
+            assert "::1 is a loopback address" in why["v6"]
+            # the service opts in (a lab, a node-local agent): the same records are accepted
+            await w.put(f"services/a/web", j(svc("a", "web", allow_local_endpoints=True)))
+            snap = await snaps.wait(lambda s: not s.errors and len(addrs(s, "a/web")) == 4,
+                                    what="the local endpoints accepted")
+            assert addrs(snap, "a/web") == ["10.1.0.1", "169.254.169.254", "127.0.0.1", "::1"]
+    etcdlib.run(body())

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from meshd.config import EtcdConfig
+from meshd.config import EtcdConfig, load_config
 from meshd.errors import RecordError, RegistryError
 from meshd.registry import Registry
 from meshd.sources.etcd import EtcdSource, close_client, open_client
@@ -186,16 +186,41 @@ def test_unreachable_etcd_names_the_endpoints_and_the_fix(etcdlib) -> None:
     etcdlib.run(body())
 
 
-def test_embedded_default_endpoint_is_used_when_none_are_configured() -> None:
-    cfg = EtcdConfig(embedded_listen="127.0.0.1:12379", embedded_peer_listen="127.0.0.1:12380")
-    assert Registry(cfg).endpoints == ["http://127.0.0.1:12379"]
-    assert EtcdSource(cfg).endpoints == ["http://127.0.0.1:12379"]
-    assert Registry(cfg, endpoints=["http://127.0.0.1:1"]).endpoints == ["http://127.0.0.1:1"]
+def test_the_cli_reaches_the_embedded_etcd_on_its_root_only_socket(tmp_path: Path) -> None:
+    from meshd.cli_registry import registry_urls
+    from meshd.config import Config
+    from meshd.sources.etcd_server import EmbeddedEtcd
+    cfg = Config(state_dir=tmp_path, instance="edge")
+    assert registry_urls(cfg) == [f"unix://{tmp_path}/edge/etcd-sock/client.sock:1"]
+    assert registry_urls(cfg) == [EmbeddedEtcd(tmp_path / "edge" / "etcd").url]  # where the daemon starts it
+    assert registry_urls(Config(etcd=EtcdConfig(endpoints=["10.0.0.1:2379"]))) == ["http://10.0.0.1:2379"]
+    with pytest.raises(RegistryError, match="no etcd endpoint"):
+        Registry(EtcdConfig())
+    with pytest.raises(RegistryError, match="no endpoint"):
+        EtcdSource(EtcdConfig())
+    assert Registry(EtcdConfig(), endpoints=["http://127.0.0.1:1"]).endpoints == ["http://127.0.0.1:1"]
+
+
+def test_a_local_endpoint_is_refused_before_writing_unless_the_service_allows_it(cfg, etcdlib) -> None:
+    async def body() -> None:
+        async with Registry(cfg) as reg:
+            await reg.put_service(svc())
+            assert "allow_local_endpoints" not in json.loads((await all_keys(cfg))[f"{cfg.prefix}services/shop/web"])
+            for addr in ("127.0.0.1", "169.254.169.254", "fe80::1"):
+                with pytest.raises(RecordError, match=f"address {addr} is a .*set allow_local_endpoints: true"):
+                    await reg.add_endpoint("shop", "web", "evil", ep(addr, 22))
+            assert f"{cfg.prefix}endpoints/shop/web/evil" not in await all_keys(cfg)
+            await reg.put_service(svc(allow_local_endpoints=True))
+            await reg.add_endpoint("shop", "web", "local", ep("127.0.0.1", 8080))
+            stored = await all_keys(cfg)
+            assert json.loads(stored[f"{cfg.prefix}services/shop/web"])["allow_local_endpoints"] is True
+            assert f"{cfg.prefix}endpoints/shop/web/local" in stored
+    etcdlib.run(body())
 
 
 # ---- auth and TLS ------------------------------------------------------------------------------
 
-def test_username_password_auth(tmp_path: Path, etcdlib) -> None:
+def test_username_password_auth(tmp_path: Path, etcdlib, caplog) -> None:
     server = etcdlib.EtcdServer(tmp_path)
     server.start()
     try:
@@ -230,6 +255,25 @@ def test_username_password_auth(tmp_path: Path, etcdlib) -> None:
             with pytest.raises(RegistryError):
                 async with Registry(conf()):  # no credentials at all
                     pass
+            assert "plain http" not in caplog.text  # a unix socket: nothing crosses a network
+            # etcd.password_file (read by load_config), over plain http through a TCP proxy:
+            # it works, and the risk is logged with the fix
+            pw = tmp_path / "etcd-password"
+            pw.write_text("meshdpw\n")
+            pw.chmod(0o600)
+            proxy = await etcdlib.TcpProxy(server.url).start()
+            try:
+                loaded = load_config(None, env={"MESHD_ETCD__ENDPOINTS": proxy.url.removeprefix("http://"),
+                                                "MESHD_ETCD__USERNAME": "meshd",
+                                                "MESHD_ETCD__PASSWORD_FILE": str(pw)})
+                assert loaded.etcd is not None and loaded.etcd.endpoints == [proxy.url]
+                async with Registry(loaded.etcd) as reg:
+                    assert [r["name"] for r in await reg.list_services()] == ["web"]
+            finally:
+                await proxy.close()
+            assert (f"the password for user meshd goes to {proxy.url} over plain http" in caplog.text
+                    and "use an https:// endpoint" in caplog.text)
+            assert "meshdpw" not in caplog.text
             # the source never gives up: it reports the reason and keeps retrying
             bad = EtcdSource(conf(username="meshd", password="wrong"))
             task = asyncio.create_task(bad.run(etcdlib.Snapshots()))

@@ -9,6 +9,7 @@ The harness (Meshd, Etcd, TcpProxy, the fixtures) is tests/meshdlib.py.
 from __future__ import annotations
 
 import json
+import stat
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ def test_embedded_etcd_cli_registration_reaches_traffic_and_sigterm_stops_etcd(l
     rep = m.wait(m.synced, "first sync from the embedded etcd")
     etcd_pid = m.embedded_etcd_pid()
     assert etcd_pid is not None, f"no embedded etcd on {m.etcd_data}:\n{tail(m.log)}"
-    url = f"http://{yaml.safe_load(m.config.read_text())['etcd']['embedded_listen']}"
+    url = f"unix://{m.state_dir}/{m.instance}/etcd-sock/client.sock:1"  # root only, no TCP port
     assert rep["daemon"]["etcd"] == [url]
     assert f"pid {etcd_pid}" in m.log.read_text()
 
@@ -64,6 +65,51 @@ def test_embedded_etcd_cli_registration_reaches_traffic_and_sigterm_stops_etcd(l
     assert not alive(etcd_pid), f"embedded etcd {etcd_pid} outlived meshd: {cmdline(etcd_pid)}"
     assert not m.etcd_pid_file.exists()
     assert "embedded etcd: stopped pid" in m.log.read_text()
+
+
+AS_NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+def test_an_unprivileged_user_cannot_register_an_endpoint_of_roots_service(lab, make_meshd, workdir):
+    """Issue 12 item 5, as a new user tried it: as `nobody`, one `etcdctl put` of an endpoint
+    into the embedded etcd joined a service registered by root and took a share of its
+    connections. Now the registry is only reachable by root: the put and `meshd endpoint add`
+    fail, and the data plane keeps sending every connection to root's backend."""
+    workdir.chmod(0o755)  # traversable by nobody, so that only meshd's own modes protect etcd
+    m = make_meshd(embedded_cfg())
+    m.config.chmod(0o644)
+    m.start()
+    rep = m.wait(m.synced, "first sync from the embedded etcd")
+    url = rep["daemon"]["etcd"][0]  # where the daemon itself reaches its registry
+    m.cli("service", "put", "default/web", "--vip", VIP_A, "--port", "http=80/TCP")
+    m.cli("endpoint", "add", "default/web", "b1", "--address", lab.backend_addr(1), "--port", "http=8080")
+    m.wait(lambda r: backends(r, group("web")) == {be(lab, 1)}, "root's endpoint b1")
+
+    evil = json.dumps({"address": lab.backend_addr(2), "ports": {"http": 8080}})
+    env = {"PATH": "/usr/bin:/bin", "ETCDCTL_API": "3"}
+    put = subprocess.run(AS_NOBODY + ["/usr/bin/etcdctl", f"--endpoints={url}", "--dial-timeout=2s",
+                                      "put", f"{PREFIX}endpoints/default/web/evil", evil],
+                         capture_output=True, text=True, timeout=30, env=env, cwd="/")
+    assert put.returncode != 0, f"nobody wrote an endpoint into {url}: {put.stdout}"
+    cli = subprocess.run(AS_NOBODY + [sys.executable, "-m", "meshd", "endpoint", "add", "default/web", "evil",
+                                      "--address", lab.backend_addr(2), "--port", "http=8080",
+                                      "--config", str(m.config)],
+                         capture_output=True, text=True, timeout=30, env=env, cwd="/")
+    assert cli.returncode == 1 and "can only be reached by root" in cli.stderr, cli.stderr + cli.stdout
+
+    sock_dir = m.state_dir / m.instance / "etcd-sock"
+    st = sock_dir.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
+    assert stat.S_IMODE(m.etcd_data.stat().st_mode) == 0o700
+    etcd_pid = m.embedded_etcd_pid()
+    assert etcd_pid is not None and not any(a.startswith(("http://", "https://")) for a in cmdline(etcd_pid))
+
+    time.sleep(1.0)  # what a successful put would have needed to reach the kernel
+    assert backends(m.report(), group("web")) == {be(lab, 1)}
+    assert reach(lab, VIP_A, count=60)["by_backend"] == {"b1": 60}
+    assert "evil" not in m.cli("endpoint", "list", "default/web")
+    assert m.stop() == 0
+
 
 
 def test_lease_expiry_after_a_crash_and_revoke_on_a_clean_stop(lab, make_meshd):

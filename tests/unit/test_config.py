@@ -35,7 +35,7 @@ def test_defaults_without_a_file() -> None:
     assert cfg.bpffs == Path("/sys/fs/bpf") and cfg.state_dir == Path("/var/lib/meshd")
     assert cfg.services_file is None
     assert cfg.etcd is not None and cfg.etcd.embedded  # no etcd section = embedded etcd
-    assert cfg.etcd.embedded_client_url == "http://127.0.0.1:2379"
+    assert cfg.etcd.endpoints == [] and cfg.etcd.password is None
     assert cfg.service_cidrs == [ip_network("10.96.0.0/12"), ip_network("fd00:96::/108")]
     assert cfg.metrics.listen == "127.0.0.1:9469"
     assert cfg.maglev.table_size == 16381 and cfg.tc.interfaces == [] and cfg.log_level == "info"
@@ -107,7 +107,10 @@ def test_top_level_must_be_a_mapping(tmp_path: Path) -> None:
     ("metrics: {listen: '127.0.0.1:70000'}", "metrics.listen: port must be 0-65535 (0: any free port)"),
     ("metrics: {listen: ':9469'}", "use 0.0.0.0:PORT"),
     ("etcd: {prefix: meshd}", "etcd.prefix: must start and end with '/'"),
-    ("etcd: {endpoints: ['127.0.0.1:2379']}", "etcd.endpoints[0]: must be an http(s)://host:port URL"),
+    ("etcd: {endpoints: ['127.0.0.1']}", "etcd.endpoints[0]: must be http(s)://host:port, host:port or unix:///path"),
+    ("etcd: {endpoints: ['unix://relative.sock']}", "etcd.endpoints[0]: must be http(s)://host:port, host:port"),
+    ("etcd: {username: u, password: p, password_file: /p}", "etcd: set password or password_file, not both"),
+    ("etcd: {username: u}", "etcd: username and password (or password_file) must be set together"),
     ("etcd: {cert_file: c.pem}", "etcd: cert_file and key_file must be set together"),
     ("etcd: {dial_timeout: 0}", "etcd.dial_timeout: must be > 0"),
     ("tc: {interfaces: [eth0, eth0]}", "tc.interfaces: 'eth0' is listed twice"),
@@ -185,3 +188,50 @@ def test_os_environ_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHD_SOMETHING_ELSE", "ignored")
     assert load_config(None).instance == "viaenv"
     assert "MESHD_SOMETHING_ELSE" in unused_env() and "MESHD_INSTANCE" not in unused_env()
+
+
+def test_etcd_endpoints_as_etcdctl_takes_them(tmp_path: Path) -> None:
+    """Issue 12 item 13: host:port means http://host:port, as in etcdctl --endpoints."""
+    cfg = load_config(write(tmp_path, "etcd: {endpoints: ['127.0.0.1:2379', '[::1]:2379', 'etcd-1:2379', "
+                            "'https://etcd-2:2379/', 'unix:///run/etcd.sock:1']}\n"), env={})
+    assert cfg.etcd is not None and cfg.etcd.endpoints == [
+        "http://127.0.0.1:2379", "http://[::1]:2379", "http://etcd-1:2379", "https://etcd-2:2379",
+        "unix:///run/etcd.sock:1"]
+    env = load_config(None, env={"MESHD_ETCD__ENDPOINTS": "10.0.0.1:2379,10.0.0.2:2379"})
+    assert env.etcd is not None and env.etcd.endpoints == ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+
+
+def test_password_file_is_read_relative_to_the_config_file(tmp_path: Path, caplog) -> None:
+    secret = tmp_path / "etcd-password"
+    secret.write_text("s3cret pass\n")
+    secret.chmod(0o600)
+    cfg = load_config(write(tmp_path, "etcd: {endpoints: ['https://e:2379'], username: meshd, "
+                            "password_file: etcd-password}\n"), env={})
+    assert cfg.etcd is not None and cfg.etcd.password == "s3cret pass"  # one trailing newline stripped
+    assert cfg.etcd.password_file == secret
+    assert "password_file" not in caplog.text
+    secret.write_text("two\n\n")
+    secret.chmod(0o644)
+    env = {"MESHD_ETCD__USERNAME": "meshd", "MESHD_ETCD__PASSWORD_FILE": str(secret)}
+    cfg = load_config(None, env=env)
+    assert cfg.etcd is not None and cfg.etcd.password == "two\n"
+    assert f"etcd.password_file {secret} can be read by other users (mode 644); chmod 600 it" in caplog.text
+    assert "two" not in caplog.text
+
+
+def test_password_file_problems_name_the_file_and_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "nope"
+    msg = error(write(tmp_path, f"etcd: {{username: u, password_file: {missing}}}\n"))
+    assert f"etcd.password_file {missing}: cannot read: No such file or directory" in msg
+    (tmp_path / "empty").write_text("\n")
+    msg = error(write(tmp_path, "etcd: {username: u, password_file: empty}\n"))
+    assert "the file is empty; write the etcd password in it" in msg
+
+
+def test_old_embedded_listen_keys_still_load_with_a_warning(tmp_path: Path, caplog) -> None:
+    """The embedded etcd no longer listens on TCP: configs that set its ports keep loading."""
+    cfg = load_config(write(tmp_path, "etcd: {embedded_listen: 127.0.0.1:12379, "
+                            "embedded_peer_listen: 127.0.0.1:12380}\n"), env={})
+    assert cfg.etcd is not None and cfg.etcd.embedded
+    assert "etcd.embedded_listen is ignored and can be removed" in caplog.text
+    assert "etcd.embedded_peer_listen is ignored" in caplog.text

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
-from ipaddress import IPv4Address, IPv6Address, ip_network
+from ipaddress import IPv4Address, IPv6Address, ip_address, ip_network
 
 import pytest
 from hypothesis import given, settings
@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from meshd.errors import RecordError
-from meshd.model import (LbSettings, PortSpec, Service, check_services, parse_endpoint,
-                         parse_service)
+from meshd.model import (LbSettings, PortSpec, Service, check_services, local_endpoint_problem,
+                         parse_endpoint, parse_service)
 
 CIDRS = [ip_network("10.96.0.0/12"), ip_network("fd00:96::/108")]
 
@@ -77,11 +77,46 @@ def test_json_round_trip_for_registries() -> None:
     assert parse_endpoint(json.loads(ep.model_dump_json()), "ep") == ep
 
 
-def test_ipv6_and_loopback_accepted() -> None:
-    svc = parse_service(record(vips=["fd00:96::1"], endpoints=[{"address": "::1", "ports": {"http": 80}},
-                                                                {"address": "127.0.0.2", "ports": {"http": 80}}]), "x")
+def test_ipv6_and_loopback_accepted_when_the_service_allows_local_endpoints() -> None:
+    svc = parse_service(record(vips=["fd00:96::1"], allow_local_endpoints=True,
+                               endpoints=[{"address": "::1", "ports": {"http": 80}},
+                                          {"address": "127.0.0.2", "ports": {"http": 80}}]), "x")
     assert svc.vips == (IPv6Address("fd00:96::1"),)
     assert svc.endpoints[1].address == IPv4Address("127.0.0.2")
+
+
+@pytest.mark.parametrize("addr, what", [
+    ("127.0.0.1", "127.0.0.1 is a loopback address"), ("127.255.0.9", "is a loopback address"),
+    ("::1", "::1 is a loopback address"), ("169.254.1.1", "169.254.1.1 is a link-local address"),
+    ("fe80::1", "fe80::1 is a link-local address"),
+    ("169.254.169.254", "169.254.169.254 is a cloud metadata address"),
+    ("fd00:ec2::254", "fd00:ec2::254 is a cloud metadata address"),
+    ("100.100.100.200", "is a cloud metadata address"), ("168.63.129.16", "is a cloud metadata address"),
+])
+def test_endpoints_on_this_machine_or_the_metadata_service_need_allow_local_endpoints(addr: str, what: str) -> None:
+    """Issue 12 item 5: an endpoint must not send a service's clients to 127.0.0.1:22 or the
+    metadata service unless the service opts in."""
+    bad = record(endpoints=[{"address": "10.1.0.1", "ports": {"http": 8080}},
+                            {"address": addr, "ports": {"http": 22}}])
+    msg = reason(bad)
+    assert msg.startswith("endpoints[1]: address ") and what in msg and "allow_local_endpoints: true" in msg
+    assert "shop/web" in msg
+    assert parse_service({**bad, "allow_local_endpoints": True}, "x").endpoints[1].address == ip_address(addr)
+
+
+@pytest.mark.parametrize("addr", ["10.1.0.1", "192.168.0.9", "172.16.0.1", "fd00::1", "2001:db8::1",
+                                  "100.100.100.201", "169.253.255.255", "128.0.0.1", "fe7f::1"])
+def test_ordinary_backend_addresses_are_not_local(addr: str) -> None:
+    assert local_endpoint_problem(ip_address(addr)) is None
+
+
+def test_multicast_endpoints_stay_invalid_even_with_allow_local_endpoints() -> None:
+    assert "must be a unicast address" in reason(record(allow_local_endpoints=True,
+                                                        endpoints=[{"address": "224.0.0.1", "ports": {"http": 1}}]))
+
+
+def test_allow_local_endpoints_must_be_a_boolean() -> None:
+    assert "allow_local_endpoints: must be true or false" in reason(record(allow_local_endpoints="yes"))
 
 
 @pytest.mark.parametrize("ready,terminating,weight,usable", [
