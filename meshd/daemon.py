@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from meshd import sdnotify
-from meshd.agent import health, tcwire
+from meshd.agent import guard, health, tcwire
 from meshd.agent.exporter import Exporter
 from meshd.agent.lock import InstanceLock
 from meshd.agent.reload import plan_reload
@@ -76,6 +76,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._max_entries: dict[str, int] = {}
         self._etcd_addrs: set = set()
+        self.dataplane_error: str | None = None  # the data plane cannot serve (guard.py)
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -93,10 +94,8 @@ class Daemon:
         # sync): with 10^6 new long-lived objects each full pass walks them all again (~2.4 s
         # of a 10,000-service cold start). Young collections go on. Back once ready.
         gc.set_threshold(GC_THRESHOLDS[0], GC_THRESHOLDS[1], 10**9)
-        self.maps = await asyncio.to_thread(
-            lambda: loader.load(cfg.bpffs, cfg.instance, cfg.cgroup, cfg.maglev.table_size,
-                                max_frontends=cfg.maps.max_frontends,
-                                max_backends=cfg.maps.max_backends))
+        self.maps = await asyncio.to_thread(self._load)
+        self.control.set_attached(True)
         try:
             await asyncio.to_thread(tcwire.apply_tc, cfg)
         except BaseException:
@@ -132,6 +131,7 @@ class Daemon:
                 log.warning("no source configured (services_file, etcd): serving nothing")
             task("sync", self.syncer.run)
             task("addresses", lambda: tcwire.watch_addresses(self))
+            task("guard", lambda: guard.guard(self))
             tasks.append(asyncio.create_task(self._ready(), name="ready"))
             wd = sdnotify.watchdog_interval()
             if wd:
@@ -165,6 +165,23 @@ class Daemon:
         finally:
             if gc.get_threshold() != GC_THRESHOLDS:  # cancelled before ready
                 settle_heap()
+
+    def _load(self) -> loader.Maps:
+        cfg = self.cfg
+        return loader.load(cfg.bpffs, cfg.instance, cfg.cgroup, cfg.maglev.table_size,
+                           max_frontends=cfg.maps.max_frontends,
+                           max_backends=cfg.maps.max_backends)
+
+    def reattach(self) -> None:
+        """Load and attach again (the cgroup came back): the same pinned maps are adopted,
+        so the reconciler's handles stay valid; only the held pins are swapped."""
+        new = self._load()
+        old_held, self.maps.held = self.maps.held, new.held
+        self.maps.cgroup_id, new.held = new.cgroup_id, {}
+        new.close()
+        for fd in old_held.values():
+            from meshd.dataplane.libbpf import close_fd
+            close_fd(fd)
 
     def _start_exporter(self) -> None:
         from meshd.metrics import KernelSource, MeshdCollector
@@ -253,6 +270,7 @@ class Daemon:
         doc = {"pid": os.getpid(), "synced_at": res.synced_at,
                "last_sync_ok": prog.last_ok, "sync_age_seconds": round(prog.age(), 3),
                "sync_failing": prog.last_failure, "stuck": prog.stuck(),
+               "dataplane_error": self.dataplane_error,
                "sources": {n: {"synced": s.synced, "up": s.up, "error": s.error,
                                "services": len(s.services)} for n, s in self.sources.items()},
                "source_error": "; ".join(f"{n}: {s.error}" for n, s in self.sources.items()

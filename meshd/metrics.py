@@ -237,6 +237,8 @@ class ControlPlaneStats:
         self.sync_errors: Counter[str] = Counter()
         self.task_failures: Counter[str] = Counter()  # supervised task -> restarts
         self.source_up: dict[str, bool] = {}
+        self.attached: bool | None = None  # socket LB attached to an existing cgroup
+        self.pins_restored = 0
         self.progress = None  # meshd.agent.health.Progress (age, stuck), set by the daemon
         self.map_ops: Counter[str] = Counter()  # map operation (reconciler op name) -> total
         self.map_fill: dict[str, tuple[int, int]] = {}  # map -> (entries, max_entries)
@@ -265,6 +267,14 @@ class ControlPlaneStats:
         with self._lock:
             self.task_failures[task] += 1
 
+    def set_attached(self, attached: bool) -> None:
+        with self._lock:
+            self.attached = attached
+
+    def count_pins_restored(self, n: int) -> None:
+        with self._lock:
+            self.pins_restored += n
+
     def set_source_up(self, source: str, up: bool) -> None:
         with self._lock:
             self.source_up[source] = up
@@ -277,6 +287,7 @@ class ControlPlaneStats:
                     "sync_errors": dict(self.sync_errors),
                     "task_failures": dict(self.task_failures),
                     "source_up": dict(self.source_up),
+                    "attached": self.attached, "pins_restored": self.pins_restored,
                     "sync_age_seconds": None if self.progress is None else self.progress.age(),
                     "stuck": None if self.progress is None else self.progress.stuck(),
                     "map_ops": dict(self.map_ops), "map_fill": dict(self.map_fill)}
@@ -446,6 +457,15 @@ class MeshdCollector:
         for name, up in sorted(v["source_up"].items()):
             g.add_metric([name], 1.0 if up else 0.0)
         yield g
+        if v["attached"] is not None:
+            g = GaugeMetricFamily("meshd_dataplane_attached", "1 while the socket LB is "
+                                  "attached to its cgroup; 0 while the cgroup is gone.")
+            g.add_metric([], 1.0 if v["attached"] else 0.0)
+            yield g
+        c = CounterMetricFamily("meshd_pins_restored", "bpffs pins removed behind the "
+                                "daemon's back and restored from the objects it holds.")
+        c.add_metric([], float(v["pins_restored"]))
+        yield c
         if v["sync_age_seconds"] is not None:
             g = GaugeMetricFamily("meshd_sync_age_seconds", "Seconds since the last successful "
                                   "sync (since the start, before the first one).")

@@ -59,6 +59,7 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
             doc = json.loads(status.read_text())
             report["daemon"] = {k: doc.get(k) for k in (
                 "pid", "synced_at", "last_sync_ok", "sync_age_seconds", "sync_failing", "stuck",
+                "dataplane_error",
                 "sources", "source_error", "etcd", "services", "metrics", "maps", "written_at")}
             report["rejected"] = doc.get("rejected", [])
             report["errors"] = doc.get("errors", {})
@@ -116,6 +117,8 @@ def _daemon_lines(d: dict) -> list[str]:
                + (f"; metrics http://{d['metrics']}/metrics" if d.get("metrics") else ""))
     if d.get("sync_failing"):
         out.append(f"SYNC FAILING: {d['sync_failing']}")
+    if d.get("dataplane_error"):
+        out.append(f"DATA PLANE: {d['dataplane_error']}")
     if d.get("stuck"):
         out.append(f"STUCK (watchdog not pinged): {d['stuck']}")
     fills = [f"{name} {m['entries']}/{m['max_entries']} ({m['entries'] / m['max_entries']:.0%})"

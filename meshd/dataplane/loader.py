@@ -19,7 +19,7 @@ import ipaddress
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +65,29 @@ class Maps:
     revnat: bpf.Map
     meta: bpf.Map
     names: bpf.Map
+    # every pin of the socket LB (maps and cgroup links) -> an fd the daemon holds open, so
+    # that a pin removed behind its back loses nothing and can be restored (restore_pins)
+    held: dict[str, int] = field(default_factory=dict)
+    cgroup_id: int = 0  # the cgroup the links were attached to
 
     def close(self) -> None:
         for m in (self.svc, self.backends, self.maglev, self.revnat, self.meta, self.names):
             m.close()
+        self.release_held()
+
+    def release_held(self) -> None:
+        for fd in self.held.values():
+            bpf.close_fd(fd)
+        self.held = {}
+
+    def restore_pins(self) -> list[str]:
+        """Re-pin every held object whose pin is gone; returns their names."""
+        missing = [n for n in self.held if not (self.pin_dir / n).exists()]
+        if missing:
+            self.pin_dir.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            bpf.obj_pin(self.held[name], self.pin_dir / name)
+        return missing
 
 
 def _open_map(pin: Path, name: str) -> bpf.Map:
@@ -289,9 +308,16 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool 
 
     maps[names.MAP_META].update(C.c_uint32(0), S.Meta(maglev_m=maglev_m,
                                                       layout=S.LAYOUT_VERSION))
-    return Maps(pin_dir, maglev_m, maps[names.MAP_SVC], maps[names.MAP_BACKENDS],
-                maps[names.MAP_MAGLEV], maps[names.MAP_REVNAT], maps[names.MAP_META],
-                maps[names.MAP_NAMES])
+    out = Maps(pin_dir, maglev_m, maps[names.MAP_SVC], maps[names.MAP_BACKENDS],
+               maps[names.MAP_MAGLEV], maps[names.MAP_REVNAT], maps[names.MAP_META],
+               maps[names.MAP_NAMES], cgroup_id=cgroup_id(cgroup))
+    progs = {**names.SOCK_LB_PROGRAMS, **(names.METRICS_PROGRAMS if metrics else {})}
+    for name in (*names.PINNED_MAPS, *(names.link_pin_name(p) for p in progs)):
+        try:
+            out.held[name] = bpf.obj_get(pin_dir / name)
+        except DataplaneError:
+            pass  # not pinned by this version (an older layout): nothing to hold
+    return out
 
 
 def _attach_all(obj: bpf.BpfObject, pin_dir: Path, cgroup: Path,
