@@ -141,6 +141,10 @@ class KubeApiServer:
     def get(self, plural: str, ns: str | None, name: str) -> dict[str, Any]:
         return self.request("GET", self._path(plural, ns, name))
 
+    def bulk(self, plural: str, items: list[dict[str, Any]]) -> int:
+        """Put many objects at once (100 per etcd transaction); returns the last revision."""
+        return int(self.request("POST", "/_test/bulk", {"plural": plural, "items": items}, timeout=120)["revision"])
+
     def revision(self) -> int:
         return int(self.request("GET", "/_test/revision")["revision"])
 
