@@ -151,8 +151,9 @@ class KubeApiServer:
     def compact(self) -> int:
         return int(self.request("POST", "/_test/compact")["revision"])
 
-    def cut_watches(self) -> int:
-        return int(self.request("POST", "/_test/cut")["cut"])
+    def cut_watches(self, hold: float = 0) -> int:
+        """Abort every open watch stream; refuse new watches (503) for `hold` seconds."""
+        return int(self.request("POST", f"/_test/cut?hold={hold}")["cut"])
 
     def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
         """A kubeconfig pointing at this server (plain http, no credentials)."""

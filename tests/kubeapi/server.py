@@ -15,8 +15,9 @@ Serves Services and Nodes (core v1) and EndpointSlices (discovery.k8s.io/v1):
   * GET/POST/PUT/DELETE of one object; PUT with metadata.resourceVersion is a compare-and-swap
     (409 Conflict); POST of an existing name is 409 AlreadyExists; errors are Status objects.
   * resourceVersion of an object = its etcd mod revision (not stored in the value).
-Test controls: POST /_test/compact (compact etcd at its current revision), POST /_test/cut
-(abort every open watch stream: a broken connection), GET /_test/revision.
+Test controls: POST /_test/compact (compact etcd at its current revision), POST /_test/cut[?hold=S]
+(abort every open watch stream: a broken connection; refuse new watches for S seconds),
+POST /_test/bulk (many puts), GET /_test/revision.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class KubeApi:
         self.etcd_host, self.etcd_port = etcd_host, etcd_port
         self.bookmark_interval = bookmark_interval
         self.client: aetcd.Client | None = None
+        self.hold_until = 0.0  # watches refused (503) until then: an outage of the watch path
         self.streams: dict[int, web.BaseRequest] = {}  # id -> an open watch request
 
     # -- etcd --
@@ -168,6 +170,9 @@ class KubeApi:
         return _reply(200, {"revision": rev})
 
     async def h_cut(self, request: web.Request) -> web.Response:
+        """Abort every open watch; with ?hold=S, refuse new watches (503) for S seconds."""
+        hold = float(request.query.get("hold") or 0)
+        self.hold_until = asyncio.get_running_loop().time() + hold
         n = 0
         for req in list(self.streams.values()):
             if req.transport is not None:
@@ -350,6 +355,8 @@ class KubeApi:
     async def watch(self, request: web.Request, res: Resource, ns: str | None, labels: Any,
                     fields: Any) -> web.StreamResponse:
         q = request.query
+        if asyncio.get_running_loop().time() < self.hold_until:
+            return _error(503, "ServiceUnavailable", "the test holds watches off")
         rv = q.get("resourceVersion", "")
         bookmarks = q.get("allowWatchBookmarks") in ("true", "1", "True")
         timeout = float(q["timeoutSeconds"]) if q.get("timeoutSeconds") else random.uniform(1800, 3600)
