@@ -262,6 +262,12 @@ def _read_password_file(cfg: Config, label: str) -> Config:
     return cfg.model_copy(update={"etcd": etcd.model_copy(update={"password": secret})})
 
 
+class KubernetesConfig(StrictModel):
+    """Kubernetes mode (docs/kubernetes.md): follow Services, EndpointSlices and this node's Node.
+    kubeconfig absent: the in-cluster service account, then $KUBECONFIG, then ~/.kube/config."""
+    kubeconfig: AnyPath | None = None
+
+
 class MetricsConfig(StrictModel):
     # null: no exporter; port 0: a free port, logged and written to the status file
     listen: Annotated[str, AfterValidator(_listen)] | None = "127.0.0.1:9469"
@@ -349,6 +355,8 @@ class Config(StrictModel):
     services_file: AnyPath | None = None
     # Absent = the embedded etcd (DESIGN.md); `etcd: null` = no etcd at all (services_file only).
     etcd: EtcdConfig | None = Field(default_factory=EtcdConfig)
+    # Absent = no Kubernetes source; `kubernetes:` (empty) = in-cluster (KubernetesConfig).
+    kubernetes: Annotated[KubernetesConfig | None, _section({})] = None
     service_cidrs: Annotated[list[Annotated[IPNetwork, PlainValidator(_cidr)]],
                              AfterValidator(_non_empty_list)] = Field(default_factory=_default_cidrs)
     metrics: Annotated[MetricsConfig, _section({})] = Field(default_factory=MetricsConfig)
@@ -519,6 +527,9 @@ def _resolve_paths(cfg: Config, file_dir: Path, from_env: Mapping[tuple[str, ...
     if cfg.etcd is not None:
         update["etcd"] = cfg.etcd.model_copy(update={
             k[1]: fix(k, getattr(cfg.etcd, k[1])) for k in _RELATIVE_TO_FILE if k[0] == "etcd"})
+    if cfg.kubernetes is not None:
+        key = ("kubernetes", "kubeconfig")
+        update["kubernetes"] = cfg.kubernetes.model_copy(update={"kubeconfig": fix(key, cfg.kubernetes.kubeconfig)})
     return cfg.model_copy(update=update)
 
 
