@@ -149,7 +149,8 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
                 "instance": instance, "cgroup": str(cg), "bpffs": str(BPFFS),
                 "state_dir": str(tmp / "state"), "maglev": {"table_size": m},
                 "etcd": {"endpoints": [etcd.url]},
-                "metrics": {"listen": f"127.0.0.1:{free_port()}"}}))
+                "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                "healthz": {"listen": "127.0.0.1:0"}}))
             env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify"))
             log = open(tmp / "meshd.log", "wb")
             t0 = time.perf_counter()

@@ -377,6 +377,13 @@ class Config(StrictModel):
         return self.bpffs / "meshd" / self.instance
 
     @model_validator(mode="after")
+    def _kubernetes_mode_has_no_embedded_etcd(self) -> Config:
+        # DESIGN: in Kubernetes mode no embedded etcd is started unless `etcd` is given
+        if self.kubernetes is not None and "etcd" not in self.model_fields_set:
+            return self.model_copy(update={"etcd": None})
+        return self
+
+    @model_validator(mode="after")
     def _snat_apart_from_node_ports(self) -> Config:
         (lo, hi), (nlo, nhi) = self.tc.snat_ports, self.node_ports.range
         if self.tc.mode == "snat" and lo <= nhi and nlo <= hi:

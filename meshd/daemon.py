@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 from meshd import sdnotify
 from meshd.agent import guard, health, tcwire
 from meshd.agent.exporter import Exporter
+from meshd.agent.healthz import HealthServers
 from meshd.agent.lock import InstanceLock
 from meshd.agent.reload import plan_reload
-from meshd.agent.sources import EtcdFeed, FileFeed, Sources
+from meshd.agent.sources import EtcdFeed, FileFeed, KubernetesFeed, Sources
 from meshd.agent.status import status_path, write_status
 from meshd.agent.supervise import supervise
 from meshd.agent.sync import GC_THRESHOLDS, Syncer, settle_heap
@@ -72,11 +73,13 @@ class Daemon:
         self.etcd_urls: list[str] = []
         self.local: set | None = None  # the node's addresses (refreshed by a task)
         self.exporter: Exporter | None = None
+        self.health_http: HealthServers | None = None
         self._file: FileFeed | None = None
         self._stop = asyncio.Event()
         self._max_entries: dict[str, int] = {}
         self._etcd_addrs: set = set()
         self.dataplane_error: str | None = None  # the data plane cannot serve (guard.py)
+        self.node_zone: str | None = cfg.node.zone  # config first, else the Node object's
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -105,6 +108,8 @@ class Daemon:
         tasks: list[asyncio.Task] = []
         try:
             self._start_exporter()
+            self.health_http = HealthServers(self)
+            await self.health_http.start(cfg.healthz.listen)
             dp = KernelDataplane(self.maps)
             self.reconciler = Reconciler(dp)
             self.reconciler.adopt(await asyncio.to_thread(dp.snapshot))
@@ -127,8 +132,12 @@ class Daemon:
                 feed = EtcdFeed(self.sources, cfg.etcd, self.etcd_urls)
                 task("etcd", feed.run)
                 task("etcd-resolve", self._resolve_etcd)
+            if cfg.kubernetes is not None:
+                feed_k8s = KubernetesFeed(self.sources, cfg, self._on_node_zone)
+                task("kubernetes", feed_k8s.run)
             if not self.sources:
-                log.warning("no source configured (services_file, etcd): serving nothing")
+                log.warning("no source configured (services_file, etcd, kubernetes): serving "
+                            "nothing")
             task("sync", self.syncer.run)
             task("addresses", lambda: tcwire.watch_addresses(self))
             task("guard", lambda: guard.guard(self))
@@ -155,6 +164,8 @@ class Daemon:
                 await server.stop()
             if self.exporter is not None:
                 self.exporter.stop()
+            if self.health_http is not None:
+                await self.health_http.close()
             self.maps.close()
 
     async def _ready(self) -> None:
@@ -209,7 +220,11 @@ class Daemon:
             if "sync" in plan.applied:
                 self.progress.stuck_after = self.cfg.sync.stuck_after_seconds
                 self.progress.ready_grace = self.cfg.sync.ready_grace_seconds
-            if {"service_cidrs", "node_ports"} & set(plan.applied):
+            if "node" in plan.applied and self.cfg.node.zone is not None:
+                self.node_zone = self.cfg.node.zone
+            if "healthz" in plan.applied and self.health_http is not None:
+                self.health_http.relisten(self.cfg.healthz.listen)
+            if {"service_cidrs", "node_ports", "node", "external_ip_cidrs"} & set(plan.applied):
                 self.sources.wake.set()
             del old
         if self._file is not None:
@@ -221,6 +236,20 @@ class Daemon:
             tcwire.apply_tc(self.cfg)
         except MeshdError as e:
             log.error("reload: tc not applied: %s", e)
+
+    async def after_sync(self) -> None:
+        """What follows a successful sync: the health check node ports of the services."""
+        if self.health_http is not None:
+            await self.health_http.sync_checks(
+                self.syncer.desired.health_checks(self.cfg.node.name))
+
+    def _on_node_zone(self, zone: str | None) -> None:
+        """The Node object's topology.kubernetes.io/zone (when node.zone is not set):
+        topology-hinted endpoints are chosen by it, so a change re-syncs."""
+        if self.cfg.node.zone is None and zone != self.node_zone:
+            log.info("node zone from the Node object: %s", zone)
+            self.node_zone = zone
+            self.sources.wake.set()
 
     # ---- etcd ---------------------------------------------------------------------------
     async def _start_embedded_etcd(self):
@@ -277,6 +306,7 @@ class Daemon:
                                          if s.error) or None,
                "etcd": self.etcd_urls, "services": res.services,
                "metrics": self.exporter.address if self.exporter is not None else None,
+               "healthz": self.health_http.address if self.health_http is not None else None,
                "maps": {k: {"entries": n, "max_entries": mx}
                         for k, (n, mx) in self.control.view()["map_fill"].items()},
                "rejected": res.rejected, "errors": res.errors, "written_at": time.time()}

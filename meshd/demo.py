@@ -90,7 +90,8 @@ def main() -> int:
             cfg_path.write_text(yaml.safe_dump({
                 "instance": instance, "cgroup": str(lab.cgroup), "bpffs": str(BPFFS),
                 "state_dir": str(Path(tmp) / "state"),
-                "metrics": {"listen": f"127.0.0.1:{_free_port()}"}}))
+                "metrics": {"listen": f"127.0.0.1:{_free_port()}"},
+                "healthz": {"listen": "127.0.0.1:0"}}))
             print(f"lab {lab.prefix}: client {lab.client_ns}, backends "
                   + ", ".join(f"b{i}={lab.backend_addr(i)}" for i in (1, 2, 3)))
             log = open(Path(tmp) / "meshd.log", "wb")

@@ -231,6 +231,18 @@ class DesiredState:
     def service(self, key: str) -> Service | None:
         return self._svc.get(key)
 
+    def health_checks(self, node: str) -> dict[int, tuple[str, str, int]]:
+        """health_check_node_port -> (namespace, name, local ready endpoints) of every kept
+        service that has one (kube-proxy counts the service's ready endpoints on this node)."""
+        out = {}
+        for key in self._kept:
+            s = self._svc[key]
+            if s.health_check_node_port is not None:
+                local = {ep.address for ep in s.endpoints if ep.node == node and ep.ready
+                         and not ep.terminating and ep.weight > 0}
+                out[s.health_check_node_port] = (s.namespace, s.name, len(local))
+        return out
+
     @property
     def served(self) -> int:
         """Services kept (installed), including those with dropped external addresses."""

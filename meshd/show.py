@@ -60,7 +60,8 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
             report["daemon"] = {k: doc.get(k) for k in (
                 "pid", "synced_at", "last_sync_ok", "sync_age_seconds", "sync_failing", "stuck",
                 "dataplane_error",
-                "sources", "source_error", "etcd", "services", "metrics", "maps", "written_at")}
+                "sources", "source_error", "etcd", "services", "metrics", "healthz", "maps",
+                "written_at")}
             report["rejected"] = doc.get("rejected", [])
             report["errors"] = doc.get("errors", {})
         except (OSError, ValueError):

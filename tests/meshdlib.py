@@ -280,7 +280,8 @@ class Meshd:
         self.services_file = root / "services.yaml"
         cfg = {"instance": self.instance, "cgroup": str(lab.cgroup), "bpffs": str(BPFFS),
                "state_dir": str(self.state_dir), "maglev": {"table_size": 1021},
-               "metrics": {"listen": f"127.0.0.1:{free_ports(1)[0]}"}, "etcd": etcd}
+               "metrics": {"listen": f"127.0.0.1:{free_ports(1)[0]}"}, "etcd": etcd,
+               "healthz": {"listen": "127.0.0.1:0"}}
         if services_file:
             cfg["services_file"] = str(self.services_file)
         cfg.update(extra or {})

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RESTART_ONLY = ("instance", "bpffs", "cgroup", "state_dir", "maglev", "maps", "etcd")
-LIVE = ("service_cidrs", "node_ports", "tc", "log_level", "metrics", "services_file", "sync")
+RESTART_ONLY = ("instance", "bpffs", "cgroup", "state_dir", "maglev", "maps", "etcd",
+                "kubernetes")
+LIVE = ("service_cidrs", "node_ports", "tc", "log_level", "metrics", "services_file", "sync",
+        "node", "external_ip_cidrs", "healthz")
 
 
 @dataclass

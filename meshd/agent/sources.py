@@ -111,6 +111,46 @@ class FileFeed:
             self._poke.clear()
 
 
+def _monitor(sources: Sources, name: str, src):
+    """Shows a lost source in `error` (status, meshd_source_up); connecting or listing (no
+    error yet) is progress, not an outage: READY waits for it."""
+    async def run() -> None:
+        while True:
+            await asyncio.sleep(ETCD_MONITOR_SECONDS)
+            err = None if src.connected or src.last_error is None else \
+                f"not connected ({src.last_error})"
+            if err != sources[name].error:
+                if err:
+                    log.warning("%s: %s; serving the last synced state", name, err)
+                else:
+                    log.info("%s: connected", name)
+                sources.set_error(name, err)
+    return run()
+
+
+class KubernetesFeed:
+    """Follows Services, EndpointSlices and this node's Node (meshd.sources.kubernetes).
+    The node's zone comes from its Node object unless node.zone is set (`on_zone`)."""
+
+    def __init__(self, sources: Sources, cfg, on_zone):
+        self.sources, self.cfg, self.on_zone = sources, cfg, on_zone
+        sources["kubernetes"] = SourceState()
+
+    async def run(self) -> None:
+        from meshd.sources.kubernetes import KubernetesSource
+        src = KubernetesSource(self.cfg.kubernetes, node_name=self.cfg.node.name,
+                               on_node=self.on_zone)
+
+        async def emit(snap) -> None:
+            self.sources.publish("kubernetes", snap.services, snap.errors)
+
+        mon = asyncio.create_task(_monitor(self.sources, "kubernetes", src), name="k8s-monitor")
+        try:
+            await src.run(emit)
+        finally:
+            mon.cancel()
+
+
 class EtcdFeed:
     """Follows etcd (meshd.sources.etcd.EtcdSource) and shows a lost connection in `error`."""
 
@@ -126,20 +166,7 @@ class EtcdFeed:
         async def emit(snap) -> None:
             self.sources.publish("etcd", snap.services, snap.errors)
 
-        async def monitor() -> None:
-            # Listing (no error yet) is progress, not an outage: READY waits for it.
-            while True:
-                await asyncio.sleep(ETCD_MONITOR_SECONDS)
-                err = None if src.connected or src.last_error is None else \
-                    f"not connected ({src.last_error})"
-                if err != self.sources["etcd"].error:
-                    if err:
-                        log.warning("etcd: %s; serving the last synced state", err)
-                    else:
-                        log.info("etcd: connected")
-                    self.sources.set_error("etcd", err)
-
-        mon = asyncio.create_task(monitor(), name="etcd-monitor")
+        mon = asyncio.create_task(_monitor(self.sources, "etcd", src), name="etcd-monitor")
         try:
             await src.run(emit)
         finally:

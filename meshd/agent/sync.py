@@ -33,8 +33,10 @@ GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards
 FAULT_ENV = "MESHD_FAULT_SYNC_ERRORS"
 
 
-def node_info(cfg) -> NodeInfo:
-    return NodeInfo(cfg.node.name, cfg.node.zone)
+def node_info(cfg, zone: str | None = None) -> NodeInfo:
+    """This node as selection sees it: node.zone from the config wins over `zone` (the
+    Kubernetes Node object's)."""
+    return NodeInfo(cfg.node.name, cfg.node.zone if cfg.node.zone is not None else zone)
 
 
 class InjectedFault(RuntimeError):
@@ -132,6 +134,11 @@ class Syncer:
             progress.inflight_since = None
             return
         progress.succeeded()
+        try:
+            await self.ctx.after_sync()
+        except Exception as e:  # never the sync's failure: the kernel holds the new state
+            control.count_sync_error("healthcheck")
+            log.error("after the sync: %s: %s", type(e).__name__, e)
         self.ctx.write_status()
         if errors:
             log.warning("sync left %d data-plane errors; retrying them in %.1fs", errors,
@@ -165,7 +172,8 @@ class Syncer:
         self.stage = "validate"
         node_ports = node.node_ports(ctx.local, cfg.node_ports)
         groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden, node_ports,
-                                          node_info(cfg), cfg.external_ip_cidrs)
+                                          node_info(cfg, getattr(ctx, "node_zone", None)),
+                                          cfg.external_ip_cidrs)
         t_valid = time.perf_counter()
         rejected += bad
         self._log_rejects(rejected)

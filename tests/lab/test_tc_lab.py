@@ -597,7 +597,7 @@ def test_daemon_serves_node_ports_in_snat_mode_from_its_config(topo, node_a, tmp
         "instance": instance, "cgroup": str(cgroup), "bpffs": str(BPFFS),
         "state_dir": str(tmp_path / "state"), "services_file": str(tmp_path / "services.yaml"),
         "maglev": {"table_size": 1021}, "etcd": None,
-        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"}, "healthz": {"listen": None},
         "tc": {"interfaces": [f"{topo.p}-bc", f"{topo.p}-bl"], "mode": "snat",
                "snat_ports": "61000-61999"},
         "node_ports": {"addresses": ["10.250.2.0/24"]}}))

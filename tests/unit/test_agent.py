@@ -194,6 +194,9 @@ def test_counter_pruning_never_runs_while_a_sync_writes_the_reconcilers_state(mo
     def prune_stats(self, groups, backends):
         events.append("prune-during-apply" if busy.is_set() else "prune")
 
+    async def _noop():
+        return None
+
     monkeypatch.setattr(syncmod.Syncer, "_prune_stats", prune_stats)
     monkeypatch.setattr(syncmod, "PRUNE_DELAY_SECONDS", 0.0)
 
@@ -205,6 +208,7 @@ def test_counter_pruning_never_runs_while_a_sync_writes_the_reconcilers_state(mo
             addresses=[], range=(30000, 32767))), sources=sources, local=set(),
             etcd_addresses=set, control=ControlPlaneStats(), progress=Progress(),
             reconciler=SlowReconciler(), write_status=lambda: None, record_fill=lambda: None,
+            after_sync=_noop,
             maps=None)
         s = syncmod.Syncer(ctx)
         loop = asyncio.create_task(s.run())
