@@ -223,6 +223,11 @@ def quantile(hist: Iterable[int], q: float) -> float | None:
 
 
 # ---- control plane -------------------------------------------------------------------------
+# kube-proxy's network_programming_duration_seconds, coarser: 5 ms to 5 min
+PROGRAMMING_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                       60.0, 120.0, 300.0)
+
+
 class ControlPlaneStats:
     """Figures the daemon sets; the collector exports them at each scrape. Thread-safe:
     the daemon writes from its loop or worker threads, scrapes read from the HTTP thread."""
@@ -240,6 +245,9 @@ class ControlPlaneStats:
         self.attached: bool | None = None  # socket LB attached to an existing cgroup
         self.pins_restored = 0
         self.progress = None  # meshd.agent.health.Progress (age, stuck), set by the daemon
+        # change stamped by the source (Kubernetes trigger time) -> in the kernel, seconds
+        self.programming = [0] * (len(PROGRAMMING_BUCKETS) + 1)
+        self.programming_sum = 0.0
         self.map_ops: Counter[str] = Counter()  # map operation (reconciler op name) -> total
         self.map_fill: dict[str, tuple[int, int]] = {}  # map -> (entries, max_entries)
 
@@ -258,6 +266,14 @@ class ControlPlaneStats:
     def set_map_fill(self, name: str, entries: int, max_entries: int) -> None:
         with self._lock:
             self.map_fill[name] = (entries, max_entries)
+
+    def observe_programming(self, seconds: Iterable[float]) -> None:
+        import bisect
+        with self._lock:
+            for v in seconds:
+                v = max(v, 0.0)
+                self.programming[bisect.bisect_left(PROGRAMMING_BUCKETS, v)] += 1
+                self.programming_sum += v
 
     def count_sync_error(self, stage: str) -> None:
         with self._lock:
@@ -288,6 +304,8 @@ class ControlPlaneStats:
                     "task_failures": dict(self.task_failures),
                     "source_up": dict(self.source_up),
                     "attached": self.attached, "pins_restored": self.pins_restored,
+                    "programming": list(self.programming),
+                    "programming_sum": self.programming_sum,
                     "sync_age_seconds": None if self.progress is None else self.progress.age(),
                     "stuck": None if self.progress is None else self.progress.stuck(),
                     "map_ops": dict(self.map_ops), "map_fill": dict(self.map_fill)}
@@ -462,6 +480,18 @@ class MeshdCollector:
                                   "attached to its cgroup; 0 while the cgroup is gone.")
             g.add_metric([], 1.0 if v["attached"] else 0.0)
             yield g
+        h = HistogramMetricFamily("meshd_network_programming_duration_seconds",
+                                  "From a change stamped by its source (Kubernetes: the "
+                                  "EndpointSlice's last-change-trigger-time) to the kernel "
+                                  "maps holding it (kube-proxy's "
+                                  "network_programming_duration_seconds).")
+        acc, buckets = 0, []
+        for bound, n in zip((*map(floatToGoString, PROGRAMMING_BUCKETS), "+Inf"),
+                            v["programming"]):
+            acc += n
+            buckets.append((bound, float(acc)))
+        h.add_metric([], buckets, v["programming_sum"])
+        yield h
         c = CounterMetricFamily("meshd_pins_restored", "bpffs pins removed behind the "
                                 "daemon's back and restored from the objects it holds.")
         c.add_metric([], float(v["pins_restored"]))

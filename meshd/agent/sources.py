@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from meshd.errors import RecordError, RegistryError
@@ -31,6 +31,7 @@ class SourceState:
     errors: tuple[RecordError, ...] = ()
     synced: bool = False  # delivered at least one full snapshot
     error: str | None = None  # the source cannot be read now (its last snapshot is kept)
+    triggers: list = field(default_factory=list)  # change times not yet in the kernel
 
     @property
     def up(self) -> bool:
@@ -46,10 +47,11 @@ class Sources(dict):
         self.dirty_since: float | None = None  # first change not yet in the kernel
         self.on_change = lambda: None  # status file refresh (set by the daemon)
 
-    def publish(self, name: str, services, errors) -> None:
+    def publish(self, name: str, services, errors, triggers=()) -> None:
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
         st = self[name]
+        st.triggers.extend(triggers)
         st.services, st.errors, st.synced, st.error = tuple(services), tuple(errors), True, None
         self.wake.set()
 
@@ -142,7 +144,7 @@ class KubernetesFeed:
                                on_node=self.on_zone)
 
         async def emit(snap) -> None:
-            self.sources.publish("kubernetes", snap.services, snap.errors)
+            self.sources.publish("kubernetes", snap.services, snap.errors, snap.triggers)
 
         mon = asyncio.create_task(_monitor(self.sources, "kubernetes", src), name="k8s-monitor")
         try:

@@ -161,6 +161,17 @@ class Syncer:
         cfg, sources = ctx.cfg, ctx.sources
         if sources.never_read():
             return None  # a source was never read: applying the rest would drop its services
+        triggers = [t for st in sources.values() for t in st.triggers]
+        for st in sources.values():
+            st.triggers.clear()
+        try:
+            return await self._sync(ctx, cfg, sources, triggers)
+        except BaseException:
+            if triggers:  # measured by the sync that gets them into the kernel
+                sources[next(iter(sources))].triggers.extend(triggers)
+            raise
+
+    async def _sync(self, ctx, cfg, sources, triggers: list[float]) -> int:
         services = [s for st in sources.values() for s in st.services]
         rejected = [e for st in sources.values() for e in st.errors]
         self.stage = "addresses"
@@ -202,6 +213,9 @@ class Syncer:
             sources.dirty_since = None
         ctx.control.record_sync(report.ops, errors=len(report.errors), rejected=len(rejected),
                                 lag_seconds=lag)
+        if triggers:
+            now = time.time()
+            ctx.control.observe_programming([now - t for t in triggers])
         ctx.record_fill()
         if report.ops.get("delete_name") or report.ops.get("delete_backend"):
             # ids are reused: their counters go, off the sync path

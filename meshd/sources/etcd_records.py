@@ -208,6 +208,9 @@ class RegistrySnapshot:
     errors: tuple[RecordError, ...]  # sorted by etcd key
     revision: int  # etcd revision this snapshot reflects
     orphan_endpoints: int  # valid endpoint records with no valid service record
+    # unix times of the changes this snapshot is the first to carry, as their source stamped
+    # them (Kubernetes: EndpointSlice last-change-trigger-time), for the programming latency
+    triggers: tuple[float, ...] = ()
 
 
 class RegistryState:

@@ -10,6 +10,8 @@ meshd.sources.etcd_records.RegistrySnapshot, so the daemon consumes both sources
 
 from __future__ import annotations
 
+import time
+
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -21,6 +23,21 @@ from meshd.sources.kubernetes_translate import (ServiceBase, SliceInfo, Skip, co
                                                 service_key, slice_info, where)
 
 log = logging.getLogger("meshd.kubernetes")
+
+
+TRIGGER_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+
+
+def trigger_time(obj: dict[str, Any]) -> float | None:
+    """The EndpointSlice's last-change-trigger-time (RFC 3339) as unix time, if any."""
+    from datetime import datetime
+    raw = ((obj.get("metadata") or {}).get("annotations") or {}).get(TRIGGER_ANNOTATION)
+    if not isinstance(raw, str):
+        return None
+    try:
+        return datetime.fromisoformat(raw.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def _rv(obj: dict[str, Any]) -> str:
@@ -44,6 +61,10 @@ class KubeIndex:
         self._patched: set[str] = set()
         self._services_out: tuple[Service, ...] = ()
         self._errors_out: tuple[RecordError, ...] | None = ()
+        # last-change-trigger-time of slices changed since the last snapshot (only changes
+        # made after this index was created: older ones are not ours to have programmed)
+        self._started = time.time()
+        self._triggers: list[float] = []
 
     # -- Services --
     def put_service(self, obj: dict[str, Any]) -> bool:
@@ -98,6 +119,9 @@ class KubeIndex:
         if old is not None and old.service != info.service:
             self._unlink(key, old)
         self._slices[key] = info
+        t = trigger_time(obj)
+        if t is not None and t >= self._started:
+            self._triggers.append(t)
         if info.service:
             self._by_service.setdefault(info.service, set()).add(key)
             self._dirty.add(info.service)
@@ -189,5 +213,6 @@ class KubeIndex:
             self._errors_out = tuple(errs)
         orphans = sum(len(self._slices[s].endpoints) for k, keys in self._by_service.items()
                       if k not in self._bases for s in keys)
+        triggers, self._triggers = tuple(self._triggers), []
         return RegistrySnapshot(services=self._services_out, errors=self._errors_out, revision=revision,
-                                orphan_endpoints=orphans)
+                                orphan_endpoints=orphans, triggers=triggers)

@@ -23,8 +23,12 @@ async def main() -> None:
     ap.add_argument("--listen", default="127.0.0.1:0")
     ap.add_argument("--bookmark-interval", type=float, default=60.0)
     args = ap.parse_args()
-    u = urlsplit(args.etcd)
-    api = KubeApi(u.hostname or "127.0.0.1", u.port or 2379, args.bookmark_interval)
+    if args.etcd.startswith("unix://"):  # meshd's EmbeddedEtcd: unix:///dir/client.sock:1
+        path, _, port = args.etcd.rpartition(":")  # aetcd's target is f"{host}:{port}"
+        api = KubeApi(path, int(port), args.bookmark_interval)
+    else:
+        u = urlsplit(args.etcd)
+        api = KubeApi(u.hostname or "127.0.0.1", u.port or 2379, args.bookmark_interval)
     await api.connect()
     runner = web.AppRunner(api.app(), access_log=None, shutdown_timeout=1)
     await runner.setup()

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 from meshd.sources.etcd_server import EmbeddedEtcd
-from testlib import free_ports
 
 HERE = Path(__file__).resolve().parent
 PATHS = {"services": "/api/v1/namespaces/{ns}/services", "nodes": "/api/v1/nodes",
@@ -45,9 +44,8 @@ class KubeApiServer:
     def __init__(self, root: Path, bookmark_interval: float = 1.0):
         self.root = Path(root)
         self.bookmark_interval = bookmark_interval
-        client, peer = free_ports(2)
-        self.etcd = EmbeddedEtcd(self.root / "etcd", f"http://127.0.0.1:{client}", f"http://127.0.0.1:{peer}",
-                                 name="kubeapi-test")
+        # meshd's embedded etcd: root-only unix sockets under root/ (no TCP port)
+        self.etcd = EmbeddedEtcd(self.root / "etcd", name="kubeapi-test")
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
 

@@ -55,3 +55,22 @@ def test_a_slice_moving_to_another_service():
     idx.put_slice(moved)
     by = {s.name: [str(e.address) for e in s.endpoints] for s in idx.snapshot(1).services}
     assert by == {"s1": [], "s2": ["10.1.0.1"]}
+
+
+def test_slice_trigger_times_after_the_start_reach_the_snapshot_once():
+    import time as _time
+    from meshd.sources.kubernetes_index import KubeIndex, TRIGGER_ANNOTATION
+    idx = KubeIndex()
+
+    def sl(name, when, n):
+        return {"metadata": {"namespace": "d", "name": name, "resourceVersion": str(n),
+                             "labels": {"kubernetes.io/service-name": "web"},
+                             "annotations": {TRIGGER_ANNOTATION: when}},
+                "addressType": "IPv4", "endpoints": [], "ports": []}
+    old = "2020-01-01T00:00:00Z"  # before this index existed: not ours to measure
+    now = _time.strftime("%Y-%m-%dT%H:%M:%SZ", _time.gmtime(_time.time() + 1))
+    idx.put_slice(sl("a", old, 1))
+    idx.put_slice(sl("b", now, 2))
+    snap = idx.snapshot(5)
+    assert len(snap.triggers) == 1 and abs(snap.triggers[0] - (_time.time() + 1)) < 2
+    assert idx.snapshot(6).triggers == ()  # taken once

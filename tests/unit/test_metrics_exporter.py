@@ -320,3 +320,15 @@ def test_liveness_figures_source_up_sync_age_stuck_and_errors_by_stage():
     s = scrape(MeshdCollector(None, control))
     assert value(s, "meshd_sync_stuck") == 1
     assert value(s, "meshd_sync_age_seconds") >= 0
+
+
+def test_network_programming_histogram():
+    control = ControlPlaneStats()
+    control.observe_programming([0.003, 0.2, 7.0])
+    reg = CollectorRegistry()
+    reg.register(MeshdCollector(None, control))
+    fams = {f.name: f for f in text_string_to_metric_families(generate_latest(reg).decode())}
+    h = fams["meshd_network_programming_duration_seconds"]
+    got = {s.labels.get("le"): s.value for s in h.samples if s.name.endswith("_bucket")}
+    assert got["0.005"] == 1 and got["0.25"] == 2 and got["10.0"] == 3 and got["+Inf"] == 3
+    assert next(s.value for s in h.samples if s.name.endswith("_count")) == 3
