@@ -16,9 +16,8 @@ from meshd.errors import MeshdError
 
 
 
-async def _etcd_once(cfg: Config, urls: list[str]):
-    from meshd.sources.etcd import EtcdSource
-    src = EtcdSource(cfg.etcd, endpoints=urls)
+async def _first_snapshot(src, what: str, timeout: float):
+    """The first full snapshot a source emits (it lists, then would watch: cancelled)."""
     got: asyncio.Future = asyncio.get_running_loop().create_future()
 
     async def emit(snap) -> None:
@@ -26,19 +25,38 @@ async def _etcd_once(cfg: Config, urls: list[str]):
             got.set_result(snap)
 
     task = asyncio.create_task(src.run(emit))
-    timeout = cfg.etcd.dial_timeout
     try:
         return await asyncio.wait_for(got, timeout)
     except asyncio.TimeoutError:
-        raise MeshdError(f"etcd at {', '.join(urls)} did not answer in {timeout:g}s"
+        raise MeshdError(f"{what} did not answer in {timeout:g}s"
                          f" ({src.last_error or 'no reply'})") from None
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
 
-def desired(cfg: Config) -> tuple[dict[str, Group] | None, list[str]]:
-    """(groups, problems). groups is None when a source could not be read."""
+async def _etcd_once(cfg: Config, urls: list[str]):
+    from meshd.sources.etcd import EtcdSource
+    return await _first_snapshot(EtcdSource(cfg.etcd, endpoints=urls),
+                                 f"etcd at {', '.join(urls)}", cfg.etcd.dial_timeout)
+
+
+KUBE_TIMEOUT = 10.0
+
+
+def kubernetes_once(cfg: Config):
+    """(snapshot, source) of one list of the Kubernetes API: the source's index tells each
+    service's object (resourceVersion) and why others were skipped."""
+    from meshd.sources.kubernetes import KubernetesSource
+    src = KubernetesSource(cfg.kubernetes, node_name=cfg.node.name)
+    snap = asyncio.run(_first_snapshot(src, "the Kubernetes API", KUBE_TIMEOUT))
+    return snap, src
+
+
+def desired(cfg: Config, kube: dict | None = None
+            ) -> tuple[dict[str, Group] | None, list[str]]:
+    """(groups, problems). groups is None when a source could not be read. `kube`, if given,
+    is filled with what the Kubernetes source says of each service (origin, skipped)."""
     from meshd import node
     from meshd.sources.etcd_addresses import resolve_etcd_addresses
     from meshd.sources.static import load_services_file
@@ -51,6 +69,15 @@ def desired(cfg: Config) -> tuple[dict[str, Group] | None, list[str]]:
             from meshd.cli_registry import registry_urls
             urls = registry_urls(cfg)
             services += asyncio.run(_etcd_once(cfg, urls)).services
+        if cfg.kubernetes is not None:
+            snap, src = kubernetes_once(cfg)
+            services += snap.services
+            if kube is not None:
+                kube["skipped"] = src.index.skipped()
+                kube["origins"] = {s.key: (src.index.origin(s.key) or ("", ""))[0]
+                                   for s in snap.services}
+                kube["rejected"] = [{"where": e.where, "reason": e.reason}
+                                    for e in snap.errors]
     except MeshdError as e:
         return None, [f"desired state unknown: {e}"]
     local = node.local_addresses()

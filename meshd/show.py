@@ -48,11 +48,19 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
                     "counters": read_tc_counters(cfg.bpffs, cfg.instance)}
     if with_desired:
         from meshd import drift
-        groups, problems = drift.desired(cfg)
+        kube: dict = {}
+        groups, problems = drift.desired(cfg, kube)
         report["desired_error"] = problems[0] if problems else None
         if groups is not None:
             report["services"] = sorted(drift.compare(report["services"], groups),
                                         key=lambda g: g["group"])
+        if kube:  # which Kubernetes object each service came from, and what was skipped
+            report["kubernetes"] = kube
+            for g in report["services"]:
+                svc = g["group"].split(":", 1)[0]
+                if svc in kube.get("origins", {}):
+                    g["origin"] = (f"kubernetes service {svc} resourceVersion "
+                                   f"{kube['origins'][svc]}")
     status = status_path(cfg)
     if status.exists():
         try:
@@ -80,7 +88,8 @@ def format_report(r: dict) -> str:
         lines.append("  (no services in the kernel maps)")
     for g in r["services"]:
         lines.append(f"{g['group']}  [{g['state']}]"
-                     + ("  DRIFT" if g.get("drift") else ""))
+                     + ("  DRIFT" if g.get("drift") else "")
+                     + (f"  ({g['origin']})" if g.get("origin") else ""))
         for fe in g["frontends"]:
             lines.append(f"  frontend {fe}")
         for b in g["backends"]:
@@ -88,6 +97,8 @@ def format_report(r: dict) -> str:
                          f"share {b['share'] * 100:5.1f}%")
         for d in g.get("drift") or ():
             lines.append(f"  drift: {d}")
+    for key, why in sorted(((r.get("kubernetes") or {}).get("skipped") or {}).items()):
+        lines.append(f"skipped: kubernetes service {key}: {why}")
     for rej in r.get("rejected", []):
         lines.append(f"rejected: {rej['where']}: {rej['reason']}")
     for what, err in r.get("errors", {}).items():

@@ -79,3 +79,52 @@ def test_services_and_slices_through_the_api_reach_real_backends(lab, socklb, tm
 
         asyncio.run(asyncio.wait_for(body(), 90))
         assert applied
+
+
+def test_meshd_run_in_kubernetes_mode_is_the_nodes_only_proxy(lab, make_meshd, tmp_path):
+    """`meshd run` with only the `kubernetes` section (no embedded etcd is started): services
+    created through the API serve, `meshd services` names their objects and the skipped
+    ones, a watch cut + compaction converges, and a `kill -9` + restart under a connecting
+    client loses no connection."""
+    from meshdlib import ConnectLoop, backends, be
+    b = {i: lab.backend_addr(i, 4) for i in (1, 2, 3)}
+    with KubeApiServer(tmp_path / "api", bookmark_interval=0.2) as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
+        m = make_meshd(None, extra={"kubernetes": {"kubeconfig": str(kubeconfig)},
+                                    "node": {"name": "node-a"}})
+        doc = m.config.read_text().replace("etcd: null\n", "")  # absent: Kubernetes mode
+        m.config.write_text(doc)
+        api.create("services", service("default", "web", [VIP], PORTS))
+        api.create("endpointslices", endpoint_slice("default", "web-1", "web",
+                                                    [endpoint(b[1]), endpoint(b[2])], SLICE_PORTS))
+        api.create("services", service("default", "hl", ["None"], PORTS))  # headless
+        m.start()
+        m.wait(lambda r: backends(r, "default/web:http/ipv4") == {be(lab, 1), be(lab, 2)},
+               "the API's service in the kernel", timeout=30)
+        assert m.embedded_etcd_pid() is None, "Kubernetes mode started an embedded etcd"
+        text = m.cli("services")
+        assert "(kubernetes service default/web resourceVersion " in text, text
+        assert "skipped: kubernetes service default/hl: headless" in text, text
+        # a watch outage with changes and a compaction in it
+        api.cut_watches(1.0)
+        sl = api.get("endpointslices", "default", "web-1")
+        sl["endpoints"] = [endpoint(b[3])]
+        api.replace("endpointslices", sl)
+        api.compact()
+        m.wait(lambda r: backends(r, "default/web:http/ipv4") == {be(lab, 3)},
+               "convergence after the cut and the compaction", timeout=30)
+        # kill -9 and a restart under a connecting client
+        load = ConnectLoop(lab, VIP, duration=8)
+        try:
+            time.sleep(1.0)
+            m.proc.kill()
+            m.proc.wait(10)
+            m.proc = None
+            m.start()
+            m.wait(lambda r: (r.get("daemon") or {}).get("pid") == m.proc.pid,
+                   "the restarted daemon", timeout=30)
+            res = load.result()
+        finally:
+            load.close()
+        assert res["errors"] == {} and res["by_backend"] == {"b3": res["count"]}, res
+        assert m.stop() == 0
