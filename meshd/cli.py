@@ -33,9 +33,15 @@ def cmd_services(args) -> int:
 
 
 def cmd_cleanup(args) -> int:
+    from meshd.agent.lock import InstanceLock
     from meshd.dataplane import loader
     cfg = _config(args)
-    removed = loader.remove(cfg.bpffs, cfg.instance)
+    lock = InstanceLock(cfg.state_dir, cfg.instance)
+    lock.acquire()  # refuses (naming its pid) while a daemon runs this instance: it holds
+    try:            # the data plane and would put back what cleanup removes
+        removed = loader.remove(cfg.bpffs, cfg.instance)
+    finally:
+        lock.release()
     print(f"removed {len(removed)} pins and links of instance {cfg.instance!r}"
           if removed else f"instance {cfg.instance!r} had nothing pinned")
     return 0

@@ -16,7 +16,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from meshd import sdnotify
 from meshd.agent import guard, health, tcwire
@@ -39,19 +38,7 @@ log = logging.getLogger("meshd.daemon")
 ETCD_RESOLVE_SECONDS = 60.0
 SYNC_STOP_WAIT_SECONDS = 60.0  # a cold sync at 10,000 services takes ~8 s (unit: TimeoutStopSec)
 
-__all__ = ["Daemon", "run", "status_path", "etcd_hosts"]
-
-
-def etcd_hosts(urls: list[str]) -> set:
-    """Addresses of the etcd endpoints: a VIP must never capture the daemon's own etcd."""
-    import ipaddress
-    out = set()
-    for u in urls:
-        try:
-            out.add(ipaddress.ip_address(urlsplit(u).hostname or ""))
-        except ValueError:
-            continue  # a hostname: cannot collide with a VIP literal
-    return out
+__all__ = ["Daemon", "run", "status_path"]
 
 
 class Daemon:
@@ -76,10 +63,11 @@ class Daemon:
         self.health_http: HealthServers | None = None
         self._file: FileFeed | None = None
         self._stop = asyncio.Event()
+        self._hup = asyncio.Event()
         self._max_entries: dict[str, int] = {}
         self._etcd_addrs: set = set()
         self.dataplane_error: str | None = None  # the data plane cannot serve (guard.py)
-        self.node_zone: str | None = cfg.node.zone  # config first, else the Node object's
+        self.node_zone: str | None = None  # the Node object's (node.zone in config wins)
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -120,7 +108,7 @@ class Daemon:
 
             def task(name, factory):
                 tasks.append(asyncio.create_task(
-                    supervise(name, factory, self.control.count_task_failure), name=name))
+                    supervise(name, factory, self._task_failed), name=name))
 
             if cfg.services_file is not None:
                 self._file = FileFeed(self.sources, lambda: self.cfg.services_file)
@@ -141,6 +129,7 @@ class Daemon:
             task("sync", self.syncer.run)
             task("addresses", lambda: tcwire.watch_addresses(self))
             task("guard", lambda: guard.guard(self))
+            task("reload", self._reloads)
             tasks.append(asyncio.create_task(self._ready(), name="ready"))
             wd = sdnotify.watchdog_interval()
             if wd:
@@ -177,6 +166,11 @@ class Daemon:
             if gc.get_threshold() != GC_THRESHOLDS:  # cancelled before ready
                 settle_heap()
 
+    def _task_failed(self, name: str) -> None:
+        self.control.count_task_failure(name)
+        if name == "sync":  # the loop itself died: not progress (the watchdog must know)
+            self.progress.failed("the sync task failed (see the traceback above)")
+
     def _load(self) -> loader.Maps:
         cfg = self.cfg
         return loader.load(cfg.bpffs, cfg.instance, cfg.cgroup, cfg.maglev.table_size,
@@ -202,54 +196,46 @@ class Daemon:
 
     # ---- reload -------------------------------------------------------------------------
     def _on_hup(self) -> None:
+        """SIGHUP: only wakes the reload task, so reloads run one at a time, in order (a
+        storm of signals coalesces) and each one's failures are logged and counted."""
+        self._hup.set()
+
+    async def _reloads(self) -> None:
+        while True:
+            await self._hup.wait()
+            self._hup.clear()
+            await self._reload()
+
+    async def _reload(self) -> None:
         log.info("SIGHUP: reloading config and services")
         try:
-            new = load_config(self.config_path)
+            new = await asyncio.to_thread(load_config, self.config_path)
         except MeshdError as e:
             log.error("reload refused, keeping the running config: %s", e)
         else:
             plan = plan_reload(self.cfg, new)
-            old, self.cfg = self.cfg, plan.config
+            self.cfg = plan.config
             (log.error if plan.refused else log.info)("%s", plan.message())
             if "log_level" in plan.applied:
                 logging.getLogger().setLevel(getattr(logging, self.cfg.log_level.upper()))
-            if "metrics" in plan.applied and self.exporter is not None:
-                self.exporter.relisten(self.cfg.metrics.listen)
-            if "tc" in plan.applied:
-                asyncio.get_running_loop().run_in_executor(None, self._apply_tc_logged)
             if "sync" in plan.applied:
                 self.progress.stuck_after = self.cfg.sync.stuck_after_seconds
                 self.progress.ready_grace = self.cfg.sync.ready_grace_seconds
-            if "node" in plan.applied and self.cfg.node.zone is not None:
-                self.node_zone = self.cfg.node.zone
-            if "healthz" in plan.applied and self.health_http is not None:
-                self.health_http.relisten(self.cfg.healthz.listen)
             if {"service_cidrs", "node_ports", "node", "external_ip_cidrs"} & set(plan.applied):
                 self.sources.wake.set()
-            del old
+            if "metrics" in plan.applied and self.exporter is not None:
+                await asyncio.to_thread(self.exporter.relisten, self.cfg.metrics.listen)
+            if "healthz" in plan.applied and self.health_http is not None:
+                await self.health_http.relisten(self.cfg.healthz.listen)
+            if "tc" in plan.applied:
+                try:
+                    await asyncio.to_thread(tcwire.apply_tc, self.cfg)
+                except MeshdError as e:
+                    self.control.count_sync_error("reload")
+                    log.error("reload: tc not applied: %s", e)
         if self._file is not None:
             self._file.poke()  # re-read the file now
         self.write_status()
-
-    def _apply_tc_logged(self) -> None:
-        try:
-            tcwire.apply_tc(self.cfg)
-        except MeshdError as e:
-            log.error("reload: tc not applied: %s", e)
-
-    async def after_sync(self) -> None:
-        """What follows a successful sync: the health check node ports of the services."""
-        if self.health_http is not None:
-            await self.health_http.sync_checks(
-                self.syncer.desired.health_checks(self.cfg.node.name))
-
-    def _on_node_zone(self, zone: str | None) -> None:
-        """The Node object's topology.kubernetes.io/zone (when node.zone is not set):
-        topology-hinted endpoints are chosen by it, so a change re-syncs."""
-        if self.cfg.node.zone is None and zone != self.node_zone:
-            log.info("node zone from the Node object: %s", zone)
-            self.node_zone = zone
-            self.sources.wake.set()
 
     # ---- etcd ---------------------------------------------------------------------------
     async def _start_embedded_etcd(self):
@@ -267,18 +253,20 @@ class Daemon:
 
     def etcd_addresses(self) -> set:
         """Addresses of etcd (literals and resolved host names): never a VIP."""
-        return self._etcd_addrs | etcd_hosts(self.etcd_urls)
+        return self._etcd_addrs
 
     async def _resolve_etcd(self) -> None:
-        """etcd host names resolved at start and every ETCD_RESOLVE_SECONDS (not per sync);
-        a new address wakes a sync so that a VIP on it is refused at once."""
+        """etcd host names resolved again every ETCD_RESOLVE_SECONDS (not per sync; the
+        first time before the first sync); a new address wakes a sync so that a VIP on it is
+        refused at once. Addresses are never dropped while the daemon runs: a DNS failure
+        must not lift the protection (a stale one only keeps a VIP off an old etcd IP)."""
         from meshd.sources.etcd_addresses import resolve_etcd_addresses
         while True:
-            addrs = await resolve_etcd_addresses(self.etcd_urls)
+            await asyncio.sleep(ETCD_RESOLVE_SECONDS)
+            addrs = self._etcd_addrs | await resolve_etcd_addresses(self.etcd_urls)
             if addrs != self._etcd_addrs:
                 self._etcd_addrs = addrs
                 self.sources.wake.set()
-            await asyncio.sleep(ETCD_RESOLVE_SECONDS)
 
     # ---- what others read ---------------------------------------------------------------
     def record_fill(self) -> None:

@@ -112,11 +112,11 @@ class HealthServers:
         self.address = f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
         log.info("healthz on http://%s/healthz", self.address)
 
-    def relisten(self, listen: str | None) -> None:
-        async def again() -> None:
-            await self._close_node()
-            await self.start(listen)
-        asyncio.get_running_loop().create_task(again())
+    async def relisten(self, listen: str | None) -> None:
+        if listen == self.listen:
+            return
+        await self._close_node()
+        await self.start(listen)
 
     async def _close_node(self) -> None:
         if self._node is not None:
@@ -129,9 +129,12 @@ class HealthServers:
     def _check_answer(self, port: int):
         def answer(method: str, path: str) -> tuple[int, dict]:
             ns, name, n = self._state.get(port, ("", "", 0))
+            healthy = self.problem() is None
             body = {"service": {"namespace": ns, "name": name}, "localEndpoints": n,
-                    "serviceProxyHealthy": self.problem() is None}
-            return (200 if n > 0 else 503), body
+                    "serviceProxyHealthy": healthy}
+            # as kube-proxy: 200 only with local endpoints AND a healthy proxy, so a node
+            # whose syncs are stuck gets no load-balancer traffic either
+            return (200 if n > 0 and healthy else 503), body
         return answer
 
     async def sync_checks(self, checks: dict[int, tuple[str, str, int]]) -> None:

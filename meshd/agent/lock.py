@@ -30,7 +30,10 @@ class InstanceLock:
         """Take the lock or raise InstanceLocked naming the holder's pid."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            # 0600 whatever the file was made with: a user who can open it can flock it and
+            # keep meshd from starting
+            os.fchmod(fd, 0o600)
         except OSError as e:
             raise InstanceLocked(f"cannot open the instance lock {self.path}: {e.strerror}; "
                                  "check state_dir and run meshd as root") from None

@@ -63,13 +63,6 @@ class Sources(dict):
     def unread(self) -> list[str]:
         return [n for n, s in self.items() if not s.synced]
 
-    def complete(self) -> bool:
-        """Every source has been read at least once (or is known unreachable)."""
-        return all(s.synced or s.error for s in self.values())
-
-    def never_read(self) -> bool:
-        """Some source was never read: applying the rest would drop its services."""
-        return any(s.error and not s.synced for s in self.values())
 
 
 class FileFeed:
@@ -102,7 +95,10 @@ class FileFeed:
                 try:
                     snap = await asyncio.to_thread(load_services_file, path)
                     self.sources.publish("file", snap.services, snap.errors)
-                except RegistryError as e:
+                except BaseException as e:
+                    if not isinstance(e, RegistryError):
+                        self._sig = None  # read again when the supervisor restarts us
+                        raise
                     # Keep what the kernel holds: a broken file must not take services down.
                     log.error("services file not applied, kernel state kept: %s", e)
                     self.sources.set_error("file", str(e))

@@ -70,7 +70,10 @@ class Syncer:
         self.backoff = Backoff(0.5, 30.0)
         self.current: asyncio.Future | None = None  # the sync in flight (stop waits for it)
         self.stage = "idle"
-        self._retry_at: float | None = None
+        self._retry_at: float | None = None  # after an exception: the next attempt, no earlier
+        self._again_at: float | None = None  # data-plane errors left: try again (wakes pass)
+        self._again = Backoff(1.0, 30.0)
+        self._logged_dp: set[tuple[str, str]] = set()  # data-plane errors already logged
         self._prune_at: float | None = None
         self._full_next = False  # after an exception: diff every group
         self._doomed: set = set()  # removed UDP backends whose sockets are still to destroy
@@ -86,14 +89,16 @@ class Syncer:
             now = time.monotonic()
             if self._prune_at is not None and now >= self._prune_at:
                 await self._prune()
-            if self._retry_at is not None:
+            if self._retry_at is not None:  # after an exception: nothing before the backoff
                 if now < self._retry_at:
                     continue
                 self._retry_at = None
+            elif self._again_at is not None and now >= self._again_at:
+                self._again_at = None  # data-plane errors / UDP sockets left: try again
             elif not wake.is_set():
                 continue
             wake.clear()
-            if not self.ctx.sources.complete():
+            if self.ctx.sources.unread():
                 continue  # never apply a partial view: a service would vanish for a moment
             self.current = asyncio.ensure_future(self._attempt())
             # shielded: a stop waits for the sync in flight (its libbpf calls run in a thread
@@ -101,14 +106,14 @@ class Syncer:
             await asyncio.shield(self.current)
 
     async def _wait(self, wake: asyncio.Event) -> None:
-        timers = [t for t in (self._retry_at, self._prune_at) if t is not None]
+        timers = [t for t in (self._retry_at, self._again_at, self._prune_at) if t is not None]
         if self._retry_at is None and wake.is_set():
             return
         timeout = max(0.0, min(timers) - time.monotonic()) if timers else None
-        if self._retry_at is not None:  # backing off: changes wait for the retry
+        if self._retry_at is not None:  # backing off after an exception: changes wait
             await asyncio.sleep(timeout)
             return
-        try:
+        try:  # data-plane retries and pruning wait on a timer; changes go through at once
             await asyncio.wait_for(wake.wait(), timeout)
         except asyncio.TimeoutError:
             pass
@@ -125,14 +130,16 @@ class Syncer:
                       exc_info=not isinstance(e, InjectedFault))
             control.count_sync_error(stage)
             self._full_next = True
+            if stage in ("addresses", "validate"):
+                # DesiredState may be half-updated (it took the new services, then failed):
+                # its next update would see "no change" and hand back stale groups
+                self.desired = DesiredState()
             progress.failed(f"{stage}: {type(e).__name__}: {e}")
             self.ctx.write_status()
             return
         finally:
             self.stage = "idle"
-        if errors is None:  # nothing applied (a source never read)
-            progress.inflight_since = None
-            return
+        self.backoff.reset()  # the sync ran: what is left is data, retried on a timer
         progress.succeeded()
         try:
             await self.ctx.after_sync()
@@ -140,12 +147,11 @@ class Syncer:
             control.count_sync_error("healthcheck")
             log.error("after the sync: %s: %s", type(e).__name__, e)
         self.ctx.write_status()
-        if errors:
-            log.warning("sync left %d data-plane errors; retrying them in %.1fs", errors,
-                        self._schedule_retry())
+        if errors or self._doomed:
+            self._again_at = self._again_at or time.monotonic() + self._again.next()
         else:
-            self.backoff.reset()
-        if self.ctx.sources.complete() and not self.ctx.sources.unread():
+            self._again.reset()
+        if not self.ctx.sources.unread():
             progress.ready.set()
 
     def _schedule_retry(self) -> float:
@@ -154,13 +160,11 @@ class Syncer:
         return delay
 
     # ---- one sync -----------------------------------------------------------------------
-    async def sync(self) -> int | None:
-        """One pass; returns the number of data-plane errors left (retried later), None
-        when nothing could be applied."""
+    async def sync(self) -> int:
+        """One pass over every source's snapshot (the loop runs it only once each has been
+        read); returns the number of data-plane errors left (retried later)."""
         ctx = self.ctx
         cfg, sources = ctx.cfg, ctx.sources
-        if sources.never_read():
-            return None  # a source was never read: applying the rest would drop its services
         triggers = [t for st in sources.values() for t in st.triggers]
         for st in sources.values():
             st.triggers.clear()
@@ -182,9 +186,11 @@ class Syncer:
         dirty = sources.dirty_since
         self.stage = "validate"
         node_ports = node.node_ports(ctx.local, cfg.node_ports)
-        groups, bad = self.desired.update(services, cfg.service_cidrs, forbidden, node_ports,
-                                          node_info(cfg, getattr(ctx, "node_zone", None)),
-                                          cfg.external_ip_cidrs)
+        # a thread: at 10,000 services a cold validation takes ~1.5 s, which must not stall
+        # the loop (watchdog, healthz, the sources' streams); only this loop uses `desired`
+        groups, bad = await asyncio.to_thread(
+            self.desired.update, services, cfg.service_cidrs, forbidden, node_ports,
+            node_info(cfg, getattr(ctx, "node_zone", None)), cfg.external_ip_cidrs)
         t_valid = time.perf_counter()
         rejected += bad
         self._log_rejects(rejected)
@@ -194,6 +200,8 @@ class Syncer:
         report = await asyncio.to_thread(self._apply, groups,
                                          None if hint is None else set(hint))
         self._full_next = False
+        self._doomed |= set(report.removed)
+        self.stage = "record"
         ms = (time.perf_counter() - t0) * 1e3
         ops = sum(report.ops.values())
         if log.isEnabledFor(logging.DEBUG):
@@ -206,12 +214,15 @@ class Syncer:
                 "sync: %d services, %d rejected, %d groups changed, %d map ops in %.1f ms%s",
                 n_services, len(rejected), report.groups_changed, ops, ms,
                 f", {len(report.errors)} errors" if report.errors else "")
-        for what, err in report.errors.items():
+        errs = set(report.errors.items())
+        for what, err in sorted(errs - self._logged_dp):  # each once, not on every retry
             log.error("data plane: %s: %s", what, err)
+        new_errors = len(errs - self._logged_dp)
+        self._logged_dp = errs
         lag = time.monotonic() - dirty if dirty is not None else 0.0
         if sources.dirty_since == dirty:
             sources.dirty_since = None
-        ctx.control.record_sync(report.ops, errors=len(report.errors), rejected=len(rejected),
+        ctx.control.record_sync(report.ops, errors=new_errors, rejected=len(rejected),
                                 lag_seconds=lag)
         if triggers:
             now = time.time()
@@ -225,7 +236,6 @@ class Syncer:
         self.result = SyncResult(time.time(), [{"where": e.where, "reason": e.reason}
                                                for e in rejected],
                                  dict(report.errors), n_services, ops)
-        self._doomed |= set(report.removed)
         if self._doomed:
             self.stage = "sockdestroy"
             await self._destroy_udp()

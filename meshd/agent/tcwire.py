@@ -37,6 +37,7 @@ def apply_tc(cfg) -> None:
 async def watch_addresses(ctx) -> None:
     """Re-reads the node's addresses every ADDRESS_POLL_SECONDS (`ip -j addr` costs
     milliseconds, so not on every sync); a change wakes the sync loop."""
+    stale = False  # the SNAT addresses could not be re-read after the last change
     while True:
         await asyncio.sleep(ADDRESS_POLL_SECONDS)
         try:
@@ -45,11 +46,13 @@ async def watch_addresses(ctx) -> None:
             ctx.control.count_sync_error("addresses")
             log.warning("cannot read the node's addresses: %s: %s", type(e).__name__, e)
             continue
-        if addrs == ctx.local:
+        if addrs == ctx.local and not stale:
             continue
-        ctx.local = addrs
-        ctx.sources.wake.set()
+        if addrs != ctx.local:
+            ctx.local = addrs
+            ctx.sources.wake.set()
         tcc = ctx.cfg.tc
+        stale = False
         if tcc.interfaces and tcc.mode == "snat":
             from meshd.dataplane import tc
             try:
@@ -57,4 +60,6 @@ async def watch_addresses(ctx) -> None:
                                         tcc.interfaces)
                 log.info("tc SNAT source addresses re-read (node addresses changed)")
             except MeshdError as e:
-                log.warning("tc SNAT source addresses not re-read: %s", e)
+                stale = True  # tried again at the next poll, changed or not
+                log.warning("tc SNAT source addresses not re-read (tried again in %.0fs): %s",
+                            ADDRESS_POLL_SECONDS, e)

@@ -349,6 +349,9 @@ class EtcdSource:
                 timeout=self.cfg.dial_timeout, metadata=client.metadata)
             if rev == 0:
                 rev = resp.header.revision
+                # etcd answers: listing is progress, not an outage (READY waits for it
+                # instead of giving up on an unreachable source)
+                self.last_error = None
             items.extend((kv.key, kv.value) for kv in resp.kvs)
             if not resp.more or not resp.kvs:
                 break

@@ -264,6 +264,7 @@ class KubernetesSource:
         rv = None
         while True:
             page = await self._get_json(kind.path, params)
+            self.last_error = None  # the API answers: listing is progress, not an outage
             meta = page.get("metadata") or {}
             rv = rv or meta.get("resourceVersion")
             items.extend(page.get("items") or [])

@@ -163,6 +163,10 @@ def test_a_second_daemon_on_the_same_instance_refuses_to_start(lab, daemon):
     assert f"already run by pid {daemon.proc.pid}" in second.stderr, second.stderr
     assert "Traceback" not in second.stderr
     assert daemon.proc.poll() is None
+    # `meshd cleanup` under a running daemon would pull the data plane out from under it
+    # (and its guard would put the pins back over a detached program): refused the same way
+    cleanup = meshd("cleanup", "--config", str(daemon.config), check=False)
+    assert cleanup.returncode == 1 and f"already run by pid {daemon.proc.pid}" in cleanup.stderr
     assert set(reach(lab, count=20)["by_backend"]) == {"b1"}
 
 

@@ -24,6 +24,13 @@ def get(url: str) -> tuple[int, dict]:
         return e.code, json.loads(e.read())
 
 
+def answers(url: str) -> int | None:
+    try:
+        return get(url)[0]
+    except urllib.error.URLError:
+        return None
+
+
 def local_service(lab, hc: int, nodes: list[str]) -> dict:
     s = svc(lab, "web", VIP, list(range(1, len(nodes) + 1)))
     s["ports"][0]["node_port"] = 30080
@@ -45,8 +52,8 @@ def test_health_check_node_port_answers_as_kube_proxy_does(lab, daemon):
     set_config(daemon, node={"name": "node-a"})
     daemon.write(local_service(lab, hc, ["node-a", "node-b"]))
     daemon.start()
-    daemon.wait(lambda r: r["services"], "first sync")
     url = f"http://127.0.0.1:{hc}/"
+    daemon.wait(lambda r: r["services"] and answers(url), "the health check listener")
     status, body = get(url)
     assert status == 200
     assert body == {"service": {"namespace": "default", "name": "web"}, "localEndpoints": 1,

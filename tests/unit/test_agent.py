@@ -226,3 +226,115 @@ def test_counter_pruning_never_runs_while_a_sync_writes_the_reconcilers_state(mo
     asyncio.run(main())
     assert "prune" in events and "apply" in events
     assert "prune-during-apply" not in events, events
+
+
+def _fake_ctx(reconciler, services=()):
+    from types import SimpleNamespace
+
+    from meshd.agent.health import Progress
+    from meshd.agent.sources import Sources, SourceState
+    from meshd.metrics import ControlPlaneStats
+
+    async def _noop():
+        return None
+    sources = Sources()
+    sources["file"] = SourceState(services=tuple(services), synced=True)
+    return SimpleNamespace(
+        cfg=SimpleNamespace(service_cidrs=[__import__("ipaddress").ip_network("10.96.0.0/12")],
+                            external_ip_cidrs=[], node=SimpleNamespace(name="n1", zone=None),
+                            node_ports=SimpleNamespace(addresses=[], range=(30000, 32767))),
+        sources=sources, local=set(), etcd_addresses=set, control=ControlPlaneStats(),
+        progress=Progress(), reconciler=reconciler, write_status=lambda: None,
+        record_fill=lambda: None, after_sync=_noop, maps=None)
+
+
+class _RecordingReconciler:
+    def __init__(self, errors=None):
+        self.applied: list[tuple[dict, object]] = []
+        self.errors = errors or {}
+        self.groups, self.backend_ids = {}, {}
+
+    def apply(self, groups, hint):
+        from types import SimpleNamespace
+        self.applied.append((dict(groups), hint))
+        return SimpleNamespace(ops={"put_frontend": 1}, errors=dict(self.errors),
+                               groups_changed=len(groups), removed=(), timings={})
+
+
+def _svc(i):
+    from meshd.model import parse_service
+    return parse_service({"namespace": "t", "name": f"s{i}", "vips": [f"10.96.0.{i + 1}"],
+                          "ports": [{"name": "http", "port": 80}],
+                          "endpoints": [{"address": f"10.1.0.{i + 1}",
+                                         "ports": {"http": 8080}}]}, "x")
+
+
+def test_a_sync_failing_in_validation_is_retried_with_the_full_state(monkeypatch):
+    """Review finding: DesiredState took the new services, then raised; the retry saw "no
+    change" and applied stale (at a cold start: empty) groups, removing adopted services."""
+    from meshd.agent import sync as syncmod
+    from meshd.desired import DesiredState
+    real = DesiredState.update
+    calls = {"n": 0}
+
+    def flaky(self, *a, **kw):
+        out = real(self, *a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected after the state was taken")
+        return out
+    monkeypatch.setattr(DesiredState, "update", flaky)
+    monkeypatch.setattr(syncmod.Syncer, "_schedule_retry", lambda self: 0.0)
+    rec = _RecordingReconciler()
+    ctx = _fake_ctx(rec, [_svc(i) for i in range(3)])
+
+    async def main():
+        s = syncmod.Syncer(ctx)
+        await s._attempt()  # fails in validate
+        assert s.stage == "idle" and ctx.progress.last_failure.startswith("validate")
+        await s._attempt()  # the retry
+    asyncio.run(main())
+    assert len(rec.applied) == 1
+    groups, hint = rec.applied[0]
+    assert len(groups) == 3 and hint is None  # every group, diffed in full
+
+
+def test_data_plane_errors_are_retried_on_a_timer_without_holding_changes_back():
+    from meshd.agent import sync as syncmod
+    rec = _RecordingReconciler(errors={"t/s0:http/ipv4": "the map is full"})
+    ctx = _fake_ctx(rec, [_svc(0)])
+
+    async def main():
+        s = syncmod.Syncer(ctx)
+        loop = asyncio.create_task(s.run())
+        ctx.sources.wake.set()
+        for _ in range(100):
+            if rec.applied:
+                break
+            await asyncio.sleep(0.01)
+        assert s._retry_at is None and s._again_at is not None  # no hard backoff
+        ctx.sources.publish("file", [_svc(0), _svc(1)], ())
+        for _ in range(100):  # applied at once, not after the 1 s retry timer
+            if len(rec.applied) == 2:
+                break
+            await asyncio.sleep(0.01)
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+        return s
+    s = asyncio.run(main())
+    assert len(rec.applied) == 2 and len(rec.applied[1][0]) == 2
+    # the same error is logged and counted once, not on every retry
+    assert ctx.control.view()["sync_errors"] == {"dataplane": 1}
+
+
+def test_the_lock_file_is_root_only_whatever_mode_it_had(tmp_path):
+    p = tmp_path / "x.lock"
+    p.write_text("")
+    p.chmod(0o666)
+    lock = InstanceLock(tmp_path, "x")
+    lock.acquire()
+    try:
+        assert (p.stat().st_mode & 0o777) == 0o600
+    finally:
+        lock.release()
