@@ -237,6 +237,21 @@ class Daemon:
             self._file.poke()  # re-read the file now
         self.write_status()
 
+    async def after_sync(self) -> None:
+        """What follows a successful sync: the health check node ports of the services."""
+        if self.health_http is not None:
+            await self.health_http.sync_checks(
+                self.syncer.desired.health_checks(self.cfg.node.name))
+
+    def _on_node_zone(self, zone: str | None) -> None:
+        """The Node object's topology.kubernetes.io/zone: topology-hinted endpoints are
+        chosen by it (unless node.zone is set in the config), so a change re-syncs."""
+        if zone != self.node_zone:
+            log.info("node zone from the Node object: %s%s", zone, " (node.zone in the config "
+                     "wins)" if self.cfg.node.zone is not None else "")
+            self.node_zone = zone
+            self.sources.wake.set()
+
     # ---- etcd ---------------------------------------------------------------------------
     async def _start_embedded_etcd(self):
         etcd_cfg = self.cfg.etcd
