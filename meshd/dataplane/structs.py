@@ -25,6 +25,29 @@ class SvcVal(C.Structure):
     _fields_ = [("id", C.c_uint32), ("count", C.c_uint16), ("flags", C.c_uint16)]
 
 
+# SvcVal.flags (MESHD_SVC_F_*): the same bits as meshd.desired G_* / FE_*
+SVC_F_DROP_EMPTY, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_KEEP_SOURCE, SVC_F_SOURCE_RANGES = \
+    0x01, 0x02, 0x04, 0x08, 0x10
+
+
+class AffKey(C.Structure):
+    _fields_ = [("netns", C.c_uint64), ("addr", Addr16), ("group", C.c_uint32),
+                ("pad", C.c_uint32)]
+
+
+class AffVal(C.Structure):
+    _fields_ = [("seen_ns", C.c_uint64), ("backend", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class MemberKey(C.Structure):
+    _fields_ = [("group", C.c_uint32), ("backend", C.c_uint32)]
+
+
+class SrcRangeKey(C.Structure):
+    _fields_ = [("prefixlen", C.c_uint32), ("vip", Addr16), ("port", C.c_uint16),
+                ("proto", C.c_uint8), ("pad", C.c_uint8), ("src", Addr16)]
+
+
 class Backend(C.Structure):
     _fields_ = [("addr", Addr16), ("port", C.c_uint16), ("proto", C.c_uint8),
                 ("family", C.c_uint8), ("flags", C.c_uint32)]
@@ -99,6 +122,10 @@ LAYOUT_VERSION = 1
 MIRRORS = {
     "meshd_svc_key": SvcKey,
     "meshd_svc_val": SvcVal,
+    "meshd_aff_key": AffKey,
+    "meshd_aff_val": AffVal,
+    "meshd_member_key": MemberKey,
+    "meshd_srcrange_key": SrcRangeKey,
     "meshd_backend": Backend,
     "meshd_revnat_key": RevnatKey,
     "meshd_revnat_val": RevnatVal,
