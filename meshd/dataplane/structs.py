@@ -165,6 +165,29 @@ def svc_key(vip: IPAddress, port: int, protocol: str) -> SvcKey:
     return SvcKey(addr=pack_addr(vip), port=port_be(port), proto=IPPROTO[protocol])
 
 
+def srcrange_key(vip: IPAddress, port: int, protocol: str, net) -> SrcRangeKey:
+    """LPM key of one allowed source network of one frontend: prefixlen counts the 160 bits
+    of (vip, port, proto, pad), then the network's bits, IPv4 as ::ffff:0:0/96 + prefix."""
+    bits = net.prefixlen + (96 if net.version == 4 else 0)
+    return SrcRangeKey(prefixlen=160 + bits, vip=pack_addr(vip), port=port_be(port),
+                       proto=IPPROTO[protocol], src=pack_addr(net.network_address))
+
+
+def parse_srcrange_key(k: SrcRangeKey):
+    """(vip, port, protocol, network) of a key srcrange_key() made; None for anything else."""
+    proto = PROTO_NAME.get(k.proto)
+    bits = k.prefixlen - 160
+    if proto is None or not 0 <= bits <= 128:
+        return None
+    vip = unpack_addr(k.vip)
+    raw = ipaddress.IPv6Address(bytes(k.src))
+    if raw.ipv4_mapped is not None and bits >= 96:
+        net = ipaddress.IPv4Network((raw.ipv4_mapped, bits - 96))
+    else:
+        net = ipaddress.IPv6Network((raw, bits))
+    return vip, port_host(k.port), proto, net
+
+
 def backend(addr: IPAddress, port: int, protocol: str) -> Backend:
     family = socket.AF_INET if addr.version == 4 else socket.AF_INET6
     return Backend(addr=pack_addr(addr), port=port_be(port), proto=IPPROTO[protocol],
