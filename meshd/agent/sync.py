@@ -28,6 +28,7 @@ from meshd.desired import DesiredState, NodeInfo
 log = logging.getLogger("meshd.daemon")
 
 PRUNE_DELAY_SECONDS = 2.0
+DRAIN_CHECK_SECONDS = 5.0  # while backends drain: how often the tc conntrack map is walked
 GC_THRESHOLDS = gc.get_threshold()  # the interpreter's own (700, 10, 10)
 GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards
 FAULT_ENV = "MESHD_FAULT_SYNC_ERRORS"
@@ -75,6 +76,7 @@ class Syncer:
         self._logged_rejects: set[tuple[str, str]] = set()
         self._warned_affinity: set[str] = set()
         self._faults = int(os.environ.get(FAULT_ENV, "0") or 0)
+        self._stats_due = False  # counters of removed ids wait for the next prune
 
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -198,6 +200,9 @@ class Syncer:
         if report.ops.get("delete_name") or report.ops.get("delete_backend"):
             # ids are reused: their counters go, off the sync path
             self._prune_at = self._prune_at or time.monotonic() + PRUNE_DELAY_SECONDS
+            self._stats_due = True
+        elif ctx.reconciler.draining:  # removed backends wait for their tc flows
+            self._prune_at = self._prune_at or time.monotonic() + DRAIN_CHECK_SECONDS
         if report.groups_changed > GC_FREEZE_AFTER and gc.get_threshold() == GC_THRESHOLDS:
             settle_heap()  # (the first sync's is done once ready)
         self.result = SyncResult(time.time(), [{"where": e.where, "reason": e.reason}
@@ -250,6 +255,18 @@ class Syncer:
         here, the map walk runs in a thread."""
         self._prune_at = None
         rec = self.ctx.reconciler
+        if rec.draining:
+            try:
+                if await asyncio.to_thread(rec.collect_drained):
+                    self._stats_due = True
+            except Exception as e:
+                self.ctx.control.count_sync_error("drain")
+                log.warning("draining backends not collected: %s: %s", type(e).__name__, e)
+            if rec.draining:
+                self._prune_at = time.monotonic() + DRAIN_CHECK_SECONDS
+        if not self._stats_due:
+            return
+        self._stats_due = False
         groups = {g.gid for g in rec.groups.values()}
         backends = set(rec.backend_ids.values())
         try:
