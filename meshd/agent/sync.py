@@ -74,7 +74,6 @@ class Syncer:
         self._full_next = False  # after an exception: diff every group
         self._doomed: set = set()  # removed UDP backends whose sockets are still to destroy
         self._logged_rejects: set[tuple[str, str]] = set()
-        self._warned_affinity: set[str] = set()
         self._faults = int(os.environ.get(FAULT_ENV, "0") or 0)
         self._stats_due = False  # counters of removed ids wait for the next prune
 
@@ -171,7 +170,6 @@ class Syncer:
         t_valid = time.perf_counter()
         rejected += bad
         self._log_rejects(rejected)
-        self._warn_affinity()
         hint = None if self._full_next else self.desired.changed_groups
         self.stage = "apply"
         report = await asyncio.to_thread(self._apply, groups,
@@ -239,15 +237,6 @@ class Syncer:
             if (e.where, e.reason) not in self._logged_rejects:
                 log.warning("record skipped: %s: %s", e.where, e.reason)
         self._logged_rejects = new
-
-    def _warn_affinity(self) -> None:
-        for key in self.desired.changed_services:
-            s = self.desired.service(key)
-            if s is not None and s.session_affinity == "ClientIP" and \
-                    s.key not in self._warned_affinity:
-                log.warning("%s: session_affinity ClientIP is not enforced yet; each socket "
-                            "is balanced on its own", s.key)
-                self._warned_affinity.add(s.key)
 
     # ---- counters of removed groups/backends --------------------------------------------
     async def _prune(self) -> None:
