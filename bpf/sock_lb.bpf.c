@@ -24,6 +24,7 @@
 #include "meshd_helpers.h"
 #include "meshd_maps.h"
 #include "meshd_metrics.h"
+#include "meshd_sock_affinity.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -35,6 +36,7 @@
 #define MESHD_ECONNRESET 104
 #define MESHD_ETIMEDOUT 110
 #define MESHD_EPIPE 32
+#define MESHD_EHOSTUNREACH 113
 
 /* Set by the loader before load (.rodata is frozen, so the verifier knows maglev_m and can
  * bound the table index with it, and drops the self check when self_tgid is 0). */
@@ -66,43 +68,87 @@ static __always_inline int meshd_is_self(void)
 }
 
 
-/* Picks a backend for the frontend `key`. Returns 0 and fills *be, -ENOENT when the
- * destination is not a service (leave the socket alone), -ECONNREFUSED when it is one
- * with no usable backend. *ids gets the group id (when it is a service) and the backend id
- * (when one was picked) for the metrics. */
-static __always_inline int meshd_pick(const struct meshd_svc_key *key, __u64 cookie,
-				      struct meshd_backend *be, struct meshd_stats_key *ids)
+/* The backend id at the Maglev slot of `cookie` in group `gid`'s table; 0 (never an id)
+ * when there is none. The pickers return ids and meshd_pick() copies the backend once:
+ * copies of the struct in two inlined branches were merged by clang into one whose other
+ * path stored uninitialised registers, which the verifier rejects. */
+static __always_inline __u32 meshd_pick_maglev(__u32 gid, __u64 cookie)
 {
-	struct meshd_svc_val *svc;
-	struct meshd_backend *found;
 	void *inner;
 	__u32 *table;
-	__u32 zero = 0, slot, m, be_id;
+	__u32 zero = 0, slot, m;
 
-	svc = bpf_map_lookup_elem(&meshd_svc_v1, key);
-	if (!svc || meshd_is_self())
-		return -2; /* ENOENT: not a service (or the daemon's own socket): leave it */
-	ids->group = svc->id;
-	if (svc->count == 0)
-		return -MESHD_ECONNREFUSED;
-	inner = bpf_map_lookup_elem(&meshd_maglev_v1, &svc->id);
+	inner = bpf_map_lookup_elem(&meshd_maglev_v1, &gid);
 	if (!inner)
-		return -MESHD_ECONNREFUSED;
+		return 0;
 	table = bpf_map_lookup_elem(inner, &zero);
 	if (!table)
-		return -MESHD_ECONNREFUSED;
+		return 0;
 	m = meshd_cfg.maglev_m;
 	slot = (__u32)meshd_fmix64(cookie) % m; /* cookies are sequential, slots must not be */
 	/* Keep the compiler from proving "x % m < m" and dropping the check the verifier needs. */
 	barrier_var(slot);
 	if (slot >= m)
-		return -MESHD_ECONNREFUSED;
-	be_id = table[slot];
-	found = bpf_map_lookup_elem(&meshd_be_v1, &be_id);
-	if (!found)
+		return 0;
+	return table[slot];
+}
+
+/* Group with session affinity: the client's entry if it may be followed, else Maglev's
+ * pick, remembered for the client. Kept apart from the plain path: services without
+ * affinity pay one flag test for it. */
+static __always_inline __u32 meshd_pick_affine(struct bpf_sock_addr *ctx, __u32 gid,
+					       __u64 cookie, int v6)
+{
+	struct meshd_aff_key ak = {};
+	__u32 *timeout, id;
+	__u64 now;
+
+	timeout = bpf_map_lookup_elem(&meshd_affcfg_v1, &gid);
+	if (!timeout) /* written before the flag is set; absent only in a torn state */
+		return meshd_pick_maglev(gid, cookie);
+	meshd_aff_client(ctx, v6, &ak);
+	ak.group = gid;
+	now = bpf_ktime_get_ns();
+	id = meshd_aff_follow(&ak, *timeout, now);
+	if (id)
+		return id;
+	id = meshd_pick_maglev(gid, cookie);
+	if (id)
+		meshd_aff_store(&ak, id, now);
+	return id;
+}
+
+/* Picks a backend for the frontend `key`. Returns 0 and fills *be, -ENOENT when the
+ * destination is not a service (leave the socket alone), -ECONNREFUSED when it is one
+ * with no usable backend, -EHOSTUNREACH when it has none and says drop (a Local traffic
+ * policy with no local endpoint: kube-proxy DROPs, which would leave connect() hanging;
+ * failing it at once is what a client can act on). *ids gets the group id (when it is a
+ * service) and the backend id (when one was picked) for the metrics. */
+static __always_inline int meshd_pick(struct bpf_sock_addr *ctx, const struct meshd_svc_key *key,
+				      __u64 cookie, int v6, struct meshd_backend *be,
+				      struct meshd_stats_key *ids)
+{
+	struct meshd_backend *found;
+	struct meshd_svc_val *svc;
+	__u32 gid, id;
+
+	svc = bpf_map_lookup_elem(&meshd_svc_v1, key);
+	if (!svc || meshd_is_self())
+		return -2; /* ENOENT: not a service (or the daemon's own socket): leave it */
+	gid = svc->id;
+	ids->group = gid;
+	if (svc->count == 0)
+		return svc->flags & MESHD_SVC_F_DROP_EMPTY ? -MESHD_EHOSTUNREACH
+							    : -MESHD_ECONNREFUSED;
+	if (svc->flags & MESHD_SVC_F_AFFINITY)
+		id = meshd_pick_affine(ctx, gid, cookie, v6);
+	else
+		id = meshd_pick_maglev(gid, cookie);
+	found = bpf_map_lookup_elem(&meshd_be_v1, &id);
+	if (!id || !found)
 		return -MESHD_ECONNREFUSED;
 	*be = *found;
-	ids->backend = be_id;
+	ids->backend = id;
 	return 0;
 }
 
@@ -173,12 +219,12 @@ static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connec
 	key.port = (__u16)ctx->user_port;
 	key.proto = (__u8)ctx->protocol;
 	cookie = bpf_get_socket_cookie(ctx);
-	err = meshd_pick(&key, cookie, &be, &ids);
+	err = meshd_pick(ctx, &key, cookie, 0, &be, &ids);
 	if (err == -2)
 		return 1;
 	if (err || be.family != AF_INET) {
 		meshd_observe(ctx, &ids, 1, is_connect);
-		bpf_set_retval(-MESHD_ECONNREFUSED);
+		bpf_set_retval(err ? err : -MESHD_ECONNREFUSED);
 		return 0;
 	}
 	ctx->user_ip4 = be.addr[3];
@@ -203,12 +249,12 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connec
 	key.port = (__u16)ctx->user_port;
 	key.proto = (__u8)ctx->protocol;
 	cookie = bpf_get_socket_cookie(ctx);
-	err = meshd_pick(&key, cookie, &be, &ids);
+	err = meshd_pick(ctx, &key, cookie, 1, &be, &ids);
 	if (err == -2)
 		return 1;
 	if (err) {
 		meshd_observe(ctx, &ids, 1, is_connect);
-		bpf_set_retval(-MESHD_ECONNREFUSED);
+		bpf_set_retval(err);
 		return 0;
 	}
 	/* An IPv4-mapped VIP has IPv4 backends, written back mapped: the socket stays AF_INET6. */

@@ -13,7 +13,13 @@ MAP_MAGLEV = "meshd_maglev_v1"
 MAP_REVNAT = "meshd_revnat_v1"
 MAP_META = "meshd_meta_v1"
 MAP_NAMES = "meshd_names_v1"
-SOCK_LB_MAPS = (MAP_SVC, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_META, MAP_NAMES)
+MAP_SVC_EXT = "meshd_svc_ext_v1"  # tc-path overrides of external frontends
+MAP_AFFINITY = "meshd_aff_v1"  # (client, group) -> backend, last use
+MAP_AFFCFG = "meshd_affcfg_v1"  # group -> affinity timeout (s)
+MAP_MEMBERS = "meshd_member_v1"  # (group, backend) of groups with affinity
+MAP_SRCRANGES = "meshd_srcrange_v1"  # LPM: frontend + allowed source network
+SOCK_LB_MAPS = (MAP_SVC, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_META, MAP_NAMES,
+                MAP_SVC_EXT, MAP_AFFINITY, MAP_AFFCFG, MAP_MEMBERS, MAP_SRCRANGES)
 
 # Socket storage of translated sockets: connect() keeps (backend, VIP) there, so a
 # connected socket's getpeername() never depends on the LRU meshd_revnat_v1 (which only

@@ -1,14 +1,20 @@
 """Turns desired state into the fewest map operations, in a safe order (pure logic).
 
-Order, so a connecting socket never sees a half-written service:
+Order, so a connecting socket (or a packet on tc) never sees a half-written service:
   1. backends that are new                   (nothing points at them yet)
   2. per group: its Maglev table, built aside and swapped in as one inner map (all changed
      tables in one batch: every map-in-map update syscall waits an RCU grace period)
-  3. frontends (VIP:port -> group, count)    (now everything they point at exists; the ones
-                                             nothing wants any more go first: in a full map
-                                             they make room)
-  4. tables and names of groups that are gone, after their frontends
-  5. backends no table references any more
+  3. what frontend flags make the datapath read (meshd/sidetables.py): affinity timeout and
+     members, source ranges
+  4. frontends (VIP:port -> group, count, flags) in meshd_svc_v1 and the tc-only overrides
+     in meshd_svc_ext_v1 (now everything they point at exists; the ones nothing wants any
+     more go first: in a full map they make room)
+  5. side entries nothing wants any more; tables and names of groups that are gone, after
+     their frontends
+  6. backends no table references any more: at once when the tc path is not loaded, else
+     they drain (stay in meshd_be_v1, so established tc flows keep them) until no tc
+     conntrack entry names them or DRAIN_MAX_SECONDS passed: `collect_drained()`, which
+     the daemon calls between syncs. A backend that comes back while draining keeps its id.
 Work is proportional to what changed: a group whose Group object is the one applied last
 time is skipped without looking inside (DesiredState keeps unchanged groups' objects), so
 one endpoint change at 10,000 services costs one group's work.
@@ -33,20 +39,32 @@ import numpy as np
 from meshd import maglev
 from meshd.desired import BackendRef, Frontend, Group
 from meshd.errors import DataplaneError
+from meshd.sidetables import SideTables
 
 log = logging.getLogger("meshd.reconciler")
 
 MAX_COUNT = 0xFFFF
 TABLE_BUILD_BATCH = 512  # groups per vectorised Maglev build (bounds its temporary arrays)
+# A backend out of every selection stays in meshd_be_v1 while tc conntrack entries name it,
+# at most this long: kube-proxy leaves established flows to conntrack's timeouts (24 h for
+# established TCP); a terminating pod gets 30 s by default (terminationGracePeriodSeconds),
+# so a flow still open an hour later talks to a pod that is gone. After that its backend
+# entry goes and the flow's next packet is balanced afresh.
+DRAIN_MAX_SECONDS = 3600.0
 
 
 @dataclass
 class KernelSnapshot:
     """What the kernel maps hold, in model terms."""
-    frontends: dict[Frontend, tuple[int, int]] = field(default_factory=dict)  # -> (gid, count)
+    # frontend -> (gid, count, flags): meshd_svc_v1, and the tc overrides meshd_svc_ext_v1
+    frontends: dict[Frontend, tuple[int, int, int]] = field(default_factory=dict)
     backends: dict[int, BackendRef] = field(default_factory=dict)  # id -> backend
     names: dict[int, str] = field(default_factory=dict)  # gid -> group key
     tables: set[int] = field(default_factory=set)  # gids that have a Maglev table
+    ext_frontends: dict[Frontend, tuple[int, int, int]] = field(default_factory=dict)
+    affinity: dict[int, int] = field(default_factory=dict)  # gid -> timeout (s)
+    members: dict[int, dict[int, int]] = field(default_factory=dict)  # gid -> {bid: weight}
+    srcranges: set[tuple[Frontend, object]] = field(default_factory=set)  # (fe, network)
 
 
 class Dataplane(Protocol):
@@ -57,10 +75,22 @@ class Dataplane(Protocol):
     def put_tables(self, items: list[tuple[int, np.ndarray]]) -> dict[int, str]: ...
     def get_table(self, gid: int) -> np.ndarray | None: ...
     def delete_tables(self, gids: list[int]) -> dict[int, str]: ...
-    def put_frontend(self, fe: Frontend, gid: int, count: int) -> None: ...
+    def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None: ...
     def delete_frontend(self, fe: Frontend) -> None: ...
+    def put_ext_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None: ...
+    def delete_ext_frontend(self, fe: Frontend) -> None: ...
     def put_name(self, gid: int, key: str) -> None: ...
     def delete_name(self, gid: int) -> None: ...
+    def put_affinity(self, gid: int, timeout: int) -> None: ...
+    def delete_affinity(self, gid: int) -> None: ...
+    def put_member(self, gid: int, bid: int, weight: int) -> None: ...
+    def delete_member(self, gid: int, bid: int) -> None: ...
+    def put_srcrange(self, fe: Frontend, net) -> None: ...
+    def delete_srcrange(self, fe: Frontend, net) -> None: ...
+    def tc_conntrack(self) -> bool:
+        """True while the tc path's conntrack map exists (removed backends must drain)."""
+    def flow_backends(self) -> set[int] | None:
+        """Backend ids that live tc conntrack entries name; None: no tc path loaded."""
 
 
 @dataclass
@@ -99,15 +129,44 @@ class _Ids:
         self._next = min(self._next, i)
 
 
+class _FeMap:
+    """One frontend map as written: frontend -> (gid, count, flags), and gid -> frontends."""
+
+    def __init__(self, what: str, put, delete):
+        self.what, self.put, self.delete = what, put, delete
+        self.entries: dict[Frontend, tuple[int, int, int]] = {}
+        self.of: dict[int, set[Frontend]] = {}
+
+    def set(self, fe: Frontend, val: tuple[int, int, int]) -> None:
+        self.forget(fe)
+        self.entries[fe] = val
+        self.of.setdefault(val[0], set()).add(fe)
+
+    def forget(self, fe: Frontend) -> None:
+        old = self.entries.pop(fe, None)
+        if old is not None:
+            fes = self.of.get(old[0])
+            if fes is not None:
+                fes.discard(fe)
+                if not fes:
+                    del self.of[old[0]]
+
+
 class Reconciler:
-    def __init__(self, dp: Dataplane):
+    def __init__(self, dp: Dataplane, drain_seconds: float = DRAIN_MAX_SECONDS):
         self.dp = dp
         self.groups: dict[str, _Applied] = {}
-        self.frontends: dict[Frontend, tuple[int, int]] = {}
+        self._svc = _FeMap("put_frontend", dp.put_frontend, dp.delete_frontend)
+        self._ext = _FeMap("put_ext_frontend", getattr(dp, "put_ext_frontend", None),
+                           getattr(dp, "delete_ext_frontend", None))
+        self.frontends = self._svc.entries  # meshd_svc_v1 as written
         self.backend_ids: dict[BackendRef, int] = {}
         self.errors: dict[str, str] = {}
+        self.side = SideTables(dp)
+        self.drain_seconds = drain_seconds
+        self._draining: dict[BackendRef, float] = {}  # out of every table -> deadline
         self._gids, self._bids = _Ids(), _Ids()
-        self._fes_of: dict[int, set[Frontend]] = {}  # gid -> its frontends in the kernel
+        self._fes_of = self._svc.of  # gid -> its frontends in the kernel
         self._refs: Counter = Counter()  # backend -> applied groups using it
         self._unknown = 0  # adopted groups whose backends are not known yet
         self._orphan_tables: set[int] = set()
@@ -126,10 +185,11 @@ class Reconciler:
             self.groups[key] = _Applied(gid, None, gid in snap.tables)
             self._gids.used.add(gid)
             self._unknown += 1
-        for fe, (gid, count) in snap.frontends.items():
-            self._gids.used.add(gid)
-            self.frontends[fe] = (gid, count)
-            self._fes_of.setdefault(gid, set()).add(fe)
+        for fmap, entries in ((self._svc, snap.frontends), (self._ext, snap.ext_frontends)):
+            for fe, val in entries.items():
+                self._gids.used.add(val[0])
+                fmap.set(fe, tuple(val))
+        self.side.adopt(snap)
         self._orphan_tables = snap.tables - set(snap.names)
         self._gids.used |= self._orphan_tables
         self._full = self._scan_all = True
@@ -151,8 +211,16 @@ class Reconciler:
         self._old_fes = {self.groups[k].gid: set(self._fes_of.get(self.groups[k].gid, ()))
                          for k in changed if k in self.groups}
         failed_refs = self._add_backends(desired, changed, rep)
+        self._add_members(desired, changed, rep)
         ok = self._write_groups(desired, changed, failed_refs, rep)
+        op = lambda name, fn, *a: self._op(rep, name, fn, *a)  # noqa: E731
+        gid_of = lambda k: self.groups[k].gid  # noqa: E731
+        self.side.add(ok, gid_of, self.backend_ids, op, rep.errors)
         self._write_frontends(desired, changed, ok, rep)
+        gone = [(k, self.groups[k].gid) for k in sorted(changed) if k not in desired
+                and k in self.groups and not self._has_frontends(self.groups[k].gid)]
+        live = {cur.gid for cur in self.groups.values()} if self._full else None
+        self.side.remove(ok, gone, gid_of, self.backend_ids, op, rep.errors, live)
         self._remove_groups(desired, changed, ok, rep)
         self._collect_backends(rep)
         if hint is not None and not self._full:
@@ -171,6 +239,32 @@ class Reconciler:
     def _op(self, rep: Report, name: str, fn, *args) -> None:
         fn(*args)
         rep.ops[name] += 1
+
+    def _has_frontends(self, gid: int) -> bool:
+        return bool(self._svc.of.get(gid) or self._ext.of.get(gid))
+
+    def _add_members(self, desired, changed, rep: Report) -> None:
+        """Affinity members of backends a changed group gains, before its new table goes in
+        (so an affinity entry made from the new table can be followed at once). Those it
+        loses go after its frontends (SideTables.remove)."""
+        from meshd.sidetables import MAX_WEIGHT
+        for key in sorted(k for k in changed if k in desired and k in self.groups):
+            gid, g = self.groups[key].gid, desired[key]
+            if gid not in self.side.affcfg:
+                continue  # no affinity in the kernel yet: side.add writes them all
+            # (also when the group turns affinity off: its frontends keep the flag until
+            # they are rewritten, after the new table is in)
+            have = self.side.members.get(gid, {})
+            for ref, w in g.backends:
+                bid = self.backend_ids.get(ref)
+                if bid is None or bid in have:
+                    continue
+                w = min(w, MAX_WEIGHT)
+                try:
+                    self._op(rep, "put_member", self.dp.put_member, gid, bid, w)
+                    self.side.members.setdefault(gid, {})[bid] = w
+                except DataplaneError as e:
+                    rep.errors[key] = f"affinity member not written: {e}"
 
     def _add_backends(self, desired, changed, rep: Report) -> set[BackendRef]:
         failed: set[BackendRef] = set()
@@ -201,6 +295,9 @@ class Reconciler:
             self._unknown += 1
         else:
             self._refs.update(ref for ref, _w in backends)
+            if self._draining:
+                for ref, _w in backends:
+                    self._draining.pop(ref, None)  # back while draining: keeps its id
         cur.backends = backends
 
     def _write_groups(self, desired, changed, failed_refs, rep: Report) -> dict[str, Group]:
@@ -304,13 +401,22 @@ class Reconciler:
     def _write_frontends(self, desired, changed, ok: dict[str, Group], rep: Report) -> None:
         # A failed write (the frontend map is full: E2BIG) is that group's error, so the
         # service shows it and the next apply retries it; every other group still converges.
-        want: dict[Frontend, tuple[int, int]] = {}
-        owner: dict[Frontend, str] = {}
+        want: dict[Frontend, tuple[int, int, int]] = {}
+        want_ext: dict[Frontend, tuple[int, int, int]] = {}
+        owner: dict[tuple[int, Frontend], str] = {}
         for key, g in ok.items():
-            gid = self.groups[key].gid
-            for fe in g.frontends:
-                want[fe] = (gid, min(len(g.backends), MAX_COUNT))
-                owner[fe] = key
+            gid, count = self.groups[key].gid, min(len(g.backends), MAX_COUNT)
+            for m, fronts in ((want, g.frontends), (want_ext, g.tc_frontends)):
+                for fe in fronts:
+                    m[fe] = (gid, count, g.frontend_flags(fe))
+                    owner[(id(m), fe)] = key
+        for fmap, w in ((self._svc, want), (self._ext, want_ext)):
+            if fmap.put is None:  # a Dataplane without the tc override map (tests)
+                continue
+            self._write_map(fmap, w, {fe: owner[(id(w), fe)] for fe in w}, desired,
+                            changed, ok, rep)
+
+    def _write_map(self, fmap: _FeMap, want, owner, desired, changed, ok, rep: Report) -> None:
         # Frontends of changed groups that no group wants any more (a failed group keeps its)
         # go first: nothing wants them, and in a full map they make room for the new ones.
         stale: dict[Frontend, str] = {}
@@ -318,41 +424,31 @@ class Reconciler:
             cur = self.groups.get(key)
             if cur is not None and (key in ok or key not in desired):
                 # (not `set - want.keys()`: that copies all of `want` per group: quadratic)
-                stale.update((fe, key) for fe in self._fes_of.get(cur.gid, ()) if fe not in want)
+                stale.update((fe, key) for fe in fmap.of.get(cur.gid, ()) if fe not in want)
         if self._full:  # adopted entries of a group that has no name (a crash mid-write)
             named = {cur.gid for cur in self.groups.values()}
-            stale.update((fe, f"frontend {fe}") for fe, (gid, _c) in self.frontends.items()
-                         if gid not in named and fe not in want)
+            stale.update((fe, f"frontend {fe}") for fe, val in fmap.entries.items()
+                         if val[0] not in named and fe not in want)
+        delete_name = fmap.what.replace("put_", "delete_")
         for fe in sorted(stale, key=str):
             try:
-                self._op(rep, "delete_frontend", self.dp.delete_frontend, fe)
-                self._forget_frontend(fe)
+                self._op(rep, delete_name, fmap.delete, fe)
+                fmap.forget(fe)
             except DataplaneError as e:
                 rep.errors.setdefault(stale[fe], f"frontend {fe} not removed: {e}")
         for fe, val in sorted(want.items(), key=lambda kv: str(kv[0])):
-            if self.frontends.get(fe) == val:
+            if fmap.entries.get(fe) == val:
                 continue
             try:
-                self._op(rep, "put_frontend", self.dp.put_frontend, fe, *val)
-                self._forget_frontend(fe)
-                self.frontends[fe] = val
-                self._fes_of.setdefault(val[0], set()).add(fe)
+                self._op(rep, fmap.what, fmap.put, fe, *val)
+                fmap.set(fe, val)
             except DataplaneError as e:
                 log.error("service group %s: frontend %s not written: %s", owner[fe], fe, e)
                 rep.errors.setdefault(owner[fe], f"frontend {fe} not written: {e}")
 
-    def _forget_frontend(self, fe: Frontend) -> None:
-        old = self.frontends.pop(fe, None)
-        if old is not None:
-            fes = self._fes_of.get(old[0])
-            if fes is not None:
-                fes.discard(fe)
-                if not fes:
-                    del self._fes_of[old[0]]
-
     def _remove_groups(self, desired, changed, ok: dict[str, Group], rep: Report) -> None:
         gone_keys = [k for k in sorted(changed) if k not in desired and k in self.groups
-                     and not self._fes_of.get(self.groups[k].gid)]  # else a delete failed: retry
+                     and not self._has_frontends(self.groups[k].gid)]  # else: retry
         for key in gone_keys:
             self._note_removed(rep, self.groups[key], None)
         empty = [k for k, g in ok.items() if not g.backends and self.groups[k].has_table]
@@ -390,14 +486,59 @@ class Reconciler:
             return  # an adopted group we could not rewrite yet: its table may use any id
         candidates = set(self.backend_ids) if self._scan_all else self._unused
         self._scan_all, self._unused = False, set()
-        for ref in sorted((r for r in candidates if self._refs[r] <= 0 and r in self.backend_ids),
-                          key=lambda r: r.name):
-            bid = self.backend_ids[ref]
-            try:
-                self._op(rep, "delete_backend", self.dp.delete_backend, bid)
-                del self.backend_ids[ref]
-                self._bids.free(bid)
-                self._refs.pop(ref, None)
-            except DataplaneError as e:
+        unused = sorted((r for r in candidates if self._refs[r] <= 0 and r in self.backend_ids),
+                        key=lambda r: r.name)
+        if not unused:
+            return
+        if self.drain_seconds > 0 and self.dp.tc_conntrack():
+            deadline = time.monotonic() + self.drain_seconds
+            for ref in unused:
+                self._draining.setdefault(ref, deadline)
+            return
+        for ref in unused:
+            self._delete_backend(ref, rep.errors)
+            if ref in self.backend_ids:
                 self._unused.add(ref)  # try again next time
-                rep.errors[f"backend {ref.name}"] = str(e)
+            else:
+                rep.ops["delete_backend"] += 1
+
+    def _delete_backend(self, ref: BackendRef, errors: dict[str, str]) -> None:
+        bid = self.backend_ids[ref]
+        try:
+            self.dp.delete_backend(bid)
+        except DataplaneError as e:
+            errors[f"backend {ref.name}"] = str(e)
+            return
+        del self.backend_ids[ref]
+        self._bids.free(bid)
+        self._refs.pop(ref, None)
+        self._draining.pop(ref, None)
+
+    @property
+    def draining(self) -> int:
+        """Backends out of every selection still kept for tc flows (collect_drained)."""
+        return len(self._draining)
+
+    def collect_drained(self, now: float | None = None) -> int:
+        """Deletes the draining backends no live tc conntrack entry names any more (all of
+        them when the tc path is gone), and those drained for `drain_seconds`. Call it
+        between applies (it walks the tc conntrack map: only while something drains).
+        Returns how many backends were deleted."""
+        if not self._draining or self._unknown:
+            return 0
+        now = time.monotonic() if now is None else now
+        for ref in [r for r in self._draining if self._refs[r] > 0 or r not in self.backend_ids]:
+            del self._draining[ref]  # in a selection again (or already gone)
+        if not self._draining:
+            return 0
+        in_use = self.dp.flow_backends()
+        errors: dict[str, str] = {}
+        done = 0
+        for ref, deadline in sorted(self._draining.items(), key=lambda kv: kv[0].name):
+            if in_use is not None and self.backend_ids[ref] in in_use and now < deadline:
+                continue
+            self._delete_backend(ref, errors)
+            done += ref not in self.backend_ids
+        for what, err in errors.items():
+            log.error("%s not removed after draining: %s", what, err)
+        return done

@@ -8,6 +8,7 @@ from collections import Counter
 from meshd.config import Config
 from meshd.agent.status import status_path
 from meshd.dataplane import loader
+from meshd.dataplane import structs as S
 from meshd.dataplane.kernel import KernelDataplane
 
 
@@ -20,11 +21,22 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
         for gid, key in snap.names.items():
             groups[gid] = {"group": key, "id": gid, "frontends": [], "backends": [],
                            "count": 0}
-        for fe, (gid, count) in sorted(snap.frontends.items(), key=lambda kv: str(kv[0])):
+        for fe, (gid, count, flags) in sorted(snap.frontends.items(), key=lambda kv: str(kv[0])):
             g = groups.setdefault(gid, {"group": f"<unnamed {gid}>", "id": gid, "frontends": [],
                                         "backends": [], "count": 0})
             g["frontends"].append(str(fe))
             g["count"] = count
+            g["drop"] = bool(flags & S.SVC_F_DROP_EMPTY)
+        for fe, (gid, count, flags) in sorted(snap.ext_frontends.items(),
+                                              key=lambda kv: str(kv[0])):
+            g = groups.setdefault(gid, {"group": f"<unnamed {gid}>", "id": gid, "frontends": [],
+                                        "backends": [], "count": 0})
+            g.setdefault("tc_frontends", []).append(str(fe))  # tc path only
+            g["count"] = count
+            g["drop"] = bool(flags & S.SVC_F_DROP_EMPTY)
+        for gid, timeout in snap.affinity.items():
+            if gid in groups:
+                groups[gid]["affinity_timeout_seconds"] = timeout
         for gid, g in groups.items():
             table = dp.get_table(gid) if gid in snap.tables else None
             if table is not None:
@@ -33,8 +45,10 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
                     g["backends"].append({
                         "id": bid, "backend": ref.name if ref else f"<missing {bid}>",
                         "slots": slots, "share": round(slots / len(table), 4)})
+            drop = g.pop("drop", False)
             g["state"] = ("serving" if g["count"] and g["backends"] else
-                          "no-backends (connect: ECONNREFUSED)" if g["frontends"] else "idle")
+                          "no-backends (connect: EHOSTUNREACH, tc: dropped)" if drop else "no-backends (connect: ECONNREFUSED)"
+                          if g["frontends"] or g.get("tc_frontends") else "idle")
         report = {"instance": cfg.instance, "pin_dir": str(maps.pin_dir),
                   "maglev_table_size": maps.maglev_m,
                   "cgroups": sorted({c for c in loader.attached_cgroup_ids(maps.pin_dir).values()

@@ -14,6 +14,9 @@
 #define MESHD_MAX_BACKENDS 262144
 #define MESHD_MAX_REVNAT 262144
 #define MESHD_DEFAULT_MAGLEV_M 16381
+#define MESHD_MAX_AFFINITY 131072
+#define MESHD_MAX_MEMBERS 262144
+#define MESHD_MAX_SRCRANGES 16384
 
 /* VIP:port/proto -> frontend group id and backend count. */
 struct {
@@ -22,6 +25,52 @@ struct {
 	__type(key, struct meshd_svc_key);
 	__type(value, struct meshd_svc_val);
 } meshd_svc_v1 SEC(".maps");
+
+/* VIP:port/proto -> the tc path's group of an external frontend, where it differs from the
+ * one in meshd_svc_v1 (which the socket path uses): tc looks here first. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESHD_MAX_FRONTENDS);
+	__type(key, struct meshd_svc_key);
+	__type(value, struct meshd_svc_val);
+} meshd_svc_ext_v1 SEC(".maps");
+
+/* (client, group) -> backend and last use: session affinity of both paths. LRU: idle
+ * clients age out; an entry older than the group's timeout is not followed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MESHD_MAX_AFFINITY);
+	__type(key, struct meshd_aff_key);
+	__type(value, struct meshd_aff_val);
+} meshd_aff_v1 SEC(".maps");
+
+/* frontend group id -> affinity timeout in seconds (groups with MESHD_SVC_F_AFFINITY). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESHD_MAX_GROUPS);
+	__type(key, __u32);
+	__type(value, __u32);
+} meshd_affcfg_v1 SEC(".maps");
+
+/* (group, backend) -> weight: the current selection of groups with affinity. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESHD_MAX_MEMBERS);
+	__type(key, struct meshd_member_key);
+	__type(value, __u32);
+} meshd_member_v1 SEC(".maps");
+
+/* load_balancer_source_ranges of frontends with MESHD_SVC_F_SOURCE_RANGES. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESHD_MAX_SRCRANGES);
+	__type(key, struct meshd_srcrange_key);
+	__type(value, __u8);
+} meshd_srcrange_v1 SEC(".maps");
 
 /* backend id -> address. Ids are allocated by the reconciler and stable while a backend exists. */
 struct {

@@ -24,11 +24,56 @@ struct meshd_svc_key {
 	__u8 pad;	/* zero */
 };
 
-/* Value of meshd_svc_v1. */
+/* Value of meshd_svc_v1 (both paths) and meshd_svc_ext_v1 (the tc path's override of an
+ * external frontend whose tc selection differs, e.g. external_traffic_policy Local). */
 struct meshd_svc_val {
 	__u32 id;	/* frontend group id (host order): key of meshd_maglev_v1 */
-	__u16 count;	/* usable backends (host order); 0: connect() fails ECONNREFUSED */
-	__u16 flags;	/* MESHD_SVC_F_*, host order; zero today */
+	__u16 count;	/* usable backends (host order); 0: refuse (or drop, see flags) */
+	__u16 flags;	/* MESHD_SVC_F_*, host order */
+};
+
+/* meshd_svc_val.flags: what a frontend does beyond balancing (kube-proxy semantics). The
+ * same bits as meshd/desired.py G_* (whole group) and FE_* (one frontend). */
+#define MESHD_SVC_F_DROP_EMPTY	  0x01 /* count 0: drop (socket: EHOSTUNREACH), not refuse */
+#define MESHD_SVC_F_AFFINITY	  0x02 /* ClientIP affinity; timeout in meshd_affcfg_v1 */
+#define MESHD_SVC_F_EXTERNAL	  0x04 /* a node port, external IP or load-balancer IP */
+#define MESHD_SVC_F_KEEP_SOURCE	  0x08 /* tc: never SNAT (external_traffic_policy Local) */
+#define MESHD_SVC_F_SOURCE_RANGES 0x10 /* tc: the source must match meshd_srcrange_v1 */
+
+/* Key of meshd_aff_v1 (LRU): one client's session affinity in one frontend group. */
+struct meshd_aff_key {
+	__u64 netns;	/* socket path: the client's netns cookie; tc path: 0 */
+	__u32 addr[4];	/* client address, network order, IPv4-mapped (tc: the packet's source;
+			 * socket path: the socket's bound source address, zero if unbound) */
+	__u32 group;	/* frontend group id (host order) */
+	__u32 pad;	/* zero */
+};
+
+/* Value of meshd_aff_v1. */
+struct meshd_aff_val {
+	__u64 seen_ns;	/* bpf_ktime_get_ns() of the last connection that used it */
+	__u32 backend;	/* backend id (host order) */
+	__u32 pad;	/* zero */
+};
+
+/* Key of meshd_member_v1: (group, backend) while the backend is in the group's current
+ * selection; written only for groups with MESHD_SVC_F_AFFINITY, so that an affinity entry
+ * to a backend that left the selection is not followed. Value: __u32 weight. */
+struct meshd_member_key {
+	__u32 group;	/* frontend group id (host order) */
+	__u32 backend;	/* backend id (host order) */
+};
+
+/* Key of meshd_srcrange_v1 (LPM trie): a source network allowed on one frontend with
+ * MESHD_SVC_F_SOURCE_RANGES (load_balancer_source_ranges). prefixlen counts from `vip`:
+ * 160 (vip, port, proto, pad) + the source prefix (IPv4: 96 + its prefix). Value: __u8 1. */
+struct meshd_srcrange_key {
+	__u32 prefixlen;	/* LPM prefix length in bits, host order */
+	__u32 vip[4];		/* frontend address, network order, IPv4-mapped */
+	__u16 port;		/* frontend port, network order */
+	__u8 proto;		/* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 pad;		/* zero */
+	__u32 src[4];		/* allowed source network, network order, IPv4-mapped */
 };
 
 /* Value of meshd_be_v1, keyed by a backend id (__u32, host order, never 0). */

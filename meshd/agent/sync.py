@@ -28,6 +28,7 @@ from meshd.desired import DesiredState, NodeInfo
 log = logging.getLogger("meshd.daemon")
 
 PRUNE_DELAY_SECONDS = 2.0
+DRAIN_CHECK_SECONDS = 5.0  # while backends drain: how often the tc conntrack map is walked
 GC_THRESHOLDS = gc.get_threshold()  # the interpreter's own (700, 10, 10)
 GC_FREEZE_AFTER = 500  # groups changed in one sync: freeze the heap afterwards
 FAULT_ENV = "MESHD_FAULT_SYNC_ERRORS"
@@ -78,8 +79,8 @@ class Syncer:
         self._full_next = False  # after an exception: diff every group
         self._doomed: set = set()  # removed UDP backends whose sockets are still to destroy
         self._logged_rejects: set[tuple[str, str]] = set()
-        self._warned_affinity: set[str] = set()
         self._faults = int(os.environ.get(FAULT_ENV, "0") or 0)
+        self._stats_due = False  # counters of removed ids wait for the next prune
 
     # ---- the loop -----------------------------------------------------------------------
     async def run(self) -> None:
@@ -194,7 +195,6 @@ class Syncer:
         t_valid = time.perf_counter()
         rejected += bad
         self._log_rejects(rejected)
-        self._warn_affinity()
         hint = None if self._full_next else self.desired.changed_groups
         self.stage = "apply"
         report = await asyncio.to_thread(self._apply, groups,
@@ -231,6 +231,9 @@ class Syncer:
         if report.ops.get("delete_name") or report.ops.get("delete_backend"):
             # ids are reused: their counters go, off the sync path
             self._prune_at = self._prune_at or time.monotonic() + PRUNE_DELAY_SECONDS
+            self._stats_due = True
+        elif ctx.reconciler.draining:  # removed backends wait for their tc flows
+            self._prune_at = self._prune_at or time.monotonic() + DRAIN_CHECK_SECONDS
         if report.groups_changed > GC_FREEZE_AFTER and gc.get_threshold() == GC_THRESHOLDS:
             settle_heap()  # (the first sync's is done once ready)
         self.result = SyncResult(time.time(), [{"where": e.where, "reason": e.reason}
@@ -267,21 +270,24 @@ class Syncer:
                 log.warning("record skipped: %s: %s", e.where, e.reason)
         self._logged_rejects = new
 
-    def _warn_affinity(self) -> None:
-        for key in self.desired.changed_services:
-            s = self.desired.service(key)
-            if s is not None and s.session_affinity == "ClientIP" and \
-                    s.key not in self._warned_affinity:
-                log.warning("%s: session_affinity ClientIP is not enforced yet; each socket "
-                            "is balanced on its own", s.key)
-                self._warned_affinity.add(s.key)
-
     # ---- counters of removed groups/backends --------------------------------------------
     async def _prune(self) -> None:
         """Between syncs (this loop owns the reconciler's state now): the live ids are read
         here, the map walk runs in a thread."""
         self._prune_at = None
         rec = self.ctx.reconciler
+        if rec.draining:
+            try:
+                if await asyncio.to_thread(rec.collect_drained):
+                    self._stats_due = True
+            except Exception as e:
+                self.ctx.control.count_sync_error("drain")
+                log.warning("draining backends not collected: %s: %s", type(e).__name__, e)
+            if rec.draining:
+                self._prune_at = time.monotonic() + DRAIN_CHECK_SECONDS
+        if not self._stats_due:
+            return
+        self._stats_due = False
         groups = {g.gid for g in rec.groups.values()}
         backends = set(rec.backend_ids.values())
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as C
 import ipaddress
 import socket
+import time
 
 import numpy as np
 
@@ -19,6 +20,14 @@ from meshd.dataplane.loader import Maps
 
 # Tables swapped per batch syscall (each holds an inner-map fd open until the swap).
 TABLE_BATCH = 256
+# A UDP flow quiet this long no longer holds a draining backend (netfilter's UDP timeout).
+UDP_IDLE_SECONDS = 30
+CLOCK_MONOTONIC_COARSE = 6  # linux/time.h (Python 3.11's time module does not name it)
+
+
+def coarse_now_ns() -> int:
+    """The clock of bpf_ktime_get_coarse_ns(), which the tc conntrack entries carry."""
+    return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
 class KernelDataplane:
@@ -114,11 +123,72 @@ class KernelDataplane:
     def delete_table(self, gid: int) -> None:
         self.maps.maglev.delete(C.c_uint32(gid))
 
-    def put_frontend(self, fe: Frontend, gid: int, count: int) -> None:
-        self.maps.svc.update(S.svc_key(fe.vip, fe.port, fe.protocol), S.SvcVal(id=gid, count=count))
+    def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
+        self.maps.svc.update(S.svc_key(fe.vip, fe.port, fe.protocol),
+                             S.SvcVal(id=gid, count=count, flags=flags))
 
     def delete_frontend(self, fe: Frontend) -> None:
         self.maps.svc.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
+
+    def put_ext_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
+        self.maps.svc_ext.update(S.svc_key(fe.vip, fe.port, fe.protocol),
+                                 S.SvcVal(id=gid, count=count, flags=flags))
+
+    def delete_ext_frontend(self, fe: Frontend) -> None:
+        self.maps.svc_ext.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
+
+    def put_affinity(self, gid: int, timeout: int) -> None:
+        self.maps.affcfg.update(C.c_uint32(gid), C.c_uint32(timeout))
+
+    def delete_affinity(self, gid: int) -> None:
+        self.maps.affcfg.delete(C.c_uint32(gid))
+
+    def put_member(self, gid: int, bid: int, weight: int) -> None:
+        self.maps.members.update(S.MemberKey(group=gid, backend=bid), C.c_uint32(weight))
+
+    def delete_member(self, gid: int, bid: int) -> None:
+        self.maps.members.delete(S.MemberKey(group=gid, backend=bid))
+
+    def put_srcrange(self, fe: Frontend, net) -> None:
+        self.maps.srcranges.update(S.srcrange_key(fe.vip, fe.port, fe.protocol, net),
+                                   C.c_uint8(1))
+
+    def delete_srcrange(self, fe: Frontend, net) -> None:
+        self.maps.srcranges.delete(S.srcrange_key(fe.vip, fe.port, fe.protocol, net))
+
+    # ---- draining: what the tc path's conntrack still names ---------------------------------
+    def _ct_pin(self):
+        return self.maps.pin_dir / names.MAP_TC_CT
+
+    def tc_conntrack(self) -> bool:
+        return self._ct_pin().exists()
+
+    def flow_backends(self) -> set[int] | None:
+        """Backend ids named by tc conntrack entries of live flows: request (FWD) entries of
+        TCP flows not closed (no RST, not FIN both ways) and of UDP flows with a packet in
+        the last UDP_IDLE_SECONDS (kube-proxy drops UDP conntrack of removed endpoints;
+        a quiet UDP flow is balanced afresh). None: the tc path is not loaded."""
+        from meshd.dataplane import tc
+        try:
+            fd = bpf.obj_get(self._ct_pin())
+        except BpfError:
+            return None
+        ct = bpf.Map(fd, names.MAP_TC_CT, tc.CtKey, tc.CtVal)
+        kdt, vdt = np.dtype(tc.CtKey), np.dtype(tc.CtVal)
+        now = coarse_now_ns()
+        out: set[int] = set()
+        try:
+            for kb, vb, _n in ct.raw_batches():
+                k, v = np.frombuffer(kb, dtype=kdt), np.frombuffer(vb, dtype=vdt)
+                fwd = k["dir"] == tc.CT_FWD
+                tcp = fwd & (k["proto"] == socket.IPPROTO_TCP) & (v["rst"] == 0) & \
+                    ((v["fin_fwd"] == 0) | (v["fin_rev"] == 0))
+                udp = fwd & (k["proto"] == socket.IPPROTO_UDP) & \
+                    (v["refreshed_ns"].astype(np.int64) > now - UDP_IDLE_SECONDS * 10**9)
+                out.update(np.unique(v["backend"][tcp | udp]).tolist())
+        finally:
+            ct.close()
+        return out
 
     def put_name(self, gid: int, key: str) -> None:
         self.maps.names.update(C.c_uint32(gid), S.SvcName(name=key.encode()[:159]))
@@ -134,7 +204,20 @@ class KernelDataplane:
             if proto is None:
                 continue
             fe = Frontend(S.unpack_addr(k.addr), S.port_host(k.port), proto)
-            snap.frontends[fe] = (v.id, v.count)
+            snap.frontends[fe] = (v.id, v.count, v.flags)
+        for k, v in self.maps.svc_ext.items():
+            proto = S.PROTO_NAME.get(k.proto)
+            if proto is not None:
+                fe = Frontend(S.unpack_addr(k.addr), S.port_host(k.port), proto)
+                snap.ext_frontends[fe] = (v.id, v.count, v.flags)
+        snap.affinity = {k.value: v.value for k, v in self.maps.affcfg.items()}
+        for k, v in self.maps.members.items():
+            snap.members.setdefault(k.group, {})[k.backend] = v.value
+        for k in self.maps.srcranges.keys():
+            parsed = S.parse_srcrange_key(k)
+            if parsed is not None:
+                vip, port, proto, net = parsed
+                snap.srcranges.add((Frontend(vip, port, proto), net))
         for k, v in self.maps.backends.items():
             addr = S.unpack_addr(v.addr)
             if v.family == socket.AF_INET6 and addr.version == 4:

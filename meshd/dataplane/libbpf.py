@@ -417,7 +417,18 @@ class Map:
         """Every (key, value) of a hash map, `chunk` entries per syscall (a consistent view
         per bucket, not of the whole map). Falls back to keys()+lookup() where the kernel
         has no batch ops for the map type (EINVAL)."""
-        out: list[tuple] = []
+        return [(self.key_type.from_buffer_copy(keys[i]),
+                 self.value_type.from_buffer_copy(values[i]))
+                for keys, values, n in self._batches(chunk, fallback=True) for i in range(n)]
+
+    def raw_batches(self, chunk: int = 4096) -> Iterator[tuple[bytes, bytes, int]]:
+        """The whole map as (keys, values, n) byte blocks (n entries each, packed as the
+        ctypes arrays lay them out), for numpy to read without a Python object per entry."""
+        for keys, values, n in self._batches(chunk, fallback=False):
+            ks, vs = C.sizeof(self.key_type), C.sizeof(self.value_type)
+            yield bytes(keys)[:n * ks], bytes(values)[:n * vs], n
+
+    def _batches(self, chunk: int, fallback: bool) -> Iterator[tuple]:
         keys, values = (self.key_type * chunk)(), (self.value_type * chunk)()
         token_in, token_out = C.c_uint64(0), C.c_uint64(0)  # hash maps: a u32 bucket index
         first = True
@@ -426,18 +437,19 @@ class Map:
             ret = _lookup_batch(self.fd, None if first else C.byref(token_in),
                                 C.byref(token_out), keys, values, C.byref(n), None)
             if ret < 0 and ret not in (-_errno.ENOENT,):
-                if ret == -_errno.EINVAL and first:
-                    return list(self.items())
+                if ret == -_errno.EINVAL and first and fallback:
+                    items = list(self.items())
+                    yield ([k for k, _v in items], [v for _k, v in items], len(items))
+                    return
                 if ret == -_errno.ENOSPC and n.value == 0:  # one bucket holds more than chunk
                     chunk *= 4
                     keys, values = (self.key_type * chunk)(), (self.value_type * chunk)()
                     continue
                 _check(ret, "bpf_map_lookup_batch", self.name)
-            for i in range(n.value):
-                out.append((self.key_type.from_buffer_copy(keys[i]),
-                            self.value_type.from_buffer_copy(values[i])))
+            if n.value:
+                yield keys, values, n.value
             if ret == -_errno.ENOENT:
-                return out
+                return
             token_in.value, first = token_out.value, False
 
     def close(self) -> None:

@@ -44,6 +44,11 @@ MAP_TYPES = {
     names.MAP_REVNAT: (S.RevnatKey, S.RevnatVal),
     names.MAP_META: (C.c_uint32, S.Meta),
     names.MAP_NAMES: (C.c_uint32, S.SvcName),
+    names.MAP_SVC_EXT: (S.SvcKey, S.SvcVal),
+    names.MAP_AFFINITY: (S.AffKey, S.AffVal),
+    names.MAP_AFFCFG: (C.c_uint32, C.c_uint32),
+    names.MAP_MEMBERS: (S.MemberKey, C.c_uint32),
+    names.MAP_SRCRANGES: (S.SrcRangeKey, C.c_uint8),
     names.MAP_SKMETA: (C.c_int, S.SkMeta),
     names.MAP_STATS: (S.StatsKey, S.Stats),  # per CPU: opened as a PercpuMap
 }
@@ -65,14 +70,23 @@ class Maps:
     revnat: bpf.Map
     meta: bpf.Map
     names: bpf.Map
+    # kube-proxy semantics (bpf/include/meshd_maps.h): tc overrides of external frontends,
+    # session affinity, groups' members (affinity only), LB source ranges
+    svc_ext: bpf.Map | None = None
+    affinity: bpf.Map | None = None
+    affcfg: bpf.Map | None = None
+    members: bpf.Map | None = None
+    srcranges: bpf.Map | None = None
     # every pin of the socket LB (maps and cgroup links) -> an fd the daemon holds open, so
     # that a pin removed behind its back loses nothing and can be restored (restore_pins)
     held: dict[str, int] = field(default_factory=dict)
     cgroup_id: int = 0  # the cgroup the links were attached to
 
     def close(self) -> None:
-        for m in (self.svc, self.backends, self.maglev, self.revnat, self.meta, self.names):
-            m.close()
+        for m in (self.svc, self.backends, self.maglev, self.revnat, self.meta, self.names,
+                  self.svc_ext, self.affinity, self.affcfg, self.members, self.srcranges):
+            if m is not None:
+                m.close()
         self.release_held()
 
     def release_held(self) -> None:
@@ -104,9 +118,15 @@ def open_pinned(bpffs: Path, instance: str) -> Maps:
                              f"(missing {', '.join(missing)}); is `meshd run` started?")
     opened = {n: _open_map(pin_dir / n, n) for n in names.SOCK_LB_MAPS}
     meta = opened[names.MAP_META].lookup(C.c_uint32(0))
-    return Maps(pin_dir, meta.maglev_m if meta else 0, opened[names.MAP_SVC],
-                opened[names.MAP_BACKENDS], opened[names.MAP_MAGLEV], opened[names.MAP_REVNAT],
-                opened[names.MAP_META], opened[names.MAP_NAMES])
+    return _maps(pin_dir, meta.maglev_m if meta else 0, opened)
+
+
+def _maps(pin_dir: Path, maglev_m: int, opened: dict[str, bpf.Map], **kw) -> Maps:
+    return Maps(pin_dir, maglev_m, opened[names.MAP_SVC], opened[names.MAP_BACKENDS],
+                opened[names.MAP_MAGLEV], opened[names.MAP_REVNAT], opened[names.MAP_META],
+                opened[names.MAP_NAMES], opened[names.MAP_SVC_EXT],
+                opened[names.MAP_AFFINITY], opened[names.MAP_AFFCFG],
+                opened[names.MAP_MEMBERS], opened[names.MAP_SRCRANGES], **kw)
 
 
 @dataclass
@@ -308,9 +328,7 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool 
 
     maps[names.MAP_META].update(C.c_uint32(0), S.Meta(maglev_m=maglev_m,
                                                       layout=S.LAYOUT_VERSION))
-    out = Maps(pin_dir, maglev_m, maps[names.MAP_SVC], maps[names.MAP_BACKENDS],
-               maps[names.MAP_MAGLEV], maps[names.MAP_REVNAT], maps[names.MAP_META],
-               maps[names.MAP_NAMES], cgroup_id=cgroup_id(cgroup))
+    out = _maps(pin_dir, maglev_m, maps, cgroup_id=cgroup_id(cgroup))
     progs = {**names.SOCK_LB_PROGRAMS, **(names.METRICS_PROGRAMS if metrics else {})}
     for name in (*names.PINNED_MAPS, *(names.link_pin_name(p) for p in progs)):
         try:

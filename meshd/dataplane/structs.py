@@ -25,6 +25,29 @@ class SvcVal(C.Structure):
     _fields_ = [("id", C.c_uint32), ("count", C.c_uint16), ("flags", C.c_uint16)]
 
 
+# SvcVal.flags (MESHD_SVC_F_*): the same bits as meshd.desired G_* / FE_*
+SVC_F_DROP_EMPTY, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_KEEP_SOURCE, SVC_F_SOURCE_RANGES = \
+    0x01, 0x02, 0x04, 0x08, 0x10
+
+
+class AffKey(C.Structure):
+    _fields_ = [("netns", C.c_uint64), ("addr", Addr16), ("group", C.c_uint32),
+                ("pad", C.c_uint32)]
+
+
+class AffVal(C.Structure):
+    _fields_ = [("seen_ns", C.c_uint64), ("backend", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class MemberKey(C.Structure):
+    _fields_ = [("group", C.c_uint32), ("backend", C.c_uint32)]
+
+
+class SrcRangeKey(C.Structure):
+    _fields_ = [("prefixlen", C.c_uint32), ("vip", Addr16), ("port", C.c_uint16),
+                ("proto", C.c_uint8), ("pad", C.c_uint8), ("src", Addr16)]
+
+
 class Backend(C.Structure):
     _fields_ = [("addr", Addr16), ("port", C.c_uint16), ("proto", C.c_uint8),
                 ("family", C.c_uint8), ("flags", C.c_uint32)]
@@ -99,6 +122,10 @@ LAYOUT_VERSION = 1
 MIRRORS = {
     "meshd_svc_key": SvcKey,
     "meshd_svc_val": SvcVal,
+    "meshd_aff_key": AffKey,
+    "meshd_aff_val": AffVal,
+    "meshd_member_key": MemberKey,
+    "meshd_srcrange_key": SrcRangeKey,
     "meshd_backend": Backend,
     "meshd_revnat_key": RevnatKey,
     "meshd_revnat_val": RevnatVal,
@@ -136,6 +163,29 @@ def port_host(raw: int) -> int:
 
 def svc_key(vip: IPAddress, port: int, protocol: str) -> SvcKey:
     return SvcKey(addr=pack_addr(vip), port=port_be(port), proto=IPPROTO[protocol])
+
+
+def srcrange_key(vip: IPAddress, port: int, protocol: str, net) -> SrcRangeKey:
+    """LPM key of one allowed source network of one frontend: prefixlen counts the 160 bits
+    of (vip, port, proto, pad), then the network's bits, IPv4 as ::ffff:0:0/96 + prefix."""
+    bits = net.prefixlen + (96 if net.version == 4 else 0)
+    return SrcRangeKey(prefixlen=160 + bits, vip=pack_addr(vip), port=port_be(port),
+                       proto=IPPROTO[protocol], src=pack_addr(net.network_address))
+
+
+def parse_srcrange_key(k: SrcRangeKey):
+    """(vip, port, protocol, network) of a key srcrange_key() made; None for anything else."""
+    proto = PROTO_NAME.get(k.proto)
+    bits = k.prefixlen - 160
+    if proto is None or not 0 <= bits <= 128:
+        return None
+    vip = unpack_addr(k.vip)
+    raw = ipaddress.IPv6Address(bytes(k.src))
+    if raw.ipv4_mapped is not None and bits >= 96:
+        net = ipaddress.IPv4Network((raw.ipv4_mapped, bits - 96))
+    else:
+        net = ipaddress.IPv6Network((raw, bits))
+    return vip, port_host(k.port), proto, net
 
 
 def backend(addr: IPAddress, port: int, protocol: str) -> Backend:

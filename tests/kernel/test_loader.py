@@ -56,7 +56,7 @@ def test_restart_keeps_entries_and_swaps_programs_in_place(kernel_instance):
     maps2 = loader.load(BPFFS, inst, cg, M)  # what a restarted or upgraded daemon does
     snap = KernelDataplane(maps2).snapshot()
     maps2.close()
-    assert snap.frontends == {Frontend(ip("10.96.0.10"), 80, "TCP"): (3, 1)}
+    assert snap.frontends == {Frontend(ip("10.96.0.10"), 80, "TCP"): (3, 1, 0)}  # gid, count, flags
     assert snap.names == {3: "default/web:http/ipv4"} and snap.tables == {3}
     after = attached(cg)
     assert all(len(ids) == 1 for ids in after.values())  # replaced, not added twice

@@ -178,7 +178,7 @@ def test_counter_pruning_never_runs_while_a_sync_writes_the_reconcilers_state(mo
 
     class SlowReconciler:
         def __init__(self):
-            self.groups, self.backend_ids = {}, {}
+            self.groups, self.backend_ids, self.draining = {}, {}, 0
 
         def apply(self, groups, hint):
             busy.set()

@@ -9,7 +9,8 @@ import ipaddress
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from meshd.desired import BackendRef, Frontend, desired_groups
+from meshd.desired import (FE_SOURCE_RANGES, G_AFFINITY, BackendRef, Frontend,
+                           desired_groups)
 from meshd.errors import BpfError
 from meshd.model import parse_service
 from meshd.reconciler import KernelSnapshot, Reconciler
@@ -25,20 +26,39 @@ class FakeKernel:
         self.maglev_m = m
         self.backends: dict[int, BackendRef] = {}
         self.tables: dict[int, np.ndarray] = {}
-        self.frontends: dict[Frontend, tuple[int, int]] = {}
+        self.frontends: dict[Frontend, tuple[int, int, int]] = {}
+        self.ext: dict[Frontend, tuple[int, int, int]] = {}  # meshd_svc_ext_v1
         self.names: dict[int, str] = {}
+        self.affcfg: dict[int, int] = {}
+        self.members: dict[tuple[int, int], int] = {}
+        self.srcranges: set = set()
+        self.conntrack: set[int] | None = None  # backend ids of live tc flows; None: no tc
         self.capacity = backend_capacity
         self.fail_tables: set[int] = set()
         self.ops = 0
 
     def check(self) -> None:
+        """What the datapath could observe between two map operations must be whole."""
         self.ops += 1
-        for fe, (gid, count) in self.frontends.items():
-            if count:
-                assert gid in self.tables, f"{fe} points at group {gid} with no table"
+        for fmap in (self.frontends, self.ext):
+            for fe, (gid, count, flags) in fmap.items():
+                if count:
+                    assert gid in self.tables, f"{fe} points at group {gid} with no table"
+                if flags & G_AFFINITY:
+                    assert gid in self.affcfg, f"{fe} has affinity, group {gid} no timeout"
+                    members = {b for (g, b) in self.members if g == gid}
+                    if count:  # every backend the table can pick is a member
+                        assert set(self.tables[gid].tolist()) <= members, fe
+                if flags & FE_SOURCE_RANGES:
+                    assert any(f == fe for f, _n in self.srcranges), f"{fe}: no source range"
         for gid, table in self.tables.items():
             missing = set(table.tolist()) - set(self.backends)
             assert not missing, f"table {gid} names missing backends {missing}"
+        for (gid, bid) in self.members:
+            assert bid in self.backends, f"member {bid} of group {gid} is no backend"
+        if self.conntrack is not None:
+            gone = self.conntrack - set(self.backends)
+            assert not gone, f"backends {gone} deleted under live tc flows"
 
     def put_backend(self, bid, ref):
         if bid not in self.backends and len(self.backends) >= self.capacity:
@@ -70,13 +90,49 @@ class FakeKernel:
             self.check()
         return {}
 
-    def put_frontend(self, fe, gid, count):
-        self.frontends[fe] = (gid, count)
+    def put_frontend(self, fe, gid, count, flags=0):
+        self.frontends[fe] = (gid, count, flags)
         self.check()
 
     def delete_frontend(self, fe):
         del self.frontends[fe]
         self.check()
+
+    def put_ext_frontend(self, fe, gid, count, flags=0):
+        self.ext[fe] = (gid, count, flags)
+        self.check()
+
+    def delete_ext_frontend(self, fe):
+        del self.ext[fe]
+        self.check()
+
+    def put_affinity(self, gid, timeout):
+        self.affcfg[gid] = timeout
+        self.check()
+
+    def delete_affinity(self, gid):
+        del self.affcfg[gid]
+        self.check()
+
+    def put_member(self, gid, bid, weight):
+        self.members[(gid, bid)] = weight
+
+    def delete_member(self, gid, bid):
+        del self.members[(gid, bid)]
+        self.check()
+
+    def put_srcrange(self, fe, net):
+        self.srcranges.add((fe, net))
+
+    def delete_srcrange(self, fe, net):
+        self.srcranges.remove((fe, net))
+        self.check()
+
+    def tc_conntrack(self):
+        return self.conntrack is not None
+
+    def flow_backends(self):
+        return None if self.conntrack is None else set(self.conntrack)
 
     def put_name(self, gid, key):
         self.names[gid] = key
@@ -85,13 +141,17 @@ class FakeKernel:
         del self.names[gid]
 
     def snapshot(self) -> KernelSnapshot:
+        members: dict[int, dict[int, int]] = {}
+        for (gid, bid), w in self.members.items():
+            members.setdefault(gid, {})[bid] = w
         return KernelSnapshot(dict(self.frontends), dict(self.backends), dict(self.names),
-                              set(self.tables))
+                              set(self.tables), dict(self.ext), dict(self.affcfg), members,
+                              set(self.srcranges))
 
     def serving(self) -> dict[str, set[str]]:
         """frontend -> backend names a socket could reach (what a user observes)."""
         out = {}
-        for fe, (gid, count) in self.frontends.items():
+        for fe, (gid, count, _flags) in self.frontends.items():
             out[str(fe)] = ({self.backends[b].name for b in self.tables[gid].tolist()}
                             if count else set())
         return out
@@ -162,7 +222,7 @@ def test_no_usable_backend_keeps_frontend_with_count_zero():
     r = Reconciler(k)
     r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)])]))
     r.apply(desired_groups([svc("a", "10.96.0.1", [("10.0.0.1", 1)], ready=False)]))
-    (fe, (gid, count)), = k.frontends.items()
+    (fe, (gid, count, _flags)), = k.frontends.items()
     assert count == 0 and gid not in k.tables and not k.backends
 
 
