@@ -253,6 +253,7 @@ class _RecordingReconciler:
         self.applied: list[tuple[dict, object]] = []
         self.errors = errors or {}
         self.groups, self.backend_ids = {}, {}
+        self.draining = 0
 
     def apply(self, groups, hint):
         from types import SimpleNamespace
