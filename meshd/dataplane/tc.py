@@ -103,7 +103,7 @@ MIRRORS = {"meshd_ct_key": CtKey, "meshd_ct_val": CtVal, "meshd_frag_key": FragK
            "meshd_tc_if_val": IfVal, "meshd_tc_cfg": TcCfg, "meshd_tc_addr": TcAddr}
 
 
-# ---- the flow hash: must equal meshd_flow_hash() in bpf/tc_lb.bpf.c -------------------------
+# ---- the flow hash: must equal meshd_flow_hash() in bpf/include/meshd_tc_select.h ----------
 _M64 = (1 << 64) - 1
 _SEED = 0x9E3779B97F4A7C15
 
@@ -268,7 +268,7 @@ def _ifindexes(interfaces, where: str) -> dict[str, int]:
 
 
 # Link types (ARPHRD_*) whose frames start with a 14-byte Ethernet header, as the programs
-# parse them (bpf/tc_lb.bpf.c: ETH_HLEN); loopback has one too (all-zero addresses).
+# parse them (bpf/include/meshd_tc_parse.h: ETH_HLEN); loopback has one too (all-zero addresses).
 _ETHERNET_LIKE = {1: "ether", 772: "loopback"}
 _LINK_TYPES = {65534: "none", 768: "ipip", 769: "tunnel6", 776: "sit", 778: "gre",
                823: "ip6gre", 512: "ppp"}
