@@ -19,7 +19,7 @@ static __always_inline int meshd_icmp_is_error(const struct meshd_pkt *p, __u8 t
  * Both give the tracked entry's key reversed. The quoted source (FWD: VIP -> backend) or
  * destination (REV: backend -> VIP) and its port are rewritten, and the outer destination
  * (FWD: the VIP) or source (REV: if the backend itself sent the error, not a router). */
-static __always_inline int meshd_icmp_xlate(struct __sk_buff *skb, const struct meshd_pkt *p,
+static __noinline int meshd_icmp_xlate(struct __sk_buff *skb, const struct meshd_pkt *p,
 					    __u8 dir)
 {
 	__u32 icmp_csum_off = p->l4off + 2, qoff = p->l4off + 8, ql4, qaddr_off, qport_off;

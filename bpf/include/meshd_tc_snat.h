@@ -99,6 +99,20 @@ static __always_inline int meshd_snat_prepare(const struct meshd_pkt *p, const _
 	return 0;
 }
 
+/* A new flow to a frontend with MESHD_SVC_F_KEEP_SOURCE (external_traffic_policy Local):
+ * it leaves with the client's address even in SNAT mode -- no SNAT_OUT entry, and one left
+ * by an earlier flow on the same tuple (before the policy changed) goes. */
+static __always_inline void meshd_snat_keep_source(const struct meshd_pkt *p,
+						   const __u32 *be_addr, __u16 be_port)
+{
+	struct meshd_ct_key k = {};
+
+	if (!meshd_snat_on())
+		return;
+	meshd_snat_out_key(&k, p, be_addr, be_port);
+	bpf_map_delete_elem(&meshd_tcct_v1, &k);
+}
+
 /* A TCP flow client:cport -> backend:bport (as after DNAT) is closed: mark its SNAT_REV
  * entry (rst = closed, refreshed_ns = when), so its port can serve another flow a second
  * later. Called for every FIN or RST once the flow is closed, so a mark one CPU missed
@@ -202,7 +216,7 @@ static __always_inline int meshd_snat_pick(struct __sk_buff *skb, const struct m
 
 /* Egress, SNAT mode: a translated request of a SNAT flow leaves with node address:port as
  * its source. Anything else: untouched. */
-static __always_inline int meshd_snat_out(struct __sk_buff *skb, const struct meshd_pkt *p)
+static __noinline int meshd_snat_out(struct __sk_buff *skb, const struct meshd_pkt *p)
 {
 	struct meshd_ct_key k = {}, rk = {};
 	struct meshd_ct_val *out, rv = {}, *held;
