@@ -48,6 +48,15 @@ connect + one request/reply + close with RST, the netns_lab agent's connrate). R
 medians of per-round ratios (paths of a round run back to back), robust to the load of a
 shared machine; the medians of the absolute values are printed too.
 Writes bench/results/tc.json and prints a table.
+
+--semantics: instead, the cost of kube-proxy semantics on the tc path (routed mode, node A),
+same run, interleaved rounds, paired ratios (written to bench/results/tc_semantics.json):
+  tc / tc-aff    the VIP with session affinity off / on (ClientIP; each new flow looks
+                 up its client's entry, the group's timeout and membership)
+  tc / tc-local  the VIP as an external frontend with external_traffic_policy Cluster /
+                 Local (Local: found in the meshd_svc_ext_v1 override, its own group with
+                 the local backend, keep source; Cluster: the override map misses)
+The semantics maps are written directly (the reconciler does not write them yet).
 """
 
 from __future__ import annotations
@@ -362,6 +371,99 @@ def bench_size(n: int, args) -> dict:
                                "flows_x": paired("tc", "iptables", "flows_per_sec")}}
 
 
+def bench_semantics(n: int, args) -> dict:
+    """tc new-flow rate and throughput with affinity on vs off and eTP Local vs Cluster."""
+    import ctypes
+
+    import numpy as np
+
+    from meshd.dataplane import structs as S
+    topo = Topo()
+    instance = "bench-" + topo.p
+    cg = CGROUP2 / instance
+    maps = None
+    try:
+        topo.up(args.client_ports)
+        cg.mkdir()
+        maps = loader.load(BPFFS, instance, cg, M, metrics=False)
+        node_ports = NodePorts(addresses=(ipaddress.ip_address(NODE_A),))
+        rep = Reconciler(KernelDataplane(maps)).apply(desired_groups(services(n), node_ports))
+        assert not rep.errors, rep.errors
+        tc.attach_interfaces(BPFFS, instance, [f"{topo.p}-ac"], netns=topo.ns("na"))
+        vkey = S.svc_key(ipaddress.ip_address(vip(n - 1)), 80, "TCP")
+        gid = maps.svc.lookup(vkey).id
+        bid = next(k.value for k, _v in maps.backends.items())
+        maps.affcfg.update(ctypes.c_uint32(gid), ctypes.c_uint32(10800))  # direct writes
+        maps.members.update(S.MemberKey(group=gid, backend=bid), ctypes.c_uint32(1))
+        local_gid = 60001
+        KernelDataplane(maps).put_table(local_gid, np.full(M, bid, dtype=np.uint32))
+
+        def affinity(on: bool) -> None:
+            local(False)
+            v = maps.svc.lookup(vkey)
+            v.flags = S.SVC_F_AFFINITY if on else 0
+            maps.svc.update(vkey, v)
+
+        def local(on: bool) -> None:
+            if on:
+                affinity_off()
+                maps.svc_ext.update(vkey, S.SvcVal(id=local_gid, count=1, flags=(
+                    S.SVC_F_EXTERNAL | S.SVC_F_KEEP_SOURCE)))
+            else:
+                maps.svc_ext.delete(vkey)
+
+        def affinity_off() -> None:
+            v = maps.svc.lookup(vkey)
+            v.flags = 0
+            maps.svc.update(vkey, v)
+        med = run_rounds(topo, {"tc": (vip(n - 1), 80, lambda: affinity(False)),
+                                "tc-aff": (vip(n - 1), 80, lambda: affinity(True)),
+                                "tc-local": (vip(n - 1), 80, lambda: local(True))}, args)
+    finally:
+        counters = {}
+        if maps is not None:
+            try:
+                tcm = tc.open_maps(BPFFS, instance)
+                try:
+                    counters = tcm.counters()
+                finally:
+                    tcm.close()
+                print(f"  tc counters: {counters}", file=sys.stderr)
+            except Exception:  # noqa: BLE001 -- reporting only
+                pass
+        try:
+            if maps is not None:
+                maps.close()
+            tc.detach_all(BPFFS, instance)
+            loader.remove(BPFFS, instance)
+            if cg.exists():
+                cg.rmdir()
+        finally:
+            topo.down()
+
+    def paired(p: str, q: str, k: str) -> float:
+        return round(statistics.median(a[k] / b[k] for a, b in
+                                       zip(med[p]["runs"], med[q]["runs"])), 3)
+    return {"paths": med, "tc_counters_total": counters,
+            "affinity_on_vs_off": {"flows_x": paired("tc-aff", "tc", "flows_per_sec"),
+                                   "gbps_x": paired("tc-aff", "tc", "gbps")},
+            "local_vs_cluster": {"flows_x": paired("tc-local", "tc", "flows_per_sec"),
+                                 "gbps_x": paired("tc-local", "tc", "gbps")}}
+
+
+def print_semantics(n: int, r: dict) -> None:
+    print(f"\n{n} services, tc routed mode (medians; x: median of per-round paired ratios)")
+    for p, m in r["paths"].items():
+        print(f"  {p:<11} {m['gbps']:>8.2f} Gbit/s {m['flows_per_sec']:>9.0f} flows/s "
+              f"{m['connect_p50_us']:>6.0f}us connect p50")
+    a, lc = r["affinity_on_vs_off"], r["local_vs_cluster"]
+    print(f"  affinity on / off:   new flows {a['flows_x']:.3f}x, throughput {a['gbps_x']:.3f}x")
+    print(f"  eTP Local / Cluster: new flows {lc['flows_x']:.3f}x, throughput {lc['gbps_x']:.3f}x")
+    c = r["tc_counters_total"]
+    print(f"  tc counters: aff_follow {c['aff_follow']}, errors {c['errors']}, "
+          f"no_backend {c['no_backend']}, dnat {c['dnat']}")
+
+
 def print_size(n: int, r: dict) -> None:
     print(f"\n{n} services (meshd sync {r['meshd_sync_s']} s, iptables-restore "
           f"{r['iptables_load_s']} s)")
@@ -407,8 +509,14 @@ def main() -> int:
                     help="SNAT source ports LO-HI (default: meshd's tc.snat_ports)")
     ap.add_argument("--client-ports", type=port_range, default=None,
                     help="the client's ephemeral ports LO-HI (default: the kernel's)")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "tc.json"))
+    ap.add_argument("--semantics", action="store_true",
+                    help="affinity on/off and eTP Local/Cluster instead (see above)")
+    ap.add_argument("--out", default=None,
+                    help="default bench/results/tc.json (--semantics: tc_semantics.json)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = str(ROOT / "bench" / "results" /
+                       ("tc_semantics.json" if args.semantics else "tc.json"))
     if os.geteuid() != 0:
         print("needs root (namespaces, BPF)", file=sys.stderr)
         return 2
@@ -418,8 +526,12 @@ def main() -> int:
                "git_head": sh("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD").strip(),
                "tc_object_sha256": object_sha256(), "sizes": {}}
     for n in [int(x) for x in args.services.split(",")]:
-        results["sizes"][n] = bench_size(n, args)
-        print_size(n, results["sizes"][n])
+        if args.semantics:
+            results["sizes"][n] = bench_semantics(n, args)
+            print_semantics(n, results["sizes"][n])
+        else:
+            results["sizes"][n] = bench_size(n, args)
+            print_size(n, results["sizes"][n])
     if object_sha256() != results["tc_object_sha256"]:
         results["tc_object_sha256_at_end"] = object_sha256()
         print(f"WARNING: {names.OBJ_TC_LB} was rebuilt during the run: the results mix "

@@ -336,8 +336,12 @@ _TC_HELP = ("tc (per-packet) LB events on this node, by kind: dnat / revnat / sn
             "= packets translated (to a backend, back to the VIP, source to node:port, reply "
             "back to the client); ct_new / ct_repick / ct_closed / ct_shadowed = flows tracked, "
             "re-balanced, closed, forgotten; snat_new = SNAT ports chosen; frag_xlate / "
-            "icmp_xlate = fragments and ICMP errors translated; no_backend, snat_fail, errors "
-            "= packets dropped (docs/tc.md).")
+            "icmp_xlate = fragments and ICMP errors translated; aff_follow = new flows sent "
+            "to their client's backend by session affinity; reject = packets to a frontend "
+            "with no backend answered with a TCP RST or ICMP port unreachable; drop_no_local "
+            "(external_traffic_policy Local, no local endpoint), src_range (source outside "
+            "load_balancer_source_ranges), no_backend, snat_fail, errors = packets dropped "
+            "(docs/tc.md).")
 
 
 class MeshdCollector:

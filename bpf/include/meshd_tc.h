@@ -104,7 +104,8 @@ struct meshd_tc_stats {
 	__u64 ct_new;		/* flows given a conntrack entry (new, or after LRU eviction) */
 	__u64 ct_repick;	/* tracked flows re-balanced: backend gone, or a SYN after close */
 	__u64 ct_closed;	/* TCP flows marked closed (RST, or FIN both ways) */
-	__u64 no_backend;	/* packets to a VIP:port with no usable backend: dropped */
+	__u64 no_backend;	/* packets to a frontend whose backends are not usable (no Maglev
+				 * table, or a backend of the other family): dropped */
 	__u64 frag_xlate;	/* non-first IPv4 fragments translated via meshd_tcfrag_v1 */
 	__u64 icmp_xlate;	/* ICMP errors about a tracked flow translated (both ways) */
 	__u64 ct_shadowed;	/* VIP flows forgotten: their client reached the backend directly
@@ -115,6 +116,14 @@ struct meshd_tc_stats {
 	__u64 snat_new;		/* SNAT ports chosen */
 	__u64 snat_fail;	/* no free SNAT port after MESHD_SNAT_TRIES, or no address on the
 				 * interface: packet dropped */
+	__u64 reject;		/* packets to a frontend with no backend answered as kube-proxy's
+				 * REJECT: TCP RST, or ICMP port unreachable (UDP); a RST to it
+				 * is dropped, never answered */
+	__u64 drop_no_local;	/* packets to a frontend with no backend and MESHD_SVC_F_DROP_EMPTY
+				 * (external_traffic_policy Local, no local endpoint): dropped */
+	__u64 src_range;	/* new flows from a source outside load_balancer_source_ranges:
+				 * dropped */
+	__u64 aff_follow;	/* new flows given their client's backend by session affinity */
 };
 
 /* Value of meshd_tcaddr_v1, keyed by ifindex (__u32): the source addresses SNAT uses on

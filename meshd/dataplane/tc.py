@@ -43,9 +43,10 @@ from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
 # tc filter priority (both hooks): first, so filters at later priorities see translated
 # packets -- the programs return TC_ACT_UNSPEC after a rewrite (the chain goes on), never
-# TC_ACT_OK (which would end it); TC_ACT_SHOT only for a drop.
+# TC_ACT_OK (which would end it); TC_ACT_SHOT only for a drop; TC_ACT_REDIRECT for a REJECT
+# reply (TCP RST, ICMP port unreachable) sent back out the interface the request came in on.
 PRIORITY = 1
-TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT = -1, 0, 2
+TC_ACT_UNSPEC, TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = -1, 0, 2, 7
 CT_FWD, CT_REV, CT_SNAT_OUT, CT_SNAT_REV = 0, 1, 2, 3  # meshd_ct_key.dir
 
 
@@ -73,7 +74,7 @@ class FragVal(C.Structure):
 
 STATS_COUNTERS = ("dnat", "revnat", "ct_new", "ct_repick", "ct_closed", "no_backend",
                   "frag_xlate", "icmp_xlate", "ct_shadowed", "errors", "snat", "unsnat",
-                  "snat_new", "snat_fail")
+                  "snat_new", "snat_fail", "reject", "drop_no_local", "src_range", "aff_follow")
 
 
 class TcStats(C.Structure):
@@ -103,7 +104,7 @@ MIRRORS = {"meshd_ct_key": CtKey, "meshd_ct_val": CtVal, "meshd_frag_key": FragK
            "meshd_tc_if_val": IfVal, "meshd_tc_cfg": TcCfg, "meshd_tc_addr": TcAddr}
 
 
-# ---- the flow hash: must equal meshd_flow_hash() in bpf/tc_lb.bpf.c -------------------------
+# ---- the flow hash: must equal meshd_flow_hash() in bpf/include/meshd_tc_select.h ----------
 _M64 = (1 << 64) - 1
 _SEED = 0x9E3779B97F4A7C15
 
@@ -268,7 +269,7 @@ def _ifindexes(interfaces, where: str) -> dict[str, int]:
 
 
 # Link types (ARPHRD_*) whose frames start with a 14-byte Ethernet header, as the programs
-# parse them (bpf/tc_lb.bpf.c: ETH_HLEN); loopback has one too (all-zero addresses).
+# parse them (bpf/include/meshd_tc_parse.h: ETH_HLEN); loopback has one too (all-zero addresses).
 _ETHERNET_LIKE = {1: "ether", 772: "loopback"}
 _LINK_TYPES = {65534: "none", 768: "ipip", 769: "tunnel6", 776: "sit", 778: "gre",
                823: "ip6gre", 512: "ppp"}

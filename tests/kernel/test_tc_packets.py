@@ -30,6 +30,7 @@ from scapy.packet import Raw
 from meshd import maglev, names
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import loader, tc
+from meshd.dataplane import structs as S
 from meshd.dataplane.kernel import KernelDataplane
 from meshd.desired import desired_groups
 from meshd.model import parse_service
@@ -40,7 +41,7 @@ M = 1021
 # A translated packet returns UNSPEC too (the filter chain goes on: later filters of other
 # tools see it); TC_ACT_OK is never returned. Steps say XLATED (the output packet is
 # compared) or UNSPEC (untouched): both are the verdict -1.
-UNSPEC, SHOT = tc.TC_ACT_UNSPEC, tc.TC_ACT_SHOT
+UNSPEC, SHOT, REDIRECT = tc.TC_ACT_UNSPEC, tc.TC_ACT_SHOT, tc.TC_ACT_REDIRECT
 XLATED = UNSPEC
 MAC_A, MAC_B = "02:00:00:00:00:0a", "02:00:00:00:00:0b"  # explicit: scapy must not resolve
 CLIENT, CLIENT6 = "10.250.0.1", "fd00:250::1"
@@ -276,7 +277,10 @@ def cases() -> list[Case]:
     case("a reply of no tracked flow leaves untouched",
          Step("out", eth(IP(src="10.0.9.11", dst=CLIENT) / TCP(sport=8080, dport=40013,
                                                                flags="SA")), UNSPEC))
-    case("a VIP:port without backends: dropped", Step("in", syn(40014, dst=EMPTY_VIP), SHOT))
+    rst = Ether(src=MAC_B, dst=MAC_A) / IP(src=EMPTY_VIP, dst=CLIENT, id=0, flags="DF", ttl=64) / \
+        TCP(sport=80, dport=40014, seq=0, ack=1001, flags="RA", window=0)
+    case("a VIP:port without backends: the SYN is answered with RST+ACK (REJECT), sent back",
+         Step("in", syn(40014, dst=EMPTY_VIP), REDIRECT, rst))
 
     # ---- a client reusing a VIP flow's tuple to reach the backend directly
     sport = 40050
@@ -442,7 +446,7 @@ def test_counters_follow_what_happened(fresh):
     e.run("in", syn(41001, dst=EMPTY_VIP))
     e.run("in", syn(41002, dport=81))
     c = e.counters()
-    assert (c["dnat"], c["ct_new"], c["no_backend"], c["errors"]) == (2, 1, 1, 0)
+    assert (c["dnat"], c["ct_new"], c["reject"], c["no_backend"], c["errors"]) == (2, 1, 1, 0, 0)
 
 
 # ---- conntrack ---------------------------------------------------------------------------
@@ -464,17 +468,44 @@ def test_flows_stay_on_their_backend_while_backends_are_added(fresh):
     assert set(new.values()) & set(backends4((4, 5, 6))), "new flows use the new backends"
 
 
+def backend_id(e: Env, addr: str) -> int:
+    want = bytes(S.pack_addr(ipaddress.ip_address(addr)))
+    return next(k.value for k, v in e.maps.backends.items() if bytes(v.addr) == want)
+
+
 def test_removing_a_backend_moves_only_its_flows(fresh):
+    """Once a backend is gone from meshd_be_v1 (its drain is over), its flows move."""
     e = fresh(web((1, 2, 3)))
     before = {s: backend_of(e, syn(s)) for s in range(44000, 44300)}
     gone = backends4((2,))[0]
+    gone_id = backend_id(e, gone)
     e.apply(web((1, 3)))
+    e.maps.backends.delete(ctypes.c_uint32(gone_id))  # the reconciler may hold it: drain over
     after = {s: backend_of(e, syn(s, flags="A")) for s in before}
     moved = {s for s in before if after[s] != before[s]}
     assert moved == {s for s in before if before[s] == gone}
     for s in moved:  # re-balanced by the current table
         assert after[s] == expected_backend(backends4((1, 3)), 8080, "TCP", CLIENT, s, 80)
     assert e.counters()["ct_repick"] == len(moved) > 0
+
+
+def test_a_draining_backend_keeps_its_flows(fresh):
+    """Drain (issue 9 item 2): a backend that left the Maglev table but is still in
+    meshd_be_v1 keeps its established flows (before: they were re-picked mid-flow and the
+    new backend answered with RST); new flows avoid it."""
+    e = fresh(web((1, 2, 3)))
+    before = {s: backend_of(e, syn(s)) for s in range(44000, 44300)}
+    draining = backends4((2,))[0]
+    bid = backend_id(e, draining)
+    kept = e.maps.backends.lookup(ctypes.c_uint32(bid))
+    e.apply(web((1, 3)))  # the table without it
+    e.maps.backends.update(ctypes.c_uint32(bid), kept)  # held while flows point at it
+    assert any(b == draining for b in before.values())
+    after = {s: backend_of(e, syn(s, flags="A")) for s in before}
+    assert after == before
+    assert e.counters()["ct_repick"] == 0
+    new = {s: backend_of(e, syn(s)) for s in range(45500, 45700)}
+    assert draining not in new.values()
 
 
 def test_a_reused_backend_id_does_not_inherit_flows(fresh):
