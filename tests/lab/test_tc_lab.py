@@ -338,12 +338,26 @@ def test_long_flows_stay_on_their_backend_while_backends_are_added(topo, reset_a
     assert {"b4", "b5"} & set(tcp_names(topo, WEB, 80, 60)), "new flows use new backends"
 
 
-def test_removing_a_backend_moves_only_its_flows(topo, reset_a):
+def test_a_removed_backend_drains_then_only_its_flows_move(topo, reset_a):
+    """Drain (issue 9 item 2): a backend that leaves the selection leaves the Maglev table at
+    once (new flows avoid it) but keeps the flows it has while they live (before: they were
+    re-picked mid-flow, and the new backend answered with a reset); once its drain is over,
+    only its own flows move."""
+    import time
     node = reset_a
     sports = range(42000, 42060)
     before = {s: udp_flow(topo, s) for s in sports}
     assert set(before.values()) == {"b1", "b2", "b3"}
     node.apply(services((1, 3)))
+    assert node.rec.draining >= 1  # b2 on each service port it served
+    during = {s: udp_flow(topo, s) for s in sports}
+    assert during == before, "an established flow moved while its backend drained"
+    new = {udp_flow(topo, s) for s in range(42100, 42160)}
+    assert new <= {"b1", "b3"}, "a new flow went to the draining backend"
+    node.rec.collect_drained()  # b2's ports without flows go; the UDP one has live flows
+    left = node.rec.draining
+    assert left >= 1
+    assert node.rec.collect_drained(now=time.monotonic() + 10**6) == left  # the deadline
     after = {s: udp_flow(topo, s) for s in sports}
     for s in sports:
         if before[s] == "b2":
