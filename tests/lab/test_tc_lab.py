@@ -689,3 +689,36 @@ def test_snat_follows_a_changed_interface_address(topo, node_b_snat):
     finally:
         topo.ip("nb", "addr", "del", "10.0.9.3/24", "dev", lan)
         topo.ip("nb", "addr", "add", f"{NODE_B_LAN}/24", "dev", lan)
+
+
+def test_long_lived_tcp_flows_outlive_their_backend_turning_terminating_and_removed(topo,
+                                                                                      reset_a):
+    """Drain with real TCP through tc (issue 9): connections established to b2 keep talking
+    to b2 while b2 turns terminating and is then removed from the service; new connections
+    avoid it from the first change on; no established connection is reset."""
+    from meshd.model import parse_service
+    node = reset_a
+
+    def web(b2: str | None):
+        eps = [{"address": Topo.backend(i), "ports": {"http": 8080}} for i in (1, 3)]
+        if b2 is not None:
+            eps.append({"address": Topo.backend(2), "ports": {"http": 8080},
+                        "ready": False, "serving": True, "terminating": b2 == "terminating"})
+        return [parse_service({"namespace": "t", "name": "web", "vips": [WEB],
+                               "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+                               "endpoints": eps}, "web")]
+    conns = [tcp_open(topo, WEB, 80) for _ in range(30)]
+    try:
+        first = [ask(s) for s in conns]
+        assert "b2" in first, first
+        for step in ("terminating", None):  # b2 terminating, then gone from the record
+            node.apply(web(step))
+            for _ in range(3):
+                assert [ask(s) for s in conns] == first, f"a flow moved ({step})"
+            fresh = tcp_names(topo, WEB, 80, 30)
+            assert set(fresh) <= {"b1", "b3"}, f"a new connection reached b2 ({step})"
+        node.rec.collect_drained()  # backends without flows (the other services') go
+        assert node.rec.draining == 1  # b2: its flows are live
+    finally:
+        for s in conns:
+            s.close()
