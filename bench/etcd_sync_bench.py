@@ -131,44 +131,90 @@ async def wait_etcd(client, deadline: float = 15) -> None:
             await asyncio.sleep(0.1)
 
 
+class BenchDaemon:
+    """A real `meshd run` for a bench: its own instance, cgroup and pin dir; READY timed
+    through NOTIFY_SOCKET. close() stops it by PID and removes all it made."""
+
+    def __init__(self, tmp: Path, cfg: dict, name: str):
+        self.tmp, self.name = tmp, name
+        self.instance = "mbench-" + secrets.token_hex(3)
+        self.cg = CGROUP2 / self.instance
+        self.cg.mkdir()
+        self.cfg = tmp / "meshd.yaml"
+        self.cfg.write_text(yaml.safe_dump({
+            "instance": self.instance, "cgroup": str(self.cg), "bpffs": str(BPFFS),
+            "state_dir": str(tmp / "state"), "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+            "healthz": {"listen": "127.0.0.1:0"}, **cfg}))
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp / "notify"))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 180) -> float:
+        """Seconds from the exec to READY=1."""
+        env = dict(os.environ, NOTIFY_SOCKET=str(self.tmp / "notify"))
+        log = open(self.tmp / "meshd.log", "wb")
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "meshd", "--log-level",
+                                      os.environ.get("MESHD_BENCH_LOG", "info"), "run",
+                                      "--config", str(self.cfg)], env=env, stdout=log,
+                                     stderr=log)
+        self.notify.settimeout(timeout)
+        while "READY=1" not in self.notify.recv(4096).decode():
+            pass
+        return time.perf_counter() - t0
+
+    def group_ids(self, maps) -> dict[str, int]:
+        return {v.name.decode(): k.value for k, v in maps.names.items()}
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.notify.close()
+        if (self.tmp / "meshd.log").exists():
+            shutil.copy(self.tmp / "meshd.log", f"/tmp/meshd-{self.name}.log")  # a look after
+        loader.remove(BPFFS, self.instance)
+        self.cg.rmdir()
+
+
+def table_change_ms(maps, gid: int, write, limit: float = 2.0) -> float:
+    """Milliseconds from just before `write()` to the group's Maglev table being replaced
+    in the kernel (the outer map's inner-map id changes: a poll of one map lookup)."""
+    before = maps.maglev.lookup(C.c_uint32(gid)).value
+    t1 = time.perf_counter()
+    write()
+    while maps.maglev.lookup(C.c_uint32(gid)).value == before:
+        if time.perf_counter() - t1 > limit:
+            raise RuntimeError(f"a change of group {gid} not in the kernel after {limit} s")
+    return (time.perf_counter() - t1) * 1e3
+
+
+def summary(lat: list[float]) -> dict:
+    lat = sorted(lat)
+    return {"p50": round(statistics.median(lat), 2),
+            "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
+            "max": round(lat[-1], 2), "n": len(lat)}
+
+
 async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshd-bench-"))
-    instance = "mbench-" + secrets.token_hex(3)
-    cg = CGROUP2 / instance
-    cg.mkdir()
     etcd = Etcd(tmp)
     daemon = None
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp / "notify"))
     try:
         async with aetcd.Client("127.0.0.1", etcd.port) as client:
             await wait_etcd(client)
             load_s = await load(client, n, e)
-            cfg = tmp / "meshd.yaml"
-            cfg.write_text(yaml.safe_dump({
-                "instance": instance, "cgroup": str(cg), "bpffs": str(BPFFS),
-                "state_dir": str(tmp / "state"), "maglev": {"table_size": m},
-                "etcd": {"endpoints": [etcd.url]},
-                "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-                "healthz": {"listen": "127.0.0.1:0"}}))
-            env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify"))
-            log = open(tmp / "meshd.log", "wb")
-            t0 = time.perf_counter()
-            daemon = subprocess.Popen([sys.executable, "-m", "meshd", "--log-level",
-                                       os.environ.get("MESHD_BENCH_LOG", "info"), "run",
-                                       "--config", str(cfg)],
-                                      env=env, stdout=log, stderr=log)
-            notify.settimeout(120)
-            while True:
-                msg = notify.recv(4096).decode()
-                if "READY=1" in msg:
-                    break
-            cold_s = time.perf_counter() - t0
-            rss, hwm = rss_mb(daemon.pid)
-
-            maps = loader.open_pinned(BPFFS, instance)
+            daemon = BenchDaemon(tmp, {"maglev": {"table_size": m},
+                                       "etcd": {"endpoints": [etcd.url]}}, f"bench-{n}")
+            cold_s = daemon.start()
+            rss, hwm = rss_mb(daemon.proc.pid)
+            maps = loader.open_pinned(BPFFS, daemon.instance)
             try:
-                gid = {v.name.decode(): k.value for k, v in maps.names.items()}
+                gid = daemon.group_ids(maps)
                 lat = []
                 rnd = random.Random(7)
                 for k in range(changes):
@@ -187,29 +233,15 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
                     await asyncio.sleep(0.1)  # one change at a time: let the delete's sync finish
             finally:
                 maps.close()
-            rss2, hwm2 = rss_mb(daemon.pid)
-        lat.sort()
+            rss2, hwm2 = rss_mb(daemon.proc.pid)
         return {"services": n, "endpoints_per_service": e, "etcd_load_s": round(load_s, 2),
-                "cold_start_to_ready_s": round(cold_s, 2),
-                "propagation_ms": {"p50": round(statistics.median(lat), 2),
-                                   "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
-                                   "max": round(lat[-1], 2), "n": len(lat)},
+                "cold_start_to_ready_s": round(cold_s, 2), "propagation_ms": summary(lat),
                 "rss_mb_after_ready": round(rss, 1), "rss_mb_after_changes": round(rss2, 1),
                 "rss_mb_peak": round(max(hwm, hwm2), 1)}
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(15)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-        notify.close()
+        if daemon is not None:
+            daemon.close()
         etcd.stop()
-        if (tmp / "meshd.log").exists():
-            shutil.copy(tmp / "meshd.log", f"/tmp/meshd-bench-{n}.log")  # for a look after
-        loader.remove(BPFFS, instance)
-        cg.rmdir()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

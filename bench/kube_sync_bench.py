@@ -19,16 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes as C
 import json
-import os
 import random
-import secrets
 import shutil
-import signal
-import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,15 +32,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
-import yaml  # noqa: E402
-
-from etcd_sync_bench import backend, bench_size, free_port, rss_mb, vip  # noqa: E402
+from etcd_sync_bench import (BenchDaemon, backend, bench_size, rss_mb, summary,  # noqa: E402
+                             table_change_ms, vip)
 from kubeapi.harness import KubeApiServer  # noqa: E402
 from kubeapi.objects import endpoint, endpoint_slice, service  # noqa: E402
 from meshd.dataplane import loader  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
-CGROUP2 = Path("/sys/fs/cgroup/unified")
 PORTS = [{"name": "http", "port": 80, "targetPort": 8080}]
 SLICE_PORTS = [{"name": "http", "port": 8080}]
 
@@ -62,12 +53,7 @@ def objects(n: int, e: int):
 
 def bench_kube(n: int, e: int, changes: int, m: int) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshd-kbench-"))
-    instance = "mbench-" + secrets.token_hex(3)
-    cg = CGROUP2 / instance
-    cg.mkdir()
     daemon = None
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp / "notify"))
     try:
         with KubeApiServer(tmp / "api", bookmark_interval=1.0) as api:
             svcs, slices = objects(n, e)
@@ -75,68 +61,36 @@ def bench_kube(n: int, e: int, changes: int, m: int) -> dict:
             api.bulk("services", svcs)
             api.bulk("endpointslices", slices)
             load_s = time.perf_counter() - t0
-            cfg = tmp / "meshd.yaml"
-            cfg.write_text(yaml.safe_dump({
-                "instance": instance, "cgroup": str(cg), "bpffs": str(BPFFS),
-                "state_dir": str(tmp / "state"), "maglev": {"table_size": m},
-                "kubernetes": {"kubeconfig": str(api.kubeconfig(tmp / "kubeconfig"))},
-                "node": {"name": "node-a"},
-                "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-                "healthz": {"listen": "127.0.0.1:0"}}))
-            env = dict(os.environ, NOTIFY_SOCKET=str(tmp / "notify"))
-            log = open(tmp / "meshd.log", "wb")
-            t0 = time.perf_counter()
-            daemon = subprocess.Popen([sys.executable, "-m", "meshd", "run", "--config",
-                                       str(cfg)], env=env, stdout=log, stderr=log)
-            notify.settimeout(180)
-            while "READY=1" not in notify.recv(4096).decode():
-                pass
-            cold_s = time.perf_counter() - t0
-            rss, hwm = rss_mb(daemon.pid)
-            maps = loader.open_pinned(BPFFS, instance)
+            daemon = BenchDaemon(tmp, {
+                "maglev": {"table_size": m}, "node": {"name": "node-a"},
+                "kubernetes": {"kubeconfig": str(api.kubeconfig(tmp / "kubeconfig"))}},
+                f"kbench-{n}")
+            cold_s = daemon.start()
+            rss, hwm = rss_mb(daemon.proc.pid)
+            maps = loader.open_pinned(BPFFS, daemon.instance)
             try:
-                gid = {v.name.decode(): k.value for k, v in maps.names.items()}
+                gid = daemon.group_ids(maps)
                 lat = []
                 rnd = random.Random(7)
                 for k in range(changes):
                     i = rnd.randrange(n)
-                    g = gid[f"bench/s{i}:http/ipv4"]
                     sl = slices[i]
                     extra = endpoint(f"10.250.{k // 256}.{k % 256}", node="node-b")
                     for eps in (sl["endpoints"] + [extra], sl["endpoints"]):
-                        before = maps.maglev.lookup(C.c_uint32(g)).value
-                        body = dict(sl, endpoints=eps)
-                        t1 = time.perf_counter()
-                        api.apply("endpointslices", body)
-                        while maps.maglev.lookup(C.c_uint32(g)).value == before:
-                            if time.perf_counter() - t1 > 5:
-                                raise RuntimeError(f"change {k} not in the kernel after 5 s")
-                        lat.append((time.perf_counter() - t1) * 1e3)
+                        lat.append(table_change_ms(
+                            maps, gid[f"bench/s{i}:http/ipv4"],
+                            lambda: api.apply("endpointslices", dict(sl, endpoints=eps)), 5.0))
                         time.sleep(0.05)
             finally:
                 maps.close()
-            rss2, hwm2 = rss_mb(daemon.pid)
-        lat.sort()
+            rss2, hwm2 = rss_mb(daemon.proc.pid)
         return {"services": n, "endpoints_per_service": e, "api_load_s": round(load_s, 2),
-                "cold_start_to_ready_s": round(cold_s, 2),
-                "propagation_ms": {"p50": round(statistics.median(lat), 2),
-                                   "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
-                                   "max": round(lat[-1], 2), "n": len(lat)},
+                "cold_start_to_ready_s": round(cold_s, 2), "propagation_ms": summary(lat),
                 "rss_mb_after_ready": round(rss, 1), "rss_mb_after_changes": round(rss2, 1),
                 "rss_mb_peak": round(max(hwm, hwm2), 1)}
     finally:
-        if daemon is not None and daemon.poll() is None:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(15)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-        notify.close()
-        if (tmp / "meshd.log").exists():
-            shutil.copy(tmp / "meshd.log", f"/tmp/meshd-kbench-{n}.log")
-        loader.remove(BPFFS, instance)
-        cg.rmdir()
+        if daemon is not None:
+            daemon.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

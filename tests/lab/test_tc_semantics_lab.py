@@ -13,8 +13,8 @@ import pytest
 
 from meshd.desired import NodeInfo, NodePorts, desired_groups
 from meshd.model import parse_service
-from test_tc_lab import (WEB, Node, Topo, ask, sweep_leftovers, tcp_open,
-                         udp_flow)
+from test_tc_lab import (WEB, Node, Topo, ask, tcp_open, udp_flow,
+                         topo)  # noqa: F401  (the lab topology fixture, one per module)
 
 NODE_A = "10.250.1.1"  # node A's client-side address: node ports live there
 NODE_PORT, EMPTY_NODE_PORT = 30080, 30099
@@ -44,16 +44,6 @@ def apply(node: Node, **web) -> None:
     rep = node.rec.apply(desired_groups(services(**web), NodePorts(
         addresses=(ipaddress.ip_address(NODE_A),)), THIS_NODE))
     assert not rep.errors, rep.errors
-
-
-@pytest.fixture(scope="module")
-def topo():
-    sweep_leftovers()
-    t = Topo()
-    try:
-        yield t.up()
-    finally:
-        t.down()
 
 
 @pytest.fixture(scope="module")
