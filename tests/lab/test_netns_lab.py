@@ -124,8 +124,10 @@ def test_run_in_cgroup(lab_module: Lab) -> None:
             time.sleep(0.02)
         assert str(outside.pid) not in (lab_module.cgroup / "cgroup.procs").read_text().split()
         cli_ino = _host.netns_inode(lab_module.client_ns)
-        for p in (inside, outside):
-            assert os.readlink(f"/proc/{p.pid}/ns/net") == f"net:[{cli_ino}]"
+        for p in (inside, outside):  # (the launcher enters the namespace, then execs: wait)
+            while os.readlink(f"/proc/{p.pid}/ns/net") != f"net:[{cli_ino}]":
+                assert time.monotonic() < deadline + 3, "the process never entered the netns"
+                time.sleep(0.02)
         assert set(lab_module.pids) >= {inside.pid, outside.pid}
         cg = lab_module.exec("b2", ["cat", "/proc/self/cgroup"], cgroup=True).stdout
         assert f"0::/{lab_module.prefix}\n" in cg
