@@ -126,3 +126,78 @@ def test_affinity_15_requests_from_one_client_land_on_one_backend(topo, node, cl
     got = names(topo, WEB, 80, 15)
     assert len(set(got)) == 1, got
     assert node.counters()["aff_follow"] >= 14
+
+
+# ---- the same through the Kubernetes API source -------------------------------------------------
+def test_through_the_kubernetes_api_node_port_local_and_lb_source_ranges(topo, node, tmp_path):
+    """A LoadBalancer Service with externalTrafficPolicy Local, a nodePort, an LB ingress IP and
+    loadBalancerSourceRanges, and its EndpointSlice, created in the (test) Kubernetes API:
+    the source translates them and the tc path enforces them for a client on another host
+    (issue 10: kube-proxy's rules through the API source)."""
+    import asyncio
+    import contextlib
+    import time
+
+    from kubeapi.harness import KubeApiServer
+    from kubeapi.objects import endpoint, endpoint_slice, service
+    from meshd.config import KubernetesConfig
+    from meshd.sources.kubernetes import KubernetesSource
+    lb = "10.96.7.8"
+    np_ = NodePorts(addresses=(ipaddress.ip_address(NODE_A),))
+
+    def web(ranges):
+        s = service("t", "web", [WEB], [{"name": "http", "port": 80, "targetPort": "http",
+                                         "nodePort": NODE_PORT}], type_="LoadBalancer",
+                    externalTrafficPolicy="Local", loadBalancerSourceRanges=ranges)
+        s["status"] = {"loadBalancer": {"ingress": [{"ip": lb}]}}
+        return s
+
+    def probe(addr: str, port: int) -> str:
+        try:
+            with tcp_open(topo, addr, port, timeout=0.7) as s:
+                return ask(s)
+        except OSError:
+            return "no answer"
+
+    with KubeApiServer(tmp_path / "api", bookmark_interval=0.2) as api:
+        api.create("services", web(["10.250.0.0/24"]))  # the client's network
+        api.create("endpointslices", endpoint_slice(
+            "t", "web-1", "web", [endpoint(Topo.backend(i), node=ENDPOINT_NODES[i])
+                                  for i in (1, 2, 3)], [{"name": "http", "port": 8080}]))
+
+        async def emit(snap) -> None:
+            rep = node.rec.apply(desired_groups(list(snap.services), np_, THIS_NODE))
+            assert not rep.errors, rep.errors
+
+        async def until(pred, what: str) -> None:
+            end = time.monotonic() + 15
+            while not await asyncio.to_thread(pred):
+                assert time.monotonic() < end, what
+                await asyncio.sleep(0.2)
+
+        async def body() -> None:
+            src = KubernetesSource(KubernetesConfig(kubeconfig=api.kubeconfig(
+                tmp_path / "kubeconfig")), node_name=THIS_NODE.name)
+            task = asyncio.create_task(src.run(emit))
+            try:
+                # externalTrafficPolicy Local: only b2 (on node-a) behind the node port and
+                # the LB IP; the ClusterIP keeps every endpoint
+                await until(lambda: set(names(topo, NODE_A, NODE_PORT, 10)) == {"b2"},
+                            "node port: local endpoint only")
+                assert set(names(topo, lb, 80, 10)) == {"b2"}
+                assert set(names(topo, WEB, 80, 30)) == {"b1", "b2", "b3"}
+                # loadBalancerSourceRanges no longer admit the client: the LB IP goes quiet
+                s = api.get("services", "t", "web")
+                s["spec"]["loadBalancerSourceRanges"] = ["192.0.2.0/24"]
+                api.replace("services", s)
+                await until(lambda: probe(lb, 80) == "no answer", "source ranges enforced")
+                assert probe(NODE_A, NODE_PORT) == "b2"  # ranges are for the LB IP only
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 5)
+
+        try:
+            asyncio.run(asyncio.wait_for(body(), 90))
+        finally:
+            apply(node)
