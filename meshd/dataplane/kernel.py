@@ -33,7 +33,8 @@ def coarse_now_ns() -> int:
 class KernelDataplane:
     def __init__(self, maps: Maps):
         self.maps = maps
-        self.maglev_m = maps.maglev_m
+        self.maglev_m = maps.maglev_m  # maglev.table_size when fixed; 0: auto (per group)
+        self.maglev_max = maps.maglev_max  # the largest size auto may pick
 
     # ---- writes -----------------------------------------------------------------------------
     def put_backend(self, bid: int, ref: BackendRef) -> None:
@@ -42,30 +43,84 @@ class KernelDataplane:
     def delete_backend(self, bid: int) -> None:
         self.maps.backends.delete(C.c_uint32(bid))
 
+    # ---- Maglev tables (meshd_maglev_v2: header chunk, then two halves) -----------------------
+    def _chunks(self, table: np.ndarray) -> tuple[int, int, np.ndarray]:
+        """(M, chunks per half, the table as a (chunks, 16) uint32 array, zero-padded)."""
+        if table.ndim != 1 or not table.size:
+            raise ValueError(f"table has shape {table.shape}, need a non-empty vector")
+        m = int(table.size)
+        if self.maglev_m and m != self.maglev_m:
+            raise ValueError(f"table has {m} slots, the maps hold {self.maglev_m}")
+        n = -(-m // S.TABLE_CHUNK)
+        out = np.zeros((n, S.TABLE_CHUNK), dtype=np.uint32)
+        out.reshape(-1)[:m] = table
+        return m, n, out
+
+    def _write_chunks(self, fd: int, what: str, first: int, chunks: np.ndarray) -> None:
+        """Plain array updates of elements first .. first + len(chunks) - 1, one syscall."""
+        k = len(chunks)
+        keys = (C.c_uint32 * k)(*range(first, first + k))
+        values = (S.TableChunk * k).from_buffer_copy(np.ascontiguousarray(chunks))
+        bpf.Map(fd, what, C.c_uint32, S.TableChunk).update_batch(keys, values)
+
     def _inner(self, table: np.ndarray) -> int:
-        """A fresh inner map holding `table`; returns its fd (the caller closes it)."""
-        m = self.maglev_m
-        if table.shape != (m,):
-            raise ValueError(f"table has {table.shape[0]} slots, the maps hold {m}")
-        value = (C.c_uint32 * m).from_buffer_copy(np.ascontiguousarray(table, dtype=np.uint32))
-        fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, names.MAGLEV_INNER_NAME, 4, 4 * m, 1)
+        """A fresh inner map holding `table` in both halves; returns its fd (caller closes)."""
+        m, n, chunks = self._chunks(table)
+        fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, names.MAGLEV_INNER_NAME, 4,
+                            C.sizeof(S.TableChunk), 1 + 2 * n, flags=bpf.BPF_F_INNER_MAP)
         try:
-            bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m).update(
-                C.c_uint32(0), value)
+            header = np.zeros((1, S.TABLE_CHUNK), dtype=np.uint32)
+            header[0, :2] = (m, n)
+            self._write_chunks(fd, names.MAGLEV_INNER_NAME, 0, np.vstack((header, chunks, chunks)))
         except BaseException:
             bpf.close_fd(fd)
             raise
         return fd
 
-    def put_tables(self, items: list[tuple[int, np.ndarray]]) -> dict[int, str]:
-        """Writes each table into a fresh inner map, then swaps them in: each swap is atomic,
-        and a batch pays the kernel's RCU wait for map-in-map updates once, not per table.
-        Returns {gid: error} for the tables that were not written."""
+    def _open_inner(self, gid: int) -> int | None:
+        inner_id = self.maps.maglev.lookup(C.c_uint32(gid))
+        if inner_id is None:
+            return None
+        return bpf.map_fd_by_id(inner_id.value, f"{names.MAP_MAGLEV}[{gid}]")
+
+    def _write_half(self, gid: int, table: np.ndarray, half: int) -> None:
+        """Writes `table` into one half of the group's inner map in place (no map-in-map
+        update, so no RCU wait). The caller makes sure no frontend names that half."""
+        m, n, chunks = self._chunks(table)
+        fd = self._open_inner(gid)
+        if fd is None:
+            raise ValueError(f"group {gid} has no table to write a half of")
+        try:
+            what = f"{names.MAP_MAGLEV}[{gid}]"
+            header = bpf.Map(fd, what, C.c_uint32, S.TableChunk).lookup(C.c_uint32(0))
+            if header is None or header.slot[0] != m:
+                have = header.slot[0] if header is not None else 0
+                raise ValueError(f"group {gid}'s table has {have} slots, not {m}")
+            self._write_chunks(fd, what, 1 + half * n, chunks)
+        finally:
+            bpf.close_fd(fd)
+
+    def put_tables(self, items: list[tuple[int, np.ndarray, int | None]]) -> dict[int, str]:
+        """Writes tables: (gid, table, half) writes `half` (0 or 1) of the group's table of
+        the same size in place, with plain array updates (the frontends then flip to it);
+        (gid, table, None) writes a fresh inner map (both halves) and swaps it in: each swap
+        is atomic, and a batch of swaps pays the kernel's RCU wait for map-in-map updates
+        once. Returns {gid: error} for the tables that were not written."""
         failed: dict[int, str] = {}
-        for start in range(0, len(items), TABLE_BATCH):
+        fresh: list[tuple[int, np.ndarray]] = []
+        for item in items:
+            gid, table, half = (*item, None)[:3]  # (gid, table) alone: fresh
+            if half is None:
+                fresh.append((gid, table))
+                continue
+            try:
+                self._write_half(gid, table, half)
+            except (BpfError, ValueError) as e:
+                failed[gid] = str(e)
+        for start in range(0, len(fresh), TABLE_BATCH):
             gids, fds = [], []
             try:
-                for gid, table in items[start:start + TABLE_BATCH]:
+                for gid, table in fresh[start:start + TABLE_BATCH]:
                     try:
                         fds.append(self._inner(table))
                         gids.append(gid)
@@ -87,23 +142,41 @@ class KernelDataplane:
                     bpf.close_fd(fd)  # the outer map holds its own reference
         return failed
 
-    def put_table(self, gid: int, table: np.ndarray) -> None:
-        failed = self.put_tables([(gid, table)])
+    def put_table(self, gid: int, table: np.ndarray, half: int | None = None) -> None:
+        failed = self.put_tables([(gid, table, half)])
         if failed:
             raise DataplaneError(failed[gid])
 
-    def get_table(self, gid: int) -> np.ndarray | None:
-        inner_id = self.maps.maglev.lookup(C.c_uint32(gid))
-        if inner_id is None:
-            return None
-        fd = bpf.map_fd_by_id(inner_id.value, f"{names.MAP_MAGLEV}[{gid}]")
+    def table_size(self, gid: int) -> int:
+        """M of the group's table in the kernel; 0: none."""
+        fd = self._open_inner(gid)
+        if fd is None:
+            return 0
         try:
-            m = self.maglev_m
-            value = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m).lookup(
+            header = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, S.TableChunk).lookup(
                 C.c_uint32(0))
         finally:
             bpf.close_fd(fd)
-        return None if value is None else np.frombuffer(bytes(value), dtype=np.uint32).copy()
+        return 0 if header is None else int(header.slot[0])
+
+    def get_table(self, gid: int, half: int = 0) -> np.ndarray | None:
+        """One half of the group's table (the frontends' MESHD_SVC_F_TABLE_B says which one
+        readers use); None: no table."""
+        fd = self._open_inner(gid)
+        if fd is None:
+            return None
+        try:
+            m = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, S.TableChunk)
+            header = m.lookup(C.c_uint32(0))
+            if header is None or not header.slot[0]:
+                return None
+            size, n = int(header.slot[0]), int(header.slot[1])
+            rows = [m.lookup(C.c_uint32(1 + half * n + i)) for i in range(n)]
+        finally:
+            bpf.close_fd(fd)
+        if any(r is None for r in rows):
+            return None
+        return np.frombuffer(b"".join(bytes(r) for r in rows), dtype=np.uint32)[:size].copy()
 
     def delete_tables(self, gids: list[int]) -> dict[int, str]:
         """Removes tables in batches (one RCU wait per batch). Missing ones count as removed."""
@@ -227,4 +300,5 @@ class KernelDataplane:
         for k, v in self.maps.names.items():
             snap.names[k.value] = v.name.decode(errors="replace")
         snap.tables = {k.value for k in self.maps.maglev.keys()}
+        snap.table_sizes = {gid: self.table_size(gid) for gid in snap.tables}
         return snap

@@ -23,6 +23,7 @@ MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_HASH_OF_MAPS = 13
+BPF_F_INNER_MAP = 1 << 12  # an inner map whose max_entries may differ from the template's
 ATTACH_TYPES = {
     "cgroup_inet_ingress": 0,
     "cgroup_inet_egress": 1,
@@ -339,10 +340,11 @@ def map_fd_by_id(map_id: int, what: str) -> int:
 
 
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
-               inner_map_fd: int | None = None) -> int:
+               inner_map_fd: int | None = None, flags: int = 0) -> int:
     opts = None
-    if inner_map_fd is not None:
-        o = _MapCreateOpts(sz=C.sizeof(_MapCreateOpts), inner_map_fd=inner_map_fd)
+    if inner_map_fd is not None or flags:
+        o = _MapCreateOpts(sz=C.sizeof(_MapCreateOpts), inner_map_fd=inner_map_fd or 0,
+                           map_flags=flags)
         opts = C.byref(o)
     return _check(_map_create(map_type, name.encode(), key_size, value_size, max_entries, opts),
                   "bpf_map_create", name)
