@@ -63,8 +63,8 @@ from numbers import Integral
 
 import numpy as np
 
-__all__ = ["LADDER", "build_table", "build_tables", "changed_slots", "is_prime", "next_prime",
-           "table_size_for"]
+__all__ = ["LADDER", "build_table", "build_tables", "changed_slots", "imbalance", "is_prime",
+           "next_prime", "table_size_for", "table_size_kept"]
 
 # Table sizes a group may get when maglev.table_size is auto: primes just under powers of
 # two, so a table's chunks (16 slots, bpf/include/meshd_structs.h) waste little.
@@ -89,6 +89,27 @@ def table_size_for(weight: int, fixed: int | None = None, ceiling: int = LADDER[
 # dominated by per-batch numpy overhead: 10 backends at m=1021 build in 0.7 ms, not 1.3).
 _BATCH = 0.25
 _MIN_LOOKS = 1024
+
+
+def imbalance(weights: Sequence[int], m: int) -> float:
+    """How far the most favoured backend's slot share exceeds its weight's share in a table
+    of size `m` (the fill gives exact quotas): max(q_i / (m * w_i / W)) - 1."""
+    total = sum(weights)
+    return max(q * total / (m * w) for q, w in zip(_quotas(list(weights), m), weights)) - 1
+
+
+def table_size_kept(weights: Sequence[int], have: int, fixed: int | None = None,
+                    ceiling: int = LADDER[-1]) -> int:
+    """The size of a group that has a table of size `have` (0: none) after a change: the
+    size table_size_for() picks, except that a table on the ladder is kept while its
+    imbalance stays <= 1% and it is not two rungs too big. So a group at a rung's edge does
+    not change size (a map-in-map swap: an RCU wait) on every endpoint added or removed."""
+    want = table_size_for(sum(weights), fixed, ceiling)
+    if fixed or not have or have == want or have not in LADDER or have > ceiling:
+        return want
+    if have > want:
+        return have if LADDER.index(want) > LADDER.index(have) - 2 else want
+    return have if have >= len(weights) and imbalance(weights, have) <= 0.01 else want
 
 
 def is_prime(n: int) -> bool:

@@ -353,7 +353,7 @@ class Reconciler:
         pending: dict[str, tuple[int, np.ndarray]] = {}
         t0 = time.perf_counter()
 
-        size = {k: self._size(desired[k]) for k in need}
+        size = {k: self._size(desired[k], self.groups[k]) for k in need}
 
         def build(keys: list[str]) -> list[np.ndarray | None]:
             m = size[keys[0]]
@@ -424,10 +424,12 @@ class Reconciler:
         fes = self._old_fes.get(cur.gid, set()) | (set(g.frontends) if g else set())
         rep.removed |= {(fe, ref) for fe in fes for ref in gone}
 
-    def _size(self, g: Group) -> int:
-        """The table size of a group: fixed, or the ladder rung its weights need."""
-        return maglev.table_size_for(sum(w for _r, w in g.backends), self.dp.maglev_m or None,
-                                     getattr(self.dp, "maglev_max", maglev.LADDER[-1]))
+    def _size(self, g: Group, cur: _Applied) -> int:
+        """The table size of a group: fixed, or the ladder rung its weights need (its
+        present size kept while that still balances to 1%: maglev.table_size_kept)."""
+        return maglev.table_size_kept([w for _r, w in g.backends],
+                                      cur.m if cur.has_table else 0, self.dp.maglev_m or None,
+                                      getattr(self.dp, "maglev_max", maglev.LADDER[-1]))
 
     def _halves_agree(self, cur: _Applied) -> bool:
         """True if every frontend of the group names the half `cur.half` (else one may

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as C
 import ipaddress
 import socket
+import threading
 import time
 
 import numpy as np
@@ -30,9 +31,50 @@ def coarse_now_ns() -> int:
     return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
+class _Grace:
+    """When the last RCU grace period known to have completed started, kept fresh by a
+    thread after frontend writes: a half a group's frontends left may be rewritten in place
+    only once no BPF program that read the old frontend value can still be running, i.e.
+    after a grace period that started after the flip. A change of a group that flipped
+    less than a grace period ago waits for one (rcu_grace_period); any other costs nothing."""
+
+    def __init__(self) -> None:
+        self.done = 0.0  # time.monotonic() at the start of the last completed grace period
+        self.works = True
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wait(self, since: float | None = None) -> None:
+        """Returns once a grace period that started after `since` (default: now) ended."""
+        start = time.monotonic()
+        since = start if since is None else since
+        with self._lock:
+            if self.done > since:
+                return  # (the background one, which held the lock meanwhile)
+            self.works = bpf.rcu_grace_period()
+            if self.works:
+                self.done = max(self.done, start)
+
+    def soon(self) -> None:
+        """Something flipped: have a grace period run in the background."""
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="meshd-rcu-grace",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while self._wake.wait(1.0):  # idle for a second: exit (restarted by soon())
+            self._wake.clear()
+            self.wait()
+
+
 class KernelDataplane:
     def __init__(self, maps: Maps):
         self.maps = maps
+        self._grace = _Grace()
+        self._flipped: dict[int, float] = {}  # gid -> last frontend write (a flip, maybe)
         self.maglev_m = maps.maglev_m  # maglev.table_size when fixed; 0: auto (per group)
         self.maglev_max = maps.maglev_max  # the largest size auto may pick
 
@@ -87,6 +129,12 @@ class KernelDataplane:
         """Writes `table` into one half of the group's inner map in place (no map-in-map
         update, so no RCU wait). The caller makes sure no frontend names that half."""
         m, n, chunks = self._chunks(table)
+        flipped = self._flipped.get(gid, -1.0)
+        if flipped >= self._grace.done:
+            self._grace.wait(flipped)  # flipped less than a grace period ago: readers may
+            # still read the half it left
+            if not self._grace.works:
+                raise ValueError("no RCU grace period (membarrier) on this kernel")
         fd = self._open_inner(gid)
         if fd is None:
             raise ValueError(f"group {gid} has no table to write a half of")
@@ -196,9 +244,14 @@ class KernelDataplane:
     def delete_table(self, gid: int) -> None:
         self.maps.maglev.delete(C.c_uint32(gid))
 
+    def _flip(self, gid: int) -> None:
+        self._flipped[gid] = time.monotonic()
+        self._grace.soon()
+
     def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
         self.maps.svc.update(S.svc_key(fe.vip, fe.port, fe.protocol),
                              S.SvcVal(id=gid, count=count, flags=flags))
+        self._flip(gid)
 
     def delete_frontend(self, fe: Frontend) -> None:
         self.maps.svc.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
@@ -206,6 +259,7 @@ class KernelDataplane:
     def put_ext_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
         self.maps.svc_ext.update(S.svc_key(fe.vip, fe.port, fe.protocol),
                                  S.SvcVal(id=gid, count=count, flags=flags))
+        self._flip(gid)
 
     def delete_ext_frontend(self, fe: Frontend) -> None:
         self.maps.svc_ext.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
