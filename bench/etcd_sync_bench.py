@@ -5,10 +5,13 @@
 
 For each size: a fresh etcd (Debian's /usr/bin/etcd on free loopback ports, tmp data dir) is
 loaded with N services x E endpoints; a real `meshd run` daemon (own cgroup, own pin dir,
-maglev m=1021) is started with NOTIFY_SOCKET, and the time to READY=1 is the cold start.
-Then --changes single-endpoint writes (alternately add and remove one endpoint of a random
-service) are timed from just before the etcd put to the moment the service's Maglev table in
-the kernel is replaced (the outer map's inner-map id changes: a poll of one map lookup).
+the SHIPPED Maglev config -- table sizes auto -- unless --table-size is given) is started
+with NOTIFY_SOCKET, and the time to READY=1 is the cold start. Then --changes single-endpoint
+writes (alternately add and remove one endpoint of a random service) are timed from just
+before the etcd put to the moment the service's frontend entry in the kernel changes (its
+count, and the table half it names, flip once the new table is in: a poll of one lookup).
+Also printed: locked kernel memory of the instance's maps (bytes_memlock summed over the
+maps whose names start with meshd_, as `bpftool map show -j` reports them) and per service.
 Targets (issue 3): p99 propagation < 20 ms at 10,000 services; cold sync < 10 s; RSS < 200 MB.
 Bounded: every wait has a deadline. Everything made is removed, also on failure.
 """
@@ -17,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes as C
 import json
 import os
 import random
@@ -36,10 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+import ipaddress  # noqa: E402
+
 import aetcd  # noqa: E402
 import yaml  # noqa: E402
 
 from meshd.dataplane import loader  # noqa: E402
+from meshd.dataplane import structs as S  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 CGROUP2 = Path("/sys/fs/cgroup/unified")
@@ -88,6 +93,32 @@ async def load(client, n: int, e: int) -> float:
     return time.perf_counter() - t0
 
 
+def kernel_memory(pin_dir: Path) -> dict:
+    """bytes_memlock of the instance's maps (bpftool), the Maglev tables (inner maps) apart."""
+    ids = set()
+    for pin in pin_dir.iterdir():
+        if pin.name.startswith("meshd_"):
+            out = subprocess.run(["bpftool", "map", "show", "pinned", str(pin), "-j"],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                ids.add(json.loads(out.stdout)["id"])
+    maps = json.loads(subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True,
+                                     text=True, check=True).stdout)
+    pinned = sum(m.get("bytes_memlock", 0) for m in maps if m["id"] in ids)
+    # inner maps are not pinned: count them through the outer map
+    outer = pin_dir / loader.names.MAP_MAGLEV
+    inner_ids = set()
+    dump = subprocess.run(["bpftool", "map", "dump", "pinned", str(outer), "-j"],
+                          capture_output=True, text=True)
+    if dump.returncode == 0:
+        for e in json.loads(dump.stdout):
+            v = e.get("inner_map_id", e.get("value"))
+            inner_ids.add(v if isinstance(v, int) else int.from_bytes(
+                bytes(int(b, 16) for b in v), "little"))
+    tables = sum(m.get("bytes_memlock", 0) for m in maps if m["id"] in inner_ids)
+    return {"maps_bytes": pinned, "tables_bytes": tables, "total_bytes": pinned + tables}
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -131,7 +162,7 @@ async def wait_etcd(client, deadline: float = 15) -> None:
             await asyncio.sleep(0.1)
 
 
-async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
+async def bench_size(n: int, e: int, changes: int, m: int | None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshd-bench-"))
     instance = "mbench-" + secrets.token_hex(3)
     cg = CGROUP2 / instance
@@ -147,7 +178,8 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
             cfg = tmp / "meshd.yaml"
             cfg.write_text(yaml.safe_dump({
                 "instance": instance, "cgroup": str(cg), "bpffs": str(BPFFS),
-                "state_dir": str(tmp / "state"), "maglev": {"table_size": m},
+                "state_dir": str(tmp / "state"),
+                **({"maglev": {"table_size": m}} if m else {}),
                 "etcd": {"endpoints": [etcd.url]},
                 "metrics": {"listen": f"127.0.0.1:{free_port()}"},
                 "healthz": {"listen": "127.0.0.1:0"}}))
@@ -167,19 +199,19 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
             rss, hwm = rss_mb(daemon.pid)
 
             maps = loader.open_pinned(BPFFS, instance)
+            kmem = kernel_memory(maps.pin_dir)
             try:
-                gid = {v.name.decode(): k.value for k, v in maps.names.items()}
                 lat = []
                 rnd = random.Random(7)
                 for k in range(changes):
                     i = rnd.randrange(n)
-                    g = gid[f"bench/s{i}:http/ipv4"]
-                    before = maps.maglev.lookup(C.c_uint32(g)).value
+                    fe = S.svc_key(ipaddress.ip_address(vip(i + 10)), 80, "TCP")
+                    before = bytes(maps.svc.lookup(fe))
                     key = f"{PREFIX}endpoints/bench/s{i}/extra".encode()
                     t1 = time.perf_counter()
                     await client.put(key, json.dumps({"address": f"10.250.{k // 256}.{k % 256}",
                                                       "ports": {"http": 8080}}).encode())
-                    while maps.maglev.lookup(C.c_uint32(g)).value == before:
+                    while bytes(maps.svc.lookup(fe)) == before:
                         if time.perf_counter() - t1 > 2:
                             raise RuntimeError(f"change {k} not in the kernel after 2 s")
                     lat.append((time.perf_counter() - t1) * 1e3)
@@ -195,7 +227,11 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
                                    "p99": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 2),
                                    "max": round(lat[-1], 2), "n": len(lat)},
                 "rss_mb_after_ready": round(rss, 1), "rss_mb_after_changes": round(rss2, 1),
-                "rss_mb_peak": round(max(hwm, hwm2), 1)}
+                "rss_mb_peak": round(max(hwm, hwm2), 1),
+                "kernel_memory_mb": round(kmem["total_bytes"] / 1e6, 1),
+                "kernel_memory_tables_mb": round(kmem["tables_bytes"] / 1e6, 1),
+                "kernel_bytes_per_service": round(kmem["total_bytes"] / n),
+                "table_bytes_per_service": round(kmem["tables_bytes"] / n)}
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.send_signal(signal.SIGTERM)
@@ -218,7 +254,8 @@ def main() -> int:
     ap.add_argument("--services", default="1,1000,10000")
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--changes", type=int, default=200)
-    ap.add_argument("--table-size", type=int, default=1021)
+    ap.add_argument("--table-size", type=int, default=None,
+                    help="a fixed maglev.table_size (default: the shipped config, auto)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "etcd_sync.json"))
     args = ap.parse_args()
     results = []
@@ -229,10 +266,14 @@ def main() -> int:
         print(f"{n:>6} services x {args.endpoints} endpoints: cold start to READY "
               f"{r['cold_start_to_ready_s']} s; etcd write -> kernel p50 {p['p50']} ms, "
               f"p99 {p['p99']} ms (max {p['max']}, n={p['n']}); RSS {r['rss_mb_after_ready']} MB "
-              f"(peak {r['rss_mb_peak']} MB); etcd load {r['etcd_load_s']} s", flush=True)
+              f"(peak {r['rss_mb_peak']} MB); etcd load {r['etcd_load_s']} s; kernel memory "
+              f"{r['kernel_memory_mb']} MB (tables {r['kernel_memory_tables_mb']} MB), "
+              f"{r['kernel_bytes_per_service']} B/service "
+              f"(tables {r['table_bytes_per_service']} B)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"table_size": args.table_size, "results": results}, indent=1))
+    out.write_text(json.dumps({"table_size": args.table_size or "auto (shipped default)",
+                               "results": results}, indent=1))
     print(f"written {out}")
     return 0
 
