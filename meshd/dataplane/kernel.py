@@ -16,11 +16,10 @@ from meshd.errors import BpfError, DataplaneError
 from meshd.reconciler import KernelSnapshot
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
+from meshd.dataplane import tables
 from meshd.dataplane.loader import Maps
 
 
-# Tables swapped per batch syscall (each holds an inner-map fd open until the swap).
-TABLE_BATCH = 256
 # A UDP flow quiet this long no longer holds a draining backend (netfilter's UDP timeout).
 UDP_IDLE_SECONDS = 30
 CLOCK_MONOTONIC_COARSE = 6  # linux/time.h (Python 3.11's time module does not name it)
@@ -86,39 +85,6 @@ class KernelDataplane:
         self.maps.backends.delete(C.c_uint32(bid))
 
     # ---- Maglev tables (meshd_maglev_v2: header chunk, then two halves) -----------------------
-    def _chunks(self, table: np.ndarray) -> tuple[int, int, np.ndarray]:
-        """(M, chunks per half, the table as a (chunks, 16) uint32 array, zero-padded)."""
-        if table.ndim != 1 or not table.size:
-            raise ValueError(f"table has shape {table.shape}, need a non-empty vector")
-        m = int(table.size)
-        if self.maglev_m and m != self.maglev_m:
-            raise ValueError(f"table has {m} slots, the maps hold {self.maglev_m}")
-        n = -(-m // S.TABLE_CHUNK)
-        out = np.zeros((n, S.TABLE_CHUNK), dtype=np.uint32)
-        out.reshape(-1)[:m] = table
-        return m, n, out
-
-    def _write_chunks(self, fd: int, what: str, first: int, chunks: np.ndarray) -> None:
-        """Plain array updates of elements first .. first + len(chunks) - 1, one syscall."""
-        k = len(chunks)
-        keys = (C.c_uint32 * k)(*range(first, first + k))
-        values = (S.TableChunk * k).from_buffer_copy(np.ascontiguousarray(chunks))
-        bpf.Map(fd, what, C.c_uint32, S.TableChunk).update_batch(keys, values)
-
-    def _inner(self, table: np.ndarray) -> int:
-        """A fresh inner map holding `table` in both halves; returns its fd (caller closes)."""
-        m, n, chunks = self._chunks(table)
-        fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, names.MAGLEV_INNER_NAME, 4,
-                            C.sizeof(S.TableChunk), 1 + 2 * n, flags=bpf.BPF_F_INNER_MAP)
-        try:
-            header = np.zeros((1, S.TABLE_CHUNK), dtype=np.uint32)
-            header[0, :2] = (m, n)
-            self._write_chunks(fd, names.MAGLEV_INNER_NAME, 0, np.vstack((header, chunks, chunks)))
-        except BaseException:
-            bpf.close_fd(fd)
-            raise
-        return fd
-
     def _open_inner(self, gid: int) -> int | None:
         inner_id = self.maps.maglev.lookup(C.c_uint32(gid))
         if inner_id is None:
@@ -128,7 +94,7 @@ class KernelDataplane:
     def _write_half(self, gid: int, table: np.ndarray, half: int) -> None:
         """Writes `table` into one half of the group's inner map in place (no map-in-map
         update, so no RCU wait). The caller makes sure no frontend names that half."""
-        m, n, chunks = self._chunks(table)
+        m, n, rows = tables.chunks(table, self.maglev_m)
         flipped = self._flipped.get(gid, -1.0)
         if flipped >= self._grace.done:
             self._grace.wait(flipped)  # flipped less than a grace period ago: readers may
@@ -144,7 +110,7 @@ class KernelDataplane:
             if header is None or header.slot[0] != m:
                 have = header.slot[0] if header is not None else 0
                 raise ValueError(f"group {gid}'s table has {have} slots, not {m}")
-            self._write_chunks(fd, what, 1 + half * n, chunks)
+            tables.write_chunks(fd, what, 1 + half * n, rows)
         finally:
             bpf.close_fd(fd)
 
@@ -165,29 +131,7 @@ class KernelDataplane:
                 self._write_half(gid, table, half)
             except (BpfError, ValueError) as e:
                 failed[gid] = str(e)
-        for start in range(0, len(fresh), TABLE_BATCH):
-            gids, fds = [], []
-            try:
-                for gid, table in fresh[start:start + TABLE_BATCH]:
-                    try:
-                        fds.append(self._inner(table))
-                        gids.append(gid)
-                    except (BpfError, ValueError) as e:
-                        failed[gid] = str(e)
-                if not gids:
-                    continue
-                n = len(gids)
-                try:
-                    self.maps.maglev.update_batch((C.c_uint32 * n)(*gids), (C.c_uint32 * n)(*fds))
-                except BpfError as e:  # find out which ones: the rest one by one
-                    for gid, fd in list(zip(gids, fds))[e.done:]:
-                        try:
-                            self.maps.maglev.update(C.c_uint32(gid), C.c_uint32(fd))
-                        except BpfError as e1:
-                            failed[gid] = str(e1)
-            finally:
-                for fd in fds:
-                    bpf.close_fd(fd)  # the outer map holds its own reference
+        failed.update(tables.swap_in(self.maps.maglev, fresh, self.maglev_m))
         return failed
 
     def put_table(self, gid: int, table: np.ndarray, half: int | None = None) -> None:
@@ -229,8 +173,8 @@ class KernelDataplane:
     def delete_tables(self, gids: list[int]) -> dict[int, str]:
         """Removes tables in batches (one RCU wait per batch). Missing ones count as removed."""
         failed: dict[int, str] = {}
-        for start in range(0, len(gids), TABLE_BATCH):
-            chunk = gids[start:start + TABLE_BATCH]
+        for start in range(0, len(gids), tables.TABLE_BATCH):
+            chunk = gids[start:start + tables.TABLE_BATCH]
             try:
                 self.maps.maglev.delete_batch((C.c_uint32 * len(chunk))(*chunk))
             except BpfError as e:

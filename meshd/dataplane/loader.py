@@ -30,7 +30,7 @@ from meshd.errors import BpfError, DataplaneError
 from meshd.dataplane import features
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
-from meshd.dataplane import tc
+from meshd.dataplane import tables, tc
 from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
 log = logging.getLogger("meshd.dataplane")
@@ -230,7 +230,7 @@ def _check_adoptable(pin_dir: Path) -> int:
     return layout
 
 
-def _migrate_v1_tables(pin_dir: Path, maglev_v2: bpf.Map, dp_tables) -> int:
+def _migrate_v1_tables(pin_dir: Path, maglev_v2: bpf.Map) -> int:
     """Layout 1 -> 2: copies every table of the pinned meshd_maglev_v1 (one value of M slots
     per inner map, M in meshd_meta_v1) into meshd_maglev_v2 (same M, both halves), so the
     new programs find every table the old ones used when they are swapped in: no gap. The
@@ -250,11 +250,10 @@ def _migrate_v1_tables(pin_dir: Path, maglev_v2: bpf.Map, dp_tables) -> int:
             finally:
                 bpf.close_fd(fd)
             if value is not None:
-                items.append((key.value, np.frombuffer(bytes(value), dtype=np.uint32).copy(),
-                              None))
+                items.append((key.value, np.frombuffer(bytes(value), dtype=np.uint32).copy()))
     finally:
         old.close()
-    failed = dp_tables(items)
+    failed = tables.swap_in(maglev_v2, items)
     if failed:
         raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout 1 failed "
                              f"({next(iter(failed.values()))}); run `meshd cleanup` for this "
@@ -353,12 +352,10 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
             raise features.explain(e, f"the socket LB ({names.OBJ_SOCK_LB})", needs) from e
         pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
         if layout == 1 and names.MAP_MAGLEV not in adopted:
-            from meshd.dataplane.kernel import KernelDataplane
-            tables = bpf.Map(obj.map_fd(names.MAP_MAGLEV), names.MAP_MAGLEV, C.c_uint32,
-                             C.c_uint32)  # borrowed fd: the object owns it
-            dp = KernelDataplane(Maps(pin_dir, 0, *([None] * 2), tables, *([None] * 3)))
+            outer = bpf.Map(obj.map_fd(names.MAP_MAGLEV), names.MAP_MAGLEV, C.c_uint32,
+                            C.c_uint32)  # borrowed fd: the object owns it (never closed here)
             log.info("migrated %d Maglev tables of layout 1 to %s",
-                     _migrate_v1_tables(pin_dir, tables, dp.put_tables), names.MAP_MAGLEV)
+                     _migrate_v1_tables(pin_dir, outer), names.MAP_MAGLEV)
         log.info("socket LB loaded (maglev m=%s); adopted %d pinned maps; metrics %s "
                  "(adopted %d pinned metrics maps)", maglev_m or f"auto up to {maglev_max}",
                  len([n for n in adopted if n in names.SOCK_LB_MAPS]),
