@@ -5,10 +5,13 @@
 
 For each size: a fresh etcd (Debian's /usr/bin/etcd on free loopback ports, tmp data dir) is
 loaded with N services x E endpoints; a real `meshd run` daemon (own cgroup, own pin dir,
-maglev m=1021) is started with NOTIFY_SOCKET, and the time to READY=1 is the cold start.
-Then --changes single-endpoint writes (alternately add and remove one endpoint of a random
-service) are timed from just before the etcd put to the moment the service's Maglev table in
-the kernel is replaced (the outer map's inner-map id changes: a poll of one map lookup).
+the SHIPPED Maglev config -- table sizes auto -- unless --table-size is given) is started
+with NOTIFY_SOCKET, and the time to READY=1 is the cold start. Then --changes single-endpoint
+writes (alternately add and remove one endpoint of a random service) are timed from just
+before the etcd put to the moment the service's frontend entry in the kernel changes (its
+count, and the table half it names, flip once the new table is in: a poll of one lookup).
+Also printed: locked kernel memory of the instance's maps (bytes_memlock summed over the
+maps whose names start with meshd_, as `bpftool map show -j` reports them) and per service.
 Targets (issue 3): p99 propagation < 20 ms at 10,000 services; cold sync < 10 s; RSS < 200 MB.
 Bounded: every wait has a deadline. Everything made is removed, also on failure.
 """
@@ -36,10 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
+import ipaddress  # noqa: E402
+
 import aetcd  # noqa: E402
 import yaml  # noqa: E402
 
 from meshd.dataplane import loader  # noqa: E402
+from meshd.dataplane import structs as S  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 CGROUP2 = Path("/sys/fs/cgroup/unified")
@@ -86,6 +92,32 @@ async def load(client, n: int, e: int) -> float:
         pending.append(client.transaction(compare=[], success=batch, failure=[]))
     await asyncio.gather(*pending)
     return time.perf_counter() - t0
+
+
+def kernel_memory(pin_dir: Path) -> dict:
+    """bytes_memlock of the instance's maps (bpftool), the Maglev tables (inner maps) apart."""
+    ids = set()
+    for pin in pin_dir.iterdir():
+        if pin.name.startswith("meshd_"):
+            out = subprocess.run(["bpftool", "map", "show", "pinned", str(pin), "-j"],
+                                 capture_output=True, text=True)
+            if out.returncode == 0:
+                ids.add(json.loads(out.stdout)["id"])
+    maps = json.loads(subprocess.run(["bpftool", "map", "show", "-j"], capture_output=True,
+                                     text=True, check=True).stdout)
+    pinned = sum(m.get("bytes_memlock", 0) for m in maps if m["id"] in ids)
+    # inner maps are not pinned: count them through the outer map
+    outer = pin_dir / loader.names.MAP_MAGLEV
+    inner_ids = set()
+    dump = subprocess.run(["bpftool", "map", "dump", "pinned", str(outer), "-j"],
+                          capture_output=True, text=True)
+    if dump.returncode == 0:
+        for e in json.loads(dump.stdout):
+            v = e.get("inner_map_id", e.get("value"))
+            inner_ids.add(v if isinstance(v, int) else int.from_bytes(
+                bytes(int(b, 16) for b in v), "little"))
+    tables = sum(m.get("bytes_memlock", 0) for m in maps if m["id"] in inner_ids)
+    return {"maps_bytes": pinned, "tables_bytes": tables, "total_bytes": pinned + tables}
 
 
 def rss_mb(pid: int) -> tuple[float, float]:
@@ -181,13 +213,17 @@ class BenchDaemon:
         self.cg.rmdir()
 
 
-def table_change_ms(maps, gid: int, write, limit: float = 2.0) -> float:
-    """Milliseconds from just before `write()` to the group's Maglev table being replaced
-    in the kernel (the outer map's inner-map id changes: a poll of one map lookup)."""
-    before = maps.maglev.lookup(C.c_uint32(gid)).value
+def table_change_ms(maps, gid: int, fe, write, limit: float = 2.0) -> float:
+    """Milliseconds from just before `write()` to the group's table changing in the kernel:
+    a new inner map (a new or resized table) or the frontend entry `fe` changing (a flip to
+    the other half, or a new backend count) -- a poll of two map lookups."""
+    def state():
+        inner = maps.maglev.lookup(C.c_uint32(gid))
+        return (inner.value if inner else 0, bytes(maps.svc.lookup(fe)))
+    before = state()
     t1 = time.perf_counter()
     write()
-    while maps.maglev.lookup(C.c_uint32(gid)).value == before:
+    while state() == before:
         if time.perf_counter() - t1 > limit:
             raise RuntimeError(f"a change of group {gid} not in the kernel after {limit} s")
     return (time.perf_counter() - t1) * 1e3
@@ -200,7 +236,7 @@ def summary(lat: list[float]) -> dict:
             "max": round(lat[-1], 2), "n": len(lat)}
 
 
-async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
+async def bench_size(n: int, e: int, changes: int, m: int | None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshd-bench-"))
     etcd = Etcd(tmp)
     daemon = None
@@ -208,24 +244,24 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
         async with aetcd.Client("127.0.0.1", etcd.port) as client:
             await wait_etcd(client)
             load_s = await load(client, n, e)
-            daemon = BenchDaemon(tmp, {"maglev": {"table_size": m},
+            daemon = BenchDaemon(tmp, {**({"maglev": {"table_size": m}} if m else {}),
                                        "etcd": {"endpoints": [etcd.url]}}, f"bench-{n}")
             cold_s = daemon.start()
             rss, hwm = rss_mb(daemon.proc.pid)
             maps = loader.open_pinned(BPFFS, daemon.instance)
+            kmem = kernel_memory(maps.pin_dir)
             try:
-                gid = daemon.group_ids(maps)
                 lat = []
                 rnd = random.Random(7)
                 for k in range(changes):
                     i = rnd.randrange(n)
-                    g = gid[f"bench/s{i}:http/ipv4"]
-                    before = maps.maglev.lookup(C.c_uint32(g)).value
-                    key = f"{PREFIX}endpoints/bench/s{i}/extra".encode()
+                    fe = S.svc_key(ipaddress.ip_address(vip(i + 10)), 80, "TCP")
+                    before = bytes(maps.svc.lookup(fe))  # a change flips or swaps the table:
+                    key = f"{PREFIX}endpoints/bench/s{i}/extra".encode()  # the entry changes
                     t1 = time.perf_counter()
                     await client.put(key, json.dumps({"address": f"10.250.{k // 256}.{k % 256}",
                                                       "ports": {"http": 8080}}).encode())
-                    while maps.maglev.lookup(C.c_uint32(g)).value == before:
+                    while bytes(maps.svc.lookup(fe)) == before:
                         if time.perf_counter() - t1 > 2:
                             raise RuntimeError(f"change {k} not in the kernel after 2 s")
                     lat.append((time.perf_counter() - t1) * 1e3)
@@ -237,7 +273,11 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
         return {"services": n, "endpoints_per_service": e, "etcd_load_s": round(load_s, 2),
                 "cold_start_to_ready_s": round(cold_s, 2), "propagation_ms": summary(lat),
                 "rss_mb_after_ready": round(rss, 1), "rss_mb_after_changes": round(rss2, 1),
-                "rss_mb_peak": round(max(hwm, hwm2), 1)}
+                "rss_mb_peak": round(max(hwm, hwm2), 1),
+                "kernel_memory_mb": round(kmem["total_bytes"] / 1e6, 1),
+                "kernel_memory_tables_mb": round(kmem["tables_bytes"] / 1e6, 1),
+                "kernel_bytes_per_service": round(kmem["total_bytes"] / n),
+                "table_bytes_per_service": round(kmem["tables_bytes"] / n)}
     finally:
         if daemon is not None:
             daemon.close()
@@ -250,7 +290,8 @@ def main() -> int:
     ap.add_argument("--services", default="1,1000,10000")
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--changes", type=int, default=200)
-    ap.add_argument("--table-size", type=int, default=1021)
+    ap.add_argument("--table-size", type=int, default=None,
+                    help="a fixed maglev.table_size (default: the shipped config, auto)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "etcd_sync.json"))
     args = ap.parse_args()
     results = []
@@ -261,10 +302,14 @@ def main() -> int:
         print(f"{n:>6} services x {args.endpoints} endpoints: cold start to READY "
               f"{r['cold_start_to_ready_s']} s; etcd write -> kernel p50 {p['p50']} ms, "
               f"p99 {p['p99']} ms (max {p['max']}, n={p['n']}); RSS {r['rss_mb_after_ready']} MB "
-              f"(peak {r['rss_mb_peak']} MB); etcd load {r['etcd_load_s']} s", flush=True)
+              f"(peak {r['rss_mb_peak']} MB); etcd load {r['etcd_load_s']} s; kernel memory "
+              f"{r['kernel_memory_mb']} MB (tables {r['kernel_memory_tables_mb']} MB), "
+              f"{r['kernel_bytes_per_service']} B/service "
+              f"(tables {r['table_bytes_per_service']} B)", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"table_size": args.table_size, "results": results}, indent=1))
+    out.write_text(json.dumps({"table_size": args.table_size or "auto (shipped default)",
+                               "results": results}, indent=1))
     print(f"written {out}")
     return 0
 

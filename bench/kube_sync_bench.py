@@ -18,6 +18,7 @@ Bounded: every wait has a deadline. Everything made is removed, also on failure.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import asyncio
 import json
 import random
@@ -37,6 +38,7 @@ from etcd_sync_bench import (BenchDaemon, backend, bench_size, rss_mb, summary, 
 from kubeapi.harness import KubeApiServer  # noqa: E402
 from kubeapi.objects import endpoint, endpoint_slice, service  # noqa: E402
 from meshd.dataplane import loader  # noqa: E402
+from meshd.dataplane import structs as S  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 PORTS = [{"name": "http", "port": 80, "targetPort": 8080}]
@@ -51,7 +53,7 @@ def objects(n: int, e: int):
     return svcs, slices
 
 
-def bench_kube(n: int, e: int, changes: int, m: int) -> dict:
+def bench_kube(n: int, e: int, changes: int, m: int | None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshd-kbench-"))
     daemon = None
     try:
@@ -62,7 +64,7 @@ def bench_kube(n: int, e: int, changes: int, m: int) -> dict:
             api.bulk("endpointslices", slices)
             load_s = time.perf_counter() - t0
             daemon = BenchDaemon(tmp, {
-                "maglev": {"table_size": m}, "node": {"name": "node-a"},
+                **({"maglev": {"table_size": m}} if m else {}), "node": {"name": "node-a"},
                 "kubernetes": {"kubeconfig": str(api.kubeconfig(tmp / "kubeconfig"))}},
                 f"kbench-{n}")
             cold_s = daemon.start()
@@ -79,6 +81,7 @@ def bench_kube(n: int, e: int, changes: int, m: int) -> dict:
                     for eps in (sl["endpoints"] + [extra], sl["endpoints"]):
                         lat.append(table_change_ms(
                             maps, gid[f"bench/s{i}:http/ipv4"],
+                            S.svc_key(ipaddress.ip_address(vip(i + 10)), 80, "TCP"),
                             lambda: api.apply("endpointslices", dict(sl, endpoints=eps)), 5.0))
                         time.sleep(0.05)
             finally:
@@ -107,7 +110,8 @@ def main() -> int:
     ap.add_argument("--services", default="1000,10000")
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--changes", type=int, default=100)
-    ap.add_argument("--table-size", type=int, default=1021)
+    ap.add_argument("--table-size", type=int, default=None,
+                    help="a fixed maglev.table_size (default: the shipped config, auto)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "kube_sync.json"))
     args = ap.parse_args()
     results = []

@@ -3,6 +3,10 @@
 Prints the median and worst build time in milliseconds for table sizes 16381
 and 65537 with 3, 100 and 1000 equal-weight backends, and 1000 backends with
 mixed weights 1..5. Target: m=65537 with 1000 backends well under 100 ms.
+Then, at the size `maglev.table_size: auto` picks (maglev.table_size_for), for 10
+backends (the benchmarks' services) and for the most backends each rung takes:
+balance (max slot share / mean - 1) and disruption (share of the other
+backends' slots that move when one backend is removed).
 """
 
 from __future__ import annotations
@@ -11,7 +15,9 @@ import statistics
 import sys
 import time
 
-from meshd.maglev import build_table
+import numpy as np
+
+from meshd.maglev import LADDER, build_table, table_size_for
 
 
 def backends(n: int, weighted: bool) -> list[tuple[str, int]]:
@@ -32,6 +38,16 @@ def main() -> None:
                 times.append((time.perf_counter() - start) * 1000)
             label = f"{n}{' w1..5' if weighted else ''}"
             print(f"{m:>6} {label:>14} {statistics.median(times):>10.1f} {max(times):>8.1f}")
+    print()
+    print(f"{'backends':>8} {'auto m':>7} {'imbalance %':>12} {'disruption %':>13}")
+    for n in [10] + [max(2, m // 100) for m in LADDER]:
+        m = table_size_for(n)
+        names = [name for name, _w in backends(n, False)]
+        table = np.array(names)[build_table([(x, 1) for x in names], m)]
+        after = np.array(names[1:])[build_table([(x, 1) for x in names[1:]], m)]
+        kept = table != names[0]
+        share = np.unique(table, return_counts=True)[1].max() / (m / n) - 1
+        print(f"{n:>8} {m:>7} {share * 100:>12.2f} {(table[kept] != after[kept]).mean() * 100:>13.2f}")
 
 
 if __name__ == "__main__":

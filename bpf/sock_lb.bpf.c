@@ -23,6 +23,7 @@
 #include "meshd_structs.h"
 #include "meshd_helpers.h"
 #include "meshd_maps.h"
+#include "meshd_maglev.h"
 #include "meshd_metrics.h"
 #include "meshd_sock_affinity.h"
 
@@ -38,9 +39,9 @@
 #define MESHD_EPIPE 32
 #define MESHD_EHOSTUNREACH 113
 
-/* Set by the loader before load (.rodata is frozen, so the verifier knows maglev_m and can
- * bound the table index with it, and drops the self check when self_tgid is 0). */
-const volatile struct meshd_cfg meshd_cfg = { .maglev_m = MESHD_DEFAULT_MAGLEV_M };
+/* Set by the loader before load (.rodata is frozen, so the verifier drops the self check
+ * when self_tgid is 0, and the metrics paths when MESHD_CFG_F_METRICS is clear). */
+const volatile struct meshd_cfg meshd_cfg = {};
 
 /* socket -> (backend, VIP) for sockets connect() translated (see struct meshd_sknat). */
 struct {
@@ -72,32 +73,17 @@ static __always_inline int meshd_is_self(void)
  * when there is none. The pickers return ids and meshd_pick() copies the backend once:
  * copies of the struct in two inlined branches were merged by clang into one whose other
  * path stored uninitialised registers, which the verifier rejects. */
-static __always_inline __u32 meshd_pick_maglev(__u32 gid, __u64 cookie)
+static __always_inline __u32 meshd_pick_maglev(__u32 gid, __u16 flags, __u64 cookie)
 {
-	void *inner;
-	__u32 *table;
-	__u32 zero = 0, slot, m;
-
-	inner = bpf_map_lookup_elem(&meshd_maglev_v1, &gid);
-	if (!inner)
-		return 0;
-	table = bpf_map_lookup_elem(inner, &zero);
-	if (!table)
-		return 0;
-	m = meshd_cfg.maglev_m;
-	slot = (__u32)meshd_fmix64(cookie) % m; /* cookies are sequential, slots must not be */
-	/* Keep the compiler from proving "x % m < m" and dropping the check the verifier needs. */
-	barrier_var(slot);
-	if (slot >= m)
-		return 0;
-	return table[slot];
+	/* cookies are sequential, slots must not be */
+	return meshd_maglev_pick(gid, flags, (__u32)meshd_fmix64(cookie));
 }
 
 /* Group with session affinity: the client's entry if it may be followed, else Maglev's
  * pick, remembered for the client. Kept apart from the plain path: services without
  * affinity pay one flag test for it. */
 static __always_inline __u32 meshd_pick_affine(struct bpf_sock_addr *ctx, __u32 gid,
-					       __u64 cookie, int v6)
+					       __u16 flags, __u64 cookie, int v6)
 {
 	struct meshd_aff_key ak = {};
 	__u32 *timeout, id;
@@ -105,14 +91,14 @@ static __always_inline __u32 meshd_pick_affine(struct bpf_sock_addr *ctx, __u32 
 
 	timeout = bpf_map_lookup_elem(&meshd_affcfg_v1, &gid);
 	if (!timeout) /* written before the flag is set; absent only in a torn state */
-		return meshd_pick_maglev(gid, cookie);
+		return meshd_pick_maglev(gid, flags, cookie);
 	meshd_aff_client(ctx, v6, &ak);
 	ak.group = gid;
 	now = bpf_ktime_get_ns();
 	id = meshd_aff_follow(&ak, *timeout, now);
 	if (id)
 		return id;
-	id = meshd_pick_maglev(gid, cookie);
+	id = meshd_pick_maglev(gid, flags, cookie);
 	if (id)
 		meshd_aff_store(&ak, id, now);
 	return id;
@@ -141,9 +127,9 @@ static __always_inline int meshd_pick(struct bpf_sock_addr *ctx, const struct me
 		return svc->flags & MESHD_SVC_F_DROP_EMPTY ? -MESHD_EHOSTUNREACH
 							    : -MESHD_ECONNREFUSED;
 	if (svc->flags & MESHD_SVC_F_AFFINITY)
-		id = meshd_pick_affine(ctx, gid, cookie, v6);
+		id = meshd_pick_affine(ctx, gid, svc->flags, cookie, v6);
 	else
-		id = meshd_pick_maglev(gid, cookie);
+		id = meshd_pick_maglev(gid, svc->flags, cookie);
 	found = bpf_map_lookup_elem(&meshd_be_v1, &id);
 	if (!id || !found)
 		return -MESHD_ECONNREFUSED;

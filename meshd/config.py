@@ -176,6 +176,18 @@ def _table_size(v: int) -> int:
     return v
 
 
+def _table_size_or_auto(v: object) -> object:
+    """maglev.table_size: `auto` (each group its own size) or a prime (every group that)."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return "auto"
+    if isinstance(v, str) and v.strip().isdigit():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _fail("must be `auto` or a prime between {lo} and {hi} (got {got})",
+                    lo=MAGLEV_MIN, hi=MAGLEV_MAX, got=show(str(v)))
+    return _table_size(v)
+
+
 def _ifnames(v: list[str]) -> list[str]:
     for name in v:
         if not 1 <= len(name) <= 15 or name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
@@ -307,7 +319,18 @@ class SyncConfig(StrictModel):
 
 
 class MaglevConfig(StrictModel):
-    table_size: Annotated[int, AfterValidator(_table_size)] = 16381
+    """Maglev table sizes (docs/datapath.md). `table_size: auto` (the default): each service
+    port gets the smallest of 251, 509, 1021, ... 65521 that is at least 100x the sum of its
+    backends' weights (<= 1% imbalance), at most `max_table_size`; a group moves to a bigger
+    table when it grows. `table_size: <prime>`: every group gets exactly that size (what
+    meshd did before `auto`; configs that set it keep their meaning)."""
+    table_size: Annotated[int | Literal["auto"], BeforeValidator(_table_size_or_auto)] = "auto"
+    max_table_size: Annotated[int, AfterValidator(_table_size)] = 65521
+
+    @property
+    def fixed_size(self) -> int:
+        """The fixed table size; 0: auto."""
+        return 0 if self.table_size == "auto" else int(self.table_size)
 
 
 def _port_range(v: object) -> tuple[int, int]:

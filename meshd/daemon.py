@@ -173,9 +173,10 @@ class Daemon:
 
     def _load(self) -> loader.Maps:
         cfg = self.cfg
-        return loader.load(cfg.bpffs, cfg.instance, cfg.cgroup, cfg.maglev.table_size,
+        return loader.load(cfg.bpffs, cfg.instance, cfg.cgroup, cfg.maglev.fixed_size,
                            max_frontends=cfg.maps.max_frontends,
-                           max_backends=cfg.maps.max_backends)
+                           max_backends=cfg.maps.max_backends,
+                           maglev_max=cfg.maglev.max_table_size)
 
     def reattach(self) -> None:
         """Load and attach again (the cgroup came back): the same pinned maps are adopted,

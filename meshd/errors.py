@@ -47,7 +47,7 @@ _HINTS = {
     _errno.ENOSPC: "the map is full; raise its size or remove entries",
     _errno.ENOENT: "the object does not exist (not pinned, not loaded, or already removed)",
     _errno.EEXIST: "it already exists; run `meshd cleanup` for this instance if it is stale",
-    _errno.ENOMEM: "the kernel is out of memory for BPF maps; lower maglev.table_size or map sizes",
+    _errno.ENOMEM: "the kernel is out of memory for BPF maps; lower maglev.max_table_size (or a fixed maglev.table_size) or map sizes",
 }
 
 

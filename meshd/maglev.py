@@ -36,15 +36,17 @@ its quota are dropped (so a later look may claim that slot) until nothing
 changes. The result is exactly that of playing the looks one by one; m=65537 with 1000 backends builds in tens
 of milliseconds (bench/maglev_build.py).
 
-Kernel memory: one 4-byte entry per slot, per service port:
+Kernel memory: one 4-byte entry per slot, twice (two halves, see docs/datapath.md), per
+service port and family:
 
     m        table size
-    1021       4 KiB
-    4093      16 KiB
-    16381     64 KiB   (default)
-    65537    256 KiB
+    251        2 KiB
+    1021       8 KiB
+    4093      32 KiB
+    16381    128 KiB
+    65521    512 KiB
 
-Rule of thumb: ``m >= 100 * (max backends)``. Then every backend holds about 100
+Rule of thumb: ``m >= 100 * (sum of weights)``, which table_size_for() picks per group. Then every backend holds about 100
 slots or more, its share is exact to one slot (about 1% of its share), and a
 backend change moves about 1% or less of the other slots (measured 0.6% for
 100 backends in 16381 slots; but 1.4% for 10 backends in 1021 slots, and more
@@ -61,13 +63,53 @@ from numbers import Integral
 
 import numpy as np
 
-__all__ = ["build_table", "build_tables", "changed_slots", "is_prime", "next_prime"]
+__all__ = ["LADDER", "build_table", "build_tables", "changed_slots", "imbalance", "is_prime",
+           "next_prime", "table_size_for", "table_size_kept"]
+
+# Table sizes a group may get when maglev.table_size is auto: primes just under powers of
+# two, so a table's chunks (16 slots, bpf/include/meshd_structs.h) waste little.
+LADDER = (251, 509, 1021, 2039, 4093, 8191, 16381, 32749, 65521)
+# Slots per unit of weight: with m >= 100 * W every backend's share is exact to one slot in
+# 100 (the fill gives backend i exactly round(m * w_i / W) slots): imbalance <= 1%.
+SLOTS_PER_WEIGHT = 100
+
+
+def table_size_for(weight: int, fixed: int | None = None, ceiling: int = LADDER[-1]) -> int:
+    """The table size of a group whose backends' weights add up to `weight`: `fixed` when
+    given (maglev.table_size set to a prime), else the smallest rung of LADDER that is at
+    least SLOTS_PER_WEIGHT * weight, at most `ceiling` (the largest rung <= ceiling; a
+    ceiling below every rung is itself the size)."""
+    if fixed:
+        return fixed
+    fits = [m for m in LADDER if m <= ceiling] or [ceiling]
+    return next((m for m in fits if m >= SLOTS_PER_WEIGHT * weight), fits[-1])
 
 # Looks per batch, as a multiple of m, but at least _MIN_LOOKS. Any value gives the same
 # table; these keep the batch count low without large temporary arrays (small tables are
 # dominated by per-batch numpy overhead: 10 backends at m=1021 build in 0.7 ms, not 1.3).
 _BATCH = 0.25
 _MIN_LOOKS = 1024
+
+
+def imbalance(weights: Sequence[int], m: int) -> float:
+    """How far the most favoured backend's slot share exceeds its weight's share in a table
+    of size `m` (the fill gives exact quotas): max(q_i / (m * w_i / W)) - 1."""
+    total = sum(weights)
+    return max(q * total / (m * w) for q, w in zip(_quotas(list(weights), m), weights)) - 1
+
+
+def table_size_kept(weights: Sequence[int], have: int, fixed: int | None = None,
+                    ceiling: int = LADDER[-1]) -> int:
+    """The size of a group that has a table of size `have` (0: none) after a change: the
+    size table_size_for() picks, except that a table on the ladder is kept while its
+    imbalance stays <= 1% and it is not two rungs too big. So a group at a rung's edge does
+    not change size (a map-in-map swap: an RCU wait) on every endpoint added or removed."""
+    want = table_size_for(sum(weights), fixed, ceiling)
+    if fixed or not have or have == want or have not in LADDER or have > ceiling:
+        return want
+    if have > want:
+        return have if LADDER.index(want) > LADDER.index(have) - 2 else want
+    return have if have >= len(weights) and imbalance(weights, have) <= 0.01 else want
 
 
 def is_prime(n: int) -> bool:

@@ -2,8 +2,12 @@
 
 Order, so a connecting socket (or a packet on tc) never sees a half-written service:
   1. backends that are new                   (nothing points at them yet)
-  2. per group: its Maglev table, built aside and swapped in as one inner map (all changed
-     tables in one batch: every map-in-map update syscall waits an RCU grace period)
+  2. per group: its Maglev table, of the size its backends need (maglev.table_size_for).
+     A group whose table keeps its size gets the new one in the half of its inner map that
+     no frontend names (plain array writes: no RCU wait); the frontend writes of step 4
+     flip the group to it. A new group, a new size, or frontends that disagree on the half
+     get a fresh inner map swapped in (all of them in one batch: every map-in-map update
+     syscall waits an RCU grace period)
   3. what frontend flags make the datapath read (meshd/sidetables.py): affinity timeout and
      members, source ranges
   4. frontends (VIP:port -> group, count, flags) in meshd_svc_v1 and the tc-only overrides
@@ -44,6 +48,7 @@ from meshd.sidetables import SideTables
 log = logging.getLogger("meshd.reconciler")
 
 MAX_COUNT = 0xFFFF
+TABLE_B = 0x20  # MESHD_SVC_F_TABLE_B: the frontend's group reads the second half of its table
 TABLE_BUILD_BATCH = 512  # groups per vectorised Maglev build (bounds its temporary arrays)
 # A backend out of every selection stays in meshd_be_v1 while tc conntrack entries name it,
 # at most this long: kube-proxy leaves established flows to conntrack's timeouts (24 h for
@@ -65,15 +70,19 @@ class KernelSnapshot:
     affinity: dict[int, int] = field(default_factory=dict)  # gid -> timeout (s)
     members: dict[int, dict[int, int]] = field(default_factory=dict)  # gid -> {bid: weight}
     srcranges: set[tuple[Frontend, object]] = field(default_factory=set)  # (fe, network)
+    table_sizes: dict[int, int] = field(default_factory=dict)  # gid -> M of its table
 
 
 class Dataplane(Protocol):
-    maglev_m: int
+    maglev_m: int  # a fixed table size for every group; 0: per group (maglev.table_size_for)
+    maglev_max: int  # the largest size per-group sizing may pick
 
     def put_backend(self, bid: int, ref: BackendRef) -> None: ...
     def delete_backend(self, bid: int) -> None: ...
-    def put_tables(self, items: list[tuple[int, np.ndarray]]) -> dict[int, str]: ...
-    def get_table(self, gid: int) -> np.ndarray | None: ...
+    def put_tables(self, items: list[tuple[int, np.ndarray, int | None]]) -> dict[int, str]:
+        """(gid, table, half): write that half (0/1) of the group's table of the same size
+        in place; half None: a fresh table (both halves) swapped in."""
+    def get_table(self, gid: int, half: int = 0) -> np.ndarray | None: ...
     def delete_tables(self, gids: list[int]) -> dict[int, str]: ...
     def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None: ...
     def delete_frontend(self, fe: Frontend) -> None: ...
@@ -98,6 +107,8 @@ class _Applied:
     gid: int
     backends: tuple[tuple[BackendRef, int], ...] | None  # None: adopted, not known yet
     has_table: bool
+    m: int = 0  # size of its table in the kernel; 0: none, or unknown (next write: fresh)
+    half: int = 0  # the half of its table its frontends name (TABLE_B set: 1)
 
 
 @dataclass
@@ -108,6 +119,7 @@ class Report:
     # through them (UDP) may be destroyed by the caller
     removed: set[tuple[Frontend, BackendRef]] = field(default_factory=set)
     groups_changed: int = 0
+    table_swaps: int = 0  # tables written as fresh inner maps (map-in-map: an RCU wait)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (debug log)
 
 
@@ -181,8 +193,16 @@ class Reconciler:
         for bid, ref in snap.backends.items():
             self.backend_ids[ref] = bid
             self._bids.used.add(bid)
+        halves: dict[int, set[int]] = {}
+        for entries in (snap.frontends, snap.ext_frontends):
+            for gid, count, flags in entries.values():
+                if count:  # (count 0 reads no table)
+                    halves.setdefault(gid, set()).add(1 if flags & TABLE_B else 0)
         for gid, key in snap.names.items():
-            self.groups[key] = _Applied(gid, None, gid in snap.tables)
+            half = halves.get(gid, {0})
+            # frontends that disagree on the half (a crash mid-flip): the next write is fresh
+            m = snap.table_sizes.get(gid, 0) if len(half) == 1 else 0
+            self.groups[key] = _Applied(gid, None, gid in snap.tables, m, min(half))
             self._gids.used.add(gid)
             self._unknown += 1
         for fmap, entries in ((self._svc, snap.frontends), (self._ext, snap.ext_frontends)):
@@ -333,19 +353,26 @@ class Reconciler:
         pending: dict[str, tuple[int, np.ndarray]] = {}
         t0 = time.perf_counter()
 
+        size = {k: self._size(desired[k], self.groups[k]) for k in need}
+
         def build(keys: list[str]) -> list[np.ndarray | None]:
+            m = size[keys[0]]
             try:
-                return self._tables([desired[k] for k in keys])
+                return self._tables([desired[k] for k in keys], m)
             except ValueError:  # one bad group: find it, build the rest one by one
                 tables: list[np.ndarray | None] = []
                 for k in keys:
                     try:
-                        tables.append(self._tables([desired[k]])[0])
+                        tables.append(self._tables([desired[k]], m)[0])
                     except ValueError as e1:
                         rep.errors[k] = str(e1)
                         tables.append(None)
                 return tables
-        chunks = [need[s:s + TABLE_BUILD_BATCH] for s in range(0, len(need), TABLE_BUILD_BATCH)]
+        by_size: dict[int, list[str]] = {}
+        for k in need:  # one vectorised build per table size
+            by_size.setdefault(size[k], []).append(k)
+        chunks = [keys[s:s + TABLE_BUILD_BATCH] for keys in by_size.values()
+                  for s in range(0, len(keys), TABLE_BUILD_BATCH)]
         if len(chunks) > 1:  # numpy's sorts let go of the GIL: ~1.5x on 2 CPUs (a cold sync)
             with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
                 built = list(pool.map(build, chunks))
@@ -356,12 +383,14 @@ class Reconciler:
                 if table is None:
                     continue
                 cur, g = self.groups[key], desired[key]
-                if cur.backends is None and cur.has_table and \
-                        np.array_equal(self.dp.get_table(cur.gid), table):
+                if cur.backends is None and cur.has_table and cur.m == table.size and \
+                        np.array_equal(self.dp.get_table(cur.gid, cur.half), table):
                     self._set_backends(cur, g.backends)  # adopted, already right: no write
                     ok[key] = g
+                elif cur.has_table and cur.m == table.size and self._halves_agree(cur):
+                    pending[key] = (cur.gid, table, 1 - cur.half)  # in place, then flip
                 else:
-                    pending[key] = (cur.gid, table)
+                    pending[key] = (cur.gid, table, None)  # fresh inner map, swapped in
         if need:
             rep.timings["build_tables"] = time.perf_counter() - t0
         if pending:
@@ -370,7 +399,7 @@ class Reconciler:
             rep.timings["put_tables"] = time.perf_counter() - t0
             if len(pending) > len(failed):
                 rep.ops["put_table"] += len(pending) - len(failed)
-            for key, (gid, _t) in pending.items():
+            for key, (gid, table, half) in pending.items():
                 if gid in failed:
                     log.error("service group %s: table not written: %s", key, failed[gid])
                     rep.errors[key] = failed[gid]
@@ -378,7 +407,11 @@ class Reconciler:
                 cur = self.groups[key]
                 self._note_removed(rep, cur, desired[key])
                 self._set_backends(cur, desired[key].backends)
-                cur.has_table = True
+                cur.has_table, cur.m = True, int(table.size)
+                if half is not None:
+                    cur.half = half  # the frontend writes flip to it
+                else:
+                    rep.table_swaps += 1
                 ok[key] = desired[key]
         return ok
 
@@ -391,10 +424,23 @@ class Reconciler:
         fes = self._old_fes.get(cur.gid, set()) | (set(g.frontends) if g else set())
         rep.removed |= {(fe, ref) for fe in fes for ref in gone}
 
-    def _tables(self, groups: list[Group]) -> list[np.ndarray]:
-        """Maglev tables of backend ids, many groups in one vectorised build."""
-        idx = maglev.build_tables([[(ref.name, w) for ref, w in g.backends] for g in groups],
-                                  self.dp.maglev_m)
+    def _size(self, g: Group, cur: _Applied) -> int:
+        """The table size of a group: fixed, or the ladder rung its weights need (its
+        present size kept while that still balances to 1%: maglev.table_size_kept)."""
+        return maglev.table_size_kept([w for _r, w in g.backends],
+                                      cur.m if cur.has_table else 0, self.dp.maglev_m or None,
+                                      getattr(self.dp, "maglev_max", maglev.LADDER[-1]))
+
+    def _halves_agree(self, cur: _Applied) -> bool:
+        """True if every frontend of the group names the half `cur.half` (else one may
+        name the other half, which must not be written in place)."""
+        want = TABLE_B if cur.half else 0
+        return all(fmap.entries[fe][2] & TABLE_B == want or not fmap.entries[fe][1]
+                   for fmap in (self._svc, self._ext) for fe in fmap.of.get(cur.gid, ()))
+
+    def _tables(self, groups: list[Group], m: int) -> list[np.ndarray]:
+        """Maglev tables of backend ids, many groups of one size in one vectorised build."""
+        idx = maglev.build_tables([[(ref.name, w) for ref, w in g.backends] for g in groups], m)
         return [np.array([self.backend_ids[ref] for ref, _w in g.backends], dtype=np.uint32)[i]
                 for g, i in zip(groups, idx)]
 
@@ -405,10 +451,12 @@ class Reconciler:
         want_ext: dict[Frontend, tuple[int, int, int]] = {}
         owner: dict[tuple[int, Frontend], str] = {}
         for key, g in ok.items():
-            gid, count = self.groups[key].gid, min(len(g.backends), MAX_COUNT)
+            cur = self.groups[key]
+            gid, count = cur.gid, min(len(g.backends), MAX_COUNT)
+            half = TABLE_B if cur.half and g.backends else 0  # count 0 reads no table
             for m, fronts in ((want, g.frontends), (want_ext, g.tc_frontends)):
                 for fe in fronts:
-                    m[fe] = (gid, count, g.frontend_flags(fe))
+                    m[fe] = (gid, count, g.frontend_flags(fe) | half)
                     owner[(id(m), fe)] = key
         for fmap, w in ((self._svc, want), (self._ext, want_ext)):
             if fmap.put is None:  # a Dataplane without the tc override map (tests)
@@ -467,7 +515,8 @@ class Reconciler:
             if self.groups[key].gid in failed:
                 rep.errors[key] = failed[self.groups[key].gid]
             else:
-                self.groups[key].has_table = False
+                cur = self.groups[key]
+                cur.has_table, cur.m = False, 0
         for key in gone_keys:
             cur = self.groups[key]
             if cur.gid in failed:

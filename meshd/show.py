@@ -38,7 +38,11 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
             if gid in groups:
                 groups[gid]["affinity_timeout_seconds"] = timeout
         for gid, g in groups.items():
-            table = dp.get_table(gid) if gid in snap.tables else None
+            half = 1 if any(f & S.SVC_F_TABLE_B for g_, c, f in snap.frontends.values()
+                            if g_ == gid and c) else 0
+            table = dp.get_table(gid, half) if gid in snap.tables else None
+            if table is not None:
+                g["table_size"] = len(table)
             if table is not None:
                 for bid, slots in sorted(Counter(table.tolist()).items()):
                     ref = snap.backends.get(bid)
@@ -50,7 +54,7 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
                           "no-backends (connect: EHOSTUNREACH, tc: dropped)" if drop else "no-backends (connect: ECONNREFUSED)"
                           if g["frontends"] or g.get("tc_frontends") else "idle")
         report = {"instance": cfg.instance, "pin_dir": str(maps.pin_dir),
-                  "maglev_table_size": maps.maglev_m,
+                  "maglev_table_size": maps.maglev_m or "auto",
                   "cgroups": sorted({c for c in loader.attached_cgroup_ids(maps.pin_dir).values()
                                      if c is not None}),
                   "services": sorted(groups.values(), key=lambda g: g["group"])}

@@ -27,7 +27,7 @@ struct meshd_svc_key {
 /* Value of meshd_svc_v1 (both paths) and meshd_svc_ext_v1 (the tc path's override of an
  * external frontend whose tc selection differs, e.g. external_traffic_policy Local). */
 struct meshd_svc_val {
-	__u32 id;	/* frontend group id (host order): key of meshd_maglev_v1 */
+	__u32 id;	/* frontend group id (host order): key of meshd_maglev_v2 */
 	__u16 count;	/* usable backends (host order); 0: refuse (or drop, see flags) */
 	__u16 flags;	/* MESHD_SVC_F_*, host order */
 };
@@ -39,6 +39,18 @@ struct meshd_svc_val {
 #define MESHD_SVC_F_EXTERNAL	  0x04 /* a node port, external IP or load-balancer IP */
 #define MESHD_SVC_F_KEEP_SOURCE	  0x08 /* tc: never SNAT (external_traffic_policy Local) */
 #define MESHD_SVC_F_SOURCE_RANGES 0x10 /* tc: the source must match meshd_srcrange_v1 */
+#define MESHD_SVC_F_TABLE_B	  0x20 /* the group's table is in the second half (see
+					* struct meshd_table_chunk); clear: the first */
+
+/* Value of the inner arrays of meshd_maglev_v2: MESHD_TABLE_CHUNK slots of a Maglev table
+ * (backend ids, host order). Element 0 of each inner array is the header instead:
+ * slot[0] = M (prime), slot[1] = chunks per half = ceil(M / MESHD_TABLE_CHUNK), rest zero.
+ * Elements 1 .. n hold the first half (slot s in element 1 + s / 16, index s % 16),
+ * elements n + 1 .. 2n the second; slots past M in the last chunk are zero. */
+#define MESHD_TABLE_CHUNK 16
+struct meshd_table_chunk {
+	__u32 slot[MESHD_TABLE_CHUNK];	/* backend ids; header: M, chunks per half, zeros */
+};
 
 /* Key of meshd_aff_v1 (LRU): one client's session affinity in one frontend group. */
 struct meshd_aff_key {
@@ -104,7 +116,7 @@ struct meshd_revnat_val {
 
 /* Load-time settings (.rodata, set before load; the verifier sees them as constants). */
 struct meshd_cfg {
-	__u32 maglev_m;	/* Maglev table size (prime); inner map value is maglev_m * 4 bytes */
+	__u32 unused;	/* zero (was the one Maglev table size; now in each table's header) */
 	__u32 flags;	/* MESHD_CFG_F_* (meshd_metrics.h); was padding (zero: no metrics) */
 	__u64 self_pidns_dev;	/* the daemon's pid namespace: nsfs device (kernel dev_t) */
 	__u64 self_pidns_ino;	/* ... and inode */
@@ -126,11 +138,12 @@ struct meshd_sknat {
 /* Value of meshd_meta_v1[0]: what the pinned maps were created with, so a restarted
  * daemon can refuse to adopt maps of an incompatible layout instead of corrupting them. */
 struct meshd_meta {
-	__u32 maglev_m;	/* table size of every inner map in meshd_maglev_v1 */
-	__u32 layout;	/* MESHD_LAYOUT_VERSION at creation */
+	__u32 maglev_m;	/* layout 1: the size of every table; layout 2: maglev.table_size if
+			 * fixed, 0 for auto (each table's header has its own M) */
+	__u32 layout;	/* MESHD_LAYOUT_VERSION of the maps (the loader migrates 1 -> 2) */
 };
 
-#define MESHD_LAYOUT_VERSION 1
+#define MESHD_LAYOUT_VERSION 2
 #define MESHD_SVC_NAME_LEN 160
 
 /* Value of meshd_names_v1 keyed by frontend group id: the group key, e.g.

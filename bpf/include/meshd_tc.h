@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause) */
 /* Structs and maps of the per-packet (tc) load balancer, bpf/tc_lb.bpf.c.
  *
- * The tc programs share meshd_svc_v1, meshd_be_v1 and meshd_maglev_v1 with the socket LB
+ * The tc programs share meshd_svc_v1, meshd_be_v1 and meshd_maglev_v2 with the socket LB
  * (the loader adopts the instance's pinned maps); the maps below are the tc path's own and
  * are pinned beside them under <bpffs>/meshd/<instance>/. Layout rules as in
  * meshd_structs.h: explicit padding, no bitfields, padding written as zero. Every struct
@@ -75,7 +75,7 @@ struct meshd_ct_val {
 
 /* Load-time settings of the tc object (.rodata, set before load). */
 struct meshd_tc_cfg {
-	__u32 maglev_m;		/* Maglev table size of the instance's pinned maps */
+	__u32 unused;		/* zero (was the Maglev table size; now in each table's header) */
 	__u16 snat_port_min;	/* SNAT source ports, host order, inclusive; 0: SNAT mode off */
 	__u16 snat_port_max;
 };

@@ -28,9 +28,9 @@
 #define MESHD_CT_REFRESH_NS 1000000000ULL
 #define MESHD_HASH_SEED 0x9e3779b97f4a7c15ULL
 
-/* Set by the loader before load: the Maglev table size of the instance's pinned maps, and
- * the SNAT port range (0: routed mode only; the verifier then drops every SNAT path). */
-const volatile struct meshd_tc_cfg meshd_tc_cfg = { .maglev_m = MESHD_DEFAULT_MAGLEV_M };
+/* Set by the loader before load: the SNAT port range (0: routed mode only; the verifier
+ * then drops every SNAT path). */
+const volatile struct meshd_tc_cfg meshd_tc_cfg = {};
 
 static __always_inline void meshd_copy16(__u32 *dst, const __u32 *src)
 {

@@ -8,6 +8,7 @@
 
 #include "meshd_tc_parse.h"
 #include "meshd_tc_common.h"
+#include "meshd_maglev.h"
 
 /* Host-order words, so the slot does not depend on the CPU's byte order: nodes of any
  * architecture agree. daddr is left out on purpose: the same client flow reaching two VIPs
@@ -28,22 +29,11 @@ static __always_inline __u32 meshd_flow_hash(const struct meshd_pkt *p)
 static __always_inline int meshd_pick(const struct meshd_svc_val *svc, const struct meshd_pkt *p,
 				      __u32 *be_id, struct meshd_backend **be)
 {
-	__u32 zero = 0, slot, m = meshd_tc_cfg.maglev_m;
 	struct meshd_backend *found;
-	__u32 *table;
-	void *inner;
 
-	inner = bpf_map_lookup_elem(&meshd_maglev_v1, &svc->id);
-	if (!inner)
+	*be_id = meshd_maglev_pick(svc->id, svc->flags, meshd_flow_hash(p));
+	if (!*be_id)
 		return -1;
-	table = bpf_map_lookup_elem(inner, &zero);
-	if (!table)
-		return -1;
-	slot = meshd_flow_hash(p) % m;
-	barrier_var(slot); /* keep the bound check the verifier needs */
-	if (slot >= m)
-		return -1;
-	*be_id = table[slot];
 	found = bpf_map_lookup_elem(&meshd_be_v1, be_id);
 	if (!found || found->family != (p->v6 ? AF_INET6 : AF_INET))
 		return -1;

@@ -25,8 +25,8 @@ class ReloadPlan:
         parts = [f"applied {', '.join(self.applied)}" if self.applied else "no live setting changed"]
         if self.refused:
             parts.append(f"NOT applied (need a restart of meshd): {', '.join(self.refused)}"
-                         + ("; maglev.table_size or maps also need `meshd cleanup` first"
-                            if {"maglev", "maps"} & set(self.refused) else ""))
+                         + ("; map sizes also need `meshd cleanup` first"
+                            if "maps" in self.refused else ""))
         return "reload: " + "; ".join(parts)
 
 

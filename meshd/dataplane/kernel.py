@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes as C
 import ipaddress
 import socket
+import threading
 import time
 
 import numpy as np
@@ -15,11 +16,10 @@ from meshd.errors import BpfError, DataplaneError
 from meshd.reconciler import KernelSnapshot
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
+from meshd.dataplane import tables
 from meshd.dataplane.loader import Maps
 
 
-# Tables swapped per batch syscall (each holds an inner-map fd open until the swap).
-TABLE_BATCH = 256
 # A UDP flow quiet this long no longer holds a draining backend (netfilter's UDP timeout).
 UDP_IDLE_SECONDS = 30
 CLOCK_MONOTONIC_COARSE = 6  # linux/time.h (Python 3.11's time module does not name it)
@@ -30,10 +30,52 @@ def coarse_now_ns() -> int:
     return time.clock_gettime_ns(CLOCK_MONOTONIC_COARSE)
 
 
+class _Grace:
+    """When the last RCU grace period known to have completed started, kept fresh by a
+    thread after frontend writes: a half a group's frontends left may be rewritten in place
+    only once no BPF program that read the old frontend value can still be running, i.e.
+    after a grace period that started after the flip. A change of a group that flipped
+    less than a grace period ago waits for one (rcu_grace_period); any other costs nothing."""
+
+    def __init__(self) -> None:
+        self.done = 0.0  # time.monotonic() at the start of the last completed grace period
+        self.works = True
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wait(self, since: float | None = None) -> None:
+        """Returns once a grace period that started after `since` (default: now) ended."""
+        start = time.monotonic()
+        since = start if since is None else since
+        with self._lock:
+            if self.done > since:
+                return  # (the background one, which held the lock meanwhile)
+            self.works = bpf.rcu_grace_period()
+            if self.works:
+                self.done = max(self.done, start)
+
+    def soon(self) -> None:
+        """Something flipped: have a grace period run in the background."""
+        self._wake.set()
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="meshd-rcu-grace",
+                                            daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while self._wake.wait(1.0):  # idle for a second: exit (restarted by soon())
+            self._wake.clear()
+            self.wait()
+
+
 class KernelDataplane:
     def __init__(self, maps: Maps):
         self.maps = maps
-        self.maglev_m = maps.maglev_m
+        self._grace = _Grace()
+        self._flipped: dict[int, float] = {}  # gid -> last frontend write (a flip, maybe)
+        self.maglev_m = maps.maglev_m  # maglev.table_size when fixed; 0: auto (per group)
+        self.maglev_max = maps.maglev_max  # the largest size auto may pick
 
     # ---- writes -----------------------------------------------------------------------------
     def put_backend(self, bid: int, ref: BackendRef) -> None:
@@ -42,74 +84,97 @@ class KernelDataplane:
     def delete_backend(self, bid: int) -> None:
         self.maps.backends.delete(C.c_uint32(bid))
 
-    def _inner(self, table: np.ndarray) -> int:
-        """A fresh inner map holding `table`; returns its fd (the caller closes it)."""
-        m = self.maglev_m
-        if table.shape != (m,):
-            raise ValueError(f"table has {table.shape[0]} slots, the maps hold {m}")
-        value = (C.c_uint32 * m).from_buffer_copy(np.ascontiguousarray(table, dtype=np.uint32))
-        fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, names.MAGLEV_INNER_NAME, 4, 4 * m, 1)
-        try:
-            bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m).update(
-                C.c_uint32(0), value)
-        except BaseException:
-            bpf.close_fd(fd)
-            raise
-        return fd
-
-    def put_tables(self, items: list[tuple[int, np.ndarray]]) -> dict[int, str]:
-        """Writes each table into a fresh inner map, then swaps them in: each swap is atomic,
-        and a batch pays the kernel's RCU wait for map-in-map updates once, not per table.
-        Returns {gid: error} for the tables that were not written."""
-        failed: dict[int, str] = {}
-        for start in range(0, len(items), TABLE_BATCH):
-            gids, fds = [], []
-            try:
-                for gid, table in items[start:start + TABLE_BATCH]:
-                    try:
-                        fds.append(self._inner(table))
-                        gids.append(gid)
-                    except (BpfError, ValueError) as e:
-                        failed[gid] = str(e)
-                if not gids:
-                    continue
-                n = len(gids)
-                try:
-                    self.maps.maglev.update_batch((C.c_uint32 * n)(*gids), (C.c_uint32 * n)(*fds))
-                except BpfError as e:  # find out which ones: the rest one by one
-                    for gid, fd in list(zip(gids, fds))[e.done:]:
-                        try:
-                            self.maps.maglev.update(C.c_uint32(gid), C.c_uint32(fd))
-                        except BpfError as e1:
-                            failed[gid] = str(e1)
-            finally:
-                for fd in fds:
-                    bpf.close_fd(fd)  # the outer map holds its own reference
-        return failed
-
-    def put_table(self, gid: int, table: np.ndarray) -> None:
-        failed = self.put_tables([(gid, table)])
-        if failed:
-            raise DataplaneError(failed[gid])
-
-    def get_table(self, gid: int) -> np.ndarray | None:
+    # ---- Maglev tables (meshd_maglev_v2: header chunk, then two halves) -----------------------
+    def _open_inner(self, gid: int) -> int | None:
         inner_id = self.maps.maglev.lookup(C.c_uint32(gid))
         if inner_id is None:
             return None
-        fd = bpf.map_fd_by_id(inner_id.value, f"{names.MAP_MAGLEV}[{gid}]")
+        return bpf.map_fd_by_id(inner_id.value, f"{names.MAP_MAGLEV}[{gid}]")
+
+    def _write_half(self, gid: int, table: np.ndarray, half: int) -> None:
+        """Writes `table` into one half of the group's inner map in place (no map-in-map
+        update, so no RCU wait). The caller makes sure no frontend names that half."""
+        m, n, rows = tables.chunks(table, self.maglev_m)
+        flipped = self._flipped.get(gid, -1.0)
+        if flipped >= self._grace.done:
+            self._grace.wait(flipped)  # flipped less than a grace period ago: readers may
+            # still read the half it left
+            if not self._grace.works:
+                raise ValueError("no RCU grace period (membarrier) on this kernel")
+        fd = self._open_inner(gid)
+        if fd is None:
+            raise ValueError(f"group {gid} has no table to write a half of")
         try:
-            m = self.maglev_m
-            value = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, C.c_uint32 * m).lookup(
+            what = f"{names.MAP_MAGLEV}[{gid}]"
+            header = bpf.Map(fd, what, C.c_uint32, S.TableChunk).lookup(C.c_uint32(0))
+            if header is None or header.slot[0] != m:
+                have = header.slot[0] if header is not None else 0
+                raise ValueError(f"group {gid}'s table has {have} slots, not {m}")
+            tables.write_chunks(fd, what, 1 + half * n, rows)
+        finally:
+            bpf.close_fd(fd)
+
+    def put_tables(self, items: list[tuple[int, np.ndarray, int | None]]) -> dict[int, str]:
+        """Writes tables: (gid, table, half) writes `half` (0 or 1) of the group's table of
+        the same size in place, with plain array updates (the frontends then flip to it);
+        (gid, table, None) writes a fresh inner map (both halves) and swaps it in: each swap
+        is atomic, and a batch of swaps pays the kernel's RCU wait for map-in-map updates
+        once. Returns {gid: error} for the tables that were not written."""
+        failed: dict[int, str] = {}
+        fresh: list[tuple[int, np.ndarray]] = []
+        for item in items:
+            gid, table, half = (*item, None)[:3]  # (gid, table) alone: fresh
+            if half is None:
+                fresh.append((gid, table))
+                continue
+            try:
+                self._write_half(gid, table, half)
+            except (BpfError, ValueError) as e:
+                failed[gid] = str(e)
+        failed.update(tables.swap_in(self.maps.maglev, fresh, self.maglev_m))
+        return failed
+
+    def put_table(self, gid: int, table: np.ndarray, half: int | None = None) -> None:
+        failed = self.put_tables([(gid, table, half)])
+        if failed:
+            raise DataplaneError(failed[gid])
+
+    def table_size(self, gid: int) -> int:
+        """M of the group's table in the kernel; 0: none."""
+        fd = self._open_inner(gid)
+        if fd is None:
+            return 0
+        try:
+            header = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, S.TableChunk).lookup(
                 C.c_uint32(0))
         finally:
             bpf.close_fd(fd)
-        return None if value is None else np.frombuffer(bytes(value), dtype=np.uint32).copy()
+        return 0 if header is None else int(header.slot[0])
+
+    def get_table(self, gid: int, half: int = 0) -> np.ndarray | None:
+        """One half of the group's table (the frontends' MESHD_SVC_F_TABLE_B says which one
+        readers use); None: no table."""
+        fd = self._open_inner(gid)
+        if fd is None:
+            return None
+        try:
+            m = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, S.TableChunk)
+            header = m.lookup(C.c_uint32(0))
+            if header is None or not header.slot[0]:
+                return None
+            size, n = int(header.slot[0]), int(header.slot[1])
+            rows = [m.lookup(C.c_uint32(1 + half * n + i)) for i in range(n)]
+        finally:
+            bpf.close_fd(fd)
+        if any(r is None for r in rows):
+            return None
+        return np.frombuffer(b"".join(bytes(r) for r in rows), dtype=np.uint32)[:size].copy()
 
     def delete_tables(self, gids: list[int]) -> dict[int, str]:
         """Removes tables in batches (one RCU wait per batch). Missing ones count as removed."""
         failed: dict[int, str] = {}
-        for start in range(0, len(gids), TABLE_BATCH):
-            chunk = gids[start:start + TABLE_BATCH]
+        for start in range(0, len(gids), tables.TABLE_BATCH):
+            chunk = gids[start:start + tables.TABLE_BATCH]
             try:
                 self.maps.maglev.delete_batch((C.c_uint32 * len(chunk))(*chunk))
             except BpfError as e:
@@ -123,9 +188,14 @@ class KernelDataplane:
     def delete_table(self, gid: int) -> None:
         self.maps.maglev.delete(C.c_uint32(gid))
 
+    def _flip(self, gid: int) -> None:
+        self._flipped[gid] = time.monotonic()
+        self._grace.soon()
+
     def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
         self.maps.svc.update(S.svc_key(fe.vip, fe.port, fe.protocol),
                              S.SvcVal(id=gid, count=count, flags=flags))
+        self._flip(gid)
 
     def delete_frontend(self, fe: Frontend) -> None:
         self.maps.svc.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
@@ -133,6 +203,7 @@ class KernelDataplane:
     def put_ext_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
         self.maps.svc_ext.update(S.svc_key(fe.vip, fe.port, fe.protocol),
                                  S.SvcVal(id=gid, count=count, flags=flags))
+        self._flip(gid)
 
     def delete_ext_frontend(self, fe: Frontend) -> None:
         self.maps.svc_ext.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
@@ -227,4 +298,5 @@ class KernelDataplane:
         for k, v in self.maps.names.items():
             snap.names[k.value] = v.name.decode(errors="replace")
         snap.tables = {k.value for k in self.maps.maglev.keys()}
+        snap.table_sizes = {gid: self.table_size(gid) for gid in snap.tables}
         return snap

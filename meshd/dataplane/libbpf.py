@@ -23,6 +23,7 @@ MAP_TYPE_HASH = 1
 MAP_TYPE_ARRAY = 2
 MAP_TYPE_PERCPU_HASH = 5
 MAP_TYPE_HASH_OF_MAPS = 13
+BPF_F_INNER_MAP = 1 << 12  # an inner map whose max_entries may differ from the template's
 ATTACH_TYPES = {
     "cgroup_inet_ingress": 0,
     "cgroup_inet_egress": 1,
@@ -69,9 +70,9 @@ _find_map = _fn("bpf_object__find_map_by_name", vp, vp, cp)
 _prog_fd = _fn("bpf_program__fd", i32, vp)
 _map_fd = _fn("bpf_map__fd", i32, vp)
 _map_reuse_fd = _fn("bpf_map__reuse_fd", i32, vp, i32)
-_map_set_value_size = _fn("bpf_map__set_value_size", i32, vp, u32)
 _map_set_max_entries = _fn("bpf_map__set_max_entries", i32, vp, u32)
 _map_inner = _fn("bpf_map__inner_map", vp, vp)
+_map_value_size = _fn("bpf_map__value_size", u32, vp)
 _map_set_initial = _fn("bpf_map__set_initial_value", i32, vp, vp, sz)
 _attach_cgroup = _fn("bpf_program__attach_cgroup", vp, vp, i32)
 _attach_iter = _fn("bpf_program__attach_iter", vp, vp, vp)
@@ -233,9 +234,10 @@ class BpfObject:
         _check(_map_set_initial(self._map(section), buf, len(data)),
                "bpf_map__set_initial_value", section)
 
-    def set_inner_value_size(self, outer: str, size: int) -> None:
-        inner = _check_ptr(_map_inner(self._map(outer)), "bpf_map__inner_map", outer)
-        _check(_map_set_value_size(inner, size), "bpf_map__set_value_size", f"{outer}.inner")
+    def inner_value_size(self, outer: str) -> int:
+        """value_size of the inner map template of map-in-map `outer`."""
+        return _map_value_size(_check_ptr(_map_inner(self._map(outer)), "bpf_map__inner_map",
+                                          outer))
 
     def set_max_entries(self, name: str, n: int) -> None:
         _check(_map_set_max_entries(self._map(name), n), "bpf_map__set_max_entries", name)
@@ -333,16 +335,30 @@ def prog_query(cgroup_fd: int, attach_type: str) -> list[int]:
     return list(ids[: cnt.value])
 
 
+# ---- RCU -----------------------------------------------------------------------------------
+_SYS_MEMBARRIER = 324  # x86_64
+_MEMBARRIER_CMD_GLOBAL = 1
+
+
+def rcu_grace_period() -> bool:
+    """Waits for an RCU grace period (membarrier(MEMBARRIER_CMD_GLOBAL) calls
+    synchronize_rcu()): every BPF program running when it was called has returned. False
+    if the kernel refuses (nohz_full CPUs): the caller must not rely on it."""
+    ret = _libc.syscall(C.c_long(_SYS_MEMBARRIER), C.c_int(_MEMBARRIER_CMD_GLOBAL), C.c_int(0))
+    return ret == 0
+
+
 # ---- maps ---------------------------------------------------------------------------------
 def map_fd_by_id(map_id: int, what: str) -> int:
     return _check(_map_fd_by_id(map_id), "bpf_map_get_fd_by_id", what)
 
 
 def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
-               inner_map_fd: int | None = None) -> int:
+               inner_map_fd: int | None = None, flags: int = 0) -> int:
     opts = None
-    if inner_map_fd is not None:
-        o = _MapCreateOpts(sz=C.sizeof(_MapCreateOpts), inner_map_fd=inner_map_fd)
+    if inner_map_fd is not None or flags:
+        o = _MapCreateOpts(sz=C.sizeof(_MapCreateOpts), inner_map_fd=inner_map_fd or 0,
+                           map_flags=flags)
         opts = C.byref(o)
     return _check(_map_create(map_type, name.encode(), key_size, value_size, max_entries, opts),
                   "bpf_map_create", name)

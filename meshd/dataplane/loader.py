@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from meshd import names
+from meshd import maglev, names
 from meshd.desired import BackendRef
 from meshd.errors import BpfError, DataplaneError
 from meshd.dataplane import features
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
-from meshd.dataplane import tc
+from meshd.dataplane import tables, tc
 from meshd.dataplane.pins import adopt_pins, ensure_bpffs, object_path, pin_new
 
 log = logging.getLogger("meshd.dataplane")
@@ -63,7 +63,7 @@ def cgroup_id(path: Path) -> int:
 class Maps:
     """Open handles on the pinned maps of one instance."""
     pin_dir: Path
-    maglev_m: int
+    maglev_m: int  # maglev.table_size when fixed; 0: auto (each group its own size)
     svc: bpf.Map
     backends: bpf.Map
     maglev: bpf.Map
@@ -81,6 +81,7 @@ class Maps:
     # that a pin removed behind its back loses nothing and can be restored (restore_pins)
     held: dict[str, int] = field(default_factory=dict)
     cgroup_id: int = 0  # the cgroup the links were attached to
+    maglev_max: int = maglev.LADDER[-1]  # the largest table size auto picks
 
     def close(self) -> None:
         for m in (self.svc, self.backends, self.maglev, self.revnat, self.meta, self.names,
@@ -118,7 +119,7 @@ def open_pinned(bpffs: Path, instance: str) -> Maps:
                              f"(missing {', '.join(missing)}); is `meshd run` started?")
     opened = {n: _open_map(pin_dir / n, n) for n in names.SOCK_LB_MAPS}
     meta = opened[names.MAP_META].lookup(C.c_uint32(0))
-    return _maps(pin_dir, meta.maglev_m if meta else 0, opened)
+    return _maps(pin_dir, meta.maglev_m if meta else 0, opened)  # 0: auto
 
 
 def _maps(pin_dir: Path, maglev_m: int, opened: dict[str, bpf.Map], **kw) -> Maps:
@@ -206,25 +207,58 @@ def open_metrics(bpffs: Path, instance: str) -> MetricsMaps:
         raise
 
 
-def _check_adoptable(pin_dir: Path, maglev_m: int) -> None:
+def _pinned_layout(pin_dir: Path) -> tuple[int, int]:
+    """(layout, maglev_m) of the maps pinned in `pin_dir`; (0, 0): none, or never stamped."""
     meta_pin = pin_dir / names.MAP_META
     if not meta_pin.exists():
-        return
+        return 0, 0
     meta_map = _open_map(meta_pin, names.MAP_META)
     try:
         meta = meta_map.lookup(C.c_uint32(0))
     finally:
         meta_map.close()
-    if meta is None or meta.layout == 0:
-        return  # created but never stamped (crash during first setup): nothing to protect
-    if meta.layout != S.LAYOUT_VERSION:
-        raise DataplaneError(f"maps pinned at {pin_dir} have layout v{meta.layout}, this meshd "
+    return (0, 0) if meta is None else (meta.layout, meta.maglev_m)
+
+
+def _check_adoptable(pin_dir: Path) -> int:
+    """The layout of the pinned maps (0: nothing to protect) if this meshd can adopt them:
+    its own, or layout 1 (migrated by _migrate_v1_tables before the programs switch)."""
+    layout, _m = _pinned_layout(pin_dir)
+    if layout not in (0, 1, S.LAYOUT_VERSION):
+        raise DataplaneError(f"maps pinned at {pin_dir} have layout v{layout}, this meshd "
                              f"uses v{S.LAYOUT_VERSION}: run `meshd cleanup` for this instance")
-    if meta.maglev_m != maglev_m:
-        raise DataplaneError(
-            f"maps pinned at {pin_dir} hold Maglev tables of size {meta.maglev_m}, the config "
-            f"says maglev.table_size={maglev_m}: set it back to {meta.maglev_m}, or run "
-            "`meshd cleanup` (drops the pinned state) and start again")
+    return layout
+
+
+def _migrate_v1_tables(pin_dir: Path, maglev_v2: bpf.Map) -> int:
+    """Layout 1 -> 2: copies every table of the pinned meshd_maglev_v1 (one value of M slots
+    per inner map, M in meshd_meta_v1) into meshd_maglev_v2 (same M, both halves), so the
+    new programs find every table the old ones used when they are swapped in: no gap. The
+    reconciler later resizes them to their group's size. Returns how many were copied."""
+    pin = pin_dir / names.MAP_MAGLEV_V1
+    _layout, m = _pinned_layout(pin_dir)
+    if not pin.exists() or not m:
+        return 0
+    old = bpf.Map(bpf.obj_get(pin), names.MAP_MAGLEV_V1, C.c_uint32, C.c_uint32)
+    items = []
+    try:
+        for key, inner_id in old.items():
+            fd = bpf.map_fd_by_id(inner_id.value, f"{names.MAP_MAGLEV_V1}[{key.value}]")
+            try:
+                value = bpf.Map(fd, names.MAP_MAGLEV_V1, C.c_uint32, C.c_uint32 * m).lookup(
+                    C.c_uint32(0))
+            finally:
+                bpf.close_fd(fd)
+            if value is not None:
+                items.append((key.value, np.frombuffer(bytes(value), dtype=np.uint32).copy()))
+    finally:
+        old.close()
+    failed = tables.swap_in(maglev_v2, items)
+    if failed:
+        raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout 1 failed "
+                             f"({next(iter(failed.values()))}); run `meshd cleanup` for this "
+                             "instance and start again")
+    return len(items)
 
 
 def _self_cfg(self_pid: int | None) -> tuple[int, int, int]:
@@ -274,9 +308,10 @@ def map_sizes(max_frontends: int | None, max_backends: int | None) -> dict[str, 
     return out
 
 
-def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool = True,
+def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: bool = True,
          stats_max_entries: int | None = None, *, self_pid: int | None = None,
-         max_frontends: int | None = None, max_backends: int | None = None) -> Maps:
+         max_frontends: int | None = None, max_backends: int | None = None,
+         maglev_max: int = maglev.LADDER[-1]) -> Maps:
     """Loads (or adopts) the socket LB of `instance` and attaches it to `cgroup`; with
     `metrics`, also the metrics programs (else they are detached if they were attached).
     `stats_max_entries` caps the (group, backend) pairs with counters when the stats map is
@@ -285,7 +320,10 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool 
     i.e. the daemon; 0: none). `max_frontends` / `max_backends`: max_entries of meshd_svc_v1
     (and of the Maglev and names maps) / of meshd_be_v1 (default 65,536 / 262,144); pinned
     maps of another size are refused (DataplaneError naming `meshd cleanup`); None adopts
-    whatever size is pinned."""
+    whatever size is pinned. `maglev_m`: a fixed Maglev table size for every group; 0 (auto):
+    each group gets the size its backends need, at most `maglev_max`. Either may change
+    between loads (tables are rebuilt at their new size). Maps of layout 1 are migrated
+    before the new programs replace the old ones."""
     cgroup = Path(cgroup)
     if not (cgroup / "cgroup.procs").exists():
         raise DataplaneError(f"cgroup {cgroup} is not a cgroup v2 directory (on this machine "
@@ -295,15 +333,14 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool 
     ensure_bpffs(bpffs)
     pin_dir = names.pin_dir(bpffs, instance)
     pin_dir.mkdir(parents=True, exist_ok=True)
-    _check_adoptable(pin_dir, maglev_m)
+    layout = _check_adoptable(pin_dir)
     _check_sizes(pin_dir, sizes)
     needs = (features.BTF, features.SET_RETVAL) + ((features.SELF_PID,) if self_tgid else ())
 
     with bpf.BpfObject(object_path(names.OBJ_SOCK_LB)) as obj:
-        obj.set_rodata(bytes(S.Cfg(maglev_m=maglev_m, flags=S.CFG_F_METRICS if metrics else 0,
+        obj.set_rodata(bytes(S.Cfg(flags=S.CFG_F_METRICS if metrics else 0,
                                    self_pidns_dev=self_dev, self_pidns_ino=self_ino,
                                    self_tgid=self_tgid)))
-        obj.set_inner_value_size(names.MAP_MAGLEV, 4 * maglev_m)
         if stats_max_entries:
             obj.set_max_entries(names.MAP_STATS, stats_max_entries)
         for name, n in sizes.items():
@@ -314,8 +351,13 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool 
         except BpfError as e:
             raise features.explain(e, f"the socket LB ({names.OBJ_SOCK_LB})", needs) from e
         pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
-        log.info("socket LB loaded (maglev m=%d); adopted %d pinned maps; metrics %s "
-                 "(adopted %d pinned metrics maps)", maglev_m,
+        if layout == 1 and names.MAP_MAGLEV not in adopted:
+            outer = bpf.Map(obj.map_fd(names.MAP_MAGLEV), names.MAP_MAGLEV, C.c_uint32,
+                            C.c_uint32)  # borrowed fd: the object owns it (never closed here)
+            log.info("migrated %d Maglev tables of layout 1 to %s",
+                     _migrate_v1_tables(pin_dir, outer), names.MAP_MAGLEV)
+        log.info("socket LB loaded (maglev m=%s); adopted %d pinned maps; metrics %s "
+                 "(adopted %d pinned metrics maps)", maglev_m or f"auto up to {maglev_max}",
                  len([n for n in adopted if n in names.SOCK_LB_MAPS]),
                  "on" if metrics else "off",
                  len([n for n in adopted if n in names.METRICS_MAPS]))
@@ -328,7 +370,11 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int, metrics: bool 
 
     maps[names.MAP_META].update(C.c_uint32(0), S.Meta(maglev_m=maglev_m,
                                                       layout=S.LAYOUT_VERSION))
-    out = _maps(pin_dir, maglev_m, maps, cgroup_id=cgroup_id(cgroup))
+    if (pin_dir / names.MAP_MAGLEV_V1).exists():
+        # the old programs are replaced (the socket hooks above; tc filters hold their own
+        # reference until tc.load swaps them): nothing of ours reads it by its pin any more
+        (pin_dir / names.MAP_MAGLEV_V1).unlink()
+    out = _maps(pin_dir, maglev_m, maps, cgroup_id=cgroup_id(cgroup), maglev_max=maglev_max)
     progs = {**names.SOCK_LB_PROGRAMS, **(names.METRICS_PROGRAMS if metrics else {})}
     for name in (*names.PINNED_MAPS, *(names.link_pin_name(p) for p in progs)):
         try:
@@ -390,7 +436,7 @@ def set_metrics(bpffs: Path, instance: str, cgroup: Path, enabled: bool, *,
         meta = meta_map.lookup(C.c_uint32(0))
     finally:
         meta_map.close()
-    if meta is None or meta.maglev_m == 0:
+    if meta is None or meta.layout == 0:
         raise DataplaneError(f"instance {instance!r} at {pin_dir} was never fully loaded")
     load(bpffs, instance, cgroup, meta.maglev_m, metrics=enabled, self_pid=self_pid).close()
 

@@ -28,6 +28,14 @@ class SvcVal(C.Structure):
 # SvcVal.flags (MESHD_SVC_F_*): the same bits as meshd.desired G_* / FE_*
 SVC_F_DROP_EMPTY, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_KEEP_SOURCE, SVC_F_SOURCE_RANGES = \
     0x01, 0x02, 0x04, 0x08, 0x10
+SVC_F_TABLE_B = 0x20  # the group's Maglev table is in the second half of its inner map
+
+TABLE_CHUNK = 16  # MESHD_TABLE_CHUNK: slots per element of a Maglev inner array
+
+
+class TableChunk(C.Structure):
+    """Value of the inner arrays of meshd_maglev_v2 (element 0: M, chunks per half)."""
+    _fields_ = [("slot", C.c_uint32 * TABLE_CHUNK)]
 
 
 class AffKey(C.Structure):
@@ -63,7 +71,7 @@ class RevnatVal(C.Structure):
 
 
 class Cfg(C.Structure):
-    _fields_ = [("maglev_m", C.c_uint32), ("flags", C.c_uint32),
+    _fields_ = [("unused", C.c_uint32), ("flags", C.c_uint32),
                 ("self_pidns_dev", C.c_uint64), ("self_pidns_ino", C.c_uint64),
                 ("self_tgid", C.c_uint32), ("pad", C.c_uint32)]
 
@@ -116,7 +124,7 @@ class Stats(C.Structure):
 STATS_WORDS = C.sizeof(Stats) // 8  # the struct as a flat u64 vector (Python sums CPUs)
 
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 1: meshd_maglev_v1 (one M); 2: meshd_maglev_v2
 
 # C struct name -> mirror, for the BTF layout test.
 MIRRORS = {

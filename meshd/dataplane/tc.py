@@ -82,7 +82,7 @@ class TcStats(C.Structure):
 
 
 class TcCfg(C.Structure):
-    _fields_ = [("maglev_m", C.c_uint32), ("snat_port_min", C.c_uint16),
+    _fields_ = [("unused", C.c_uint32), ("snat_port_min", C.c_uint16),
                 ("snat_port_max", C.c_uint16)]
 
 
@@ -138,7 +138,7 @@ def filter_handle(instance: str) -> int:
     return (zlib.crc32(f"meshd/{instance}".encode()) & 0x7FFFFFFF) or 1
 
 
-def _maglev_m(pin_dir: Path, instance: str) -> int:
+def _check_socket_lb(pin_dir: Path, instance: str) -> None:
     missing = [n for n in names.SOCK_LB_MAPS if not (pin_dir / n).exists()]
     if missing:
         raise DataplaneError(
@@ -150,9 +150,10 @@ def _maglev_m(pin_dir: Path, instance: str) -> int:
         value = meta.lookup(C.c_uint32(0))
     finally:
         meta.close()
-    if value is None or value.maglev_m == 0:
-        raise DataplaneError(f"instance {instance!r} at {pin_dir} was never fully loaded")
-    return value.maglev_m
+    if value is None or value.layout != S.LAYOUT_VERSION:
+        raise DataplaneError(f"instance {instance!r} at {pin_dir} was never fully loaded "
+                             f"by this meshd (maps layout {value.layout if value else 0}, "
+                             f"need {S.LAYOUT_VERSION}): load the socket LB first")
 
 
 class _IfValV1(C.Structure):  # meshd_tc_if_val before SNAT mode (no snat ports)
@@ -205,12 +206,11 @@ def load(bpffs: Path, instance: str, ct_max_entries: int | None = None,
     `snat_ports` (lo, hi), inclusive: SNAT mode with source ports from that range."""
     ensure_bpffs(bpffs)
     pin_dir = names.pin_dir(bpffs, instance)
-    m = _maglev_m(pin_dir, instance)
+    _check_socket_lb(pin_dir, instance)
     lo, hi = check_snat_ports(snat_ports)
     obj = bpf.BpfObject(object_path(names.OBJ_TC_LB))
     try:
-        obj.set_rodata(bytes(TcCfg(maglev_m=m, snat_port_min=lo, snat_port_max=hi)))
-        obj.set_inner_value_size(names.MAP_MAGLEV, 4 * m)
+        obj.set_rodata(bytes(TcCfg(snat_port_min=lo, snat_port_max=hi)))
         if ct_max_entries:
             obj.set_max_entries(names.MAP_TC_CT, ct_max_entries)
         # Every map of meshd_maps.h, used or not: an unused one would be created (revnat

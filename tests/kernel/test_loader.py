@@ -63,11 +63,21 @@ def test_restart_keeps_entries_and_swaps_programs_in_place(kernel_instance):
     assert after != before  # new program ids inside the same links
 
 
-def test_table_size_change_is_refused_with_the_fix(kernel_instance):
+def test_table_size_change_needs_no_cleanup(kernel_instance):
+    """Every table carries its own size: a restart with another maglev.table_size adopts
+    the maps (before layout 2 it was refused until `meshd cleanup`) and keeps the tables."""
     inst, cg = kernel_instance
-    loader.load(BPFFS, inst, cg, M).close()
-    with pytest.raises(DataplaneError, match=r"maglev.table_size=4093: set it back to 1021"):
-        loader.load(BPFFS, inst, cg, 4093)
+    maps = loader.load(BPFFS, inst, cg, M)
+    KernelDataplane(maps).put_table(5, np.full(M, 9, dtype=np.uint32))
+    maps.close()
+    maps = loader.load(BPFFS, inst, cg, 4093)
+    try:
+        dp = KernelDataplane(maps)
+        assert dp.table_size(5) == M and (dp.get_table(5) == 9).all()
+        dp.put_table(5, np.full(4093, 7, dtype=np.uint32))  # a new size: a fresh table
+        assert dp.table_size(5) == 4093 and (dp.get_table(5, 1) == 7).all()
+    finally:
+        maps.close()
 
 
 def test_not_a_cgroup_is_refused_clearly(kernel_instance, tmp_path):

@@ -38,7 +38,9 @@ def test_defaults_without_a_file() -> None:
     assert cfg.etcd.endpoints == [] and cfg.etcd.password is None
     assert cfg.service_cidrs == [ip_network("10.96.0.0/12"), ip_network("fd00:96::/108")]
     assert cfg.metrics.listen == "127.0.0.1:9469"
-    assert cfg.maglev.table_size == 16381 and cfg.tc.interfaces == [] and cfg.log_level == "info"
+    assert cfg.maglev.table_size == "auto" and cfg.maglev.fixed_size == 0
+    assert cfg.maglev.max_table_size == 65521
+    assert cfg.tc.interfaces == [] and cfg.log_level == "info"
     assert cfg.pin_dir == Path("/sys/fs/bpf/meshd/default")
 
 

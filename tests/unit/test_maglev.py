@@ -203,3 +203,44 @@ def test_build_tables_validates_every_group():
     with pytest.raises(ValueError, match="duplicate backend name"):
         build_tables([[("a", 1)], [("b", 1), ("b", 2)]], 251)
     assert build_tables([], 251) == []
+
+
+# ---- table sizes per group (maglev.table_size: auto) ----------------------------------------
+from meshd.maglev import LADDER, imbalance, table_size_for, table_size_kept  # noqa: E402
+
+
+def test_ladder_rungs_are_primes_and_the_smallest_fitting_one_is_picked():
+    assert all(is_prime(m) for m in LADDER) and list(LADDER) == sorted(LADDER)
+    assert [table_size_for(w) for w in (1, 2, 3, 10, 11, 20, 21, 163, 164, 655, 5000)] == \
+        [251, 251, 509, 1021, 2039, 2039, 4093, 16381, 32749, 65521, 65521]
+    assert table_size_for(10, fixed=16381) == 16381  # a fixed size wins
+    assert table_size_for(100, ceiling=4093) == 4093 and table_size_for(1, ceiling=251) == 251
+
+
+def test_a_table_is_kept_at_a_rung_edge_while_it_balances_to_one_percent():
+    """10 -> 11 backends stays in 1021 slots (0.2% off), 12 moves on (1.1% off); a group
+    shrinks only once its table is two rungs too big; fixed and ceiling changes apply."""
+    assert table_size_kept([1] * 11, 1021) == 1021 and imbalance([1] * 11, 1021) <= 0.01
+    assert table_size_kept([1] * 12, 1021) == 2039 and imbalance([1] * 12, 1021) > 0.01
+    assert table_size_kept([1] * 10, 2039) == 2039  # one rung too big: kept
+    assert table_size_kept([1] * 2, 2039) == 251  # three rungs too big: shrinks
+    assert table_size_kept([1] * 11, 0) == 2039  # a new table: the 100x rule
+    assert table_size_kept([1] * 11, 1021, fixed=4093) == 4093
+    assert table_size_kept([1] * 3, 4093, ceiling=1021) == 509
+
+
+@pytest.mark.parametrize("m", LADDER)
+def test_balance_and_disruption_at_every_rung(m):
+    """The most backends a rung takes under the 100x rule: every share within 1% of its
+    weight's, and removing one backend moves few of the other backends' slots."""
+    n = max(2, m // 100)
+    assert table_size_for(n) == m
+    names = [f"10.0.{i // 256}.{i % 256}:80/TCP" for i in range(n)]
+    table = build_table([(x, 1) for x in names], m)
+    counts = np.bincount(table, minlength=n)
+    assert counts.max() / (m / n) - 1 <= 0.01 and imbalance([1] * n, m) <= 0.01
+    after = build_table([(x, 1) for x in names[1:]], m)
+    before_names, after_names = np.array(names)[table], np.array(names[1:])[after]
+    kept = before_names != names[0]
+    moved = float((before_names[kept] != after_names[kept]).mean())
+    assert moved <= (0.025 if n < 20 else 0.01), moved

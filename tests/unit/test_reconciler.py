@@ -13,7 +13,7 @@ from meshd.desired import (FE_SOURCE_RANGES, G_AFFINITY, BackendRef, Frontend,
                            desired_groups)
 from meshd.errors import BpfError
 from meshd.model import parse_service
-from meshd.reconciler import KernelSnapshot, Reconciler
+from meshd.reconciler import TABLE_B, KernelSnapshot, Reconciler
 
 M = 251
 
@@ -22,10 +22,13 @@ class FakeKernel:
     """Dict-backed maps. `check()` runs after each op: no frontend with backends may point at
     a missing table, and no table may name a missing backend (a half-written service)."""
 
-    def __init__(self, m: int = M, backend_capacity: int = 10_000):
-        self.maglev_m = m
+    def __init__(self, m: int = M, backend_capacity: int = 10_000, maglev_max: int = 65521):
+        self.maglev_m = m  # 0: per-group sizes
+        self.maglev_max = maglev_max
         self.backends: dict[int, BackendRef] = {}
-        self.tables: dict[int, np.ndarray] = {}
+        self.tables: dict[int, np.ndarray] = {}  # the table last written per group
+        self.halves: dict[int, list[np.ndarray]] = {}  # both halves of each group's table
+        self.swaps = 0  # fresh tables swapped in (the map-in-map way)
         self.frontends: dict[Frontend, tuple[int, int, int]] = {}
         self.ext: dict[Frontend, tuple[int, int, int]] = {}  # meshd_svc_ext_v1
         self.names: dict[int, str] = {}
@@ -40,20 +43,23 @@ class FakeKernel:
     def check(self) -> None:
         """What the datapath could observe between two map operations must be whole."""
         self.ops += 1
+        seen = list(self.tables.values())  # what readers see, or will after the flip
         for fmap in (self.frontends, self.ext):
             for fe, (gid, count, flags) in fmap.items():
                 if count:
                     assert gid in self.tables, f"{fe} points at group {gid} with no table"
+                    seen.append(self.halves[gid][1 if flags & TABLE_B else 0])
                 if flags & G_AFFINITY:
                     assert gid in self.affcfg, f"{fe} has affinity, group {gid} no timeout"
                     members = {b for (g, b) in self.members if g == gid}
                     if count:  # every backend the table can pick is a member
-                        assert set(self.tables[gid].tolist()) <= members, fe
+                        half = self.halves[gid][1 if flags & TABLE_B else 0]
+                        assert set(half.tolist()) <= members, fe
                 if flags & FE_SOURCE_RANGES:
                     assert any(f == fe for f, _n in self.srcranges), f"{fe}: no source range"
-        for gid, table in self.tables.items():
+        for table in seen:
             missing = set(table.tolist()) - set(self.backends)
-            assert not missing, f"table {gid} names missing backends {missing}"
+            assert not missing, f"a table readers may see names missing backends {missing}"
         for (gid, bid) in self.members:
             assert bid in self.backends, f"member {bid} of group {gid} is no backend"
         if self.conntrack is not None:
@@ -72,21 +78,33 @@ class FakeKernel:
 
     def put_tables(self, items):
         failed = {}
-        for gid, table in items:  # a batch applies its elements one after the other
-            assert table.shape == (self.maglev_m,)
+        for gid, table, half in items:  # a batch applies its elements one after the other
+            if self.maglev_m:
+                assert table.shape == (self.maglev_m,)
             if gid in self.fail_tables:
                 failed[gid] = "injected failure"
                 continue
+            if half is None:
+                self.halves[gid] = [table.copy(), table.copy()]
+                self.swaps += 1
+            else:
+                assert self.halves[gid][half].shape == table.shape, "in place at another size"
+                for fmap in (self.frontends, self.ext):  # no reader may be on that half
+                    for fe, (g, count, flags) in fmap.items():
+                        assert g != gid or bool(flags & TABLE_B) != bool(half), \
+                            f"{fe} reads the half being written"
+                self.halves[gid][half] = table.copy()
             self.tables[gid] = table.copy()
             self.check()
         return failed
 
-    def get_table(self, gid):
-        return self.tables.get(gid)
+    def get_table(self, gid, half=0):
+        return self.halves[gid][half] if gid in self.halves else None
 
     def delete_tables(self, gids):
         for gid in gids:
             self.tables.pop(gid, None)
+            self.halves.pop(gid, None)
             self.check()
         return {}
 
@@ -146,14 +164,15 @@ class FakeKernel:
             members.setdefault(gid, {})[bid] = w
         return KernelSnapshot(dict(self.frontends), dict(self.backends), dict(self.names),
                               set(self.tables), dict(self.ext), dict(self.affcfg), members,
-                              set(self.srcranges))
+                              set(self.srcranges),
+                              {g: h[0].size for g, h in self.halves.items()})
 
     def serving(self) -> dict[str, set[str]]:
         """frontend -> backend names a socket could reach (what a user observes)."""
         out = {}
-        for fe, (gid, count, _flags) in self.frontends.items():
-            out[str(fe)] = ({self.backends[b].name for b in self.tables[gid].tolist()}
-                            if count else set())
+        for fe, (gid, count, flags) in self.frontends.items():
+            table = self.halves[gid][1 if flags & TABLE_B else 0] if count else []
+            out[str(fe)] = {self.backends[b].name for b in np.asarray(table).tolist()}
         return out
 
 
