@@ -121,6 +121,9 @@ class Daemon:
                 task("etcd", feed.run)
                 task("etcd-resolve", self._resolve_etcd)
             if cfg.kubernetes is not None:
+                from meshd.sources.kubernetes import check_api_server_reachable
+                await asyncio.to_thread(check_api_server_reachable, cfg.kubernetes,
+                                        cfg.service_cidrs)
                 feed_k8s = KubernetesFeed(self.sources, cfg, self._on_node_zone)
                 task("kubernetes", feed_k8s.run)
             if not self.sources:

@@ -149,8 +149,10 @@ def _port_groups(svc: Service, port, family: int, node_ports: NodePorts, node: N
     gflags = G_AFFINITY if affinity else 0
     base = group_key(svc.namespace, svc.name, port.name, family)
     ext_flags = FE_EXTERNAL | (FE_KEEP_SOURCE if svc.external_traffic_policy == "Local" else 0)
-    fe_flags = {fe: ext_flags | (FE_SOURCE_RANGES if fe in lb and svc.load_balancer_source_ranges
-                                 else 0) for fe in external}
+    # source ranges per family, as kube-proxy: a family without a range has no firewall
+    ranged = any(n.version == family for n in svc.load_balancer_source_ranges)
+    fe_flags = {fe: ext_flags | (FE_SOURCE_RANGES if fe in lb and ranged else 0)
+                for fe in external}
     # (selection, empty-action) -> [key, frontends, tc_frontends]
     made: dict[tuple, list] = {}
 
@@ -193,10 +195,11 @@ class _View(NamedTuple):
 
     @classmethod
     def of(cls, eps) -> list["_View"]:
-        # a record may say ready and terminating at once; Kubernetes never does (a
-        # terminating endpoint is not ready): terminating wins
-        return [cls(e, e.ready and not e.terminating, e.is_serving, e.terminating, e.weight,
-                    e.node, e.hints_for_zones) for e in eps]
+        # `ready` as kube-proxy reads it: a terminating endpoint is normally not ready (the
+        # EndpointSlice controller says so), but with publishNotReadyAddresses it is, and
+        # kube-proxy keeps sending it new connections: so does meshd
+        return [cls(e, e.ready, e.is_serving, e.terminating, e.weight, e.node,
+                    e.hints_for_zones) for e in eps]
 
 
 class DesiredState:

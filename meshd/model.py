@@ -573,15 +573,21 @@ def check_services(services: Iterable[Service], service_cidrs: Sequence[IPNetwor
         if problems:
             errors.append(RecordError(svc.key, "; ".join(problems)))
             continue
-        svc, dropped = _external_addresses(svc, ext_cidrs, banned, owner)
-        errors += [RecordError(svc.key, why) for why in dropped]
         kept[svc.key] = svc
         if hc is not None:
             hc_owner[hc] = svc.key
         owner.update({(vip, p.port, p.protocol): svc.key for vip in svc.vips for p in svc.ports})
+        owner.update({(None, p.node_port, p.protocol): svc.key for p in svc.ports if p.node_port})
+    # External and LB IPs second, once every VIP and node port is claimed: an external
+    # address never takes a frontend from another service's VIP (it is dropped instead)
+    for key, svc in kept.items():
+        if not (svc.external_ips or svc.load_balancer_ips):
+            continue
+        svc, dropped = _external_addresses(svc, ext_cidrs, banned, owner)
+        errors += [RecordError(svc.key, why) for why in dropped]
+        kept[key] = svc
         owner.update({(a, p.port, p.protocol): svc.key for a in
                       (*svc.external_ips, *svc.load_balancer_ips) for p in svc.ports})
-        owner.update({(None, p.node_port, p.protocol): svc.key for p in svc.ports if p.node_port})
     return list(kept.values()), errors
 
 
@@ -602,7 +608,7 @@ def _external_addresses(svc: Service, ext_cidrs, banned, owner) -> tuple[Service
         if svc.vips and addr in svc.vips:
             why.append(f"{what} {addr} dropped: it is also a VIP of the service")
             return False
-        others = {owner.get((addr, p.port, p.protocol)) for p in svc.ports} - {None}
+        others = {owner.get((addr, p.port, p.protocol)) for p in svc.ports} - {None, svc.key}
         if others:
             why.append(f"{what} {addr} dropped: already used by service {', '.join(sorted(others))}")
             return False

@@ -8,14 +8,21 @@ import subprocess
 from pathlib import Path
 
 
+IGNORED_LINKS = ("kube-ipvs0",)
+
+
 def local_addresses() -> set[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     """Every address configured on this network namespace's interfaces.
 
     A service VIP may never equal one of them: a registration must not be able to take
-    over connections to a node service."""
+    over connections to a node service. Not kube-proxy's IPVS dummy device (kube-ipvs0),
+    which holds every ClusterIP: during a migration from kube-proxy in IPVS mode those are
+    the services' own addresses, not the node's."""
     out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, check=True)
     addrs = set()
     for link in json.loads(out.stdout or "[]"):
+        if link.get("ifname") in IGNORED_LINKS:
+            continue
         for a in link.get("addr_info", []):
             try:
                 addrs.add(ipaddress.ip_address(a["local"].split("%")[0]))

@@ -52,7 +52,9 @@ static __always_inline __u32 meshd_aff_follow(const struct meshd_aff_key *k, __u
 	__u32 id;
 
 	av = bpf_map_lookup_elem(&meshd_aff_v1, k);
-	if (!av || now - av->seen_ns >= (__u64)timeout_s * MESHD_NSEC_PER_SEC)
+	/* signed: another CPU may have stamped the entry after this one read `now` (parallel
+	 * connects of one client); unsigned, that wrapped and the entry looked expired */
+	if (!av || (__s64)(now - av->seen_ns) >= (__s64)timeout_s * MESHD_NSEC_PER_SEC)
 		return 0;
 	id = av->backend;
 	mk.group = k->group;

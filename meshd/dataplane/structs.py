@@ -189,7 +189,11 @@ def parse_srcrange_key(k: SrcRangeKey):
         return None
     vip = unpack_addr(k.vip)
     raw = ipaddress.IPv6Address(bytes(k.src))
-    if raw.ipv4_mapped is not None and bits >= 96:
+    # by the frontend's family, not by the look of the source: an IPv6 range inside
+    # ::ffff:0:0/96 stays IPv6 (review finding: it came back as IPv4 and was rewritten)
+    if vip.version == 4:
+        if raw.ipv4_mapped is None or bits < 96:
+            return None
         net = ipaddress.IPv4Network((raw.ipv4_mapped, bits - 96))
     else:
         net = ipaddress.IPv6Network((raw, bits))

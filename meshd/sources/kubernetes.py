@@ -47,6 +47,7 @@ SLICES = "/apis/discovery.k8s.io/v1/endpointslices"
 NODES = "/api/v1/nodes"
 LIST_PAGE = 500
 EMIT_INTERVAL = 0.010
+WATCH_SILENCE = 150.0  # seconds without a byte on a watch stream: reconnect
 BACKOFF_FIRST, BACKOFF_MAX = 0.1, 10.0
 WATCH_TIMEOUT = (300, 600)  # seconds the server keeps a watch open (client-go: 5-10 min)
 RBAC_HINT = ("; grant get/list/watch on services, endpointslices.discovery.k8s.io and nodes "
@@ -91,6 +92,27 @@ def load_kubeconfig(cfg: KubernetesConfig | None) -> Any:
             "no in-cluster service account, $KUBECONFIG or ~/.kube/config"
         raise RegistryError(f"kubernetes: cannot load the API configuration ({where}): {e}; set "
                             "kubernetes.kubeconfig, or run meshd in a pod with a service account") from None
+
+
+def check_api_server_reachable(cfg: KubernetesConfig | None, service_cidrs) -> None:
+    """meshd never translates its own connections (a VIP must not cut it off from its
+    registry), so an API server reached through a Service ClusterIP -- the in-cluster
+    default, 10.96.0.1 -- is unreachable once kube-proxy is gone. RegistryError naming the fix."""
+    from ipaddress import ip_address
+    from urllib.parse import urlsplit
+    server = str(load_kubeconfig(cfg).cluster.server)
+    host = urlsplit(server).hostname or ""
+    try:
+        addr = ip_address(host)
+    except ValueError:
+        return  # a host name: resolved by the node's resolver, not a ClusterIP we know
+    if any(addr.version == n.version and addr in n for n in service_cidrs):
+        raise RegistryError(
+            f"kubernetes: the API server {server} is a Service ClusterIP (inside service_cidrs); "
+            "meshd does not translate its own connections, so without kube-proxy it could not "
+            "reach it. Give the API server's real address: KUBERNETES_SERVICE_HOST and "
+            "KUBERNETES_SERVICE_PORT in the DaemonSet (deploy/kubernetes: the ConfigMap's "
+            "api-server-host/port), or kubernetes.kubeconfig")
 
 
 def http_client(cfg: KubernetesConfig | None) -> Any:
@@ -285,7 +307,9 @@ class KubernetesSource:
         server_timeout = random.randint(*WATCH_TIMEOUT)
         params = {**kind.params, "watch": "1", "resourceVersion": kind.rv or "0", "allowWatchBookmarks": "true",
                   "timeoutSeconds": str(server_timeout)}
-        timeout = httpx.Timeout(10.0, read=server_timeout + 60.0)  # a silent dead peer is noticed
+        # a silent dead peer is noticed within WATCH_SILENCE: the API server sends a bookmark
+        # about every minute to a watch that asks for them, so that long without a byte is dead
+        timeout = httpx.Timeout(10.0, read=min(server_timeout + 60.0, WATCH_SILENCE))
         async with self._client.stream("GET", kind.path, params=params, timeout=timeout) as resp:
             if resp.status_code == 410:
                 raise _Relist(_status_message(await resp.aread()) or "410 Gone")

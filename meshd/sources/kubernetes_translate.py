@@ -27,12 +27,16 @@ Rejected (RecordError): SCTP or other protocols, anything the meshd model refuse
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from meshd.errors import RecordError
-from meshd.model import Endpoint, Service, parse_endpoint, parse_service, show
+from meshd.model import (Endpoint, Service, local_endpoint_problem, local_endpoint_reason,
+                         parse_endpoint, parse_service, show)
+
+log = logging.getLogger("meshd.kubernetes")
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
@@ -139,13 +143,19 @@ def service_base(obj: dict[str, Any]) -> ServiceBase | Skip:
             data["load_balancer_source_ranges"] = [r.strip() for r in spec["loadBalancerSourceRanges"]]
         if spec.get("healthCheckNodePort"):
             data["health_check_node_port"] = spec["healthCheckNodePort"]
-    mode = annotations.get(TOPOLOGY_MODE)
-    if mode is None and annotations.get(TOPOLOGY_HINTS_OLD) in ("Auto", "auto"):
-        mode = "Auto"
-    if mode:
-        data["topology_mode"] = mode
-    if spec.get("trafficDistribution"):
-        data["traffic_distribution"] = spec["trafficDistribution"]
+    # kube-proxy reads the deprecated annotation first; "Auto"/"auto" turn hints on, any
+    # other value (a typo, "Disabled") leaves them off -- never a rejected service
+    mode = annotations.get(TOPOLOGY_HINTS_OLD) or annotations.get(TOPOLOGY_MODE)
+    if isinstance(mode, str) and mode.strip() in ("Auto", "auto"):
+        data["topology_mode"] = "Auto"
+    elif mode is not None:
+        log.debug("kubernetes: service %s: topology annotation %r ignored", at, mode)
+    dist = spec.get("trafficDistribution")
+    if dist in ("PreferClose", "PreferSameZone", "PreferSameNode"):
+        # PreferSameNode: node hints are not read yet; zone hints stand in for them
+        data["traffic_distribution"] = "PreferClose" if dist == "PreferSameNode" else dist
+    elif dist is not None:
+        log.debug("kubernetes: service %s: trafficDistribution %r ignored", at, dist)
     record = parse_service(data, at)
     return ServiceBase(record, tuple(names), str(meta.get("resourceVersion", "")))
 
@@ -174,37 +184,49 @@ def slice_info(obj: dict[str, Any]) -> SliceInfo:
 
 
 def compose(base: ServiceBase, slices: Iterable[SliceInfo]) -> tuple[Service, tuple[RecordError, ...]]:
-    """The record with endpoints from every slice of the service (sorted by slice name; an
-    address seen in an earlier slice is not added again)."""
+    """The record with endpoints from every slice of the service, sorted by slice name. As
+    kube-proxy does, duplicates are removed per (service port, address): the first slice
+    that gives an address a port wins it, and an address serving different ports from
+    different slices serves them all (one endpoint record, its port maps merged)."""
     rec = base.record
     at = where(rec.namespace, rec.name)
-    seen: set[str] = set()
-    out: list[Endpoint] = []
-    problems: list[RecordError] = []
+    merged: dict[str, tuple[dict[str, int], dict[str, Any], str]] = {}  # addr -> ports, data
     for sl in sorted(slices, key=lambda s: s.name):
         numbers = {(n, proto): port for n, proto, port in sl.ports}
         ports = {m: numbers[(k, proto)] for m, k, proto in base.port_names if (k, proto) in numbers}
         if not ports:
             continue  # a slice for none of the service's ports (or `ports: null`)
         for addr, ready, serving, terminating, node, zone, zones in sl.endpoints:
-            if addr in seen:
+            if addr in merged:
+                have = merged[addr][0]
+                for name, number in ports.items():
+                    have.setdefault(name, number)
                 continue
-            seen.add(addr)
-            data: dict[str, Any] = {"address": addr, "ports": ports,
+            data: dict[str, Any] = {"address": addr,
                                     "ready": True if ready is None else ready,
+                                    # the API: absent means true (kube-proxy's reading)
+                                    "serving": True if serving is None else serving,
                                     "terminating": bool(terminating)}
-            if serving is not None:
-                data["serving"] = serving
             if node:
                 data["node"] = node
             if zone:
                 data["zone"] = zone
             if zones is not None:
                 data["hints_for_zones"] = list(zones)
-            try:
-                out.append(parse_endpoint(data, f"{at} slice {sl.name}"))
-            except RecordError as e:
-                problems.append(e)
+            merged[addr] = (dict(ports), data, f"{at} slice {sl.name}")
+    out: list[Endpoint] = []
+    problems: list[RecordError] = []
+    for addr, (ports, data, where_) in merged.items():
+        try:
+            ep = parse_endpoint({**data, "ports": ports}, where_)
+        except RecordError as e:
+            problems.append(e)
+            continue
+        why = None if rec.allow_local_endpoints else local_endpoint_problem(ep.address)
+        if why:  # the model's check (the record is not validated again below)
+            problems.append(RecordError(where_, local_endpoint_reason(ep.address, rec.key)))
+            continue
+        out.append(ep)
     out.sort(key=lambda e: (e.address.version, int(e.address)))
     return rec.model_copy(update={"endpoints": tuple(out)}), tuple(problems)
 

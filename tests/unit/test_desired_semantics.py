@@ -34,7 +34,8 @@ def fes(frontends):
 
 
 def test_cluster_service_is_one_group_of_ready_endpoints():
-    g = desired_groups([svc([ep(1), ep(2, ready=False), ep(3, terminating=True)])], NP, NODE)
+    g = desired_groups([svc([ep(1), ep(2, ready=False), ep(3, ready=False, terminating=True)])],
+                       NP, NODE)
     assert list(g) == ["t/web:http/ipv4"]
     assert names(g["t/web:http/ipv4"]) == ["10.1.0.1"] and g["t/web:http/ipv4"].flags == 0
 
@@ -151,3 +152,28 @@ def test_headless_and_sctp():
     import pytest
     with pytest.raises(RecordError, match="SCTP|TCP"):
         svc([ep(1)], ports=[{"name": "http", "port": 80, "protocol": "SCTP"}])
+
+
+def test_an_external_ip_never_takes_a_later_services_vip():
+    """Review finding: external IPs were claimed in key order before later services' VIPs
+    were checked, so an external IP could reject another service's ClusterIP."""
+    a = svc([ep(1)], name="a", vips=["10.96.0.60"], external_ips=["10.96.0.50"])
+    b = svc([ep(2)], name="b", vips=["10.96.0.50"])
+    groups, errors = DesiredState().update([a, b], CIDRS, set(), NP, NODE,
+                                           [ip_network("10.96.0.0/12")])
+    assert fes(groups["t/b:http/ipv4"].frontends) == ["10.96.0.50:80/TCP"]
+    assert fes(groups["t/a:http/ipv4"].frontends) == ["10.96.0.60:80/TCP"]
+    assert "external_ip 10.96.0.50 dropped: already used by service t/b" in errors[0].reason
+
+
+def test_source_ranges_apply_per_family():
+    s = svc([ep(1), {"address": "fd00::1", "ports": {"http": 8080}}],
+            vips=["10.96.0.10", "fd00:96::10"], load_balancer_ips=["203.0.113.9", "2001:db8::9"],
+            load_balancer_source_ranges=["192.0.2.0/24"])
+    g = desired_groups([s], NP, NODE)
+    v4 = g["t/web:http/ipv4"]
+    v6 = g["t/web:http/ipv6"]
+    lb4 = next(f for f in v4.frontends if str(f.vip) == "203.0.113.9")
+    lb6 = next(f for f in v6.frontends if str(f.vip) == "2001:db8::9")
+    assert v4.frontend_flags(lb4) & FE_SOURCE_RANGES
+    assert not v6.frontend_flags(lb6) & FE_SOURCE_RANGES  # no IPv6 range: no firewall

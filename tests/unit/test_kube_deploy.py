@@ -85,7 +85,13 @@ def test_daemonset_runs_the_configmap_config_like_kube_proxy(tmp_path):
     assert {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}} in c["env"]
     assert {"BPF", "NET_ADMIN", "SYS_ADMIN"} <= set(c["securityContext"]["capabilities"]["add"])
     # the config the pod reads is a valid meshd config, in Kubernetes mode, without etcd
-    (cfg_file,) = cm["data"]
+    cfg_file = "meshd.yaml"
+    # the API server's real address reaches the pod (a ClusterIP would be unreachable)
+    env = {e["name"]: e for e in c["env"]}
+    for var, key in (("KUBERNETES_SERVICE_HOST", "api-server-host"),
+                     ("KUBERNETES_SERVICE_PORT", "api-server-port")):
+        assert env[var]["valueFrom"]["configMapKeyRef"] == {"name": cm["metadata"]["name"],
+                                                            "key": key} and key in cm["data"]
     (tmp_path / cfg_file).write_text(cm["data"][cfg_file])
     cfg = load_config(tmp_path / cfg_file, env={"NODE_NAME": "n1"})
     assert cfg.kubernetes is not None and cfg.kubernetes.kubeconfig is None and cfg.etcd is None

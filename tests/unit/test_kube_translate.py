@@ -170,7 +170,41 @@ def test_dual_stack_named_target_ports_resolved_per_slice_and_merged():
         (True, True, False, "node-a", "eu-west-1a", ("eu-west-1a",))
     assert (b.ready, b.is_serving, b.terminating, b.node, b.hints_for_zones) == \
         (False, True, True, "node-b", ("eu-west-1b",))
-    assert eps["fd00:244:1::5"].serving is None and eps["fd00:244:1::5"].terminating is False
+    # conditions.serving absent: true, as kube-proxy reads the API
+    assert eps["fd00:244:1::5"].serving is True and eps["fd00:244:1::5"].terminating is False
+
+
+def test_an_address_in_two_slices_for_different_ports_serves_both():
+    """kube-proxy dedupes per (service port, address): a pod listed in one slice for `http`
+    and in another for `metrics` serves both (review finding: it lost `metrics`)."""
+    from kubeapi.objects import endpoint, endpoint_slice, service
+    svc = service("d", "w", ["10.96.0.9"], [{"name": "http", "port": 80, "targetPort": 8080},
+                                              {"name": "metrics", "port": 90, "targetPort": 9090}])
+    a = endpoint_slice("d", "w-a", "w", [endpoint("10.244.0.7")], [{"name": "http", "port": 8080}])
+    b = endpoint_slice("d", "w-b", "w", [endpoint("10.244.0.7")], [{"name": "metrics", "port": 9090}])
+    rec = translate(svc, [a, b])
+    assert [dict(e.ports) for e in rec.endpoints] == [{"http": 8080, "metrics": 9090}]
+
+
+def test_a_metadata_address_in_a_slice_is_refused_like_any_record():
+    from kubeapi.objects import endpoint, endpoint_slice, service
+    from meshd.sources.kubernetes_translate import compose, service_base, slice_info
+    svc = service("d", "w", ["10.96.0.9"], [{"name": "http", "port": 80, "targetPort": 8080}])
+    sl = endpoint_slice("d", "w-a", "w", [endpoint("168.63.129.16"), endpoint("10.244.0.8")],
+                        [{"name": "http", "port": 8080}])
+    rec, problems = compose(service_base(svc), [slice_info(sl)])
+    assert [str(e.address) for e in rec.endpoints] == ["10.244.0.8"]
+    assert "cloud metadata address" in problems[0].reason
+
+
+@pytest.mark.parametrize("annotation,want", [("Auto", "Auto"), ("auto", "Auto"), ("Auto ", "Auto"),
+                                             ("Disabled", None), ("x" * 300, None)])
+def test_topology_annotation_values_never_reject_the_service(annotation, want):
+    from kubeapi.objects import service
+    svc = service("d", "w", ["10.96.0.9"], [{"name": "http", "port": 80, "targetPort": 8080}],
+                  annotations={"service.kubernetes.io/topology-mode": annotation})
+    rec = translate(svc, [])
+    assert rec.topology_mode == want
 
 
 def test_load_balancer_fields_and_unnamed_port():

@@ -204,3 +204,13 @@ def test_any_sequence_converges_is_never_half_written_and_adopts_without_writes(
     r2 = Reconciler(k)
     r2.adopt(k.snapshot())
     assert sum(r2.apply(desired_groups(states[-1], NP, NODE)).ops.values()) == 0
+
+
+def test_an_ipv6_range_inside_the_mapped_prefix_reads_back_as_ipv6():
+    """Review finding: ::ffff:203.0.113.0/120 on an IPv6 frontend came back as IPv4 and the
+    first sync after a restart deleted it."""
+    from ipaddress import ip_address, ip_network
+    from meshd.dataplane import structs as S
+    vip, net = ip_address("2001:db8::9"), ip_network("::ffff:203.0.113.0/120")
+    k = S.srcrange_key(vip, 80, "TCP", net)
+    assert S.parse_srcrange_key(k) == (vip, 80, "TCP", net)
