@@ -329,7 +329,7 @@ class Lab:
         """PIDs started by run() that are still running."""
         return [p.pid for p, _, _ in self._procs if p.poll() is None]
 
-    def start_backends(self, port: int = 8080, *, udp: bool = True, deadline: float = 5.0) -> None:
+    def start_backends(self, port: int = 8080, *, udp: bool = True, deadline: float = 20.0) -> None:
         """Run the agent server as ``b{i}`` in every backend namespace (TCP and,
         if ``udp``, UDP; IPv4+IPv6) and wait until each answers from the client."""
         procs = []
