@@ -17,7 +17,7 @@ def test_unit_verifies(tmp_path):
     meshd = REPO / ".venv" / "bin" / "meshd"
     assert meshd.exists(), "run scripts/setup first"
     unit = tmp_path / "meshd.service"  # the install path, pointed at this checkout
-    unit.write_text(UNIT.read_text().replace("/opt/meshd/.venv/bin/meshd", str(meshd)))
+    unit.write_text(UNIT.read_text().replace("/usr/bin/meshd", str(meshd)))
     r = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True)
     assert r.returncode == 0 and "meshd.service" not in r.stderr, r.stderr
 
