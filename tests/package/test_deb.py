@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,9 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def debs() -> dict[str, Path]:
-    return {v: pkglib.build_deb(v) for v in (V1, V2)}
+    """Both versions, built side by side (each is mostly waiting on pip and compression)."""
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip((V1, V2), pool.map(pkglib.build_deb, (V1, V2))))
 
 
 @pytest.fixture
