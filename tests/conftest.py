@@ -1,6 +1,7 @@
 """Test layers: tests/unit (pure, no root), tests/kernel (root, real BPF), tests/lab (root,
 namespaces, real traffic), tests/faults (root: real faults against a real daemon; marked
-`lab` as well). Privileged tests skip without root — except where
+`lab` as well), tests/package (root: builds the wheel and the .deb and runs them in a Debian
+root; marked `lab` as well). Privileged tests skip without root — except where
 MESHD_REQUIRE_PRIVILEGED=1 (CI), where a skip would hide a broken data plane: it fails.
 The daemon/etcd harness and its fixtures: tests/meshdlib.py (a plugin, registered below)."""
 
@@ -23,8 +24,10 @@ def pytest_collection_modifyitems(config, items):
         parts = Path(str(item.fspath)).parts
         if "kernel" in parts:
             item.add_marker(pytest.mark.kernel)
-        if "lab" in parts or "faults" in parts:
+        if "lab" in parts or "faults" in parts or "package" in parts:
             item.add_marker(pytest.mark.lab)
+        if "package" in parts:
+            item.add_marker(pytest.mark.package)
 
 
 def pytest_runtest_setup(item):

@@ -20,8 +20,15 @@ BPF_OBJ_DIR = Path(__file__).resolve().parent.parent / "bpf_obj"
 
 
 def object_path(name: str) -> Path:
-    """The compiled BPF object `name` (built by scripts/setup)."""
-    return BPF_OBJ_DIR / name
+    """The compiled BPF object `name`: package data of the wheel (setup.py compiles it when
+    the wheel is built; scripts/setup does in a checkout)."""
+    path = BPF_OBJ_DIR / name
+    if not path.is_file():
+        raise DataplaneError(
+            f"BPF object {name} is missing from {BPF_OBJ_DIR}: in a checkout run scripts/setup "
+            "(compiles bpf/ with clang); otherwise reinstall meshd from its wheel or .deb, "
+            "which carry the compiled objects")
+    return path
 
 
 def ensure_bpffs(bpffs: Path) -> None:
