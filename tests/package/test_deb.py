@@ -89,10 +89,11 @@ def _edit_config(root: DebRoot, instance: str, cgroup: Path) -> None:
     metrics, = free_ports(1)
     for old, new in (("instance: default\n", f"instance: {instance}\n"),
                      ("# cgroup: /sys/fs/cgroup/unified\n", f"cgroup: {cgroup}\n"),
-                     ("  listen: 127.0.0.1:9469\n", f"  listen: 127.0.0.1:{metrics}\n")):
+                     ("  listen: 127.0.0.1:9469\n", f"  listen: 127.0.0.1:{metrics}\n"),
+                     ("  listen: 0.0.0.0:10256 ", "  listen: 127.0.0.1:0 ")):
         assert old in text, f"config/meshd.yaml no longer has {old!r}"
         text = text.replace(old, new)
-    cfg.write_text(text + "healthz:\n  listen: 127.0.0.1:0\n")
+    cfg.write_text(text)
     dropin = root.file("/etc/systemd/system/meshd.service.d/test.conf")
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text(f"[Service]\nEnvironment=MESHD_CGROUP={cgroup} MESHD_INSTANCE={instance}\n")
