@@ -131,7 +131,7 @@ async def wait_etcd(client, deadline: float = 15) -> None:
             await asyncio.sleep(0.1)
 
 
-async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
+async def bench_size(n: int, e: int, changes: int, m: int, profile: str = "") -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshd-bench-"))
     instance = "mbench-" + secrets.token_hex(3)
     cg = CGROUP2 / instance
@@ -158,12 +158,21 @@ async def bench_size(n: int, e: int, changes: int, m: int) -> dict:
                                        os.environ.get("MESHD_BENCH_LOG", "info"), "run",
                                        "--config", str(cfg)],
                                       env=env, stdout=log, stderr=log)
+            spy = None
+            if profile:  # py-spy (pip install py-spy) samples the daemon until READY
+                spy = subprocess.Popen(["py-spy", "record", "--pid", str(daemon.pid), "--threads",
+                                        "--idle", "--rate", "200", "--format", "raw", "-o",
+                                        f"{profile}-{n}.txt"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
             notify.settimeout(120)
             while True:
                 msg = notify.recv(4096).decode()
                 if "READY=1" in msg:
                     break
             cold_s = time.perf_counter() - t0
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(30)
             rss, hwm = rss_mb(daemon.pid)
 
             maps = loader.open_pinned(BPFFS, instance)
@@ -219,11 +228,13 @@ def main() -> int:
     ap.add_argument("--endpoints", type=int, default=10)
     ap.add_argument("--changes", type=int, default=200)
     ap.add_argument("--table-size", type=int, default=1021)
+    ap.add_argument("--profile", default="", help="py-spy the daemon until READY into "
+                    "PROFILE-<services>.txt (collapsed stacks)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "etcd_sync.json"))
     args = ap.parse_args()
     results = []
     for n in (int(x) for x in args.services.split(",")):
-        r = asyncio.run(bench_size(n, args.endpoints, args.changes, args.table_size))
+        r = asyncio.run(bench_size(n, args.endpoints, args.changes, args.table_size, args.profile))
         results.append(r)
         p = r["propagation_ms"]
         print(f"{n:>6} services x {args.endpoints} endpoints: cold start to READY "

@@ -220,15 +220,15 @@ class RegistryState:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        # Memory matters here (10^5 records): a value is kept as its hash (enough to see that
-        # a put changes nothing: SipHash with this process's random key, 64 bits), where a
-        # valid record belongs is not stored but read from its key again when it goes
-        # (classify_key), and an endpoint keeps its key as bytes (the same object as in
-        # _raw), decoded only for an error message.
-        self._raw: dict[bytes, int] = {}  # every key of the two subtrees -> hash of its value
+        # Memory matters here (10^5 records): neither keys nor values are kept. A valid
+        # record is filed under its service key and endpoint id (its etcd key is made again
+        # from them when needed: every part of a valid key is ASCII), and a put whose record
+        # equals the one filed changes nothing (so a re-list converges without touching an
+        # unchanged service; it parses every value again, which a re-list after compaction
+        # can afford, a copy of 10^5 keys and value hashes -- ~17 MB -- it could not).
         self._errors: dict[bytes, RecordError] = {}  # records that failed on their own
         self._services: dict[str, Service] = {}  # "ns/name" -> valid service record (no endpoints)
-        self._endpoints: dict[str, dict[str, tuple[bytes, Endpoint]]] = {}  # "ns/name" -> id -> (key, ep)
+        self._endpoints: dict[str, dict[str, Endpoint]] = {}  # "ns/name" -> endpoint id -> endpoint
         # composed output, kept between snapshots
         self._composed: dict[str, Service] = {}
         self._compose_errors: dict[str, tuple[RecordError, ...]] = {}
@@ -243,19 +243,18 @@ class RegistryState:
         self._errors_out: tuple[RecordError, ...] | None = ()
 
     def __len__(self) -> int:
-        return len(self._raw)
+        return len(self._errors) + len(self._services) + sum(map(len, self._endpoints.values()))
 
     # -- changes --
     def put(self, key: bytes, value: bytes) -> bool:
-        """Apply a put; False if nothing changed (same value, or a key that is not ours)."""
-        digest = hash(value)
-        if self._raw.get(key) == digest:
-            return False
+        """Apply a put; False if nothing changed (an equal record, or a key that is not ours)."""
         try:
             checked = check_record(self.prefix, key, value)
         except RecordError as e:
+            old = self._errors.get(key)
+            if old is not None and old.reason == e.reason:
+                return False
             self._forget(key)
-            self._raw[key] = digest
             self._errors[key] = e
             self._errors_out = None
             return True
@@ -263,29 +262,30 @@ class RegistryState:
             log.debug("etcd: ignoring %s: not under %sservices/ or %sendpoints/", key_text(key),
                       self.prefix, self.prefix)
             return False
-        self._forget(key)
-        self._raw[key] = digest
         info, record = checked
         skey = info.service
         if info.kind == "service":
             assert isinstance(record, Service)
+            if self._services.get(skey) == record:
+                return False
+            self._forget(key, info)
             self._services[skey] = record
         else:
             assert isinstance(record, Endpoint) and info.endpoint_id is not None
-            self._endpoints.setdefault(skey, {})[info.endpoint_id] = (key, record)
+            eps = self._endpoints.get(skey)
+            if eps is not None and eps.get(info.endpoint_id) == record:
+                return False
+            self._forget(key, info)
+            self._endpoints.setdefault(skey, {})[info.endpoint_id] = record
         self._dirty.add(skey)
         return True
 
     def delete(self, key: bytes) -> bool:
-        if key not in self._raw:
-            return False
-        self._forget(key)
-        del self._raw[key]
-        return True
+        return self._forget(key)
 
     def replace(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Converge to exactly these key/values (a full list): keys not listed are deleted,
-        unchanged values are not parsed again."""
+        a record equal to the one held changes nothing."""
         for _ in self.replace_steps(items, step=0):
             pass
 
@@ -294,37 +294,52 @@ class RegistryState:
         can let other tasks run; step=0: no pauses). Do not snapshot until it is exhausted."""
         new = dict(items)
         n = 0
-        for key in [k for k in self._raw if k not in new]:
-            self.delete(key)
+        self.retain(new)
         for key, value in new.items():
             self.put(key, value)
             n += 1
             if step and n % step == 0:
                 yield
 
-    def _forget(self, key: bytes) -> None:
-        """Remove what the key's previous value contributed."""
+    def keys(self) -> Iterable[bytes]:
+        """Every key that holds a record (valid or not)."""
+        yield from self._errors
+        pre = self.prefix
+        for skey in self._services:
+            yield f"{pre}services/{skey}".encode()
+        for skey, eps in self._endpoints.items():
+            for eid in eps:
+                yield f"{pre}endpoints/{skey}/{eid}".encode()
+
+    def retain(self, keys: set[bytes] | dict[bytes, object]) -> None:
+        """Delete every key not in `keys` (after a full list: what it did not list is gone)."""
+        for key in [k for k in self.keys() if k not in keys]:
+            self.delete(key)
+
+    def _forget(self, key: bytes, info: KeyInfo | None = None) -> bool:
+        """Remove what the key's previous value contributed; False if it had none."""
         if self._errors.pop(key, None) is not None:
             self._errors_out = None
-            return  # a record that failed on its own contributed nothing else
-        if key not in self._raw:
-            return
-        try:
-            info = classify_key(self.prefix, key)  # valid before, so it parses again
-        except RecordError:
-            info = None
+            return True  # a record that failed on its own contributed nothing else
         if info is None:
-            return
+            try:
+                info = classify_key(self.prefix, key)
+            except RecordError:
+                return False  # not a valid key: only ever filed under _errors
+            if info is None:
+                return False
         skey = info.service
         if info.kind == "service":
-            self._services.pop(skey, None)
+            if self._services.pop(skey, None) is None:
+                return False
         else:
             eps = self._endpoints.get(skey)
-            if eps is not None:
-                eps.pop(info.endpoint_id or "", None)
-                if not eps:
-                    del self._endpoints[skey]
+            if eps is None or eps.pop(info.endpoint_id or "", None) is None:
+                return False
+            if not eps:
+                del self._endpoints[skey]
         self._dirty.add(skey)
+        return True
 
     # -- output --
     def _compose(self, skey: str) -> None:
@@ -345,21 +360,22 @@ class RegistryState:
         backends: dict[tuple[str, object, int], str] = {}
         kept: list[Endpoint] = []
         problems: list[RecordError] = []
+        ns, name = skey.split("/")
+        at = lambda eid: endpoint_key(self.prefix, ns, name, eid)  # noqa: E731  (ids are ASCII)
         for eid in sorted(eps):
-            key, ep = eps[eid]
-            where = key_text(key)
+            ep = eps[eid]
             unknown = sorted(p for p in ep.ports if p not in known)
             if unknown:
-                problems.append(RecordError(where, f"ports: unknown port name {show(unknown[0])} "
+                problems.append(RecordError(at(eid), f"ports: unknown port name {show(unknown[0])} "
                                             f"(service {skey} has ports: {', '.join(sorted(known))})"))
                 continue
             if not svc.allow_local_endpoints and local_endpoint_problem(ep.address):
-                problems.append(RecordError(where, local_endpoint_reason(ep.address, skey)))
+                problems.append(RecordError(at(eid), local_endpoint_reason(ep.address, skey)))
                 continue
             dup = next(((p, n) for p, n in ep.ports.items() if (p, ep.address, n) in backends), None)
             if dup is not None:
                 p, n = dup
-                problems.append(RecordError(where, f"{_hostport(ep, n)} for port {p!r} duplicates "
+                problems.append(RecordError(at(eid), f"{_hostport(ep, n)} for port {p!r} duplicates "
                                             f"endpoint {backends[(p, ep.address, n)]} of service {skey}"))
                 continue
             for p, n in ep.ports.items():
