@@ -161,7 +161,7 @@ async def bench_size(n: int, e: int, changes: int, m: int, profile: str = "") ->
             spy = None
             if profile:  # py-spy (pip install py-spy) samples the daemon until READY
                 spy = subprocess.Popen(["py-spy", "record", "--pid", str(daemon.pid), "--threads",
-                                        "--idle", "--rate", "200", "--format", "raw", "-o",
+                                        "--idle", "--nonblocking", "--rate", "100", "--format", "raw", "-o",
                                         f"{profile}-{n}.txt"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
             notify.settimeout(120)

@@ -512,8 +512,8 @@ def _service(m: ServiceIn) -> Service:
 
 def _check_mirror(kept: type[Record], model: type[BaseModel]) -> None:
     """The kept record has exactly the validated model's fields, in its order."""
-    if tuple(kept.__slots__) != tuple(model.model_fields):
-        raise TypeError(f"{kept.__name__}.__slots__ {kept.__slots__} != {model.__name__} fields "
+    if tuple(kept._fields) != tuple(model.model_fields):
+        raise TypeError(f"{kept.__name__}._fields {kept._fields} != {model.__name__} fields "
                         f"{tuple(model.model_fields)}")
 
 

@@ -30,15 +30,22 @@ def intern(v: str | None) -> str | None:
 
 
 class Record:
-    """Base: frozen, slotted, compared and hashed by its fields (in __slots__ order)."""
+    """Base: frozen, slotted, compared and hashed by its fields (`_fields`, in order).
+
+    A subclass lists its fields in `_fields`; each is a slot, except those in `_packed`: they
+    live together in one tuple in the slot `_rest`, one shared tuple per distinct combination
+    (most endpoints have the same weight, conditions and no zone: one tuple for all of them),
+    and read as properties."""
 
     __slots__ = ()
+    _fields: ClassVar[tuple[str, ...]] = ()
+    _packed: ClassVar[tuple[str, ...]] = ()
     _validate: ClassVar[Any] = None  # data -> record, set by meshd.model (the pydantic check)
 
     def __init__(self, **data: Any) -> None:
         made = type(self).model_validate(data)
         for f in self.__slots__:
-            object.__setattr__(self, f, getattr(made, f))
+            object.__setattr__(self, f, object.__getattribute__(made, f))
 
     @classmethod
     def model_validate(cls, data: Any):
@@ -46,16 +53,30 @@ class Record:
             raise TypeError(f"{cls.__name__}: meshd.model is not imported")
         return cls._validate(data)
 
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        own = tuple(f for f in cls._fields if f not in cls._packed)
+        want = own + (("_rest",) if cls._packed else ())
+        if tuple(cls.__dict__.get("__slots__", ())) != want:
+            raise TypeError(f"{cls.__name__}.__slots__ must be {want}")
+        for i, f in enumerate(cls._packed):
+            setattr(cls, f, property(lambda self, i=i: self._rest[i], doc=f"(packed field {f})"))
+        # _make(*values): one slot store per field through its descriptor (10^5 endpoints)
+        env: dict[str, Any] = {f"_s_{f}": cls.__dict__[f].__set__ for f in want}
+        env["_new"], env["_share"] = object.__new__, _share_rest
+        body = "".join(f"    _s_{f}(o, {f})\n" for f in own)
+        if cls._packed:
+            body += f"    _s__rest(o, _share(({', '.join(cls._packed)},)))\n"
+        exec(f"def _make(cls, {', '.join(cls._fields)}):\n    o = _new(cls)\n{body}    return o\n", env)
+        cls._make = classmethod(env["_make"])  # type: ignore[assignment]
+
     @classmethod
     def _make(cls, *values: Any):
-        """A record from already-validated field values, in __slots__ order (no checks)."""
-        obj = object.__new__(cls)
-        for f, v in zip(cls.__slots__, values):
-            object.__setattr__(obj, f, v)
-        return obj
+        """A record from already-validated field values, in _fields order (no checks)."""
+        raise NotImplementedError  # made per subclass by __init_subclass__
 
     def _values(self) -> tuple:
-        return tuple(getattr(self, f) for f in self.__slots__)
+        return tuple(getattr(self, f) for f in self._fields)
 
     def __setattr__(self, name: str, value: Any) -> None:
         # what pydantic's frozen models raise, so callers see the same error as before
@@ -75,14 +96,14 @@ class Record:
         return hash((type(self).__name__, self._values()))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self.__slots__)})"
+        return f"{type(self).__name__}({', '.join(f'{f}={getattr(self, f)!r}' for f in self._fields)})"
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild, (type(self), self._values()))
 
     def model_copy(self, *, update: dict[str, Any] | None = None, deep: bool = False):
         """A copy with some fields replaced (not validated, as pydantic's model_copy)."""
-        values = dict(zip(self.__slots__, self._values()))
+        values = dict(zip(self._fields, self._values()))
         for k, v in (update or {}).items():
             if k not in values:
                 raise TypeError(f"{type(self).__name__} has no field {k!r}")
@@ -93,10 +114,26 @@ class Record:
                    ) -> dict[str, Any]:
         """The record as pydantic's model_dump gives it (mode "json": JSON-ready types)."""
         js = mode == "json"
-        return {f: _dump(getattr(self, f), js) for f in self.__slots__ if f not in exclude}
+        return {f: _dump(getattr(self, f), js) for f in self._fields if f not in exclude}
 
     def model_dump_json(self, *, exclude: set[str] | frozenset[str] = frozenset()) -> str:
         return json.dumps(self.model_dump(mode="json", exclude=exclude), separators=(",", ":"))
+
+
+_SHARED_MAX = 1 << 16
+_rests: dict[tuple, tuple] = {}
+
+
+def _share_rest(rest: tuple) -> tuple:
+    """The one shared copy of a packed-fields tuple (the cache starts over past _SHARED_MAX
+    distinct ones: that costs sharing, never correctness). Keyed with the types: 1 == True."""
+    key = (rest, tuple(map(type, rest)))
+    got = _rests.get(key)
+    if got is None:
+        if len(_rests) >= _SHARED_MAX:
+            _rests.clear()
+        got = _rests[key] = rest
+    return got
 
 
 def _rebuild(cls: type[Record], values: tuple) -> Record:
@@ -117,7 +154,8 @@ def _dump(v: Any, js: bool) -> Any:
 
 
 class PortSpec(Record):
-    __slots__ = ("name", "port", "protocol", "node_port")
+    _fields = ("name", "port", "protocol", "node_port")
+    __slots__ = _fields
     name: str
     port: int
     protocol: str  # "TCP" | "UDP"
@@ -128,8 +166,10 @@ class Endpoint(Record):
     """One backend. `ports` maps a service port name to the backend's port (a mapping
     shared by every endpoint with the same one: do not change it)."""
 
-    __slots__ = ("address", "ports", "weight", "zone", "node", "ready", "serving",
-                 "terminating", "hints_for_zones")
+    _fields = ("address", "ports", "weight", "zone", "node", "ready", "serving", "terminating",
+               "hints_for_zones")
+    _packed = _fields[2:]
+    __slots__ = ("address", "ports", "_rest")
     address: IPv4Address | IPv6Address
     ports: dict[str, int]
     weight: int
@@ -151,11 +191,12 @@ class Endpoint(Record):
 
 
 class Service(Record):
-    __slots__ = ("namespace", "name", "vips", "ports", "session_affinity", "lb",
-                 "allow_local_endpoints", "endpoints", "internal_traffic_policy",
-                 "external_traffic_policy", "affinity_timeout_seconds", "external_ips",
-                 "load_balancer_ips", "load_balancer_source_ranges", "health_check_node_port",
-                 "topology_mode", "traffic_distribution")
+    _fields = ("namespace", "name", "vips", "ports", "session_affinity", "lb",
+               "allow_local_endpoints", "endpoints", "internal_traffic_policy",
+               "external_traffic_policy", "affinity_timeout_seconds", "external_ips",
+               "load_balancer_ips", "load_balancer_source_ranges", "health_check_node_port",
+               "topology_mode", "traffic_distribution")
+    __slots__ = _fields
     namespace: str
     name: str
     vips: tuple

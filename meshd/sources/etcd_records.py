@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv6Address
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshd.errors import RecordError
 from meshd.model import (Endpoint, Service, local_endpoint_problem, local_endpoint_reason, parse_endpoint,
@@ -66,8 +66,7 @@ def endpoint_id_problem(v: str) -> str | None:
     return f"endpoint id {show(v)} in the key must be 1-253 characters of A-Z a-z 0-9 . _ -"
 
 
-@dataclass(frozen=True)
-class KeyInfo:
+class KeyInfo(NamedTuple):
     kind: str  # "service" | "endpoint"
     namespace: str
     name: str
@@ -78,6 +77,13 @@ class KeyInfo:
         return f"{self.namespace}/{self.name}"
 
 
+# The shape of every valid key below the prefix, matched at once (10^5 keys in a list); a key
+# that does not match goes the long way, which says what is wrong with it.
+_LABEL_B = rb"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_VALID_KEY = re.compile(rb"(services|endpoints)/(%s)/(%s)(?:/([A-Za-z0-9._-]{1,253}))?"
+                        % (_LABEL_B, _LABEL_B))
+
+
 def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
     """What a key under `prefix` holds. None: outside the services/ and endpoints/ subtrees (not
     ours). RecordError: inside them but not of the schema's shape."""
@@ -85,6 +91,11 @@ def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
     if not key.startswith(pre):
         return None
     raw = key[len(pre):]
+    m = _VALID_KEY.fullmatch(raw)
+    if m is not None and (m[1] == b"services") == (m[4] is None):
+        eid = m[4]
+        return KeyInfo("service" if eid is None else "endpoint", m[2].decode(), m[3].decode(),
+                       None if eid is None else eid.decode())
     head = raw.split(b"/", 1)[0]
     if head not in (b"services", b"endpoints"):
         return None
@@ -268,14 +279,16 @@ class RegistryState:
             assert isinstance(record, Service)
             if self._services.get(skey) == record:
                 return False
-            self._forget(key, info)
+            if key in self._errors:  # (a valid record replaces a valid one in place)
+                self._forget(key, info)
             self._services[skey] = record
         else:
             assert isinstance(record, Endpoint) and info.endpoint_id is not None
             eps = self._endpoints.get(skey)
             if eps is not None and eps.get(info.endpoint_id) == record:
                 return False
-            self._forget(key, info)
+            if key in self._errors:
+                self._forget(key, info)
             self._endpoints.setdefault(skey, {})[info.endpoint_id] = record
         self._dirty.add(skey)
         return True
@@ -357,14 +370,14 @@ class RegistryState:
             return
         self._orphans.pop(skey, None)
         known = {p.name for p in svc.ports}
-        backends: dict[tuple[str, object, int], str] = {}
+        backends: dict[tuple[str, tuple[int, int], int], str] = {}
         kept: list[Endpoint] = []
         problems: list[RecordError] = []
         ns, name = skey.split("/")
         at = lambda eid: endpoint_key(self.prefix, ns, name, eid)  # noqa: E731  (ids are ASCII)
         for eid in sorted(eps):
             ep = eps[eid]
-            unknown = sorted(p for p in ep.ports if p not in known)
+            unknown = () if known.issuperset(ep.ports) else sorted(p for p in ep.ports if p not in known)
             if unknown:
                 problems.append(RecordError(at(eid), f"ports: unknown port name {show(unknown[0])} "
                                             f"(service {skey} has ports: {', '.join(sorted(known))})"))
@@ -372,14 +385,17 @@ class RegistryState:
             if not svc.allow_local_endpoints and local_endpoint_problem(ep.address):
                 problems.append(RecordError(at(eid), local_endpoint_reason(ep.address, skey)))
                 continue
-            dup = next(((p, n) for p, n in ep.ports.items() if (p, ep.address, n) in backends), None)
+            # keyed by the address' int and family: hashing an ip_address object runs Python
+            # code (hex() of the int), 3x per endpoint here
+            addr = (ep.address._ip, ep.address._version)
+            dup = next(((p, n) for p, n in ep.ports.items() if (p, addr, n) in backends), None)
             if dup is not None:
                 p, n = dup
                 problems.append(RecordError(at(eid), f"{_hostport(ep, n)} for port {p!r} duplicates "
-                                            f"endpoint {backends[(p, ep.address, n)]} of service {skey}"))
+                                            f"endpoint {backends[(p, addr, n)]} of service {skey}"))
                 continue
             for p, n in ep.ports.items():
-                backends[(p, ep.address, n)] = eid
+                backends[(p, addr, n)] = eid
             kept.append(ep)
         if problems:
             self._compose_errors[skey] = tuple(problems)
