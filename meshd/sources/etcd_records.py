@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv6Address
@@ -274,7 +275,7 @@ class RegistryState:
                       self.prefix, self.prefix)
             return False
         info, record = checked
-        skey = info.service
+        skey = sys.intern(info.service)  # one string per service in every index below
         if info.kind == "service":
             assert isinstance(record, Service)
             if self._services.get(skey) == record:
