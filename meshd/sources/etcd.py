@@ -352,7 +352,9 @@ class EtcdSource:
         end = prefix_range_end(prefix)
         state = self.state
         start, rev, n = prefix, 0, 0
-        seen: set[bytes] = set()
+        # the keys listed, to delete the others at the end: not needed for a first list (and
+        # 10^5 key copies kept to the end would leave holes among the records in the heap)
+        seen: set[bytes] | None = set() if len(state) else None
         t0 = time.monotonic()
 
         def page(key: bytes):
@@ -371,7 +373,8 @@ class EtcdSource:
                 nxt = page(resp.kvs[-1].key + b"\0") if resp.more and resp.kvs else None
                 try:
                     for i, kv in enumerate(resp.kvs):
-                        seen.add(kv.key)
+                        if seen is not None:
+                            seen.add(kv.key)
                         state.put(kv.key, kv.value)
                         if i % LIST_YIELD == LIST_YIELD - 1:
                             await asyncio.sleep(0)  # the loop's other tasks (watchdog, healthz)
@@ -383,7 +386,8 @@ class EtcdSource:
                 if nxt is None:
                     break
                 resp = await nxt
-            state.retain(seen)
+            if seen is not None:
+                state.retain(seen)
             self.revision = rev
             self._need_list = False
             self._partial = False
