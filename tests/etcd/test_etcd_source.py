@@ -154,6 +154,62 @@ def test_a_list_of_many_pages_is_one_snapshot_of_one_revision_while_writes_go_on
     etcdlib.run(body())
 
 
+def test_a_relist_cut_after_some_pages_shows_nothing_partial_and_converges(
+        cfg, etcd_server, etcdlib, monkeypatch) -> None:
+    """Pages are applied to the state as they arrive; a re-list whose connection dies half way
+    leaves a state that mixes two revisions: no snapshot may show it, and the next list
+    converges (keys it no longer lists are deleted then)."""
+    import meshd.sources.etcd as etcd_mod
+    monkeypatch.setattr(etcd_mod, "LIST_PAGE", 3)
+    monkeypatch.setattr(etcd_mod, "LIST_YIELD", 1)
+
+    def weights(snap: RegistrySnapshot) -> dict[str, list[int]]:
+        return {s.key: [e.weight for e in s.endpoints] for s in snap.services}
+
+    async def body() -> None:
+        proxy, src = await _behind_proxy(cfg, etcdlib)
+        try:
+            async with Writer(cfg) as w:
+                for i in range(6):
+                    await w.put(f"services/shop/s{i}", j(svc("shop", f"s{i}", f"10.96.0.{20 + i}")))
+                    for e in range(6):
+                        await w.put(f"endpoints/shop/s{i}/e{e}", j(ep(f"10.1.{i}.{e + 1}")))
+                async with etcdlib.running(src) as snaps:
+                    await snaps.wait(lambda s: len(s.services) == 6)
+                    await etcdlib.until(lambda: src.connected)
+                    before = weights(snaps.items[-1])
+                    proxy.pause()
+                    await etcdlib.until(lambda: not src.connected, what="disconnected")
+                    for i in range(6):  # while away: every weight changes, s5 goes
+                        for e in range(6):
+                            if i == 5:
+                                await w.delete(f"endpoints/shop/s{i}/e{e}")
+                            else:
+                                await w.put(f"endpoints/shop/s{i}/e{e}", j(ep(f"10.1.{i}.{e + 1}", weight=5)))
+                    await w.delete("services/shop/s5")
+                    await asyncio.to_thread(etcd_server.compact)
+                    seen = len(snaps.items)
+                    proxy.resume()
+                    # cut the re-list once part of it is in the state (LIST_YIELD=1: it yields
+                    # after every record)
+                    end = time.monotonic() + 10
+                    while not (src._partial and src.state._endpoints.get("shop/s0", {}).get("e2")
+                               and src.state._endpoints["shop/s0"]["e2"].weight == 5):
+                        assert time.monotonic() < end, "the re-list did not start"
+                        await asyncio.sleep(0)
+                    proxy.pause()
+                    await asyncio.sleep(0.5)
+                    assert src._partial and len(snaps.items) == seen, "a partial state was emitted"
+                    proxy.resume()
+                    want = {f"shop/s{i}": [5] * 6 for i in range(5)}
+                    await snaps.wait(lambda s: weights(s) == want, timeout=10)
+                    assert all(weights(s) in (before, want) for s in snaps.items), \
+                        [weights(s) for s in snaps.items]
+        finally:
+            await proxy.close()
+    etcdlib.run(body())
+
+
 def test_puts_modifications_and_deletes_are_followed(cfg, etcdlib) -> None:
     async def body() -> None:
         async with Writer(cfg) as w:
