@@ -181,8 +181,9 @@ class BenchDaemon:
         self.notify.bind(str(tmp / "notify"))
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 180) -> float:
-        """Seconds from the exec to READY=1."""
+    def start(self, timeout: float = 180, profile: str = "") -> float:
+        """Seconds from the exec to READY=1. `profile`: py-spy samples the daemon until READY
+        into PROFILE.txt (collapsed stacks; pip install py-spy)."""
         env = dict(os.environ, NOTIFY_SOCKET=str(self.tmp / "notify"))
         log = open(self.tmp / "meshd.log", "wb")
         t0 = time.perf_counter()
@@ -190,10 +191,20 @@ class BenchDaemon:
                                       os.environ.get("MESHD_BENCH_LOG", "info"), "run",
                                       "--config", str(self.cfg)], env=env, stdout=log,
                                      stderr=log)
+        spy = None
+        if profile:
+            spy = subprocess.Popen(["py-spy", "record", "--pid", str(self.proc.pid), "--threads",
+                                    "--idle", "--nonblocking", "--rate", "100", "--format", "raw",
+                                    "-o", f"{profile}.txt"], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
         self.notify.settimeout(timeout)
         while "READY=1" not in self.notify.recv(4096).decode():
             pass
-        return time.perf_counter() - t0
+        cold = time.perf_counter() - t0
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
+        return cold
 
     def group_ids(self, maps) -> dict[str, int]:
         return {v.name.decode(): k.value for k, v in maps.names.items()}
@@ -236,7 +247,7 @@ def summary(lat: list[float]) -> dict:
             "max": round(lat[-1], 2), "n": len(lat)}
 
 
-async def bench_size(n: int, e: int, changes: int, m: int | None) -> dict:
+async def bench_size(n: int, e: int, changes: int, m: int | None, profile: str = "") -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="meshd-bench-"))
     etcd = Etcd(tmp)
     daemon = None
@@ -246,7 +257,7 @@ async def bench_size(n: int, e: int, changes: int, m: int | None) -> dict:
             load_s = await load(client, n, e)
             daemon = BenchDaemon(tmp, {**({"maglev": {"table_size": m}} if m else {}),
                                        "etcd": {"endpoints": [etcd.url]}}, f"bench-{n}")
-            cold_s = daemon.start()
+            cold_s = daemon.start(profile=f"{profile}-{n}" if profile else "")
             rss, hwm = rss_mb(daemon.proc.pid)
             maps = loader.open_pinned(BPFFS, daemon.instance)
             kmem = kernel_memory(maps.pin_dir)
@@ -292,11 +303,14 @@ def main() -> int:
     ap.add_argument("--changes", type=int, default=200)
     ap.add_argument("--table-size", type=int, default=None,
                     help="a fixed maglev.table_size (default: the shipped config, auto)")
+    ap.add_argument("--profile", default="", help="py-spy the daemon until READY into "
+                    "PROFILE-<services>.txt (collapsed stacks)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "etcd_sync.json"))
     args = ap.parse_args()
     results = []
     for n in (int(x) for x in args.services.split(",")):
-        r = asyncio.run(bench_size(n, args.endpoints, args.changes, args.table_size))
+        r = asyncio.run(bench_size(n, args.endpoints, args.changes, args.table_size,
+                                   args.profile))
         results.append(r)
         p = r["propagation_ms"]
         print(f"{n:>6} services x {args.endpoints} endpoints: cold start to READY "

@@ -162,9 +162,9 @@ class Daemon:
 
     async def _ready(self) -> None:
         try:
+            # settle_heap (~10-50 ms) before READY=1: ready with the memory it will keep
             await health.announce_ready(self.progress, self.sources,
-                                        lambda: self.syncer.result.services)
-            settle_heap()  # ~10 ms: ready with the memory it will keep
+                                        lambda: self.syncer.result.services, settle_heap)
         finally:
             if gc.get_threshold() != GC_THRESHOLDS:  # cancelled before ready
                 settle_heap()

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
+from operator import itemgetter
+from socket import inet_ntoa as _inet_ntoa
 from typing import Iterable, NamedTuple
 
 from meshd.errors import RecordError
@@ -32,6 +34,7 @@ from meshd.model import NODE_PORT_RANGE, Service
 from meshd.selection import categorize, topology_wanted
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_third = itemgetter(2)
 
 
 class Frontend(NamedTuple):
@@ -64,7 +67,7 @@ FE_KEEP_SOURCE = 0x8  # tc: never SNAT (external_traffic_policy Local keeps the 
 FE_SOURCE_RANGES = 0x10  # tc: only sources in Group.source_ranges may use this frontend
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     key: str  # "namespace/name:port-name/ipv4[/cluster|/external]"
     frontends: tuple[Frontend, ...]
@@ -135,15 +138,33 @@ def _port_groups(svc: Service, port, family: int, node_ports: NodePorts, node: N
     candidates = [ep for ep in svc.endpoints
                   if ep.address.version == family and port.name in ep.ports]
     sel = categorize(_View.of(candidates), node=node.name, zone=node.zone, topology=topology)
+    memo: dict[tuple, tuple] = {}
 
     def backends(policy: str) -> tuple[tuple[tuple[BackendRef, int], ...], int]:
         chosen, empty = sel.for_policy(policy)
-        weights: dict[BackendRef, int] = {}
+        flags = G_DROP_EMPTY if empty == "drop" and not chosen else 0  # matters only empty
+        ids = tuple(map(id, chosen))  # the same endpoints: the same backends tuple
+        if ids in memo:
+            return memo[ids], flags
+        # address int, family, number -> [ref, weight, name]: hashing ip_address objects
+        # runs Python code; 10^5 endpoints pass here on a cold start
+        acc: dict[tuple[int, int, int], list] = {}
+        pname, proto = port.name, port.protocol
         for v in chosen:
-            ref = BackendRef(v.ep.address, v.ep.ports[port.name], port.protocol)
-            weights[ref] = weights.get(ref, 0) + v.ep.weight  # same address twice: add up
-        flags = G_DROP_EMPTY if empty == "drop" and not weights else 0  # matters only empty
-        return tuple(sorted(weights.items(), key=lambda bw: bw[0].name)), flags
+            ep = getattr(v, "ep", v)
+            a, number = ep.address, ep.ports[pname]
+            k = (a._ip, a._version, number)
+            got = acc.get(k)
+            if got is None:
+                acc[k] = [BackendRef(a, number, proto), ep.weight, None]
+            else:
+                got[1] += ep.weight  # same address twice: add up
+        for item in acc.values():
+            ref = item[0]
+            item[2] = f"{_inet_ntoa(ref.address._ip.to_bytes(4, 'big'))}:{ref.port}/{proto}" \
+                if ref.address._version == 4 else ref.name  # == ref.name, without ipaddress' str
+        out = memo[ids] = tuple((r, w) for r, w, _n in sorted(acc.values(), key=_third))
+        return out, flags
 
     affinity = svc.affinity_timeout_seconds if svc.session_affinity == "ClientIP" else 0
     gflags = G_AFFINITY if affinity else 0
@@ -153,13 +174,19 @@ def _port_groups(svc: Service, port, family: int, node_ports: NodePorts, node: N
     ranged = any(n.version == family for n in svc.load_balancer_source_ranges)
     fe_flags = {fe: ext_flags | (FE_SOURCE_RANGES if fe in lb and ranged else 0)
                 for fe in external}
-    # (selection, empty-action) -> [key, frontends, tc_frontends]
-    made: dict[tuple, list] = {}
+    # [backends, empty-action flags, key, frontends, tc_frontends] per distinct selection
+    # (at most 3: a list, so equal selections -- usually the same tuple -- are found without
+    # hashing every backend)
+    made: list[list] = []
 
     def put(key: str, sel_flags, fronts=(), tc_fronts=()) -> None:
-        slot = made.setdefault(sel_flags, [key, [], []])
-        slot[1] += fronts
-        slot[2] += tc_fronts
+        bk, sflags = sel_flags
+        slot = next((m for m in made if m[1] == sflags and (m[0] is bk or m[0] == bk)), None)
+        if slot is None:
+            slot = [bk, sflags, key, [], []]
+            made.append(slot)
+        slot[3] += fronts
+        slot[4] += tc_fronts
 
     internal_sel = backends(svc.internal_traffic_policy)
     put(base, internal_sel, internal)
@@ -167,10 +194,10 @@ def _port_groups(svc: Service, port, family: int, node_ports: NodePorts, node: N
         sock_sel = backends("Cluster")
         tc_sel = backends(svc.external_traffic_policy)
         put(base + "/cluster", sock_sel, external)
-        if tc_sel != sock_sel:
+        if tc_sel[1] != sock_sel[1] or (tc_sel[0] is not sock_sel[0] and tc_sel[0] != sock_sel[0]):
             put(base + "/external", tc_sel, (), external)
     out = {}
-    for (bk, sflags), (key, fronts, tc_fronts) in made.items():
+    for bk, sflags, key, fronts, tc_fronts in made:
         if not fronts and not tc_fronts:
             continue
         members = set(fronts) | set(tc_fronts)
@@ -194,10 +221,14 @@ class _View(NamedTuple):
     hints_for_zones: tuple | None
 
     @classmethod
-    def of(cls, eps) -> list["_View"]:
+    def of(cls, eps) -> list:
         # `ready` as kube-proxy reads it: a terminating endpoint is normally not ready (the
         # EndpointSlice controller says so), but with publishNotReadyAddresses it is, and
-        # kube-proxy keeps sending it new connections: so does meshd
+        # kube-proxy keeps sending it new connections: so does meshd. `serving` is read
+        # only together with `terminating`: when none is terminating the endpoints
+        # themselves read the same (the common case: no view per endpoint)
+        if not any(e.terminating for e in eps):
+            return eps
         return [cls(e, e.ready, e.is_serving, e.terminating, e.weight, e.node,
                     e.hints_for_zones) for e in eps]
 
@@ -224,11 +255,13 @@ class DesiredState:
         # group keys the last update touched; None = unknown (after a reset): compare all
         self.changed_groups: set[str] | None = set()
         self.changed_services: set[str] = set()  # service keys it re-validated
-        self._claims: dict[Frontend, set[str]] = {}  # frontend -> service keys claiming it
+        # frontend -> the service key claiming it, or a set of them when several do (one set
+        # per frontend would be ~200 B x 10^4)
+        self._claims: dict[Frontend, str | set[str]] = {}
         self._kept: set[str] = set()
         self._errors: dict[str, RecordError] = {}  # service key -> why it was rejected
         self._conflicts: list[RecordError] = []
-        self._groups_of: dict[str, dict[str, Group]] = {}  # service key -> its groups
+        self._groups_of: dict[str, tuple[str, ...]] = {}  # service key -> its group keys
         self.groups: dict[str, Group] = {}
 
     def service(self, key: str) -> Service | None:
@@ -307,13 +340,23 @@ class DesiredState:
             return self.groups, list(self._errors.values()) + self._conflicts
         for key in changed:
             old, new = self._svc.get(key), current.get(key)
+            claims = self._claims
             for fe in self._frontends(old) if old is not None else ():
-                claim = self._claims[fe]
-                claim.discard(key)
-                if not claim:
-                    del self._claims[fe]
+                claim = claims[fe]
+                if type(claim) is str:
+                    del claims[fe]
+                else:
+                    claim.discard(key)
+                    if len(claim) == 1:
+                        claims[fe] = next(iter(claim))
             for fe in self._frontends(new) if new is not None else ():
-                self._claims.setdefault(fe, set()).add(key)
+                claim = claims.get(fe)
+                if claim is None:
+                    claims[fe] = key
+                elif type(claim) is str:
+                    claims[fe] = {claim, key}
+                else:
+                    claim.add(key)
         affected = self._closure(changed, current)
         self.changed_services = affected
         self._svc = current
@@ -335,7 +378,8 @@ class DesiredState:
             key = todo.pop()
             svcs = [s for s in (self._svc.get(key), current.get(key)) if s is not None]
             for fe in set().union(*(self._frontends(s) for s in svcs)) if svcs else ():
-                for other in self._claims.get(fe, ()):
+                claim = self._claims.get(fe, ())
+                for other in (claim,) if type(claim) is str else claim:
                     if other not in seen:
                         seen.add(other)
                         todo.append(other)
@@ -348,7 +392,7 @@ class DesiredState:
         kept_keys = {s.key for s in kept}
         for key in affected:
             self._errors.pop(key, None)
-            for gk in self._groups_of.pop(key, {}):
+            for gk in self._groups_of.pop(key, ()):
                 self.groups.pop(gk, None)
                 self.changed_groups.add(gk)
             self._kept.discard(key)
@@ -357,9 +401,12 @@ class DesiredState:
                 e = RecordError(e.where, f"{self._errors[e.where].reason}; {e.reason}")
             self._errors[e.where] = e
         for s in kept:
+            key = self._key_of.get(id(s))  # (the one string object per service)
+            if key is None or self._svc.get(key) is not s:  # (a stale id, or a copy)
+                key = s.key
             groups = desired_groups([s], self._node_ports, self._node)
-            self._groups_of[s.key] = groups
+            self._groups_of[key] = tuple(groups)
             self.groups.update(groups)
             self.changed_groups.update(groups)
-            self._kept.add(s.key)
+            self._kept.add(key)
         assert kept_keys <= self._kept

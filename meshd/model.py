@@ -1,8 +1,9 @@
 """Validated, immutable control-plane types and the checks that need every record at once.
 
 Owns:
-  * what a service record *is*: PortSpec, Endpoint, LbSettings, Service (frozen, extra keys
-    rejected, hashable, comparable);
+  * what a service record *is*: the pydantic models PortIn, EndpointIn, LbSettings, ServiceIn
+    (frozen, extra keys rejected) check it; what is kept after the check is the slim, slotted
+    PortSpec, Endpoint, Service of meshd/records.py (same fields, hashable, comparable);
   * turning raw registry data (static file entries, etcd JSON) into those types with one-line,
     user-readable reasons: parse_service, parse_endpoint -> RecordError(where, reason);
   * explain_errors: pydantic ValidationError -> [(loc, message)] in meshd's wording (config.py
@@ -28,6 +29,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Pl
 from pydantic_core import PydanticCustomError
 
 from meshd.errors import RecordError
+from meshd.records import Endpoint, PortSpec, Record, Service, intern
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -199,7 +201,7 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class PortSpec(StrictModel):
+class PortIn(StrictModel):
     name: PortName
     port: PortNumber
     protocol: Literal["TCP", "UDP"] = "TCP"
@@ -208,9 +210,9 @@ class PortSpec(StrictModel):
     node_port: PortNumber | None = None
 
 
-class Endpoint(StrictModel):
-    """One backend. `ports` maps a service port name to the backend's port; an endpoint serves
-    exactly the service ports it names."""
+class EndpointIn(StrictModel):
+    """One backend (validation; kept as meshd.records.Endpoint). `ports` maps a service port
+    name to the backend's port; an endpoint serves exactly the service ports it names."""
 
     address: IPAddr
     ports: Annotated[dict[PortName, PortNumber], AfterValidator(_frozen_ports)]
@@ -226,26 +228,6 @@ class Endpoint(StrictModel):
     hints_for_zones: Annotated[tuple[Annotated[StrictStr, AfterValidator(_text)], ...],
                                AfterValidator(_unique_zones)] | None = None
 
-    @property
-    def is_serving(self) -> bool:
-        return self.ready if self.serving is None else self.serving
-
-    @property
-    def usable(self) -> bool:
-        """Gets new connections: ready, not terminating, weight > 0 (weight 0 = drained)."""
-        return self.ready and not self.terminating and self.weight > 0
-
-    @model_validator(mode="after")
-    def _share_fields_set(self) -> Endpoint:
-        # Which fields a record set: one shared frozenset per combination instead of a set
-        # per endpoint (~200 B x 10^5). Endpoints are frozen and never model_copy(update=)'d,
-        # the only ways pydantic changes it.
-        fields = frozenset(self.__pydantic_fields_set__)
-        object.__setattr__(self, "__pydantic_fields_set__", _FIELDS_SETS.setdefault(fields, fields))
-        return self
-
-
-_FIELDS_SETS: dict[frozenset[str], frozenset[str]] = {}  # at most 2^7 (Endpoint's fields)
 
 
 def _unique_zones(v: tuple[str, ...]) -> tuple[str, ...]:
@@ -284,7 +266,7 @@ def _check_vips(vips: tuple[IPAddress, ...]) -> tuple[IPAddress, ...]:
     return vips
 
 
-def _check_ports(ports: tuple[PortSpec, ...]) -> tuple[PortSpec, ...]:
+def _check_ports(ports: tuple[PortIn, ...]) -> tuple[PortIn, ...]:
     if not ports:
         raise _fail("empty", "must list at least one port")
     names: dict[str, int] = {}
@@ -308,18 +290,19 @@ def _check_ports(ports: tuple[PortSpec, ...]) -> tuple[PortSpec, ...]:
     return ports
 
 
-class Service(StrictModel):
+class ServiceIn(StrictModel):
+    """A service record (validation; kept as meshd.records.Service)."""
     namespace: DnsLabel
     name: DnsLabel
     vips: Annotated[tuple[IPAddr, ...], AfterValidator(_check_vips)]
-    ports: Annotated[tuple[PortSpec, ...], AfterValidator(_check_ports)]
+    ports: Annotated[tuple[PortIn, ...], AfterValidator(_check_ports)]
     session_affinity: Annotated[Literal["None", "ClientIP"], _or_default("None")] = "None"
     lb: Annotated[LbSettings, _or_default({})] = LbSettings()
     # Endpoints on loopback, link-local or a metadata address are refused unless this is true
     # (local_endpoint_problem): anyone who can write an endpoint could otherwise send the
     # service's clients to a port of this machine (sshd on 127.0.0.1:22) or to 169.254.169.254.
     allow_local_endpoints: StrictBool = False
-    endpoints: Annotated[tuple[Endpoint, ...], _or_default(())] = ()
+    endpoints: Annotated[tuple[EndpointIn, ...], _or_default(())] = ()
     # kube-proxy semantics (docs/services.md; meshd/selection.py decides)
     internal_traffic_policy: Policy = "Cluster"  # frontends on VIPs
     external_traffic_policy: Policy = "Cluster"  # node ports, external IPs, LB IPs (tc path)
@@ -336,7 +319,7 @@ class Service(StrictModel):
         return f"{self.namespace}/{self.name}"
 
     @model_validator(mode="after")
-    def _endpoints_match_ports(self) -> Service:
+    def _endpoints_match_ports(self) -> ServiceIn:
         known = {p.name for p in self.ports}
         problems: list[str] = []
         backends: dict[tuple[str, IPAddress, int], int] = {}
@@ -472,17 +455,72 @@ def _reason(exc: ValidationError, root: type[BaseModel], limit: int = 6) -> str:
 def parse_service(data: object, where: str) -> Service:
     """Validate one raw service record; RecordError(where, one-line reason) if it is bad."""
     try:
-        return Service.model_validate(data)
+        return _service(ServiceIn.model_validate(data))
     except ValidationError as e:
-        raise RecordError(where, _reason(e, Service)) from None
+        raise RecordError(where, _reason(e, ServiceIn)) from None
 
 
 def parse_endpoint(data: object, where: str) -> Endpoint:
     """Validate one raw endpoint record on its own (etcd stores endpoints separately)."""
     try:
-        return Endpoint.model_validate(data)
+        return _endpoint(EndpointIn.model_validate(data))
     except ValidationError as e:
-        raise RecordError(where, _reason(e, Endpoint)) from None
+        raise RecordError(where, _reason(e, EndpointIn)) from None
+
+
+# ---- validated model -> kept record ----------------------------------------------------------
+# Values many records repeat are shared: one object per distinct value. The caches only grow
+# with distinct values (port specs, zone-hint lists); past _SHARED_MAX they start over, which
+# costs sharing, never correctness.
+_SHARED_MAX = 1 << 16
+_shared: dict[object, object] = {}
+
+
+def _one(value):
+    got = _shared.get(value)
+    if got is None:
+        if len(_shared) >= _SHARED_MAX:
+            _shared.clear()
+        got = _shared[value] = value
+    return got
+
+
+def _port(p: PortIn) -> PortSpec:
+    d = p.__dict__
+    return _one(PortSpec._make(d["name"], d["port"], intern(d["protocol"]), d["node_port"]))
+
+
+def _endpoint(m: EndpointIn) -> Endpoint:
+    d = m.__dict__
+    hints = d["hints_for_zones"]
+    if hints is not None:
+        hints = _one(tuple(map(intern, hints)))
+    return Endpoint._make(d["address"], d["ports"], d["weight"], intern(d["zone"]),
+                          intern(d["node"]), d["ready"], d["serving"], d["terminating"], hints)
+
+
+def _service(m: ServiceIn) -> Service:
+    d = m.__dict__
+    return Service._make(
+        intern(d["namespace"]), d["name"], d["vips"], _one(tuple(map(_port, d["ports"]))),
+        intern(d["session_affinity"]), _one(d["lb"]), d["allow_local_endpoints"],
+        tuple(map(_endpoint, d["endpoints"])), intern(d["internal_traffic_policy"]),
+        intern(d["external_traffic_policy"]), d["affinity_timeout_seconds"], d["external_ips"],
+        d["load_balancer_ips"], d["load_balancer_source_ranges"], d["health_check_node_port"],
+        intern(d["topology_mode"]), intern(d["traffic_distribution"]))
+
+
+def _check_mirror(kept: type[Record], model: type[BaseModel]) -> None:
+    """The kept record has exactly the validated model's fields, in its order."""
+    if tuple(kept._fields) != tuple(model.model_fields):
+        raise TypeError(f"{kept.__name__}._fields {kept._fields} != {model.__name__} fields "
+                        f"{tuple(model.model_fields)}")
+
+
+for _kept, _model, _conv in ((PortSpec, PortIn, _port), (Endpoint, EndpointIn, _endpoint),
+                             (Service, ServiceIn, _service)):
+    _check_mirror(_kept, _model)
+    _kept._validate = staticmethod(lambda data, _m=_model, _c=_conv: _c(_m.model_validate(data)))
 
 
 # ---- cross-record checks ---------------------------------------------------------------------

@@ -31,7 +31,7 @@ from meshd.config import EtcdConfig  # noqa: E402
 from meshd.errors import RecordError, RegistryError  # noqa: E402
 from meshd.model import (Service, local_endpoint_problem, local_endpoint_reason, parse_endpoint,  # noqa: E402
                          parse_service)
-from meshd.sources.etcd import (MAX_VALUE_BYTES, check_record, close_client, describe,  # noqa: E402
+from meshd.sources.etcd import (LIST_PAGE, MAX_VALUE_BYTES, check_record, close_client, describe,  # noqa: E402
                                 endpoint_id_problem, endpoint_key, endpoints_in_service_reason,
                                 endpoints_prefix, hint, key_text, label_problem, open_client,
                                 service_key)
@@ -314,7 +314,7 @@ class Registry:
         rev = 0
         try:
             while True:
-                resp = await client.kvstub.Range(rpc.RangeRequest(key=start, range_end=end, limit=1000, revision=rev),
+                resp = await client.kvstub.Range(rpc.RangeRequest(key=start, range_end=end, limit=LIST_PAGE, revision=rev),
                                                  timeout=self.cfg.dial_timeout, metadata=client.metadata)
                 rev = rev or resp.header.revision
                 out.extend(resp.kvs)

@@ -88,9 +88,11 @@ async def watchdog(progress: Progress, interval: float) -> None:
         await asyncio.sleep(interval)
 
 
-async def announce_ready(progress: Progress, sources, count: Callable[[], int]) -> None:
+async def announce_ready(progress: Progress, sources, count: Callable[[], int],
+                         settle: Callable[[], None] = lambda: None) -> None:
     """READY=1 once the first full sync is in; after the grace time also when every source
-    still unread is unreachable (then the pinned kernel state is what is served)."""
+    still unread is unreachable (then the pinned kernel state is what is served). `settle`
+    runs just before: READY goes out with the memory the daemon keeps."""
     deadline = time.monotonic() + progress.ready_grace
     while not progress.ready.is_set():
         try:
@@ -105,6 +107,7 @@ async def announce_ready(progress: Progress, sources, count: Callable[[], int]) 
                         "kernel state", progress.ready_grace,
                         "; ".join(f"{n}: {sources[n].error}" for n in unread))
             break
+    settle()
     n = count()
     sdnotify.notify(f"READY=1\nSTATUS=serving {n} services")
     log.info("ready: %d services", n)

@@ -16,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv6Address
-from typing import Any
+from typing import Any, NamedTuple
 
 from meshd.errors import RecordError
 from meshd.model import (Endpoint, Service, local_endpoint_problem, local_endpoint_reason, parse_endpoint,
@@ -66,8 +67,7 @@ def endpoint_id_problem(v: str) -> str | None:
     return f"endpoint id {show(v)} in the key must be 1-253 characters of A-Z a-z 0-9 . _ -"
 
 
-@dataclass(frozen=True)
-class KeyInfo:
+class KeyInfo(NamedTuple):
     kind: str  # "service" | "endpoint"
     namespace: str
     name: str
@@ -78,6 +78,13 @@ class KeyInfo:
         return f"{self.namespace}/{self.name}"
 
 
+# The shape of every valid key below the prefix, matched at once (10^5 keys in a list); a key
+# that does not match goes the long way, which says what is wrong with it.
+_LABEL_B = rb"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+_VALID_KEY = re.compile(rb"(services|endpoints)/(%s)/(%s)(?:/([A-Za-z0-9._-]{1,253}))?"
+                        % (_LABEL_B, _LABEL_B))
+
+
 def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
     """What a key under `prefix` holds. None: outside the services/ and endpoints/ subtrees (not
     ours). RecordError: inside them but not of the schema's shape."""
@@ -85,6 +92,11 @@ def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
     if not key.startswith(pre):
         return None
     raw = key[len(pre):]
+    m = _VALID_KEY.fullmatch(raw)
+    if m is not None and (m[1] == b"services") == (m[4] is None):
+        eid = m[4]
+        return KeyInfo("service" if eid is None else "endpoint", m[2].decode(), m[3].decode(),
+                       None if eid is None else eid.decode())
     head = raw.split(b"/", 1)[0]
     if head not in (b"services", b"endpoints"):
         return None
@@ -220,15 +232,15 @@ class RegistryState:
 
     def __init__(self, prefix: str):
         self.prefix = prefix
-        # Memory matters here (10^5 records): a value is kept as its hash (enough to see that
-        # a put changes nothing: SipHash with this process's random key, 64 bits), where a
-        # valid record belongs is not stored but read from its key again when it goes
-        # (classify_key), and an endpoint keeps its key as bytes (the same object as in
-        # _raw), decoded only for an error message.
-        self._raw: dict[bytes, int] = {}  # every key of the two subtrees -> hash of its value
+        # Memory matters here (10^5 records): neither keys nor values are kept. A valid
+        # record is filed under its service key and endpoint id (its etcd key is made again
+        # from them when needed: every part of a valid key is ASCII), and a put whose record
+        # equals the one filed changes nothing (so a re-list converges without touching an
+        # unchanged service; it parses every value again, which a re-list after compaction
+        # can afford, a copy of 10^5 keys and value hashes -- ~17 MB -- it could not).
         self._errors: dict[bytes, RecordError] = {}  # records that failed on their own
         self._services: dict[str, Service] = {}  # "ns/name" -> valid service record (no endpoints)
-        self._endpoints: dict[str, dict[str, tuple[bytes, Endpoint]]] = {}  # "ns/name" -> id -> (key, ep)
+        self._endpoints: dict[str, dict[str, Endpoint]] = {}  # "ns/name" -> endpoint id -> endpoint
         # composed output, kept between snapshots
         self._composed: dict[str, Service] = {}
         self._compose_errors: dict[str, tuple[RecordError, ...]] = {}
@@ -243,19 +255,18 @@ class RegistryState:
         self._errors_out: tuple[RecordError, ...] | None = ()
 
     def __len__(self) -> int:
-        return len(self._raw)
+        return len(self._errors) + len(self._services) + sum(map(len, self._endpoints.values()))
 
     # -- changes --
     def put(self, key: bytes, value: bytes) -> bool:
-        """Apply a put; False if nothing changed (same value, or a key that is not ours)."""
-        digest = hash(value)
-        if self._raw.get(key) == digest:
-            return False
+        """Apply a put; False if nothing changed (an equal record, or a key that is not ours)."""
         try:
             checked = check_record(self.prefix, key, value)
         except RecordError as e:
+            old = self._errors.get(key)
+            if old is not None and old.reason == e.reason:
+                return False
             self._forget(key)
-            self._raw[key] = digest
             self._errors[key] = e
             self._errors_out = None
             return True
@@ -263,29 +274,32 @@ class RegistryState:
             log.debug("etcd: ignoring %s: not under %sservices/ or %sendpoints/", key_text(key),
                       self.prefix, self.prefix)
             return False
-        self._forget(key)
-        self._raw[key] = digest
         info, record = checked
-        skey = info.service
+        skey = sys.intern(info.service)  # one string per service in every index below
         if info.kind == "service":
             assert isinstance(record, Service)
+            if self._services.get(skey) == record:
+                return False
+            if key in self._errors:  # (a valid record replaces a valid one in place)
+                self._forget(key, info)
             self._services[skey] = record
         else:
             assert isinstance(record, Endpoint) and info.endpoint_id is not None
-            self._endpoints.setdefault(skey, {})[info.endpoint_id] = (key, record)
+            eps = self._endpoints.get(skey)
+            if eps is not None and eps.get(info.endpoint_id) == record:
+                return False
+            if key in self._errors:
+                self._forget(key, info)
+            self._endpoints.setdefault(skey, {})[info.endpoint_id] = record
         self._dirty.add(skey)
         return True
 
     def delete(self, key: bytes) -> bool:
-        if key not in self._raw:
-            return False
-        self._forget(key)
-        del self._raw[key]
-        return True
+        return self._forget(key)
 
     def replace(self, items: Iterable[tuple[bytes, bytes]]) -> None:
         """Converge to exactly these key/values (a full list): keys not listed are deleted,
-        unchanged values are not parsed again."""
+        a record equal to the one held changes nothing."""
         for _ in self.replace_steps(items, step=0):
             pass
 
@@ -294,37 +308,52 @@ class RegistryState:
         can let other tasks run; step=0: no pauses). Do not snapshot until it is exhausted."""
         new = dict(items)
         n = 0
-        for key in [k for k in self._raw if k not in new]:
-            self.delete(key)
+        self.retain(new)
         for key, value in new.items():
             self.put(key, value)
             n += 1
             if step and n % step == 0:
                 yield
 
-    def _forget(self, key: bytes) -> None:
-        """Remove what the key's previous value contributed."""
+    def keys(self) -> Iterable[bytes]:
+        """Every key that holds a record (valid or not)."""
+        yield from self._errors
+        pre = self.prefix
+        for skey in self._services:
+            yield f"{pre}services/{skey}".encode()
+        for skey, eps in self._endpoints.items():
+            for eid in eps:
+                yield f"{pre}endpoints/{skey}/{eid}".encode()
+
+    def retain(self, keys: set[bytes] | dict[bytes, object]) -> None:
+        """Delete every key not in `keys` (after a full list: what it did not list is gone)."""
+        for key in [k for k in self.keys() if k not in keys]:
+            self.delete(key)
+
+    def _forget(self, key: bytes, info: KeyInfo | None = None) -> bool:
+        """Remove what the key's previous value contributed; False if it had none."""
         if self._errors.pop(key, None) is not None:
             self._errors_out = None
-            return  # a record that failed on its own contributed nothing else
-        if key not in self._raw:
-            return
-        try:
-            info = classify_key(self.prefix, key)  # valid before, so it parses again
-        except RecordError:
-            info = None
+            return True  # a record that failed on its own contributed nothing else
         if info is None:
-            return
+            try:
+                info = classify_key(self.prefix, key)
+            except RecordError:
+                return False  # not a valid key: only ever filed under _errors
+            if info is None:
+                return False
         skey = info.service
         if info.kind == "service":
-            self._services.pop(skey, None)
+            if self._services.pop(skey, None) is None:
+                return False
         else:
             eps = self._endpoints.get(skey)
-            if eps is not None:
-                eps.pop(info.endpoint_id or "", None)
-                if not eps:
-                    del self._endpoints[skey]
+            if eps is None or eps.pop(info.endpoint_id or "", None) is None:
+                return False
+            if not eps:
+                del self._endpoints[skey]
         self._dirty.add(skey)
+        return True
 
     # -- output --
     def _compose(self, skey: str) -> None:
@@ -342,28 +371,32 @@ class RegistryState:
             return
         self._orphans.pop(skey, None)
         known = {p.name for p in svc.ports}
-        backends: dict[tuple[str, object, int], str] = {}
+        backends: dict[tuple[str, tuple[int, int], int], str] = {}
         kept: list[Endpoint] = []
         problems: list[RecordError] = []
+        ns, name = skey.split("/")
+        at = lambda eid: endpoint_key(self.prefix, ns, name, eid)  # noqa: E731  (ids are ASCII)
         for eid in sorted(eps):
-            key, ep = eps[eid]
-            where = key_text(key)
-            unknown = sorted(p for p in ep.ports if p not in known)
+            ep = eps[eid]
+            unknown = () if known.issuperset(ep.ports) else sorted(p for p in ep.ports if p not in known)
             if unknown:
-                problems.append(RecordError(where, f"ports: unknown port name {show(unknown[0])} "
+                problems.append(RecordError(at(eid), f"ports: unknown port name {show(unknown[0])} "
                                             f"(service {skey} has ports: {', '.join(sorted(known))})"))
                 continue
             if not svc.allow_local_endpoints and local_endpoint_problem(ep.address):
-                problems.append(RecordError(where, local_endpoint_reason(ep.address, skey)))
+                problems.append(RecordError(at(eid), local_endpoint_reason(ep.address, skey)))
                 continue
-            dup = next(((p, n) for p, n in ep.ports.items() if (p, ep.address, n) in backends), None)
+            # keyed by the address' int and family: hashing an ip_address object runs Python
+            # code (hex() of the int), 3x per endpoint here
+            addr = (ep.address._ip, ep.address._version)
+            dup = next(((p, n) for p, n in ep.ports.items() if (p, addr, n) in backends), None)
             if dup is not None:
                 p, n = dup
-                problems.append(RecordError(where, f"{_hostport(ep, n)} for port {p!r} duplicates "
-                                            f"endpoint {backends[(p, ep.address, n)]} of service {skey}"))
+                problems.append(RecordError(at(eid), f"{_hostport(ep, n)} for port {p!r} duplicates "
+                                            f"endpoint {backends[(p, addr, n)]} of service {skey}"))
                 continue
             for p, n in ep.ports.items():
-                backends[(p, ep.address, n)] = eid
+                backends[(p, addr, n)] = eid
             kept.append(ep)
         if problems:
             self._compose_errors[skey] = tuple(problems)

@@ -102,6 +102,114 @@ def test_initial_list_composes_services_with_sorted_endpoints_and_reports_bad_re
     etcdlib.run(body())
 
 
+def test_a_list_of_many_pages_is_one_snapshot_of_one_revision_while_writes_go_on(
+        cfg, etcdlib, monkeypatch) -> None:
+    """The list is parsed page by page (the next page requested before this one is parsed);
+    the first snapshot must still be exactly etcd's content at one revision, with writes
+    landing between the pages, and later writes arrive through the watch."""
+    import meshd.sources.etcd as etcd_mod
+    from aetcd import rpc
+    from aetcd.utils import prefix_range_end
+    monkeypatch.setattr(etcd_mod, "LIST_PAGE", 3)  # 42 keys: 14 pages
+    monkeypatch.setattr(etcd_mod, "LIST_YIELD", 1)  # yield after every record: writes interleave
+
+    async def body() -> None:
+        async with Writer(cfg) as w:
+            for i in range(6):
+                await w.put(f"services/shop/s{i}", j(svc("shop", f"s{i}", f"10.96.0.{20 + i}")))
+                for e in range(6):
+                    await w.put(f"endpoints/shop/s{i}/e{e}", j(ep(f"10.1.{i}.{e + 1}")))
+            stop = asyncio.Event()
+
+            async def churn() -> None:  # weights keep changing while the source lists
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    await w.put(f"endpoints/shop/s{n % 6}/e0", j(ep(f"10.1.{n % 6}.1", weight=n)))
+                    await asyncio.sleep(0.002)
+            writer = asyncio.create_task(churn())
+            src = EtcdSource(cfg)
+            try:
+                async with etcdlib.running(src) as snaps:
+                    first = await snaps.wait(lambda s: True)
+                    stop.set()
+                    await writer
+                    pre = cfg.prefix.encode()
+                    resp = await w.c.kvstub.Range(rpc.RangeRequest(
+                        key=pre, range_end=prefix_range_end(pre), revision=first.revision),
+                        metadata=w.c.metadata)
+                    at_rev = {kv.key.decode()[len(cfg.prefix):]: json.loads(kv.value) for kv in resp.kvs}
+                    assert keys(first) == [f"shop/s{i}" for i in range(6)]
+                    for s in first.services:
+                        got = {f"endpoints/{s.key}/e{k}": e.weight for k, e in enumerate(s.endpoints)}
+                        assert got == {k: v.get("weight", 1) for k, v in at_rev.items()
+                                       if k.startswith(f"endpoints/{s.key}/")}, s.key
+                    # and what was written after that revision comes through the watch
+                    now = await w.put("endpoints/shop/s1/e5", j(ep("10.1.1.6", weight=999)))
+                    last = await snaps.wait(lambda s: s.revision >= now)
+                    assert last.services[1].endpoints[5].weight == 999
+            finally:
+                stop.set()
+                await writer
+    etcdlib.run(body())
+
+
+def test_a_relist_cut_after_some_pages_shows_nothing_partial_and_converges(
+        cfg, etcd_server, etcdlib, monkeypatch) -> None:
+    """Pages are applied to the state as they arrive; a re-list whose connection dies half way
+    leaves a state that mixes two revisions: no snapshot may show it, and the next list
+    converges (keys it no longer lists are deleted then)."""
+    import meshd.sources.etcd as etcd_mod
+    monkeypatch.setattr(etcd_mod, "LIST_PAGE", 3)
+    monkeypatch.setattr(etcd_mod, "LIST_YIELD", 1)
+
+    def weights(snap: RegistrySnapshot) -> dict[str, list[int]]:
+        return {s.key: [e.weight for e in s.endpoints] for s in snap.services}
+
+    async def body() -> None:
+        proxy, src = await _behind_proxy(cfg, etcdlib)
+        try:
+            async with Writer(cfg) as w:
+                for i in range(6):
+                    await w.put(f"services/shop/s{i}", j(svc("shop", f"s{i}", f"10.96.0.{20 + i}")))
+                    for e in range(6):
+                        await w.put(f"endpoints/shop/s{i}/e{e}", j(ep(f"10.1.{i}.{e + 1}")))
+                async with etcdlib.running(src) as snaps:
+                    await snaps.wait(lambda s: len(s.services) == 6)
+                    await etcdlib.until(lambda: src.connected)
+                    before = weights(snaps.items[-1])
+                    proxy.pause()
+                    await etcdlib.until(lambda: not src.connected, what="disconnected")
+                    for i in range(6):  # while away: every weight changes, s5 goes
+                        for e in range(6):
+                            if i == 5:
+                                await w.delete(f"endpoints/shop/s{i}/e{e}")
+                            else:
+                                await w.put(f"endpoints/shop/s{i}/e{e}", j(ep(f"10.1.{i}.{e + 1}", weight=5)))
+                    await w.delete("services/shop/s5")
+                    await asyncio.to_thread(etcd_server.compact)
+                    seen = len(snaps.items)
+                    proxy.resume()
+                    # cut the re-list once part of it is in the state (LIST_YIELD=1: it yields
+                    # after every record)
+                    end = time.monotonic() + 10
+                    while not (src._partial and src.state._endpoints.get("shop/s0", {}).get("e2")
+                               and src.state._endpoints["shop/s0"]["e2"].weight == 5):
+                        assert time.monotonic() < end, "the re-list did not start"
+                        await asyncio.sleep(0)
+                    proxy.pause()
+                    await asyncio.sleep(0.5)
+                    assert src._partial and len(snaps.items) == seen, "a partial state was emitted"
+                    proxy.resume()
+                    want = {f"shop/s{i}": [5] * 6 for i in range(5)}
+                    await snaps.wait(lambda s: weights(s) == want, timeout=10)
+                    assert all(weights(s) in (before, want) for s in snaps.items), \
+                        [weights(s) for s in snaps.items]
+        finally:
+            await proxy.close()
+    etcdlib.run(body())
+
+
 def test_puts_modifications_and_deletes_are_followed(cfg, etcdlib) -> None:
     async def body() -> None:
         async with Writer(cfg) as w:

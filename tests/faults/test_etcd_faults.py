@@ -37,7 +37,7 @@ def records(lab, ns: str, name: str, vip: str, *backends_: int) -> list[tuple[st
 
 # ---- 1. etcd killed during the initial list -------------------------------------------------
 
-BULK = 1200  # services (+1 endpoint each): 2,400 keys, three list pages of 1,000 (~300 KB)
+BULK = 1200  # services (+1 endpoint each): 2,400 keys, one list page (~300 KB; pages are 10,000 keys)
 KILL_AFTER = 20_000  # bytes of the list that reach the daemon before etcd is killed
 
 
@@ -51,7 +51,7 @@ def bulk_group(i: int) -> str:
 
 def test_etcd_killed_during_the_initial_list(lab, etcd, make_meshd, workdir):
     """kill -9 of etcd while the daemon's first list is in flight (the proxy between them
-    kills etcd by PID once 20 KB of the first page went through; more pages were to come): the
+    kills etcd by PID once 20 KB of the list's page went through; the rest was to come): the
     daemon applies nothing partial -- every service the kernel held from an earlier run keeps
     serving, also when its other source (a services file) changes meanwhile and wakes the
     sync -- and once etcd is back it lists again, converges to the full set (with the
