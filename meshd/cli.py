@@ -14,15 +14,25 @@ from meshd.errors import MeshdError
 log = logging.getLogger("meshd")
 
 
+DEFAULT_CONFIG = Path("/etc/meshd/meshd.yaml")  # what the Debian package installs
+
+
+def config_path(args) -> Path | None:
+    """--config, else the installed /etc/meshd/meshd.yaml when there is one, else none
+    (the built-in defaults): every verb reads the config the daemon runs with."""
+    if args.config:
+        return Path(args.config)
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
 def _config(args):
     from meshd.config import load_config
-    return load_config(Path(args.config) if args.config else None)
+    return load_config(config_path(args))
 
 
 def cmd_run(args) -> int:
     from meshd import daemon
-    return daemon.run(Path(args.config) if args.config else None,
-                      log_level_set=args.log_level is not None)
+    return daemon.run(config_path(args), log_level_set=args.log_level is not None)
 
 
 def cmd_services(args) -> int:
@@ -64,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run the daemon (keeps the kernel maps equal to the registry)")
-    r.add_argument("--config", "-c", help="config file (YAML); default: built-in defaults")
+    r.add_argument("--config", "-c", help="config file (YAML); default: /etc/meshd/meshd.yaml "
+                   "if it exists, else the built-in defaults")
     r.set_defaults(fn=cmd_run)
 
     s = sub.add_parser("services", help="print what the kernel maps hold")

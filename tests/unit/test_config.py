@@ -237,3 +237,14 @@ def test_old_embedded_listen_keys_still_load_with_a_warning(tmp_path: Path, capl
     assert cfg.etcd is not None and cfg.etcd.embedded
     assert "etcd.embedded_listen is ignored and can be removed" in caplog.text
     assert "etcd.embedded_peer_listen is ignored" in caplog.text
+
+
+def test_cli_reads_the_installed_config_when_none_is_given(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from meshd import cli
+    monkeypatch.setattr(cli, "DEFAULT_CONFIG", tmp_path / "meshd.yaml")
+    assert cli.config_path(SimpleNamespace(config=None)) is None  # not installed: defaults
+    (tmp_path / "meshd.yaml").write_text("instance: vm\n")
+    assert cli.config_path(SimpleNamespace(config=None)) == tmp_path / "meshd.yaml"
+    assert cli.config_path(SimpleNamespace(config="x.yaml")) == Path("x.yaml")  # --config wins
