@@ -259,6 +259,7 @@ class DesiredState:
         # per frontend would be ~200 B x 10^4)
         self._claims: dict[Frontend, str | set[str]] = {}
         self._kept: set[str] = set()
+        self._hc: dict[str, Service] = {}  # kept services with a health_check_node_port
         self._errors: dict[str, RecordError] = {}  # service key -> why it was rejected
         self._conflicts: list[RecordError] = []
         self._groups_of: dict[str, tuple[str, ...]] = {}  # service key -> its group keys
@@ -271,12 +272,10 @@ class DesiredState:
         """health_check_node_port -> (namespace, name, local ready endpoints) of every kept
         service that has one (kube-proxy counts the service's ready endpoints on this node)."""
         out = {}
-        for key in self._kept:
-            s = self._svc[key]
-            if s.health_check_node_port is not None:
-                local = {ep.address for ep in s.endpoints if ep.node == node and ep.ready
-                         and not ep.terminating and ep.weight > 0}
-                out[s.health_check_node_port] = (s.namespace, s.name, len(local))
+        for s in self._hc.values():  # (not a walk of every service on every sync)
+            local = {ep.address for ep in s.endpoints if ep.node == node and ep.ready
+                     and not ep.terminating and ep.weight > 0}
+            out[s.health_check_node_port] = (s.namespace, s.name, len(local))
         return out
 
     @property
@@ -396,6 +395,7 @@ class DesiredState:
                 self.groups.pop(gk, None)
                 self.changed_groups.add(gk)
             self._kept.discard(key)
+            self._hc.pop(key, None)
         for e in errors:
             if e.where in self._errors:  # a kept service with several dropped addresses
                 e = RecordError(e.where, f"{self._errors[e.where].reason}; {e.reason}")
@@ -409,4 +409,6 @@ class DesiredState:
             self.groups.update(groups)
             self.changed_groups.update(groups)
             self._kept.add(key)
+            if s.health_check_node_port is not None:
+                self._hc[key] = s
         assert kept_keys <= self._kept
