@@ -114,10 +114,11 @@ def test_bad_config_is_one_line_naming_the_key(tmp_path):
 def test_services_flags_drift_between_kernel_and_sources(lab, daemon):
     daemon.write(svc(lab, "web", VIP, [1]), svc(lab, "old", "10.96.0.11", [2]))
     daemon.start()
-    # the first sync is over once the daemon has stamped it (a report read mid-sync would
-    # rightly show the frontends as not yet written)
-    rep = daemon.wait(lambda r: len(r["services"]) == 2 and (r.get("daemon") or {}).get("synced_at"),
-                      "first sync")
+    # the first sync is over once the daemon has stamped it. `meshd services` reads the kernel
+    # first and the status file after, so one report can pair a mid-sync kernel view (no
+    # frontends yet) with the stamp of the sync that finished in between: wait for both
+    rep = daemon.wait(lambda r: len(r["services"]) == 2 and (r.get("daemon") or {}).get("synced_at")
+                      and all(g["drift"] == [] for g in r["services"]), "first sync, no drift")
     assert all(g["drift"] == [] for g in rep["services"]), rep["services"]
     assert daemon.stop() == 0
     # while no daemon runs, the sources change: the kernel is now behind them
