@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import subprocess
 import zipfile
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from testlib import BPFFS, CGROUP2, TEST_PREFIX, claim, release
+from testlib import BPFFS
 
 import pkglib
 
@@ -54,21 +53,6 @@ def venv(tmp_path):
     return v
 
 
-@pytest.fixture
-def instance():
-    name = TEST_PREFIX + "w" + secrets.token_hex(3)
-    claim(name)
-    cg = CGROUP2 / name
-    cg.mkdir()
-    try:
-        yield name, cg
-    finally:
-        from meshd.dataplane import loader
-        loader.remove(BPFFS, name)
-        cg.rmdir()
-        release(name)
-
-
 def _no_compiler_path(tmp: Path, venv: Path) -> str:
     """PATH of the venv and the few tools meshd runs (mount, ip): no clang, no cc."""
     bin_ = tmp / "bin"
@@ -80,8 +64,8 @@ def _no_compiler_path(tmp: Path, venv: Path) -> str:
     return path
 
 
-def test_wheel_installed_without_a_compiler_loads_the_programs(venv, instance, tmp_path):
-    name, cg = instance
+def test_wheel_installed_without_a_compiler_loads_the_programs(venv, kernel_instance, tmp_path):
+    name, cg = kernel_instance
     env = {"PATH": _no_compiler_path(tmp_path, venv)}
     r = subprocess.run([str(venv / "bin/python"), "-c", LOAD, str(BPFFS), name, str(cg)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
@@ -94,8 +78,8 @@ def test_wheel_installed_without_a_compiler_loads_the_programs(venv, instance, t
     assert {"cgroup_inet4_connect", "cgroup_inet6_connect"} <= {p["attach_type"] for p in progs}, progs
 
 
-def test_missing_objects_are_one_clear_line(venv, instance, tmp_path):
-    name, cg = instance
+def test_missing_objects_are_one_clear_line(venv, kernel_instance, tmp_path):
+    name, cg = kernel_instance
     site = next((venv / "lib").glob("python3*/site-packages"))
     shutil.rmtree(site / "meshd" / "bpf_obj")
     cfg = tmp_path / "meshd.yaml"
