@@ -219,7 +219,6 @@ class Daemon:
         else:
             plan = plan_reload(self.cfg, new)
             self.cfg = plan.config
-            (log.error if plan.refused else log.info)("%s", plan.message())
             if "log_level" in plan.applied:
                 logging.getLogger().setLevel(getattr(logging, self.cfg.log_level.upper()))
             if "sync" in plan.applied:
@@ -237,6 +236,8 @@ class Daemon:
                 except MeshdError as e:
                     self.control.count_sync_error("reload")
                     log.error("reload: tc not applied: %s", e)
+            # logged once it is in force (the exporter and health server re-listened)
+            (log.error if plan.refused else log.info)("%s", plan.message())
         if self._file is not None:
             self._file.poke()  # re-read the file now
         self.write_status()

@@ -183,6 +183,10 @@ def test_sighup_applies_live_keys_and_names_the_restart_ones(lab, daemon, tmp_pa
     rep = daemon.wait(lambda r: not backends_of(r, GROUP) and r.get("rejected"),
                       "service_cidrs applied")
     assert "outside service_cidrs" in json.dumps(rep["rejected"]) or rep["rejected"]
+    # the status file names the exporter's address once the reload has re-listened (the
+    # sync that rejects the VIP can finish before that)
+    daemon.wait(lambda r: (r.get("daemon") or {}).get("metrics") == new_listen,
+                "the exporter on its new address")
     log = daemon.log.read_text()
     assert "reload: applied service_cidrs, log_level, metrics" in log
     assert "NOT applied (need a restart of meshd): maglev" in log
