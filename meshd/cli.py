@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="live demo in a throw-away netns lab (root)")
     d.set_defaults(fn=cmd_demo)
 
-    from meshd import cli_registry
+    from meshd import cli_registry, observe
+    observe.add_parser(sub, _config)
     cli_registry.add_parsers(sub, _config)
     return p
 

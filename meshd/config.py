@@ -318,6 +318,30 @@ class SyncConfig(StrictModel):
     ready_grace_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 20.0
 
 
+def _ring_bytes(v: int) -> int:
+    if v < 4096 or v & (v - 1):
+        raise _fail("must be a power of two of at least 4096 (a page), such as 1048576 "
+                    "(got {got})", got=show(v))
+    return v
+
+
+class EventsConfig(StrictModel):
+    """The connection event stream (`meshd observe`, docs/policy.md): which events the
+    kernel emits, how many, and how many the daemon keeps for `observe --since`."""
+    # [] turns events off (the hooks then pay one array lookup)
+    types: list[Literal["connect", "denied", "failed", "closed"]] = \
+        ["connect", "denied", "failed", "closed"]
+    # connect and closed events of 1 in `sample` sockets; denied and failed: every one
+    sample: Annotated[int, Field(ge=1, le=1 << 20)] = 1
+    # at most this many events per second per CPU (0: no limit); what is over is counted
+    # in meshd_events_lost_total{reason="rate_limit"}
+    rate_per_cpu: Annotated[int, Field(ge=0, le=10_000_000)] = 5000
+    # the kernel ring buffer (restart only); full: meshd_events_lost_total{reason="ring_full"}
+    ring_bytes: Annotated[int, AfterValidator(_ring_bytes)] = 1 << 20
+    # events kept in the daemon for `meshd observe --since` (0: none)
+    history: Annotated[int, Field(ge=0, le=1_000_000)] = 10_000
+
+
 class MaglevConfig(StrictModel):
     """Maglev table sizes (docs/datapath.md). `table_size: auto` (the default): each service
     port gets the smallest of 251, 509, 1021, ... 65521 that is at least 100x the sum of its
@@ -388,6 +412,7 @@ class Config(StrictModel):
     sync: Annotated[SyncConfig, _section({})] = Field(default_factory=SyncConfig)
     node: Annotated[NodeConfig, _section({})] = Field(default_factory=NodeConfig)
     healthz: Annotated[HealthzConfig, _section({})] = Field(default_factory=HealthzConfig)
+    events: Annotated[EventsConfig, _section({})] = Field(default_factory=EventsConfig)
     # externalIPs are honoured only inside these (default none: CVE-2020-8554)
     external_ip_cidrs: list[Annotated[IPNetwork, PlainValidator(_cidr)]] = []
     tc: Annotated[TcConfig, _section({})] = Field(default_factory=TcConfig)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from meshd import sdnotify
 from meshd.agent import guard, health, tcwire
+from meshd.agent.events import EventHub, Namer
 from meshd.agent.exporter import Exporter
 from meshd.agent.healthz import HealthServers
 from meshd.agent.lock import InstanceLock
@@ -68,6 +69,12 @@ class Daemon:
         self._etcd_addrs: set = set()
         self.dataplane_error: str | None = None  # the data plane cannot serve (guard.py)
         self.node_zone: str | None = None  # the Node object's (node.zone in config wins)
+        from meshd.node import cgroup2_mount
+        self.policies = self.syncer.policies
+        self.policies.root, self.policies.mount = Path(cfg.cgroup), Path(cgroup2_mount())
+        self.policies.wake = self.sources.wake
+        self.namer = Namer()
+        self.events: EventHub | None = None
 
     # ---- life ---------------------------------------------------------------------------
     async def run(self) -> int:
@@ -133,6 +140,7 @@ class Daemon:
             task("addresses", lambda: tcwire.watch_addresses(self))
             task("guard", lambda: guard.guard(self))
             task("reload", self._reloads)
+            await self._start_events()
             tasks.append(asyncio.create_task(self._ready(), name="ready"))
             wd = sdnotify.watchdog_interval()
             if wd:
@@ -154,6 +162,9 @@ class Daemon:
                 await asyncio.wait([cur], timeout=SYNC_STOP_WAIT_SECONDS)
             if server is not None:
                 await server.stop()
+            self.policies.stop()
+            if self.events is not None:
+                await self.events.stop()
             if self.exporter is not None:
                 self.exporter.stop()
             if self.health_http is not None:
@@ -198,6 +209,52 @@ class Daemon:
                                                 self.control))
         self.exporter.start(self.cfg.metrics.listen)
 
+    # ---- connection events ---------------------------------------------------------------
+    async def _start_events(self) -> None:
+        """The kernel's settings (always written: `types: []` turns a running stream off),
+        then the reader and `meshd observe`'s socket."""
+        from meshd.dataplane import events as kev
+        from meshd.observe import socket_path
+        cfg = self.cfg
+        await asyncio.to_thread(self._write_evcfg)
+        self._name_events()
+        self.events = EventHub(lambda: kev.EventReader(cfg.bpffs, cfg.instance), self.namer,
+                               cfg.events.history)
+        self.events.on_event = self.control.count_event
+        self.control.identity_label = self.namer.identity_label
+        if cfg.events.types:
+            self.policies.start_watch()  # cgroup paths of the callers
+        self.events.start_reader(asyncio.get_running_loop())
+        await self.events.serve(socket_path(cfg))
+
+    def _write_evcfg(self) -> None:
+        from meshd.dataplane import events as kev
+        ev = self.cfg.events
+        mask = 0
+        for i, t in enumerate(("connect", "denied", "failed", "closed"), start=1):
+            if t in ev.types:
+                mask |= 1 << i
+        kev.write_evcfg(self.cfg.bpffs, self.cfg.instance, mask, ev.sample, ev.rate_per_cpu)
+
+    def _name_events(self) -> None:
+        """What the event's numbers mean: read at the time each event is named."""
+        n, rec, pol = self.namer, lambda: self.reconciler, self.policies
+
+        def group_key(gid):
+            r = rec()
+            return r.group_key(gid) if r is not None else None
+
+        def tables():
+            return pol.tables
+
+        n.group_key = group_key
+        n.identity_label = lambda i: (tables().identity_label(i)
+                                      if tables() is not None and i else None)
+        n.identity_selectors = lambda i: (tables().identity_selectors(i)
+                                          if tables() is not None and i else ())
+        n.policy_key = lambda p: tables().policy_key(p) if tables() is not None else None
+        n.cgroup_path = pol.cgroup_path
+
     # ---- reload -------------------------------------------------------------------------
     def _on_hup(self) -> None:
         """SIGHUP: only wakes the reload task, so reloads run one at a time, in order (a
@@ -230,6 +287,14 @@ class Daemon:
                 await asyncio.to_thread(self.exporter.relisten, self.cfg.metrics.listen)
             if "healthz" in plan.applied and self.health_http is not None:
                 await self.health_http.relisten(self.cfg.healthz.listen)
+            if "events" in plan.applied:
+                try:
+                    await asyncio.to_thread(self._write_evcfg)
+                    if self.events is not None:
+                        self.events.set_history(self.cfg.events.history)
+                except MeshdError as e:
+                    self.control.count_sync_error("reload")
+                    log.error("reload: events not applied: %s", e)
             if "tc" in plan.applied:
                 try:
                     await asyncio.to_thread(tcwire.apply_tc, self.cfg)
@@ -317,6 +382,10 @@ class Daemon:
                "healthz": self.health_http.address if self.health_http is not None else None,
                "maps": {k: {"entries": n, "max_entries": mx}
                         for k, (n, mx) in self.control.view()["map_fill"].items()},
+               "policies": self.policies.by_group(),
+               "identities": self.policies.identity_labels(),
+               "events": ({"socket": str(self.events.path), "received": self.events.received}
+                          if self.events is not None else None),
                "rejected": res.rejected, "errors": res.errors, "written_at": time.time()}
         write_status(status_path(self.cfg), doc)
 

@@ -65,6 +65,7 @@ G_AFFINITY = 0x2  # session affinity ClientIP (timeout: Group.affinity)
 FE_EXTERNAL = 0x4  # node port, external IP or LB IP (reached from outside through tc)
 FE_KEEP_SOURCE = 0x8  # tc: never SNAT (external_traffic_policy Local keeps the client's address)
 FE_SOURCE_RANGES = 0x10  # tc: only sources in Group.source_ranges may use this frontend
+G_POLICY = 0x40  # a policy selects the group: callers need a verdict (Group.verdicts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +78,8 @@ class Group:
     tc_frontends: tuple[Frontend, ...] = ()  # tc-path overrides of external frontends
     fe_flags: tuple[tuple[Frontend, int], ...] = ()  # FE_* per frontend (absent: 0)
     source_ranges: tuple = ()  # networks allowed on FE_SOURCE_RANGES frontends
+    # with G_POLICY: ((identity, uid), (action, flags, policy id)) entries (meshd/verdicts.py)
+    verdicts: frozenset = frozenset()
 
     def frontend_flags(self, fe: Frontend) -> int:
         return self.flags | dict(self.fe_flags).get(fe, 0)

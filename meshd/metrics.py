@@ -114,6 +114,8 @@ class Snapshot:
     taken_at: float = field(default_factory=time.monotonic)
     tc: dict[str, int] | None = None  # tc LB counters (struct meshd_tc_stats); None: no tc maps
     pressure: dict[str, tuple[int, int]] = field(default_factory=dict)  # map -> (entries, max)
+    denied: dict[tuple[int, int], int] = field(default_factory=dict)  # (gid, identity) -> n
+    events_lost: dict[str, int] | None = None  # ring_full / rate_limit / sampled_out
 
     def by_group(self) -> dict[int, Counters]:
         """Per group: all its backends (and its refusals) added up; every known group."""
@@ -156,11 +158,34 @@ class KernelSource:
         finally:
             mm.close()
         snap.tc = read_tc_counters(self.bpffs, self.instance)
+        snap.denied, snap.events_lost = read_policy_counters(self.bpffs, self.instance)
         try:
             snap.pressure = self.pressure()
         except MeshdError as e:  # a scrape never fails for it either
             log.warning("map fill unreadable: %s", e)
         return snap
+
+
+def read_policy_counters(bpffs: Path, instance: str):
+    """(denials per (group id, identity), event loss counters); empty / None when the pinned
+    data plane predates them."""
+    from meshd.dataplane import events, policy_maps
+    try:
+        pm = policy_maps.PolicyMaps(bpffs, instance)
+    except MeshdError:
+        denied = {}
+    else:
+        try:
+            denied = pm.read_denied()
+        finally:
+            pm.close()
+    try:
+        st = events.read_evstate(bpffs, instance)
+        lost = {"ring_full": st["lost_full"], "rate_limit": st["lost_rate"],
+                "sampled_out": st["sampled_out"]}
+    except MeshdError:
+        lost = None
+    return denied, lost
 
 
 def read_tc_counters(bpffs: Path, instance: str) -> dict[str, int] | None:
@@ -250,6 +275,8 @@ class ControlPlaneStats:
         self.programming_sum = 0.0
         self.map_ops: Counter[str] = Counter()  # map operation (reconciler op name) -> total
         self.map_fill: dict[str, tuple[int, int]] = {}  # map -> (entries, max_entries)
+        self.events: Counter[str] = Counter()  # connection events read, by type
+        self.identity_label = lambda identity: None  # identity id -> label (policies)
 
     def record_sync(self, ops: Mapping[str, int], errors: int, rejected: int,
                     lag_seconds: float, finished_at: float | None = None) -> None:
@@ -274,6 +301,10 @@ class ControlPlaneStats:
                 v = max(v, 0.0)
                 self.programming[bisect.bisect_left(PROGRAMMING_BUCKETS, v)] += 1
                 self.programming_sum += v
+
+    def count_event(self, ev: dict) -> None:
+        with self._lock:
+            self.events[ev["type"]] += 1
 
     def count_sync_error(self, stage: str) -> None:
         with self._lock:
@@ -308,7 +339,8 @@ class ControlPlaneStats:
                     "programming_sum": self.programming_sum,
                     "sync_age_seconds": None if self.progress is None else self.progress.age(),
                     "stuck": None if self.progress is None else self.progress.stuck(),
-                    "map_ops": dict(self.map_ops), "map_fill": dict(self.map_fill)}
+                    "map_ops": dict(self.map_ops), "map_fill": dict(self.map_fill),
+                    "events": dict(self.events)}
 
 
 # ---- the collector -------------------------------------------------------------------------
@@ -393,10 +425,42 @@ class MeshdCollector:
             for event, value in snap.tc.items():
                 tc_fam.add_metric([event], float(value))
             yield tc_fam
+        yield from self._policy(snap)
         took = GaugeMetricFamily("meshd_metrics_read_seconds",
                                  "Time this scrape took to read the kernel maps.")
         took.add_metric([], time.perf_counter() - t0)
         yield took
+
+    def _policy(self, snap: Snapshot):
+        label = self.control.identity_label if self.control is not None else (lambda i: None)
+        c = CounterMetricFamily("meshd_policy_denied", "connect()/sendmsg() calls refused by "
+                                "an authorization policy (EPERM), per service port and caller "
+                                "identity (its policy selectors; \"none\": selected by none).",
+                                labels=SERVICE_LABELS + ("identity",))
+        for (gid, ident), n in sorted(snap.denied.items()):
+            if gid not in snap.groups:
+                continue
+            name = (label(ident) or f"identity-{ident}") if ident else "none"
+            c.add_metric(list(split_group(snap.groups[gid])) + [name], float(n))
+        yield c
+        if snap.events_lost is not None:
+            lost = CounterMetricFamily("meshd_events_lost", "Connection events the kernel "
+                                       "could not hand over: ring_full = the ring buffer was "
+                                       "full (the daemon read too slowly), rate_limit = over "
+                                       "events.rate_per_cpu.", labels=["reason"])
+            for reason in ("ring_full", "rate_limit"):
+                lost.add_metric([reason], float(snap.events_lost[reason]))
+            yield lost
+            s = CounterMetricFamily("meshd_events_sampled_out", "connect and closed events "
+                                    "skipped by events.sample (by design, not loss).")
+            s.add_metric([], float(snap.events_lost["sampled_out"]))
+            yield s
+        if self.control is not None:
+            c = CounterMetricFamily("meshd_events_read", "Connection events the daemon read from "
+                                    "the kernel, by type.", labels=["type"])
+            for t, n in sorted(self.control.view()["events"].items()):
+                c.add_metric([t], float(n))
+            yield c
 
     @staticmethod
     def _service_rows(snap: Snapshot):

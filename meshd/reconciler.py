@@ -44,6 +44,7 @@ from meshd import maglev
 from meshd.desired import BackendRef, Frontend, Group
 from meshd.errors import DataplaneError
 from meshd.sidetables import SideTables
+from meshd.verdicts import Verdicts
 
 log = logging.getLogger("meshd.reconciler")
 
@@ -71,6 +72,9 @@ class KernelSnapshot:
     members: dict[int, dict[int, int]] = field(default_factory=dict)  # gid -> {bid: weight}
     srcranges: set[tuple[Frontend, object]] = field(default_factory=set)  # (fe, network)
     table_sizes: dict[int, int] = field(default_factory=dict)  # gid -> M of its table
+    # gid -> {(identity, uid): (action, flags, policy)}: meshd_verdict_v1
+    verdicts: dict[int, dict] = field(default_factory=dict)
+    idents: dict[int, int] = field(default_factory=dict)  # cgroup id -> identity: meshd_ident_v1
 
 
 class Dataplane(Protocol):
@@ -175,6 +179,7 @@ class Reconciler:
         self.backend_ids: dict[BackendRef, int] = {}
         self.errors: dict[str, str] = {}
         self.side = SideTables(dp)
+        self.verdicts = Verdicts(dp)
         self.drain_seconds = drain_seconds
         self._draining: dict[BackendRef, float] = {}  # out of every table -> deadline
         self._gids, self._bids = _Ids(), _Ids()
@@ -210,6 +215,7 @@ class Reconciler:
                 self._gids.used.add(val[0])
                 fmap.set(fe, tuple(val))
         self.side.adopt(snap)
+        self.verdicts.adopt(snap)
         self._orphan_tables = snap.tables - set(snap.names)
         self._gids.used |= self._orphan_tables
         self._full = self._scan_all = True
@@ -236,11 +242,14 @@ class Reconciler:
         op = lambda name, fn, *a: self._op(rep, name, fn, *a)  # noqa: E731
         gid_of = lambda k: self.groups[k].gid  # noqa: E731
         self.side.add(ok, gid_of, self.backend_ids, op, rep.errors)
+        self.verdicts.add(ok, gid_of, op, rep.errors)
         self._write_frontends(desired, changed, ok, rep)
+        self.verdicts.write_idents(op, rep.errors)
         gone = [(k, self.groups[k].gid) for k in sorted(changed) if k not in desired
                 and k in self.groups and not self._has_frontends(self.groups[k].gid)]
         live = {cur.gid for cur in self.groups.values()} if self._full else None
         self.side.remove(ok, gone, gid_of, self.backend_ids, op, rep.errors, live)
+        self.verdicts.remove(ok, gone, gid_of, op, rep.errors, live)
         self._remove_groups(desired, changed, ok, rep)
         self._collect_backends(rep)
         if hint is not None and not self._full:
@@ -255,6 +264,17 @@ class Reconciler:
         self._full = False
         self.errors = dict(rep.errors)
         return rep
+
+    def group_key(self, gid: int) -> str | None:
+        """The key of the group with this id (for naming events; the inverse is rebuilt on
+        a miss, at most once a second)."""
+        inv = getattr(self, "_key_of_gid", None)
+        key = inv.get(gid) if inv is not None else None
+        if key is None and time.monotonic() - getattr(self, "_inv_at", 0.0) > 1.0:
+            self._key_of_gid = {cur.gid: k for k, cur in list(self.groups.items())}
+            self._inv_at = time.monotonic()
+            key = self._key_of_gid.get(gid)
+        return key
 
     def _op(self, rep: Report, name: str, fn, *args) -> None:
         fn(*args)

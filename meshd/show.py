@@ -27,6 +27,8 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
             g["frontends"].append(str(fe))
             g["count"] = count
             g["drop"] = bool(flags & S.SVC_F_DROP_EMPTY)
+            if flags & 0x40:  # MESHD_SVC_F_POLICY: callers need a policy's allow
+                g["authorization"] = True
         for fe, (gid, count, flags) in sorted(snap.ext_frontends.items(),
                                               key=lambda kv: str(kv[0])):
             g = groups.setdefault(gid, {"group": f"<unnamed {gid}>", "id": gid, "frontends": [],
@@ -89,6 +91,10 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
                 "sources", "source_error", "etcd", "services", "metrics", "healthz", "maps",
                 "written_at")}
             report["rejected"] = doc.get("rejected", [])
+            selecting = doc.get("policies") or {}
+            for g in report["services"]:
+                if selecting.get(g["group"]):
+                    g["policies"] = selecting[g["group"]]
             report["errors"] = doc.get("errors", {})
         except (OSError, ValueError):
             pass
@@ -110,6 +116,9 @@ def format_report(r: dict) -> str:
                      + (f"  ({g['origin']})" if g.get("origin") else ""))
         for fe in g["frontends"]:
             lines.append(f"  frontend {fe}")
+        if g.get("policies") or g.get("authorization"):
+            lines.append("  policies " + (", ".join(g.get("policies") or ["(in the kernel; "
+                         "names in the daemon's status)"]) + " (only callers they allow)"))
         for b in g["backends"]:
             lines.append(f"  backend  {b['backend']:<32} slots {b['slots']:>6}  "
                          f"share {b['share'] * 100:5.1f}%")

@@ -80,8 +80,23 @@ def _row(name: str, now: Counters, rate: Counters, win: Counters, secs: float) -
             f"{fmt_bytes(rate.tx_bytes / secs):>7} {fmt_bytes(rate.rx_bytes / secs):>7}")
 
 
+def _denied_lines(gid: int, prev: Snapshot, cur: Snapshot, secs: float,
+                  labels: dict) -> tuple[int, list[str]]:
+    """Policy denials of one service port, per caller identity: (denials per second now,
+    lines)."""
+    mine = sorted(((ident, n) for (g, ident), n in cur.denied.items() if g == gid and n),
+                  key=lambda kv: -kv[1])
+    lines, rate_all = [], 0.0
+    for ident, n in mine:
+        rate = (n - prev.denied.get((gid, ident), 0)) / secs
+        rate_all += rate
+        who = labels.get(str(ident)) or (f"identity {ident}" if ident else "unselected callers")
+        lines.append(f"  DENIED {who[:60]:<60} {fmt_rate(rate):>7}/s {n:>9} total")
+    return rate_all, lines
+
+
 def render(prev: Snapshot, cur: Snapshot, window: Snapshot | None = None,
-           max_lines: int | None = None, title: str = "") -> str:
+           max_lines: int | None = None, title: str = "", labels: dict | None = None) -> str:
     """One frame: rates between `prev` and `cur`, percentiles between `window` (default
     `prev`) and `cur`. Order: failing now, busy now, failed since load, busy since load."""
     window = window or prev
@@ -103,8 +118,10 @@ def render(prev: Snapshot, cur: Snapshot, window: Snapshot | None = None,
             name = "  " + cur.backends.get(bid, f"<removed {bid}>")
             lines.append(_row(name, c, c - prev.stats.get((gid, bid), empty),
                               c - window.stats.get((gid, bid), empty), secs))
-        order = (-sum(rate.failures.values()), -rate.opened, -sum(now.failures.values()),
-                 -now.opened, key)
+        denied_rate, denied = _denied_lines(gid, prev, cur, secs, labels or {})
+        lines += denied
+        order = (-sum(rate.failures.values()) - denied_rate, -rate.opened,
+                 -sum(now.failures.values()), -now.opened, key)
         rows.append((order, lines))
     rows.sort(key=lambda r: r[0])
     head = [f"meshd top  {title}  {time.strftime('%H:%M:%S')}  {len(cur.groups)} service "
@@ -116,6 +133,16 @@ def render(prev: Snapshot, cur: Snapshot, window: Snapshot | None = None,
         cut = max(max_lines - len(head) - 1, 0)
         body = body[:cut] + [f"  ... {len(body) - cut} more lines (widen the terminal)"]
     return "\n".join(head + body)
+
+
+def _identity_labels(cfg: Config) -> dict:
+    """identity id (str) -> its selectors, as the daemon's status file last told them."""
+    import json
+    from meshd.agent.status import status_path
+    try:
+        return json.loads(status_path(cfg).read_text()).get("identities") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 def main(cfg: Config, interval: float = 1.0, once: bool = False) -> int:
@@ -132,11 +159,13 @@ def main(cfg: Config, interval: float = 1.0, once: bool = False) -> int:
             cur = source.snapshot()
             while len(history) > 1 and cur.taken_at - history[1].taken_at >= WINDOW_S:
                 history.popleft()
+            labels = _identity_labels(cfg)
             if once:
-                print(render(history[-1], cur, history[0], title=title))
+                print(render(history[-1], cur, history[0], title=title, labels=labels))
                 return 0
             rows = shutil.get_terminal_size((160, 40)).lines
-            sys.stdout.write(CLEAR + render(history[-1], cur, history[0], rows - 1, title) + "\n")
+            sys.stdout.write(CLEAR + render(history[-1], cur, history[0], rows - 1, title,
+                                            labels) + "\n")
             sys.stdout.flush()
             history.append(cur)
     except MeshdError as e:

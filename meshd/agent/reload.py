@@ -12,7 +12,7 @@ from dataclasses import dataclass
 RESTART_ONLY = ("instance", "bpffs", "cgroup", "state_dir", "maglev", "maps", "etcd",
                 "kubernetes")
 LIVE = ("service_cidrs", "node_ports", "tc", "log_level", "metrics", "services_file", "sync",
-        "node", "external_ip_cidrs", "healthz")
+        "node", "external_ip_cidrs", "healthz", "events")
 
 
 @dataclass
@@ -38,6 +38,10 @@ def plan_reload(old, new) -> ReloadPlan:
     keep = {k: getattr(old, k) for k in RESTART_ONLY if k in fields}
     if (new.services_file is None) != (old.services_file is None):
         keep["services_file"] = old.services_file
+    if "events" in fields and new.events.ring_bytes != old.events.ring_bytes:
+        # the ring buffer is pinned with its size: the rest of `events` is live
+        refused.append("events.ring_bytes")
+        keep["events"] = new.events.model_copy(update={"ring_bytes": old.events.ring_bytes})
     cfg = new.model_copy(update=keep)
     applied = [k for k in LIVE if k in fields and getattr(cfg, k) != getattr(old, k)]
     return ReloadPlan(cfg, applied, refused)

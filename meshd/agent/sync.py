@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from meshd import node
 from meshd.agent.supervise import Backoff
 from meshd.dataplane import loader, sockdestroy
+from meshd.agent.policies import PolicyState
 from meshd.desired import DesiredState, NodeInfo
 
 log = logging.getLogger("meshd.daemon")
@@ -67,6 +68,7 @@ class Syncer:
     def __init__(self, ctx):
         self.ctx = ctx  # meshd.daemon.Daemon: cfg, sources, reconciler, maps, control, ...
         self.desired = DesiredState()
+        self.policies = PolicyState()  # the daemon sets its cgroup root
         self.result = SyncResult()
         self.backoff = Backoff(0.5, 30.0)
         self.current: asyncio.Future | None = None  # the sync in flight (stop waits for it)
@@ -196,6 +198,11 @@ class Syncer:
         rejected += bad
         self._log_rejects(rejected)
         hint = None if self._full_next else self.desired.changed_groups
+        self.stage = "policy"
+        policies = tuple(p for st in sources.values() for p in getattr(st, "policies", ()))
+        groups, hint, idents = self.policies.overlay(groups, hint, self.desired, policies)
+        if hasattr(ctx.reconciler, "verdicts"):
+            ctx.reconciler.verdicts.want_idents = idents
         self.stage = "apply"
         report = await asyncio.to_thread(self._apply, groups,
                                          None if hint is None else set(hint))

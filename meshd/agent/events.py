@@ -1,0 +1,238 @@
+"""The connection event stream of a running daemon: read from the kernel's ring buffer
+(meshd_events_v1), named, kept, and served to `meshd observe` on a unix socket.
+
+    ring buffer --(reader thread: EventReader.poll)--> loop: name() --> history (deque)
+                                                                    --> each client's queue
+
+The reader thread only polls and decodes; naming (group id -> service, identity -> its
+selectors, cgroup id -> path) runs on the event loop, which owns those tables. A client
+that reads slowly loses events (counted and told), never the daemon's memory or time.
+The socket is root only: its directory is 0700 and the socket 0600 (the stream shows who
+calls what on this node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from meshd.observe import matches
+
+log = logging.getLogger("meshd.daemon")
+
+CLIENT_QUEUE = 4096  # events queued per client before it starts losing them
+TYPE_NAMES = {1: "connect", 2: "denied", 3: "failed", 4: "closed"}
+PROTO_NAMES = {6: "TCP", 17: "UDP"}
+
+
+def _errname(err: int) -> str | None:
+    if not err:
+        return None
+    return errno.errorcode.get(abs(err), f"errno {abs(err)}")
+
+
+def _hostport(addr: str | None, port: int) -> str | None:
+    if not addr:
+        return None
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+class Namer:
+    """What the event's numbers mean now: set by the daemon after every sync."""
+
+    def __init__(self) -> None:
+        self.group_key = lambda gid: None  # gid -> "ns/name:port/ipv4[/...]"
+        self.identity_label = lambda ident: None  # identity -> "unit:web.service,..."
+        self.identity_selectors = lambda ident: ()
+        self.policy_key = lambda pid: None  # policy id -> "ns/name"
+        self.cgroup_path = lambda cgid: None  # cgroup id -> "/system.slice/web.service"
+
+    def event(self, ev) -> dict:
+        """The JSON form of one kernel event (the `meshd observe --json` contract)."""
+        now_mono, now = time.monotonic_ns(), time.time()
+        kind = ev.type if isinstance(ev.type, str) else TYPE_NAMES.get(ev.type, str(ev.type))
+        proto = ev.proto if isinstance(ev.proto, str) else PROTO_NAMES.get(ev.proto, str(ev.proto))
+        key = self.group_key(ev.group) if ev.group else None
+        service = None
+        if key:
+            svc, _, rest = key.partition(":")
+            service = f"{svc}:{rest.split('/', 1)[0]}"  # "ns/name:port-name"
+        out = {
+            "time": round(now - (now_mono - ev.ts_ns) / 1e9, 6),
+            "type": kind,
+            "verdict": "denied" if kind == "denied" else "allowed",
+            "service": service,
+            "group": key,
+            "frontend": f"{_hostport(ev.vip, ev.vip_port)}/{proto}" if ev.vip else None,
+            "backend": _hostport(ev.be_addr, ev.be_port) if ev.backend else None,
+            "pid": ev.pid,
+            "uid": ev.uid,
+            "comm": ev.comm,
+            "cgroup": self.cgroup_path(ev.cgroup),
+            "cgroup_id": ev.cgroup,
+            "identity_id": ev.identity,
+            "identity": self.identity_label(ev.identity),
+            "selectors": list(self.identity_selectors(ev.identity)),
+            "cookie": ev.cookie,
+            "sendmsg": bool(ev.flags & 1),
+        }
+        if kind == "denied":
+            out["policy"] = self.policy_key(ev.policy) if ev.policy else None
+        if kind in ("failed", "closed"):
+            out["error"] = _errname(ev.err)
+            if ev.duration_ns:
+                out["duration_ms"] = round(ev.duration_ns / 1e6, 3)
+        if kind == "closed":
+            out["tx_bytes"], out["rx_bytes"] = ev.tx_bytes, ev.rx_bytes
+        return out
+
+
+class _Client:
+    def __init__(self, flt: dict) -> None:
+        self.flt = flt
+        self.queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+        self.lost = 0
+
+
+class EventHub:
+    """Reads the ring buffer in a thread, keeps the last `history` events, serves clients."""
+
+    def __init__(self, open_reader, namer: Namer, history: int) -> None:
+        self._open_reader = open_reader  # () -> EventReader
+        self.namer = namer
+        self.history: deque = deque(maxlen=max(history, 0) or None)
+        self._keep = history > 0
+        self.clients: set[_Client] = set()
+        self.received = 0
+        self.by_type: dict[str, int] = {}
+        self.on_event = lambda ev: None  # metrics hook (daemon)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self.path: Path | None = None
+
+    def set_history(self, n: int) -> None:
+        self._keep = n > 0
+        self.history = deque(self.history, maxlen=max(n, 0) or None)
+
+    # ---- reading -----------------------------------------------------------------------
+    def start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
+        reader = self._open_reader()
+
+        def run() -> None:
+            try:
+                while not self._stop.is_set():
+                    batch = reader.poll(200)
+                    if batch:
+                        loop.call_soon_threadsafe(self._deliver, batch)
+            except Exception:  # noqa: BLE001 - logged; the daemon keeps serving traffic
+                log.exception("event reader stopped; connection events are not collected")
+            finally:
+                reader.close()
+
+        self._thread = threading.Thread(target=run, name="meshd-events", daemon=True)
+        self._thread.start()
+
+    def _deliver(self, batch) -> None:
+        for raw in batch:
+            try:
+                ev = self.namer.event(raw)
+            except Exception:  # noqa: BLE001 - one undecodable event must not stop the rest
+                log.exception("cannot name a connection event")
+                continue
+            self.received += 1
+            self.by_type[ev["type"]] = self.by_type.get(ev["type"], 0) + 1
+            self.on_event(ev)
+            if self._keep:
+                self.history.append(ev)
+            for c in list(self.clients):
+                if not matches(ev, c.flt):
+                    continue
+                try:
+                    c.queue.put_nowait(ev)
+                except asyncio.QueueFull:
+                    c.lost += 1
+
+    # ---- serving -----------------------------------------------------------------------
+    async def serve(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._client, path=str(path))
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o600)
+        self.path = path
+        log.info("connection events on %s (meshd observe)", path)
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client = None
+        try:
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                req = json.loads(line or b"{}")
+                flt = dict(req.get("filter") or {})
+                since = req.get("since")
+                follow = bool(req.get("follow", True))
+            except (ValueError, AttributeError, TypeError):
+                writer.write(b'{"error": "bad request: expected one JSON object line"}\n')
+                await writer.drain()
+                return
+            client = _Client(flt)
+            if follow:
+                self.clients.add(client)  # before the history: nothing falls in between
+            if since is not None:
+                cutoff = time.time() - float(since)
+                for ev in list(self.history):
+                    if ev["time"] >= cutoff and matches(ev, flt):
+                        writer.write(json.dumps(ev).encode() + b"\n")
+                await writer.drain()
+            if not follow:
+                return
+            while True:
+                ev = await client.queue.get()
+                if ev is None:  # the daemon stops
+                    return
+                if client.lost:
+                    writer.write(json.dumps({"lost": client.lost}).encode() + b"\n")
+                    client.lost = 0
+                writer.write(json.dumps(ev).encode() + b"\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if client is not None:
+                self.clients.discard(client)
+            writer.close()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._server is not None:
+            self._server.close()
+            for c in list(self.clients):
+                self.clients.discard(c)
+                try:
+                    c.queue.put_nowait(None)
+                except asyncio.QueueFull:
+                    c.queue.get_nowait()
+                    c.queue.put_nowait(None)
+            self._server = None
+        if self.path is not None:
+            try:
+                self.path.unlink()
+            except FileNotFoundError:
+                pass
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 2)
