@@ -1,0 +1,147 @@
+"""Authorization entries in the reconciler (meshd/verdicts.py): written before the flag that
+makes the hooks read them, removed after, and never a moment in which a caller allowed
+before and after a change is denied (checked after every map operation)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given, settings, strategies as st
+
+from meshd.desired import G_POLICY, desired_groups
+from meshd.reconciler import Reconciler
+from meshd.verdicts import UID_ANY
+
+from test_reconciler import FakeKernel, svc
+
+ALLOW, DENY, F_UID = 1, 2, 1
+
+
+class PolicyKernel(FakeKernel):
+    def __init__(self):
+        super().__init__()
+        self.verdicts: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+        self.idents: dict[int, int] = {}
+        self.watch: list[tuple[int, int, int]] = []  # (cgroup, uid, frontend port) must pass
+        self.log: list[str] = []
+
+    def allowed(self, cgid: int, uid: int, gid: int) -> bool:
+        """What the connect4 hook decides for a flagged group (bpf/sock_lb.bpf.c)."""
+        identity = self.idents.get(cgid, 0)
+        v = self.verdicts.get((identity, gid, UID_ANY))
+        if v and v[1] & F_UID:
+            v = self.verdicts.get((identity, gid, uid), v)
+        return bool(v) and v[0] == ALLOW
+
+    def check(self):
+        super().check()
+        for cgid, uid, port in self.watch:
+            for fe, (gid, _count, flags) in self.frontends.items():
+                if fe.port == port and flags & G_POLICY:
+                    assert self.allowed(cgid, uid, gid), \
+                        f"cgroup {cgid} uid {uid} denied on {fe} after op {self.ops}"
+
+    def put_verdict(self, identity, gid, uid, action, flags, policy):
+        self.log.append(f"put_verdict {identity} {gid} {uid}")
+        self.verdicts[(identity, gid, uid)] = (action, flags, policy)
+        self.check()
+
+    def delete_verdict(self, identity, gid, uid):
+        self.log.append(f"delete_verdict {identity} {gid} {uid}")
+        del self.verdicts[(identity, gid, uid)]
+        self.check()
+
+    def put_ident(self, cgid, identity):
+        self.idents[cgid] = identity
+        self.check()
+
+    def delete_ident(self, cgid):
+        del self.idents[cgid]
+        self.check()
+
+    def put_frontend(self, fe, gid, count, flags=0):
+        self.log.append(f"put_frontend {fe.port} {flags & G_POLICY}")
+        super().put_frontend(fe, gid, count, flags)
+
+
+def with_policy(groups: dict, verdicts: dict) -> dict:
+    """Every group of the services gets G_POLICY and these ((identity, uid) -> value)."""
+    return {k: dataclasses.replace(g, flags=g.flags | G_POLICY,
+                                   verdicts=frozenset(verdicts.items()))
+            for k, g in groups.items()}
+
+
+def test_verdicts_go_in_before_the_flag_and_out_after_it():
+    k = PolicyKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.apply(plain)
+    r.verdicts.want_idents = {100: 1}
+    rep = r.apply(with_policy(plain, {(1, UID_ANY): (ALLOW, 0, 7)}))
+    assert not rep.errors
+    gid = next(iter(k.frontends.values()))[0]
+    assert k.verdicts == {(1, gid, UID_ANY): (ALLOW, 0, 7)} and k.idents == {100: 1}
+    first_flag = next(i for i, e in enumerate(k.log) if e == f"put_frontend 5432 {G_POLICY}")
+    assert k.log.index(f"put_verdict 1 {gid} {UID_ANY}") < first_flag
+    assert k.allowed(100, 0, gid) and not k.allowed(200, 0, gid)
+    # the policy goes: the flag is cleared before its verdicts are removed
+    k.log.clear()
+    r.verdicts.want_idents = {}
+    r.apply(plain)
+    assert k.verdicts == {} and k.idents == {}
+    assert k.log.index("put_frontend 5432 0") < k.log.index(f"delete_verdict 1 {gid} {UID_ANY}")
+
+
+def test_a_caller_allowed_before_and_after_is_never_denied_in_between():
+    k = PolicyKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.verdicts.want_idents = {100: 1, 101: 2}
+    r.apply(with_policy(plain, {(1, UID_ANY): (ALLOW, 0, 7)}))
+    k.watch = [(100, 0, 5432)]  # cgroup 100 stays allowed through every change below
+    # 100 moves to a new identity 3 (a second policy now selects it too)
+    r.verdicts.want_idents = {100: 3, 101: 2}
+    r.apply(with_policy(plain, {(3, UID_ANY): (ALLOW, 0, 7), (2, UID_ANY): (ALLOW, 0, 8)}))
+    # uid rules appear: uid 0 allowed, any other uid of the identity denied
+    r.apply(with_policy(plain, {(3, UID_ANY): (0, F_UID, 0), (3, 0): (ALLOW, 0, 9)}))
+    gid = next(iter(k.frontends.values()))[0]
+    assert k.allowed(100, 0, gid) and not k.allowed(100, 1000, gid)
+    assert not k.allowed(101, 0, gid)  # identity 2's verdict went with its policy
+    # and back to a plain any-uid allow: uid entries go after the any entry lost F_UID
+    r.apply(with_policy(plain, {(3, UID_ANY): (ALLOW, 0, 7)}))
+    assert k.verdicts == {(3, gid, UID_ANY): (ALLOW, 0, 7)}
+
+
+def test_restart_adopts_verdicts_and_removes_those_nothing_wants():
+    k = PolicyKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.verdicts.want_idents = {100: 1}
+    r.apply(with_policy(plain, {(1, UID_ANY): (ALLOW, 0, 7), (5, UID_ANY): (DENY, 0, 3)}))
+    snap = k.snapshot()
+    gid = next(iter(k.frontends.values()))[0]
+    snap.verdicts = {gid: {(i, u): v for (i, g, u), v in k.verdicts.items() if g == gid}}
+    snap.idents = dict(k.idents)
+    r2 = Reconciler(k)
+    r2.adopt(snap)
+    r2.verdicts.want_idents = {100: 1}
+    k.log.clear()
+    r2.apply(with_policy(plain, {(1, UID_ANY): (ALLOW, 0, 7)}))
+    assert k.verdicts == {(1, gid, UID_ANY): (ALLOW, 0, 7)}
+    assert not any(e.startswith("put_verdict") for e in k.log)  # nothing rewritten
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from([(1, UID_ANY), (2, UID_ANY), (1, 0), (2, 1000)]),
+                                st.sampled_from([(ALLOW, 0, 1), (DENY, 0, 2), (0, F_UID, 0),
+                                                 (ALLOW, F_UID, 1)]), max_size=4),
+                min_size=1, max_size=5))
+def test_any_sequence_of_policies_ends_with_exactly_what_is_wanted(states):
+    k = PolicyKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    for want in states:
+        r.verdicts.want_idents = {100: 1, 101: 2}
+        r.apply(with_policy(plain, want) if want else plain)
+        gid = next(iter(k.frontends.values()))[0]
+        assert k.verdicts == {(i, gid, u): v for (i, u), v in want.items()}
