@@ -21,6 +21,11 @@ from meshd.dataplane import structs as S
 U32 = 0xFFFFFFFF
 BATCH = 4096
 
+class _U64(C.Structure):
+    """A __u64 key as a struct: Map.lookup_batch copies keys with from_buffer_copy."""
+    _fields_ = [("value", C.c_uint64)]
+
+
 Ident = dict[int, int]  # cgroup id -> identity
 Verdicts = dict[tuple[int, int, int], tuple[int, int, int]]  # (identity, group, uid) ->
 #                                                               (action, flags, policy id)
@@ -37,7 +42,7 @@ class PolicyMaps:
                                  f"(missing {', '.join(missing)}); is `meshd run` of this "
                                  "version started?")
         self.ident = bpf.Map(bpf.obj_get(pin_dir / names.MAP_IDENT), names.MAP_IDENT,
-                             C.c_uint64, S.Ident)
+                             _U64, S.Ident)
         self.verdict = bpf.Map(bpf.obj_get(pin_dir / names.MAP_VERDICT), names.MAP_VERDICT,
                                S.VerdictKey, S.Verdict)
         self.denied = bpf.PercpuMap(bpf.obj_get(pin_dir / names.MAP_DENIED),
@@ -77,10 +82,10 @@ class PolicyMaps:
         v_del = [k for k in cur_verdicts if k not in verdicts]
         _put(self.verdict, [S.VerdictKey(identity=i, group=g, uid=u) for i, g, u in v_put],
              [S.Verdict(action=a, flags=f, policy=p) for a, f, p in v_put.values()])
-        _put(self.ident, [C.c_uint64(k) for k in i_put],
+        _put(self.ident, [_U64(k) for k in i_put],
              [S.Ident(identity=v) for v in i_put.values()])
         for k in i_del:
-            self.ident.delete(C.c_uint64(k))
+            self.ident.delete(_U64(k))
         for i, g, u in v_del:
             self.verdict.delete(S.VerdictKey(identity=i, group=g, uid=u))
         return {"verdicts_put": len(v_put), "ident_put": len(i_put),
