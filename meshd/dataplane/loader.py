@@ -405,6 +405,10 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
                  len([n for n in adopted if n in names.SOCK_LB_MAPS]),
                  "on" if metrics else "off",
                  len([n for n in adopted if n in names.METRICS_MAPS]))
+        created = [n for n in names.PINNED_MAPS if n not in adopted]
+        if adopted and created:  # an upgrade: maps this version added, the rest kept
+            log.info("created and pinned maps the pin dir did not have: %s",
+                     ", ".join(created))
         _attach_all(obj, pin_dir, cgroup, names.SOCK_LB_PROGRAMS)
         if metrics:
             _attach_all(obj, pin_dir, cgroup, names.METRICS_PROGRAMS)
