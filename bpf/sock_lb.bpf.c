@@ -5,7 +5,12 @@
  *   sendmsg4/6   unconnected UDP: the same, per datagram
  *   recvmsg4/6   unconnected UDP: the reply's source backend -> VIP
  *   getpeername4/6  backend -> VIP, so applications see the address they asked for
- *   sockops      TCP life of translated sockets: latency, outcome, bytes, RTT (metrics)
+ *   sockops      TCP life of translated sockets: latency, outcome, bytes, RTT (metrics);
+ *                FAILED and CLOSED events
+ *
+ * Frontends flagged MESHD_SVC_F_POLICY are checked against the caller's identity first
+ * (meshd_policy.h): a denied connect()/sendmsg() fails with EPERM before any packet exists.
+ * Connection events (meshd_events.h) go to one ring buffer; off, they cost one array lookup.
  *   udp_out/udp_in  cgroup_skb egress/ingress: UDP datagrams and bytes of translated sockets
  *
  * All hooks share the reverse-translation map and the metrics maps, so they live in one
@@ -26,6 +31,8 @@
 #include "meshd_maglev.h"
 #include "meshd_metrics.h"
 #include "meshd_sock_affinity.h"
+#include "meshd_policy.h"
+#include "meshd_events.h"
 
 #ifndef AF_INET
 #define AF_INET 2
@@ -38,6 +45,7 @@
 #define MESHD_ETIMEDOUT 110
 #define MESHD_EPIPE 32
 #define MESHD_EHOSTUNREACH 113
+#define MESHD_EPERM 1
 
 /* Set by the loader before load (.rodata is frozen, so the verifier drops the self check
  * when self_tgid is 0, and the metrics paths when MESHD_CFG_F_METRICS is clear). */
@@ -104,15 +112,23 @@ static __always_inline __u32 meshd_pick_affine(struct bpf_sock_addr *ctx, __u32 
 	return id;
 }
 
+/* The caller as the policy check and the events see it. */
+struct meshd_caller {
+	__u32 identity;	/* meshd_ident_v1 of the caller's cgroup; 0: none */
+	__u32 policy;	/* a denial's deciding policy; 0: none allows */
+	__u32 known;	/* identity was looked up (policy check, or events on) */
+};
+
 /* Picks a backend for the frontend `key`. Returns 0 and fills *be, -ENOENT when the
- * destination is not a service (leave the socket alone), -ECONNREFUSED when it is one
+ * destination is not a service (leave the socket alone), -EPERM when a policy selects the
+ * service and does not allow the caller (*who says who and why), -ECONNREFUSED when it is one
  * with no usable backend, -EHOSTUNREACH when it has none and says drop (a Local traffic
  * policy with no local endpoint: kube-proxy DROPs, which would leave connect() hanging;
  * failing it at once is what a client can act on). *ids gets the group id (when it is a
  * service) and the backend id (when one was picked) for the metrics. */
 static __always_inline int meshd_pick(struct bpf_sock_addr *ctx, const struct meshd_svc_key *key,
 				      __u64 cookie, int v6, struct meshd_backend *be,
-				      struct meshd_stats_key *ids)
+				      struct meshd_stats_key *ids, struct meshd_caller *who)
 {
 	struct meshd_backend *found;
 	struct meshd_svc_val *svc;
@@ -123,6 +139,11 @@ static __always_inline int meshd_pick(struct bpf_sock_addr *ctx, const struct me
 		return -2; /* ENOENT: not a service (or the daemon's own socket): leave it */
 	gid = svc->id;
 	ids->group = gid;
+	if (svc->flags & MESHD_SVC_F_POLICY) {
+		who->known = 1;
+		if (!meshd_policy_allows(gid, &who->identity, &who->policy))
+			return -MESHD_EPERM;
+	}
 	if (svc->count == 0)
 		return svc->flags & MESHD_SVC_F_DROP_EMPTY ? -MESHD_EHOSTUNREACH
 							    : -MESHD_ECONNREFUSED;
@@ -147,9 +168,9 @@ static __always_inline int meshd_eq16(const __u32 *a, const __u32 *b)
  * (never evicted while the socket lives); sendmsg (unconnected UDP): in the LRU, looked up
  * first and written only when new or changed -- a socket sending a stream of datagrams
  * does not rewrite (and contend on) the same entry each time, as in Cilium. */
-static __always_inline void meshd_remember(struct bpf_sock_addr *ctx, __u64 cookie,
-					   const struct meshd_backend *be,
-					   const struct meshd_svc_key *key, int is_connect)
+static __always_inline int meshd_remember(struct bpf_sock_addr *ctx, __u64 cookie,
+					  const struct meshd_backend *be,
+					  const struct meshd_svc_key *key, int is_connect)
 {
 	struct meshd_revnat_key rk = {};
 	struct meshd_revnat_val rv = {}, *old;
@@ -162,7 +183,7 @@ static __always_inline void meshd_remember(struct bpf_sock_addr *ctx, __u64 cook
 			__builtin_memcpy(sn->vip_addr, key->addr, sizeof(sn->vip_addr));
 			sn->be_port = be->port;
 			sn->vip_port = key->port;
-			return;
+			return 1;
 		}
 		/* no memory for the storage: fall back to the LRU */
 	}
@@ -171,17 +192,18 @@ static __always_inline void meshd_remember(struct bpf_sock_addr *ctx, __u64 cook
 	rk.port = be->port;
 	old = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);
 	if (old && old->port == key->port && meshd_eq16(old->addr, key->addr))
-		return;
+		return 0;
 	__builtin_memcpy(rv.addr, key->addr, sizeof(rv.addr));
 	rv.port = key->port;
 	bpf_map_update_elem(&meshd_revnat_v1, &rk, &rv, BPF_ANY);
+	return 1;
 }
 
 /* After a translation decision, when metrics are on: a refusal is counted for the group;
  * a translated socket is tagged with (group, backend) for sockops and the skb programs. */
 static __always_inline void meshd_observe(struct bpf_sock_addr *ctx,
 					  const struct meshd_stats_key *ids, int refused,
-					  int is_connect)
+					  int is_connect, __u32 identity)
 {
 	if (!(meshd_cfg.flags & MESHD_CFG_F_METRICS))
 		return;
@@ -189,12 +211,59 @@ static __always_inline void meshd_observe(struct bpf_sock_addr *ctx,
 		meshd_count_refused(ids->group);
 	else
 		meshd_tag(ctx->sk, ids->group, ids->backend, is_connect,
-			  ctx->protocol == IPPROTO_TCP);
+			  ctx->protocol == IPPROTO_TCP, identity);
+}
+
+/* An event of the socket hooks: CONNECT (with `be`), DENIED or FAILED (`be` NULL). */
+static __always_inline void meshd_ev_hook(const struct meshd_evcfg *cfg, __u32 type,
+					  const struct meshd_svc_key *key,
+					  const struct meshd_backend *be,
+					  const struct meshd_stats_key *ids,
+					  const struct meshd_caller *who, __u64 cookie, int err,
+					  int is_connect)
+{
+	struct meshd_event *e = meshd_ev_reserve(cfg, type, cookie);
+
+	if (!e)
+		return;
+	e->cgroup = bpf_get_current_cgroup_id();
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->uid = (__u32)bpf_get_current_uid_gid();
+	e->identity = who->identity;
+	e->group = ids->group;
+	e->policy = who->policy;
+	e->err = err;
+	__builtin_memcpy(e->vip, key->addr, sizeof(e->vip));
+	e->vip_port = key->port;
+	e->proto = key->proto;
+	if (be) {
+		e->backend = ids->backend;
+		__builtin_memcpy(e->be_addr, be->addr, sizeof(e->be_addr));
+		e->be_port = be->port;
+	}
+	e->flags = is_connect ? 0 : MESHD_EV_F_SENDMSG;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* After meshd_pick() found a service: the event settings (NULL: events off), and the
+ * caller's identity looked up if events are on and the policy check did not. */
+static __always_inline const struct meshd_evcfg *meshd_ev_prepare(struct meshd_caller *who)
+{
+	struct meshd_evcfg *cfg = meshd_evcfg();
+
+	if (cfg && !who->known) {
+		who->identity = meshd_identity();
+		who->known = 1;
+	}
+	return cfg;
 }
 
 /* Shared by connect and sendmsg. Returns 1 (allow) or 0 (reject with the errno set). */
 static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connect)
 {
+	const struct meshd_evcfg *cfg;
+	struct meshd_caller who = {};
 	struct meshd_stats_key ids = {};
 	struct meshd_svc_key key = {};
 	struct meshd_backend be;
@@ -205,23 +274,35 @@ static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connec
 	key.port = (__u16)ctx->user_port;
 	key.proto = (__u8)ctx->protocol;
 	cookie = bpf_get_socket_cookie(ctx);
-	err = meshd_pick(ctx, &key, cookie, 0, &be, &ids);
+	err = meshd_pick(ctx, &key, cookie, 0, &be, &ids, &who);
 	if (err == -2)
 		return 1;
+	cfg = meshd_ev_prepare(&who);
+	if (err == -MESHD_EPERM) {
+		meshd_ev_hook(cfg, MESHD_EV_DENIED, &key, 0, &ids, &who, cookie, MESHD_EPERM,
+			      is_connect);
+		bpf_set_retval(-MESHD_EPERM);
+		return 0;
+	}
 	if (err || be.family != AF_INET) {
-		meshd_observe(ctx, &ids, 1, is_connect);
-		bpf_set_retval(err ? err : -MESHD_ECONNREFUSED);
+		err = err ? err : -MESHD_ECONNREFUSED;
+		meshd_observe(ctx, &ids, 1, is_connect, who.identity);
+		meshd_ev_hook(cfg, MESHD_EV_FAILED, &key, 0, &ids, &who, cookie, -err, is_connect);
+		bpf_set_retval(err);
 		return 0;
 	}
 	ctx->user_ip4 = be.addr[3];
 	ctx->user_port = be.port;
-	meshd_remember(ctx, cookie, &be, &key, is_connect);
-	meshd_observe(ctx, &ids, 0, is_connect);
+	if (meshd_remember(ctx, cookie, &be, &key, is_connect) || is_connect)
+		meshd_ev_hook(cfg, MESHD_EV_CONNECT, &key, &be, &ids, &who, cookie, 0, is_connect);
+	meshd_observe(ctx, &ids, 0, is_connect, who.identity);
 	return 1;
 }
 
 static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connect)
 {
+	const struct meshd_evcfg *cfg;
+	struct meshd_caller who = {};
 	struct meshd_stats_key ids = {};
 	struct meshd_svc_key key = {};
 	struct meshd_backend be;
@@ -235,11 +316,19 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connec
 	key.port = (__u16)ctx->user_port;
 	key.proto = (__u8)ctx->protocol;
 	cookie = bpf_get_socket_cookie(ctx);
-	err = meshd_pick(ctx, &key, cookie, 1, &be, &ids);
+	err = meshd_pick(ctx, &key, cookie, 1, &be, &ids, &who);
 	if (err == -2)
 		return 1;
+	cfg = meshd_ev_prepare(&who);
+	if (err == -MESHD_EPERM) {
+		meshd_ev_hook(cfg, MESHD_EV_DENIED, &key, 0, &ids, &who, cookie, MESHD_EPERM,
+			      is_connect);
+		bpf_set_retval(-MESHD_EPERM);
+		return 0;
+	}
 	if (err) {
-		meshd_observe(ctx, &ids, 1, is_connect);
+		meshd_observe(ctx, &ids, 1, is_connect, who.identity);
+		meshd_ev_hook(cfg, MESHD_EV_FAILED, &key, 0, &ids, &who, cookie, -err, is_connect);
 		bpf_set_retval(err);
 		return 0;
 	}
@@ -249,8 +338,9 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connec
 	ctx->user_ip6[2] = be.addr[2];
 	ctx->user_ip6[3] = be.addr[3];
 	ctx->user_port = be.port;
-	meshd_remember(ctx, cookie, &be, &key, is_connect);
-	meshd_observe(ctx, &ids, 0, is_connect);
+	if (meshd_remember(ctx, cookie, &be, &key, is_connect) || is_connect)
+		meshd_ev_hook(cfg, MESHD_EV_CONNECT, &key, &be, &ids, &who, cookie, 0, is_connect);
+	meshd_observe(ctx, &ids, 0, is_connect, who.identity);
 	return 1;
 }
 
@@ -408,27 +498,65 @@ static __always_inline void meshd_flush(struct bpf_sock_ops *ctx, struct meshd_s
 	m->flushed_ns = now;
 }
 
+/* A FAILED or CLOSED event of a translated TCP socket: the caller from its tag, VIP and
+ * backend address from meshd_sknat_v1. */
+static __always_inline void meshd_ev_sock(struct bpf_sock_ops *ctx, struct bpf_sock *sk,
+					  const struct meshd_sk_meta *m, __u32 type, int err,
+					  __u64 tx, __u64 rx)
+{
+	const struct meshd_evcfg *cfg = meshd_evcfg();
+	struct meshd_sknat *sn;
+	struct meshd_event *e;
+
+	if (!cfg)
+		return;
+	e = meshd_ev_reserve(cfg, type, bpf_get_socket_cookie(ctx));
+	if (!e)
+		return;
+	e->cgroup = m->cgroup;
+	e->pid = m->pid;
+	e->uid = m->uid;
+	e->identity = m->identity;
+	e->group = m->group;
+	e->backend = m->backend;
+	e->err = err;
+	e->duration_ns = e->ts_ns - m->start_ns;
+	e->tx_bytes = tx;
+	e->rx_bytes = rx;
+	e->proto = IPPROTO_TCP;
+	__builtin_memcpy(e->comm, m->comm, sizeof(e->comm));
+	sn = bpf_sk_storage_get(&meshd_sknat_v1, sk, 0, 0);
+	if (sn) {
+		__builtin_memcpy(e->vip, sn->vip_addr, sizeof(e->vip));
+		__builtin_memcpy(e->be_addr, sn->be_addr, sizeof(e->be_addr));
+		e->vip_port = sn->vip_port;
+		e->be_port = sn->be_port;
+	}
+	bpf_ringbuf_submit(e, 0);
+}
+
 /* TCP_CLOSE is where every connection ends (RST, retries exhausted, close in SYN_SENT,
- * tcp_done after TIME_WAIT starts): its outcome is counted here, once. */
-static __always_inline void meshd_tcp_closed(struct bpf_sock_ops *ctx, struct meshd_sk_meta *m,
-					     __u32 old)
+ * tcp_done after TIME_WAIT starts): its outcome is counted here, once, and is one event. */
+static __always_inline void meshd_tcp_closed(struct bpf_sock_ops *ctx, struct bpf_sock *sk,
+					     struct meshd_sk_meta *m, __u32 old)
 {
 	struct meshd_stats *st = meshd_stats_get(m->group, m->backend);
 	int err = meshd_sk_err(ctx);
-	__u64 fin_out, fin_in;
+	__u64 fin_out, fin_in, tx, rx;
 
 	m->flags |= MESHD_SK_F_DONE;
-	if (!st)
-		return;
 	if (!(m->flags & MESHD_SK_F_ESTABLISHED)) {
 		/* Handshake never completed. sk_err 0: the application closed the socket while
 		 * the SYN was unanswered (its connect timeout ran out) -- a timeout for the user. */
-		if (err == MESHD_ECONNREFUSED)
-			st->fail_refused += 1;
-		else if (err == 0 || err == MESHD_ETIMEDOUT)
-			st->fail_timeout += 1;
-		else
-			st->fail_other += 1;
+		if (st) {
+			if (err == MESHD_ECONNREFUSED)
+				st->fail_refused += 1;
+			else if (err == 0 || err == MESHD_ETIMEDOUT)
+				st->fail_timeout += 1;
+			else
+				st->fail_other += 1;
+		}
+		meshd_ev_sock(ctx, sk, m, MESHD_EV_FAILED, err ? err : MESHD_ETIMEDOUT, 0, 0);
 		return;
 	}
 	/* Our FIN was acked when we leave FIN_WAIT2, CLOSING or LAST_ACK; a FIN came in when
@@ -437,14 +565,24 @@ static __always_inline void meshd_tcp_closed(struct bpf_sock_ops *ctx, struct me
 		  (old == BPF_TCP_FIN_WAIT2 || old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK);
 	fin_in = err == 0 &&
 		 (old == BPF_TCP_FIN_WAIT2 || old == BPF_TCP_CLOSING || old == BPF_TCP_LAST_ACK);
-	meshd_flush(ctx, m, st, fin_out, fin_in, bpf_ktime_get_ns());
-	st->closed += 1;
-	if (err == MESHD_ECONNRESET || err == MESHD_EPIPE)
-		st->fail_reset += 1;
-	else if (err == MESHD_ETIMEDOUT)
-		st->fail_timeout += 1;
-	else if (err)
-		st->fail_other += 1;
+	if (st) {
+		meshd_flush(ctx, m, st, fin_out, fin_in, bpf_ktime_get_ns());
+		st->closed += 1;
+		if (err == MESHD_ECONNRESET || err == MESHD_EPIPE)
+			st->fail_reset += 1;
+		else if (err == MESHD_ETIMEDOUT)
+			st->fail_timeout += 1;
+		else if (err)
+			st->fail_other += 1;
+	}
+	/* The event's payload bytes each way from the socket itself (the counters only keep
+	 * what is left to add): bytes_acked counts our SYN (1) and, once acked, our FIN;
+	 * bytes_received counts the peer's FIN, not its SYN. */
+	tx = ctx->bytes_acked;
+	tx = tx > fin_out + 1 ? tx - fin_out - 1 : 0;
+	rx = ctx->bytes_received;
+	rx = rx > fin_in ? rx - fin_in : 0;
+	meshd_ev_sock(ctx, sk, m, MESHD_EV_CLOSED, err, tx, rx);
 }
 
 SEC("sockops")
@@ -502,7 +640,7 @@ int meshd_sockops(struct bpf_sock_ops *ctx)
 		if (ctx->args[1] == BPF_TCP_FIN_WAIT1 || ctx->args[1] == BPF_TCP_LAST_ACK)
 			m->flags |= MESHD_SK_F_FIN_OUT;
 		else if (ctx->args[1] == BPF_TCP_CLOSE)
-			meshd_tcp_closed(ctx, m, ctx->args[0]);
+			meshd_tcp_closed(ctx, sk, m, ctx->args[0]);
 		break;
 	}
 	return 1;

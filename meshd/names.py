@@ -32,8 +32,22 @@ MAP_SKNAT = "meshd_sknat_v1"
 MAP_SKMETA = "meshd_skmeta_v1"  # socket storage: socket -> (group, backend, start)
 MAP_STATS = "meshd_stats_v1"  # per-CPU hash: (group, backend) -> counters and histograms
 METRICS_MAPS = (MAP_SKMETA, MAP_STATS)
-# Every map the loader pins and adopts across restarts.
-PINNED_MAPS = SOCK_LB_MAPS + (MAP_SKNAT,) + METRICS_MAPS
+
+# Authorization (bpf/include/meshd_policy.h), same object and pin dir.
+MAP_IDENT = "meshd_ident_v1"  # hash: cgroup id -> identity
+MAP_VERDICT = "meshd_verdict_v1"  # hash: (identity, group, uid) -> verdict
+MAP_DENIED = "meshd_denied_v1"  # per-CPU hash: (group, identity) -> denials
+POLICY_MAPS = (MAP_IDENT, MAP_VERDICT, MAP_DENIED)
+
+# Connection events (bpf/include/meshd_events.h), same object and pin dir.
+MAP_EVENTS = "meshd_events_v1"  # ring buffer of struct meshd_event
+MAP_EVCFG = "meshd_evcfg_v1"  # array[1]: mask, sample, rate
+MAP_EVSTATE = "meshd_evstate_v1"  # per-CPU array[1]: rate window, loss counters
+EVENT_MAPS = (MAP_EVENTS, MAP_EVCFG, MAP_EVSTATE)
+
+# Every map the loader pins and adopts across restarts. Maps a newer meshd added are
+# created (and pinned) when an older pin dir is adopted: the others keep their entries.
+PINNED_MAPS = SOCK_LB_MAPS + (MAP_SKNAT,) + METRICS_MAPS + POLICY_MAPS + EVENT_MAPS
 
 # Name of each Maglev inner map the reconciler creates (kernel names are at most 15 chars).
 MAGLEV_INNER_NAME = "meshd_mglv_tbl"

@@ -54,6 +54,13 @@ struct meshd_sk_meta {
 	__u32 backend;		/* backend id (host order); 0: none */
 	__u32 flags;		/* MESHD_SK_F_* */
 	__u32 pad;		/* zero */
+	/* the caller at connect(), for the events sockops emits (meshd_events.h) */
+	__u64 cgroup;		/* bpf_get_current_cgroup_id() */
+	__u32 identity;		/* policy identity (meshd_ident_v1); 0: none or not looked up */
+	__u32 pid;		/* tgid */
+	__u32 uid;
+	__u32 pad2;		/* zero */
+	char comm[16];		/* bpf_get_current_comm() */
 };
 
 /* Key of meshd_stats_v1. */
@@ -153,9 +160,12 @@ static __always_inline void meshd_hist_add(__u64 *hist, __u64 *sum, __u64 us)
 }
 
 /* Tags a socket just translated to (group, backend). Called by connect (start of a
- * connection) and sendmsg (each unconnected UDP datagram: rewritten only on change). */
+ * connection) and sendmsg (each unconnected UDP datagram: rewritten only on change).
+ * Also keeps who connected (cgroup, pid, uid, comm and the `identity` the caller knows:
+ * from the policy check, or looked up because events are on; else 0), so that sockops,
+ * which runs in softirq, can emit FAILED and CLOSED events naming the caller. */
 static __always_inline void meshd_tag(void *sk, __u32 group, __u32 backend, int is_connect,
-				      int is_tcp)
+				      int is_tcp, __u32 identity)
 {
 	struct meshd_sk_meta *m;
 	struct meshd_stats *st;
@@ -174,6 +184,11 @@ static __always_inline void meshd_tag(void *sk, __u32 group, __u32 backend, int 
 	m->flushed_ns = 0;
 	m->bytes_acked = 0;
 	m->bytes_received = 0;
+	m->cgroup = bpf_get_current_cgroup_id();
+	m->identity = identity;
+	m->pid = bpf_get_current_pid_tgid() >> 32;
+	m->uid = (__u32)bpf_get_current_uid_gid();
+	bpf_get_current_comm(m->comm, sizeof(m->comm));
 	if (is_connect && !is_tcp) { /* connected UDP: opened here (TCP: when the SYN leaves) */
 		st = meshd_stats_get(group, backend);
 		if (st)

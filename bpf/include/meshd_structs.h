@@ -41,6 +41,8 @@ struct meshd_svc_val {
 #define MESHD_SVC_F_SOURCE_RANGES 0x10 /* tc: the source must match meshd_srcrange_v1 */
 #define MESHD_SVC_F_TABLE_B	  0x20 /* the group's table is in the second half (see
 					* struct meshd_table_chunk); clear: the first */
+#define MESHD_SVC_F_POLICY	  0x40 /* some policy selects this frontend's group: the
+					* caller must be allowed (meshd_policy.h) */
 
 /* Value of the inner arrays of meshd_maglev_v2: MESHD_TABLE_CHUNK slots of a Maglev table
  * (backend ids, host order). Element 0 of each inner array is the header instead:

@@ -632,6 +632,97 @@ def prog_test_run(prog_fd: int, data: bytes, what: str, repeat: int = 1,
     return retval, buf_out.raw[: opts.data_size_out], opts.duration
 
 
+# ---- ring buffer (BPF_MAP_TYPE_RINGBUF) ------------------------------------------------------
+_RB_SAMPLE_FN = C.CFUNCTYPE(i32, vp, vp, sz)
+_rb_new = _fn("ring_buffer__new", vp, i32, _RB_SAMPLE_FN, vp, vp)
+_rb_poll = _fn("ring_buffer__poll", i32, vp, i32)
+_rb_consume = _fn("ring_buffer__consume", i32, vp)
+_rb_free = _fn("ring_buffer__free", None, vp)
+_rb_epoll_fd = _fn("ring_buffer__epoll_fd", i32, vp)
+
+
+class RingBuffer:
+    """A consumer of one ring buffer map: poll()/consume() return the records as bytes.
+    The ctypes callback only copies each record into a list (no Python work between
+    records); the map fd is borrowed (libbpf maps the ring itself; close the fd whenever)."""
+
+    def __init__(self, map_fd: int, what: str):
+        self.what = what
+        self._got: list[bytes] = []
+
+        def on_sample(_ctx, data, size) -> int:
+            self._got.append(C.string_at(data, size))
+            return 0
+        self._cb = _RB_SAMPLE_FN(on_sample)  # kept alive as long as the ring buffer
+        self._rb = _check_ptr(_rb_new(map_fd, self._cb, None, None), "ring_buffer__new", what)
+
+    def _take(self, ret: int, op: str) -> list[bytes]:
+        got, self._got = self._got, []
+        if ret < 0 and ret != -_errno.EINTR:
+            _check(ret, op, self.what)
+        return got
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Waits up to `timeout_ms` (-1: forever) for records; returns what is there."""
+        if not self._rb:
+            raise BpfError(_errno.EBADF, "ring_buffer__poll", f"{self.what} (closed)")
+        return self._take(_rb_poll(self._rb, timeout_ms), "ring_buffer__poll")
+
+    def consume(self) -> list[bytes]:
+        """Every record there now, without waiting."""
+        if not self._rb:
+            raise BpfError(_errno.EBADF, "ring_buffer__consume", f"{self.what} (closed)")
+        return self._take(_rb_consume(self._rb), "ring_buffer__consume")
+
+    def epoll_fd(self) -> int:
+        """An fd that becomes readable when records arrive (for an event loop)."""
+        return _rb_epoll_fd(self._rb)
+
+    def close(self) -> None:
+        if self._rb:
+            _rb_free(self._rb)
+            self._rb = 0
+
+
+# ---- inotify (libc; for meshd/cgroups.py: Python has no binding) ---------------------------
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_in_init1 = _libc.inotify_init1
+_in_init1.restype, _in_init1.argtypes = i32, [i32]
+_in_add = _libc.inotify_add_watch
+_in_add.restype, _in_add.argtypes = i32, [i32, cp, u32]
+_in_rm = _libc.inotify_rm_watch
+_in_rm.restype, _in_rm.argtypes = i32, [i32, i32]
+
+
+def _oserror(op: str, what: str = "") -> OSError:
+    err = C.get_errno()
+    return OSError(err, f"{op}({what}): {os.strerror(err)}" if what else
+                   f"{op}: {os.strerror(err)}")
+
+
+def inotify_init(nonblock: bool = True) -> int:
+    """A new inotify fd (close-on-exec; non-blocking unless told otherwise)."""
+    fd = _in_init1(IN_CLOEXEC | (IN_NONBLOCK if nonblock else 0))
+    if fd < 0:
+        raise _oserror("inotify_init1")
+    return fd
+
+
+def inotify_add_watch(fd: int, path: str, mask: int) -> int:
+    """Watches `path` for the events in `mask` (IN_* of <sys/inotify.h>); returns the watch
+    descriptor. OSError (errno set) if the path is gone or the watch limit is reached."""
+    wd = _in_add(fd, os.fsencode(path), mask)
+    if wd < 0:
+        raise _oserror("inotify_add_watch", str(path))
+    return wd
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    if _in_rm(fd, wd) < 0:
+        raise _oserror("inotify_rm_watch", str(wd))
+
+
 def count_keys(fd: int, key_size: int, what: str) -> int:
     """Entries of a hash-like map, by walking its keys (no values read)."""
     kt = C.c_ubyte * key_size

@@ -51,6 +51,11 @@ MAP_TYPES = {
     names.MAP_SRCRANGES: (S.SrcRangeKey, C.c_uint8),
     names.MAP_SKMETA: (C.c_int, S.SkMeta),
     names.MAP_STATS: (S.StatsKey, S.Stats),  # per CPU: opened as a PercpuMap
+    names.MAP_IDENT: (C.c_uint64, S.Ident),
+    names.MAP_VERDICT: (S.VerdictKey, S.Verdict),
+    names.MAP_DENIED: (S.DeniedKey, C.c_uint64),  # per CPU: opened as a PercpuMap
+    names.MAP_EVCFG: (C.c_uint32, S.EvCfg),
+    names.MAP_EVSTATE: (C.c_uint32, S.EvState),  # per CPU: opened as a PercpuMap
 }
 
 
@@ -293,6 +298,35 @@ def _check_sizes(pin_dir: Path, want: dict[str, int]) -> None:
                 "state) and start again")
 
 
+def events_ring_size(n: int) -> int:
+    """`n` if it can be the size of the events ring buffer (a power of two and a multiple
+    of the page size), else DataplaneError naming the fix."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    if not isinstance(n, int) or n < page or n & (n - 1) or n > 1 << 30:
+        raise DataplaneError(f"events ring size {n!r}: must be a power of two, a multiple of "
+                             f"the page size ({page}) and at most 1 GiB, e.g. "
+                             f"{S.EVENTS_RING_DEFAULT} (1 MiB, the default)")
+    return n
+
+
+def _replace_ring(pin_dir: Path, n: int | None) -> None:
+    """A pinned events ring of another size than asked for is not adopted: its pin is
+    removed and load() creates and pins one of the new size. It holds only events in
+    flight (the old programs write to it until they are swapped out), unlike the other
+    maps, whose entries are state; so a size change needs no `meshd cleanup`."""
+    pin = pin_dir / names.MAP_EVENTS
+    if n is None or not pin.exists():
+        return
+    fd = bpf.obj_get(pin)
+    try:
+        have = bpf.map_info(fd, names.MAP_EVENTS).max_entries
+    finally:
+        bpf.close_fd(fd)
+    if have != n:
+        log.info("events ring buffer: %d bytes pinned, %d asked for: replacing it", have, n)
+        pin.unlink()
+
+
 def map_sizes(max_frontends: int | None, max_backends: int | None) -> dict[str, int]:
     """max_entries per map for the given limits: the frontend limit also bounds the Maglev
     tables and group names (every group has at least one frontend)."""
@@ -311,7 +345,7 @@ def map_sizes(max_frontends: int | None, max_backends: int | None) -> dict[str, 
 def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: bool = True,
          stats_max_entries: int | None = None, *, self_pid: int | None = None,
          max_frontends: int | None = None, max_backends: int | None = None,
-         maglev_max: int = maglev.LADDER[-1]) -> Maps:
+         maglev_max: int = maglev.LADDER[-1], events_ring_bytes: int | None = None) -> Maps:
     """Loads (or adopts) the socket LB of `instance` and attaches it to `cgroup`; with
     `metrics`, also the metrics programs (else they are detached if they were attached).
     `stats_max_entries` caps the (group, backend) pairs with counters when the stats map is
@@ -323,18 +357,26 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
     whatever size is pinned. `maglev_m`: a fixed Maglev table size for every group; 0 (auto):
     each group gets the size its backends need, at most `maglev_max`. Either may change
     between loads (tables are rebuilt at their new size). Maps of layout 1 are migrated
-    before the new programs replace the old ones."""
+    before the new programs replace the old ones. `events_ring_bytes`: size of the events
+    ring buffer (meshd_events_v1), a power of two multiple of the page size; None keeps
+    the pinned ring (or creates one of 1 MiB); another size than the pinned one replaces
+    the ring (events in flight are lost, nothing else). Maps this meshd has and the pin
+    dir lacks (an upgrade: the policy and event maps) are created and pinned; the
+    others are adopted with their entries."""
     cgroup = Path(cgroup)
     if not (cgroup / "cgroup.procs").exists():
         raise DataplaneError(f"cgroup {cgroup} is not a cgroup v2 directory (on this machine "
                              "cgroup2 is usually at /sys/fs/cgroup/unified); fix `cgroup:`")
     sizes = map_sizes(max_frontends, max_backends)
+    if events_ring_bytes is not None:
+        events_ring_size(events_ring_bytes)
     self_dev, self_ino, self_tgid = _self_cfg(self_pid)
     ensure_bpffs(bpffs)
     pin_dir = names.pin_dir(bpffs, instance)
     pin_dir.mkdir(parents=True, exist_ok=True)
     layout = _check_adoptable(pin_dir)
     _check_sizes(pin_dir, sizes)
+    _replace_ring(pin_dir, events_ring_bytes)
     needs = (features.BTF, features.SET_RETVAL) + ((features.SELF_PID,) if self_tgid else ())
 
     with bpf.BpfObject(object_path(names.OBJ_SOCK_LB)) as obj:
@@ -345,6 +387,8 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
             obj.set_max_entries(names.MAP_STATS, stats_max_entries)
         for name, n in sizes.items():
             obj.set_max_entries(name, n)
+        if events_ring_bytes is not None:
+            obj.set_max_entries(names.MAP_EVENTS, events_ring_bytes)
         adopted = adopt_pins(obj, pin_dir, names.PINNED_MAPS)
         try:
             obj.load()
@@ -361,6 +405,10 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
                  len([n for n in adopted if n in names.SOCK_LB_MAPS]),
                  "on" if metrics else "off",
                  len([n for n in adopted if n in names.METRICS_MAPS]))
+        created = [n for n in names.PINNED_MAPS if n not in adopted]
+        if adopted and created:  # an upgrade: maps this version added, the rest kept
+            log.info("created and pinned maps the pin dir did not have: %s",
+                     ", ".join(created))
         _attach_all(obj, pin_dir, cgroup, names.SOCK_LB_PROGRAMS)
         if metrics:
             _attach_all(obj, pin_dir, cgroup, names.METRICS_PROGRAMS)

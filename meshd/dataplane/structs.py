@@ -29,6 +29,7 @@ class SvcVal(C.Structure):
 SVC_F_DROP_EMPTY, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_KEEP_SOURCE, SVC_F_SOURCE_RANGES = \
     0x01, 0x02, 0x04, 0x08, 0x10
 SVC_F_TABLE_B = 0x20  # the group's Maglev table is in the second half of its inner map
+SVC_F_POLICY = 0x40  # a policy selects the group: callers must be allowed (meshd_policy.h)
 
 TABLE_CHUNK = 16  # MESHD_TABLE_CHUNK: slots per element of a Maglev inner array
 
@@ -101,7 +102,9 @@ class SkMeta(C.Structure):
     _fields_ = [("start_ns", C.c_uint64), ("flushed_ns", C.c_uint64),
                 ("bytes_acked", C.c_uint64), ("bytes_received", C.c_uint64),
                 ("group", C.c_uint32), ("backend", C.c_uint32), ("flags", C.c_uint32),
-                ("pad", C.c_uint32)]
+                ("pad", C.c_uint32), ("cgroup", C.c_uint64), ("identity", C.c_uint32),
+                ("pid", C.c_uint32), ("uid", C.c_uint32), ("pad2", C.c_uint32),
+                ("comm", C.c_char * 16)]
 
 
 class StatsKey(C.Structure):
@@ -124,6 +127,65 @@ class Stats(C.Structure):
 STATS_WORDS = C.sizeof(Stats) // 8  # the struct as a flat u64 vector (Python sums CPUs)
 
 
+# ---- authorization (bpf/include/meshd_policy.h) ----------------------------------------------
+UID_ANY = 0xFFFFFFFF  # MESHD_UID_ANY
+VERDICT_ALLOW, VERDICT_DENY = 1, 2  # MESHD_VERDICT_*
+VERDICT_F_UID = 1  # MESHD_VERDICT_F_UID: some uid has its own entry: look it up
+
+
+class Ident(C.Structure):
+    """Value of meshd_ident_v1 (key: c_uint64 cgroup id)."""
+    _fields_ = [("identity", C.c_uint32), ("pad", C.c_uint32)]
+
+
+class VerdictKey(C.Structure):
+    _fields_ = [("identity", C.c_uint32), ("group", C.c_uint32), ("uid", C.c_uint32),
+                ("pad", C.c_uint32)]
+
+
+class Verdict(C.Structure):
+    _fields_ = [("action", C.c_uint8), ("flags", C.c_uint8), ("pad", C.c_uint16),
+                ("policy", C.c_uint32)]
+
+
+class DeniedKey(C.Structure):
+    """Key of meshd_denied_v1 (value: c_uint64 per CPU)."""
+    _fields_ = [("group", C.c_uint32), ("identity", C.c_uint32)]
+
+
+# ---- connection events (bpf/include/meshd_events.h) -----------------------------------------
+EV_CONNECT, EV_DENIED, EV_FAILED, EV_CLOSED = 1, 2, 3, 4  # MESHD_EV_*
+EV_NAMES = {EV_CONNECT: "connect", EV_DENIED: "denied", EV_FAILED: "failed",
+            EV_CLOSED: "closed"}
+EV_F_SENDMSG = 1  # MESHD_EV_F_SENDMSG: from sendmsg (unconnected UDP), not connect
+EVENTS_RING_DEFAULT = 1 << 20  # MESHD_EVENTS_RING_DEFAULT
+
+
+class Event(C.Structure):
+    """One record of meshd_events_v1."""
+    _fields_ = [("ts_ns", C.c_uint64), ("cookie", C.c_uint64), ("cgroup", C.c_uint64),
+                ("duration_ns", C.c_uint64), ("tx_bytes", C.c_uint64),
+                ("rx_bytes", C.c_uint64), ("type", C.c_uint32), ("pid", C.c_uint32),
+                ("uid", C.c_uint32), ("identity", C.c_uint32), ("group", C.c_uint32),
+                ("backend", C.c_uint32), ("policy", C.c_uint32), ("err", C.c_int32),
+                ("vip", Addr16), ("be_addr", Addr16), ("vip_port", C.c_uint16),
+                ("be_port", C.c_uint16), ("proto", C.c_uint8), ("flags", C.c_uint8),
+                ("pad", C.c_uint16), ("comm", C.c_char * 16)]
+
+
+class EvCfg(C.Structure):
+    """Value of meshd_evcfg_v1[0]."""
+    _fields_ = [("mask", C.c_uint32), ("sample", C.c_uint32), ("rate", C.c_uint32),
+                ("pad", C.c_uint32)]
+
+
+class EvState(C.Structure):
+    """Value of meshd_evstate_v1[0], one per CPU."""
+    _fields_ = [("window_ns", C.c_uint64), ("in_window", C.c_uint64),
+                ("lost_full", C.c_uint64), ("lost_rate", C.c_uint64),
+                ("sampled_out", C.c_uint64)]
+
+
 LAYOUT_VERSION = 2  # 1: meshd_maglev_v1 (one M); 2: meshd_maglev_v2
 
 # C struct name -> mirror, for the BTF layout test.
@@ -144,6 +206,13 @@ MIRRORS = {
     "meshd_sk_meta": SkMeta,
     "meshd_stats_key": StatsKey,
     "meshd_stats": Stats,
+    "meshd_ident": Ident,
+    "meshd_verdict_key": VerdictKey,
+    "meshd_verdict": Verdict,
+    "meshd_denied_key": DeniedKey,
+    "meshd_event": Event,
+    "meshd_evcfg": EvCfg,
+    "meshd_evstate": EvState,
 }
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
