@@ -319,9 +319,9 @@ class SyncConfig(StrictModel):
 
 
 def _ring_bytes(v: int) -> int:
-    if v < 4096 or v & (v - 1):
-        raise _fail("must be a power of two of at least 4096 (a page), such as 1048576 "
-                    "(got {got})", got=show(v))
+    if v < 4096 or v & (v - 1) or v > 1 << 30:
+        raise _fail("must be a power of two from 4096 (a page) to 1073741824 (1 GiB), such "
+                    "as 1048576 (got {got})", got=show(v))
     return v
 
 

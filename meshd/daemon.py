@@ -190,7 +190,8 @@ class Daemon:
         return loader.load(cfg.bpffs, cfg.instance, cfg.cgroup, cfg.maglev.fixed_size,
                            max_frontends=cfg.maps.max_frontends,
                            max_backends=cfg.maps.max_backends,
-                           maglev_max=cfg.maglev.max_table_size)
+                           maglev_max=cfg.maglev.max_table_size,
+                           events_ring_bytes=cfg.events.ring_bytes)
 
     def reattach(self) -> None:
         """Load and attach again (the cgroup came back): the same pinned maps are adopted,

@@ -71,7 +71,7 @@ class Namer:
             "service": service,
             "group": key,
             "frontend": f"{_hostport(ev.vip, ev.vip_port)}/{proto}" if ev.vip else None,
-            "backend": _hostport(ev.be_addr, ev.be_port) if ev.backend else None,
+            "backend": _hostport(ev.backend_addr, ev.backend_port) if ev.backend else None,
             "pid": ev.pid,
             "uid": ev.uid,
             "comm": ev.comm,
@@ -81,7 +81,7 @@ class Namer:
             "identity": self.identity_label(ev.identity),
             "selectors": list(self.identity_selectors(ev.identity)),
             "cookie": ev.cookie,
-            "sendmsg": bool(ev.flags & 1),
+            "sendmsg": bool(ev.sendmsg),
         }
         if kind == "denied":
             out["policy"] = self.policy_key(ev.policy) if ev.policy else None

@@ -261,6 +261,31 @@ class KernelDataplane:
             ct.close()
         return out
 
+    # ---- authorization (meshd/verdicts.py) ----------------------------------------------------
+    @property
+    def _pol(self):
+        if getattr(self, "_policy_maps", None) is None:
+            from meshd.dataplane.policy_maps import PolicyMaps
+            pin = self.maps.pin_dir
+            self._policy_maps = PolicyMaps(pin.parent.parent, pin.name)
+        return self._policy_maps
+
+    def put_verdict(self, identity: int, gid: int, uid: int, action: int, flags: int,
+                    policy: int) -> None:
+        self._pol.verdict.update(S.VerdictKey(identity=identity, group=gid, uid=uid),
+                                 S.Verdict(action=action, flags=flags, policy=policy))
+
+    def delete_verdict(self, identity: int, gid: int, uid: int) -> None:
+        self._pol.verdict.delete(S.VerdictKey(identity=identity, group=gid, uid=uid))
+
+    def put_ident(self, cgid: int, identity: int) -> None:
+        from meshd.dataplane.policy_maps import _U64
+        self._pol.ident.update(_U64(cgid), S.Ident(identity=identity))
+
+    def delete_ident(self, cgid: int) -> None:
+        from meshd.dataplane.policy_maps import _U64
+        self._pol.ident.delete(_U64(cgid))
+
     def put_name(self, gid: int, key: str) -> None:
         self.maps.names.update(C.c_uint32(gid), S.SvcName(name=key.encode()[:159]))
 
@@ -299,4 +324,7 @@ class KernelDataplane:
             snap.names[k.value] = v.name.decode(errors="replace")
         snap.tables = {k.value for k in self.maps.maglev.keys()}
         snap.table_sizes = {gid: self.table_size(gid) for gid in snap.tables}
+        snap.idents, verdicts = self._pol.read()
+        for (identity, gid, uid), val in verdicts.items():
+            snap.verdicts.setdefault(gid, {})[(identity, uid)] = val
         return snap

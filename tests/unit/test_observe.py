@@ -20,8 +20,8 @@ from meshd.observe import format_line, matches, parse_since, stream
 def raw(kind: int, **kw):
     base = dict(type=kind, ts_ns=time.monotonic_ns(), cookie=7, cgroup=4242, duration_ns=0,
                 tx_bytes=0, rx_bytes=0, pid=99, uid=1000, identity=3, group=5, backend=11,
-                policy=0, err=0, vip="10.96.0.20", be_addr="10.1.0.7", vip_port=5432,
-                be_port=5432, proto=6, flags=0, comm="psql")
+                policy=0, err=0, vip="10.96.0.20", backend_addr="10.1.0.7", vip_port=5432,
+                backend_port=5432, proto="TCP", sendmsg=False, comm="psql")
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -47,7 +47,7 @@ def test_events_are_named_for_people_and_machines():
     line = format_line(ev)
     assert "CLOSED" in line and "psql[99]" in line and "=> 10.1.0.7:5432" in line
     assert "35.2 ms" in line and "sent 1.2 kB" in line
-    d = n.event(raw(2, policy=4, backend=0, be_addr=None))
+    d = n.event(raw(2, policy=4, backend=0, backend_addr=None))
     assert d["verdict"] == "denied" and d["policy"] == "default/no-batch"
     assert d["backend"] is None and "DENIED by default/no-batch" in format_line(d)
     f = n.event(raw(3, err=111, duration_ns=300_000))
