@@ -1,4 +1,5 @@
-"""`meshd service …` and `meshd endpoint …`: write the registry (etcd) from a shell."""
+"""`meshd service …`, `meshd endpoint …` and `meshd policy …`: write the registry (etcd)
+from a shell."""
 
 from __future__ import annotations
 
@@ -131,6 +132,63 @@ async def _endpoint(args, cfg: Config) -> int:
     return 0
 
 
+def _policy_records(source: str) -> tuple[list[object], list[str]]:
+    """The records of FILE or '-' (stdin): one record, a list, or a mapping with `policies:`
+    (a services file); with where each came from, for the messages."""
+    from meshd.config import YamlFileError, read_yaml
+    name = "stdin" if source == "-" else source
+    try:
+        data = read_yaml(Path("/dev/stdin") if source == "-" else Path(source))
+    except YamlFileError as e:
+        raise RecordError(name, str(e)) from None
+    if isinstance(data, dict) and "policies" in data and "namespace" not in data:
+        data, label = data["policies"], "policies"
+    else:
+        label = ""
+    if data is None:
+        raise RecordError(name, "no policy record: expected a mapping with namespace, name, from and to, "
+                          "a list of them, or a services file's `policies:` list")
+    records = data if isinstance(data, list) else [data]
+    where = [f"{name}: {label or 'record'}[{i}]" if isinstance(data, list) else name for i in range(len(records))]
+    return records, where
+
+
+async def _policy(args, cfg: Config) -> int:
+    from meshd.registry import Registry
+    if args.action in ("put", "delete") and not args.target:
+        raise RecordError(f"policy {args.action}", "needs " + ("FILE (or - for stdin)" if args.action == "put"
+                                                                 else "NAMESPACE/NAME"))
+    records, where = _policy_records(args.target) if args.action == "put" else ([], [])
+    async with Registry(cfg.etcd, endpoints=registry_urls(cfg)) as reg:
+        if args.action == "put":
+            for pol in await reg.put_policies(records, where):
+                print(f"policy {pol.key} written")
+        elif args.action == "delete":
+            ns, name = _split_name(args.target)
+            print(f"policy {ns}/{name} deleted" if await reg.delete_policy(ns, name)
+                  else f"policy {ns}/{name} was not registered")
+        else:
+            rows = await reg.list_policies()
+            if args.json:
+                print(json.dumps(rows, indent=2, default=str))
+            else:
+                for r in rows:
+                    print(_policy_line(r))
+    return 0
+
+
+def _policy_line(row: dict) -> str:
+    """One line per stored policy: key, action, from -> to (or the reason it is rejected)."""
+    who = f"{row['namespace']}/{row['name']}"
+    if row["error"]:
+        return f"{who}  INVALID: {row['error']}"
+    v = row["value"]
+    frm = ", ".join(" ".join(f"{k}={x}" for k, x in item.items()) for item in v["from"]) or "(nobody)"
+    to = ", ".join(t["service"] + (":" + ",".join(map(str, t["ports"])) if t.get("ports") else "")
+                   for t in v["to"])
+    return f"{who}  {v.get('action', 'allow')}  from {frm}  to {to}"
+
+
 def add_parsers(sub, load_cfg) -> None:
     s = sub.add_parser("service", help="register services in etcd (put, delete, list)")
     s.add_argument("action", choices=["put", "delete", "list"])
@@ -157,6 +215,14 @@ def add_parsers(sub, load_cfg) -> None:
                    "while this command runs")
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=lambda a: asyncio.run(_endpoint(a, load_cfg(a))))
+
+    p = sub.add_parser("policy", help="authorization policies in etcd (put, delete, list)")
+    p.add_argument("action", choices=["put", "delete", "list"])
+    p.add_argument("target", nargs="?", help="put: FILE with one record, a list, or policies: "
+                   "(- for stdin); delete: NAMESPACE/NAME")
+    p.add_argument("--config", "-c")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=lambda a: asyncio.run(_policy(a, load_cfg(a))))
 
 
 def check_endpoint_args(args: argparse.Namespace) -> None:

@@ -218,3 +218,62 @@ class Service(Record):
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+# ---- authorization policies (validated by meshd.policy_model) --------------------------------
+
+class Selector(Record):
+    """One `from` item of a policy: exactly one of `cgroup` (a path relative to the cgroup2
+    mount; ending in '/': every cgroup below it; '/' alone: every cgroup) or `unit` (a systemd
+    unit: the cgroups whose path has this component, and all below), optionally one `uid`."""
+
+    _fields = ("cgroup", "unit", "uid")
+    __slots__ = _fields
+    cgroup: str | None
+    unit: str | None
+    uid: int | None
+
+    @property
+    def workload(self) -> tuple[str, str]:
+        """What selects the cgroups, without the uid: ("cgroup", path) or ("unit", name)."""
+        return ("cgroup", self.cgroup) if self.cgroup is not None else ("unit", self.unit)  # type: ignore[return-value]
+
+
+class Target(Record):
+    """One `to` item: a service, always "namespace/name" once validated, and its ports
+    (numbers or port names; None: every port)."""
+
+    _fields = ("service", "ports")
+    __slots__ = _fields
+    service: str
+    ports: tuple[int | str, ...] | None
+
+    @property
+    def namespace(self) -> str:
+        return self.service.split("/", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.service.split("/", 1)[1]
+
+
+class Policy(Record):
+    """An L4 authorization policy. `from_` is the record's `from` (a Python keyword): it dumps
+    as `from`, and `Policy(**record)` takes either spelling."""
+
+    _fields = ("namespace", "name", "action", "from_", "to")
+    __slots__ = _fields
+    namespace: str
+    name: str
+    action: str  # "allow" | "deny"
+    from_: tuple[Selector, ...]
+    to: tuple[Target, ...]
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    def model_dump(self, *, mode: str = "python", exclude: set[str] | frozenset[str] = frozenset()
+                   ) -> dict[str, Any]:
+        out = super().model_dump(mode=mode, exclude=exclude)
+        return {("from" if k == "from_" else k): v for k, v in out.items()}

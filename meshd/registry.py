@@ -1,5 +1,5 @@
 """The write side of the etcd registry, used by the CLI (`meshd service put|delete|list`,
-`meshd endpoint add|remove|list`).
+`meshd endpoint add|remove|list`, `meshd policy put|delete|list`).
 
 Every record is validated exactly as the etcd source will read it (meshd.sources.etcd) before
 anything is written, so a record the daemon would reject is refused here with the same reason
@@ -31,10 +31,12 @@ from meshd.config import EtcdConfig  # noqa: E402
 from meshd.errors import RecordError, RegistryError  # noqa: E402
 from meshd.model import (Service, local_endpoint_problem, local_endpoint_reason, parse_endpoint,  # noqa: E402
                          parse_service)
+from meshd.policy_model import parse_policy  # noqa: E402
+from meshd.records import Policy  # noqa: E402
 from meshd.sources.etcd import (LIST_PAGE, MAX_VALUE_BYTES, check_record, close_client, describe,  # noqa: E402
                                 endpoint_id_problem, endpoint_key, endpoints_in_service_reason,
                                 endpoints_prefix, hint, key_text, label_problem, open_client,
-                                service_key)
+                                policy_key, service_key)
 
 log = logging.getLogger("meshd.registry")
 
@@ -296,14 +298,88 @@ class Registry:
             out.append(rec)
         return out
 
+    # ---- policies -----------------------------------------------------------------------
+    def _policy_value(self, data: object, where: str | None = None) -> tuple[str, bytes, Policy]:
+        """(key, canonical JSON, policy) of a raw policy record, checked exactly as the etcd
+        source will read it; RecordError(where, reason) if it is not valid."""
+        ns, name = (data.get("namespace"), data.get("name")) if isinstance(data, dict) else (None, None)
+        where = where or policy_key(self.prefix, ns if isinstance(ns, str) else "?",
+                                    name if isinstance(name, str) else "?")
+        pol = parse_policy(data, where)
+        record = pol.model_dump(mode="json")
+        for item in record["from"]:  # only what is set: shorter, and what a person would write
+            for k in [k for k, v in item.items() if v is None]:
+                del item[k]
+        for item in record["to"]:
+            if item["ports"] is None:
+                del item["ports"]
+        key = policy_key(self.prefix, pol.namespace, pol.name)
+        value = _json(record)
+        if len(value) > MAX_VALUE_BYTES:
+            raise RecordError(where, f"record is {len(value)} bytes; at most {MAX_VALUE_BYTES} are allowed")
+        check_record(self.prefix, key.encode(), value)  # exactly what the source will do
+        return key, value, pol
+
+    async def put_policies(self, records: list[object], where: list[str] | None = None) -> list[Policy]:
+        """Validate every policy record first (RecordError for the first bad one, naming it by
+        `where[i]` or its key: then nothing is written), then store them all in one transaction
+        at <prefix>policies/<namespace>/<name> (replacing what was there)."""
+        checked = [self._policy_value(r, where[i] if where else None) for i, r in enumerate(records)]
+        seen: dict[str, int] = {}
+        for i, (key, _, pol) in enumerate(checked):
+            if key in seen:
+                raise RecordError(where[i] if where else key, f"policy {pol.key} is given twice "
+                                  f"(also record {seen[key] + 1} of {len(records)})")
+            seen[key] = i
+        if not checked:
+            return []
+        client = self._need()
+        try:
+            await client.transaction(compare=[], success=[client.transactions.put(k.encode(), v)
+                                                          for k, v, _ in checked], failure=[])
+        except aetcd.ClientError as e:
+            raise self._failed(f"writing {len(checked)} polic{'y' if len(checked) == 1 else 'ies'}", e) from None
+        return [pol for _, _, pol in checked]
+
+    async def put_policy(self, data: object) -> Policy:
+        """Validate one policy record and store it; RecordError if invalid (nothing written)."""
+        return (await self.put_policies([data]))[0]
+
+    async def delete_policy(self, namespace: str, name: str) -> bool:
+        """Delete <prefix>policies/<namespace>/<name>; False if it did not exist."""
+        self._check_names(namespace, name, what="policies")
+        key = policy_key(self.prefix, namespace, name)
+        try:
+            deleted = await self._need().delete(key.encode())
+        except aetcd.ClientError as e:
+            raise self._failed(f"deleting {key}", e) from None
+        return deleted is not None
+
+    async def list_policies(self) -> list[dict[str, Any]]:
+        """Every key under <prefix>policies/: {key, namespace, name, value (the stored JSON, or
+        text if it is not JSON), error (why the daemon rejects it, or None)}. Sorted by key."""
+        out = []
+        for kv in await self._range(f"{self.prefix}policies/"):
+            rec: dict[str, Any] = {"key": key_text(kv.key), "namespace": None, "name": None,
+                                   "value": _raw_value(kv.value), "error": None}
+            parts = rec["key"][len(self.prefix):].split("/")
+            if len(parts) == 3:
+                rec["namespace"], rec["name"] = parts[1], parts[2]
+            try:
+                check_record(self.prefix, kv.key, kv.value)
+            except RecordError as e:
+                rec["error"] = e.reason
+            out.append(rec)
+        return out
+
     # ---- helpers ------------------------------------------------------------------------
-    def _check_names(self, namespace: object, name: object = "x") -> None:
-        for what, v in (("namespace", namespace), ("name", name)):
+    def _check_names(self, namespace: object, name: object = "x", what: str = "services") -> None:
+        for part, v in (("namespace", namespace), ("name", name)):
             if not isinstance(v, str):
-                raise RecordError(f"{self.prefix}services/", f"{what} must be a string (got {type(v).__name__})")
-            problem = label_problem(what, v)
+                raise RecordError(f"{self.prefix}{what}/", f"{part} must be a string (got {type(v).__name__})")
+            problem = label_problem(part, v)
             if problem:
-                raise RecordError(f"{self.prefix}services/{namespace}/{name}", problem.replace(" in the key", ""))
+                raise RecordError(f"{self.prefix}{what}/{namespace}/{name}", problem.replace(" in the key", ""))
 
     async def _range(self, prefix: str) -> list[Any]:
         """Every key/value under `prefix`, sorted by key, read at one revision (paged)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from meshd.errors import RecordError, RegistryError
 from meshd.model import Service
+from meshd.records import Policy
 from meshd.sources.static import load_services_file
 
 log = logging.getLogger("meshd.daemon")
@@ -29,6 +30,7 @@ ETCD_MONITOR_SECONDS = 1.0
 class SourceState:
     services: tuple[Service, ...] = ()
     errors: tuple[RecordError, ...] = ()
+    policies: tuple[Policy, ...] = ()  # authorization policies (file, etcd; Kubernetes: none)
     synced: bool = False  # delivered at least one full snapshot
     error: str | None = None  # the source cannot be read now (its last snapshot is kept)
     triggers: list = field(default_factory=list)  # change times not yet in the kernel
@@ -47,12 +49,13 @@ class Sources(dict):
         self.dirty_since: float | None = None  # first change not yet in the kernel
         self.on_change = lambda: None  # status file refresh (set by the daemon)
 
-    def publish(self, name: str, services, errors, triggers=()) -> None:
+    def publish(self, name: str, services, errors, triggers=(), policies=()) -> None:
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
         st = self[name]
         st.triggers.extend(triggers)
         st.services, st.errors, st.synced, st.error = tuple(services), tuple(errors), True, None
+        st.policies = tuple(policies)
         self.wake.set()
 
     def set_error(self, name: str, error: str | None) -> None:
@@ -94,7 +97,7 @@ class FileFeed:
                 self._sig = sig
                 try:
                     snap = await asyncio.to_thread(load_services_file, path)
-                    self.sources.publish("file", snap.services, snap.errors)
+                    self.sources.publish("file", snap.services, snap.errors, policies=snap.policies)
                 except BaseException as e:
                     if not isinstance(e, RegistryError):
                         self._sig = None  # read again when the supervisor restarts us
@@ -162,7 +165,7 @@ class EtcdFeed:
         src = EtcdSource(self.cfg, endpoints=self.urls)
 
         async def emit(snap) -> None:
-            self.sources.publish("etcd", snap.services, snap.errors)
+            self.sources.publish("etcd", snap.services, snap.errors, policies=snap.policies)
 
         mon = asyncio.create_task(_monitor(self.sources, "etcd", src), name="etcd-monitor")
         try:

@@ -727,3 +727,44 @@ def count_keys(fd: int, key_size: int, what: str) -> int:
     """Entries of a hash-like map, by walking its keys (no values read)."""
     kt = C.c_ubyte * key_size
     return sum(1 for _ in Map(fd, what, kt, kt).keys())
+
+
+# ---- inotify (libc) -------------------------------------------------------------------------
+# For meshd.cgroups.CgroupWatcher (new and removed cgroups). Errors raise OSError(errno).
+IN_NONBLOCK, IN_CLOEXEC = os.O_NONBLOCK, os.O_CLOEXEC
+_inotify_init1 = _libc.inotify_init1
+_inotify_init1.restype = i32
+_inotify_init1.argtypes = [i32]
+_inotify_add_watch = _libc.inotify_add_watch
+_inotify_add_watch.restype = i32
+_inotify_add_watch.argtypes = [i32, C.c_char_p, u32]
+_inotify_rm_watch = _libc.inotify_rm_watch
+_inotify_rm_watch.restype = i32
+_inotify_rm_watch.argtypes = [i32, i32]
+
+
+def _os_error(op: str, what: str) -> OSError:
+    err = C.get_errno()
+    return OSError(err, f"{op}({what}): {os.strerror(err)}")
+
+
+def inotify_init(nonblock: bool = True) -> int:
+    """A new inotify fd (close-on-exec; non-blocking unless nonblock=False)."""
+    fd = _inotify_init1(IN_CLOEXEC | (IN_NONBLOCK if nonblock else 0))
+    if fd < 0:
+        raise _os_error("inotify_init1", "")
+    return fd
+
+
+def inotify_add_watch(fd: int, path: str | os.PathLike, mask: int) -> int:
+    """Watch `path` for `mask` events; returns the watch descriptor (the same one again for a
+    path already watched)."""
+    wd = _inotify_add_watch(fd, os.fsencode(path), mask)
+    if wd < 0:
+        raise _os_error("inotify_add_watch", os.fsdecode(path))
+    return wd
+
+
+def inotify_rm_watch(fd: int, wd: int) -> None:
+    if _inotify_rm_watch(fd, wd) != 0:
+        raise _os_error("inotify_rm_watch", str(wd))

@@ -1,4 +1,4 @@
-"""The etcd source: services and endpoints kept in etcd, followed with a watch.
+"""The etcd source: services, endpoints and policies kept in etcd, followed with a watch.
 
 The key schema, per-record checks and RegistryState (the parsed records, changed one at a time,
 with cheap snapshots) live in meshd.sources.etcd_records and are re-exported here. Owns:
@@ -9,7 +9,7 @@ with cheap snapshots) live in meshd.sources.etcd_records and are re-exported her
 
 Every record is validated on its own: a bad one becomes a RecordError(where=<etcd key>) in the
 snapshot and is skipped; nothing read from etcd raises out of this module. Keys under the prefix
-outside the two subtrees are ignored (debug log). Cross-record checks (service_cidrs, frontend
+outside the three subtrees (services/, endpoints/, policies/) are ignored (debug log). Cross-record checks (service_cidrs, frontend
 collisions) are the daemon's, as for the static file.
 
 aetcd 1.0 notes (see docs/etcd.md): its Client opens plaintext channels only, so _Client adds
@@ -48,8 +48,8 @@ from meshd.errors import RegistryError  # noqa: E402
 from meshd.sources.etcd_records import (  # noqa: E402,F401  (the record API, re-exported)
     MAX_VALUE_BYTES, ENDPOINT_ID, KeyInfo, RegistrySnapshot, RegistryState, check_record,
     classify_key, decode_value, endpoint_id_problem, endpoint_key, endpoints_in_service_reason,
-    endpoints_prefix, key_text, label_problem, parse_endpoint_value, parse_service_value,
-    service_key)
+    endpoints_prefix, key_text, label_problem, parse_endpoint_value, parse_policy_value, parse_service_value,
+    policy_key, service_key)
 
 
 log = logging.getLogger("meshd.etcd")

@@ -3,6 +3,7 @@
 Keys under the prefix (default /meshd/), values JSON:
     <prefix>services/<namespace>/<name>                   a service record, without `endpoints`
     <prefix>endpoints/<namespace>/<name>/<endpoint-id>    one endpoint of that service
+    <prefix>policies/<namespace>/<name>                   an authorization policy (meshd.policy_model)
 
 Owns the checks shared by the watching source (meshd.sources.etcd) and the write side
 (meshd.registry), and RegistryState: the parsed records keyed by etcd key, changed one record
@@ -25,6 +26,8 @@ from typing import Any, NamedTuple
 from meshd.errors import RecordError
 from meshd.model import (Endpoint, Service, local_endpoint_problem, local_endpoint_reason, parse_endpoint,
                          parse_service, show)
+from meshd.policy_model import parse_policy
+from meshd.records import Policy
 
 log = logging.getLogger("meshd.etcd")
 
@@ -38,6 +41,10 @@ _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 def service_key(prefix: str, namespace: str, name: str) -> str:
     return f"{prefix}services/{namespace}/{name}"
+
+
+def policy_key(prefix: str, namespace: str, name: str) -> str:
+    return f"{prefix}policies/{namespace}/{name}"
 
 
 def endpoints_prefix(prefix: str, namespace: str, name: str) -> str:
@@ -68,7 +75,7 @@ def endpoint_id_problem(v: str) -> str | None:
 
 
 class KeyInfo(NamedTuple):
-    kind: str  # "service" | "endpoint"
+    kind: str  # "service" | "endpoint" | "policy"
     namespace: str
     name: str
     endpoint_id: str | None
@@ -81,24 +88,24 @@ class KeyInfo(NamedTuple):
 # The shape of every valid key below the prefix, matched at once (10^5 keys in a list); a key
 # that does not match goes the long way, which says what is wrong with it.
 _LABEL_B = rb"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
-_VALID_KEY = re.compile(rb"(services|endpoints)/(%s)/(%s)(?:/([A-Za-z0-9._-]{1,253}))?"
+_VALID_KEY = re.compile(rb"(services|endpoints|policies)/(%s)/(%s)(?:/([A-Za-z0-9._-]{1,253}))?"
                         % (_LABEL_B, _LABEL_B))
+_KINDS = {b"services": "service", b"endpoints": "endpoint", b"policies": "policy"}
 
 
 def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
-    """What a key under `prefix` holds. None: outside the services/ and endpoints/ subtrees (not
-    ours). RecordError: inside them but not of the schema's shape."""
+    """What a key under `prefix` holds. None: outside the services/, endpoints/ and policies/
+    subtrees (not ours). RecordError: inside them but not of the schema's shape."""
     pre = prefix.encode()
     if not key.startswith(pre):
         return None
     raw = key[len(pre):]
     m = _VALID_KEY.fullmatch(raw)
-    if m is not None and (m[1] == b"services") == (m[4] is None):
+    if m is not None and (m[1] == b"endpoints") == (m[4] is not None):
         eid = m[4]
-        return KeyInfo("service" if eid is None else "endpoint", m[2].decode(), m[3].decode(),
-                       None if eid is None else eid.decode())
+        return KeyInfo(_KINDS[m[1]], m[2].decode(), m[3].decode(), None if eid is None else eid.decode())
     head = raw.split(b"/", 1)[0]
-    if head not in (b"services", b"endpoints"):
+    if head not in _KINDS:
         return None
     where = key_text(key)
     try:
@@ -106,13 +113,14 @@ def classify_key(prefix: str, key: bytes) -> KeyInfo | None:
     except UnicodeDecodeError as e:
         raise RecordError(where, f"key is not UTF-8 (bad byte at offset {len(pre) + e.start})") from None
     parts = rest.split("/")
-    if head == b"services":
+    if head in (b"services", b"policies"):
+        kind = _KINDS[head]
         if len(parts) != 3 or not all(parts):
-            raise RecordError(where, f"malformed key: a service lives at {prefix}services/<namespace>/<name>")
+            raise RecordError(where, f"malformed key: a {kind} lives at {prefix}{head.decode()}/<namespace>/<name>")
         problems = [p for p in (label_problem("namespace", parts[1]), label_problem("name", parts[2])) if p]
         if problems:
             raise RecordError(where, "; ".join(problems))
-        return KeyInfo("service", parts[1], parts[2], None)
+        return KeyInfo(kind, parts[1], parts[2], None)
     if len(parts) != 4 or not all(parts):
         raise RecordError(where, f"malformed key: an endpoint lives at "
                           f"{prefix}endpoints/<namespace>/<name>/<endpoint-id>")
@@ -190,7 +198,16 @@ def parse_endpoint_value(where: str, value: bytes) -> Endpoint:
     return parse_endpoint(decode_value(where, value), where)
 
 
-def check_record(prefix: str, key: bytes, value: bytes) -> tuple[KeyInfo, Service | Endpoint] | None:
+def parse_policy_value(info: KeyInfo, where: str, value: bytes) -> Policy:
+    """Validate the value of <prefix>policies/<ns>/<name>; RecordError(where, reason) if bad."""
+    pol = parse_policy(decode_value(where, value), where)
+    if (pol.namespace, pol.name) != (info.namespace, info.name):
+        raise RecordError(where, f"the key names policy {info.service} but the record says "
+                          f"{pol.key}; they must match")
+    return pol
+
+
+def check_record(prefix: str, key: bytes, value: bytes) -> tuple[KeyInfo, Service | Endpoint | Policy] | None:
     """Classify and validate one key/value on its own. None: not a meshd key. RecordError if bad.
     Never raises anything else (whatever the bytes)."""
     try:
@@ -200,6 +217,8 @@ def check_record(prefix: str, key: bytes, value: bytes) -> tuple[KeyInfo, Servic
         where = key_text(key)
         if info.kind == "service":
             return info, parse_service_value(prefix, info, where, value)
+        if info.kind == "policy":
+            return info, parse_policy_value(info, where, value)
         return info, parse_endpoint_value(where, value)
     except RecordError:
         raise
@@ -223,6 +242,7 @@ class RegistrySnapshot:
     # unix times of the changes this snapshot is the first to carry, as their source stamped
     # them (Kubernetes: EndpointSlice last-change-trigger-time), for the programming latency
     triggers: tuple[float, ...] = ()
+    policies: tuple[Policy, ...] = ()  # valid policy records, sorted by namespace/name
 
 
 class RegistryState:
@@ -241,6 +261,8 @@ class RegistryState:
         self._errors: dict[bytes, RecordError] = {}  # records that failed on their own
         self._services: dict[str, Service] = {}  # "ns/name" -> valid service record (no endpoints)
         self._endpoints: dict[str, dict[str, Endpoint]] = {}  # "ns/name" -> endpoint id -> endpoint
+        self._policies: dict[str, Policy] = {}  # "ns/name" -> valid policy record
+        self._policies_out: tuple[Policy, ...] | None = ()
         # composed output, kept between snapshots
         self._composed: dict[str, Service] = {}
         self._compose_errors: dict[str, tuple[RecordError, ...]] = {}
@@ -255,7 +277,8 @@ class RegistryState:
         self._errors_out: tuple[RecordError, ...] | None = ()
 
     def __len__(self) -> int:
-        return len(self._errors) + len(self._services) + sum(map(len, self._endpoints.values()))
+        return len(self._errors) + len(self._services) + len(self._policies) + \
+            sum(map(len, self._endpoints.values()))
 
     # -- changes --
     def put(self, key: bytes, value: bytes) -> bool:
@@ -271,11 +294,20 @@ class RegistryState:
             self._errors_out = None
             return True
         if checked is None:
-            log.debug("etcd: ignoring %s: not under %sservices/ or %sendpoints/", key_text(key),
-                      self.prefix, self.prefix)
+            log.debug("etcd: ignoring %s: not under %sservices/, endpoints/ or policies/", key_text(key),
+                      self.prefix)
             return False
         info, record = checked
         skey = sys.intern(info.service)  # one string per service in every index below
+        if info.kind == "policy":
+            assert isinstance(record, Policy)
+            if self._policies.get(skey) == record:
+                return False
+            if key in self._errors:
+                self._forget(key, info)
+            self._policies[skey] = record
+            self._policies_out = None
+            return True
         if info.kind == "service":
             assert isinstance(record, Service)
             if self._services.get(skey) == record:
@@ -324,6 +356,8 @@ class RegistryState:
         for skey, eps in self._endpoints.items():
             for eid in eps:
                 yield f"{pre}endpoints/{skey}/{eid}".encode()
+        for skey in self._policies:
+            yield f"{pre}policies/{skey}".encode()
 
     def retain(self, keys: set[bytes] | dict[bytes, object]) -> None:
         """Delete every key not in `keys` (after a full list: what it did not list is gone)."""
@@ -343,6 +377,11 @@ class RegistryState:
             if info is None:
                 return False
         skey = info.service
+        if info.kind == "policy":
+            if self._policies.pop(skey, None) is None:
+                return False
+            self._policies_out = None
+            return True
         if info.kind == "service":
             if self._services.pop(skey, None) is None:
                 return False
@@ -428,5 +467,7 @@ class RegistryState:
                 errs.extend(group)
             errs.sort(key=lambda e: e.where)
             self._errors_out = tuple(errs)
+        if self._policies_out is None:
+            self._policies_out = tuple(self._policies[k] for k in sorted(self._policies))
         return RegistrySnapshot(services=self._services_out, errors=self._errors_out, revision=revision,
-                                orphan_endpoints=sum(self._orphans.values()))
+                                orphan_endpoints=sum(self._orphans.values()), policies=self._policies_out)

@@ -1,5 +1,6 @@
 """The static services file: a YAML mapping whose `services:` list holds service records
-(same shape as in etcd, endpoints inline under `endpoints:`).
+(same shape as in etcd, endpoints inline under `endpoints:`) and whose optional `policies:`
+list holds authorization policy records (meshd.policy_model; same shape as in etcd).
 
 Owns reading that file into a StaticSnapshot. Each entry is validated on its own: a bad entry
 becomes a RecordError and is skipped, the good ones still load. Only structural problems (file
@@ -16,18 +17,22 @@ from pathlib import Path
 from meshd.config import YamlFileError, read_yaml
 from meshd.errors import RecordError, RegistryError
 from meshd.model import Service, did_you_mean, parse_service, show
+from meshd.policy_model import parse_policy
+from meshd.records import Policy
 
-TOP_LEVEL_KEYS = ("services",)
+TOP_LEVEL_KEYS = ("services", "policies")
 
 
 @dataclass(frozen=True)
 class StaticSnapshot:
     services: tuple[Service, ...]
     errors: tuple[RecordError, ...]
+    policies: tuple[Policy, ...] = ()
 
 
-def _entries(doc: object, path: Path) -> list[object]:
-    """The raw `services:` list, or RegistryError saying what the file should look like."""
+def _entries(doc: object, path: Path, key: str = "services") -> list[object]:
+    """The raw `services:` (or `policies:`) list, or RegistryError saying what the file should
+    look like."""
     shape = "a mapping with a 'services:' list of service records"
     if doc is None:
         raise RegistryError(f"services file {path}: the file is empty; expected {shape}")
@@ -38,20 +43,22 @@ def _entries(doc: object, path: Path) -> list[object]:
     unknown = [k for k in doc if k not in TOP_LEVEL_KEYS]
     if unknown:
         raise RegistryError(f"services file {path}: unknown top-level key {show(unknown[0])}"
-                            f"{did_you_mean(unknown[0], TOP_LEVEL_KEYS)}; the only key is 'services'")
-    if "services" not in doc:
+                            f"{did_you_mean(unknown[0], TOP_LEVEL_KEYS)}; the keys are 'services' and "
+                            "'policies'")
+    if "services" not in doc and "policies" not in doc:
         raise RegistryError(f"services file {path}: no 'services:' key; expected {shape}")
-    services = doc["services"]
-    if services is None:  # `services:` with every entry commented out
+    entries = doc.get(key)
+    if entries is None:  # absent, or `services:` with every entry commented out
         return []
-    if not isinstance(services, list):
-        raise RegistryError(f"services file {path}: 'services' must be a list of service records "
-                            f"(got {type(services).__name__})")
-    return services
+    if not isinstance(entries, list):
+        what = "service" if key == "services" else "policy"
+        raise RegistryError(f"services file {path}: '{key}' must be a list of {what} records "
+                            f"(got {type(entries).__name__})")
+    return entries
 
 
-def _where(path: Path, i: int, entry: object) -> str:
-    where = f"{path}: services[{i}]"
+def _where(path: Path, i: int, entry: object, key: str = "services") -> str:
+    where = f"{path}: {key}[{i}]"
     if isinstance(entry, dict):
         ns, name = entry.get("namespace"), entry.get("name")
         if isinstance(ns, str) or isinstance(name, str):
@@ -83,4 +90,19 @@ def load_services_file(path: Path) -> StaticSnapshot:
             continue
         first[svc.key] = i
         services.append(svc)
-    return StaticSnapshot(services=tuple(services), errors=tuple(errors))
+    policies: list[Policy] = []
+    first.clear()
+    for i, entry in enumerate(_entries(doc, path, "policies")):
+        where = _where(path, i, entry, "policies")
+        try:
+            pol = parse_policy(entry, where=where)
+        except RecordError as e:
+            errors.append(e)
+            continue
+        if pol.key in first:
+            errors.append(RecordError(where, f"duplicate policy {pol.key}; first defined at "
+                                      f"policies[{first[pol.key]}]"))
+            continue
+        first[pol.key] = i
+        policies.append(pol)
+    return StaticSnapshot(services=tuple(services), errors=tuple(errors), policies=tuple(policies))

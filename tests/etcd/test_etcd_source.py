@@ -692,3 +692,33 @@ def test_an_endpoint_record_on_loopback_or_metadata_is_rejected_unless_its_servi
                                     what="the local endpoints accepted")
             assert addrs(snap, "a/web") == ["10.1.0.1", "169.254.169.254", "127.0.0.1", "::1"]
     etcdlib.run(body())
+
+
+def pol(ns: str, name: str, **extra: Any) -> dict[str, Any]:
+    return {"namespace": ns, "name": name, "from": [{"unit": "web.service"}], "to": [{"service": "db"}], **extra}
+
+
+def test_policies_are_listed_and_watched_with_the_services(cfg, etcdlib) -> None:
+    async def body() -> None:
+        async with Writer(cfg) as w:
+            await w.put("services/shop/db", j(svc("shop", "db")))
+            await w.put("policies/shop/web-to-db", j(pol("shop", "web-to-db")))
+            await w.put("policies/shop/broken", j(pol("shop", "broken", action="permit")))
+            src = EtcdSource(cfg)
+            async with etcdlib.running(src) as snaps:
+                first = await snaps.wait(lambda s: s.policies, what="the listed policy")
+                assert [p.key for p in first.policies] == ["shop/web-to-db"] and keys(first) == ["shop/db"]
+                assert first.policies[0].to[0].service == "shop/db"
+                assert [(e.where, e.reason) for e in first.errors] == [
+                    (f"{cfg.prefix}policies/shop/broken", "action: must be 'allow' or 'deny' (got 'permit')")]
+                # watched: a new policy, a change, a delete, each in a snapshot of its own
+                await w.put("policies/shop/deny-batch", j(pol("shop", "deny-batch", action="deny")))
+                snap = await snaps.wait(lambda s: len(s.policies) == 2, what="the added policy")
+                assert [p.key for p in snap.policies] == ["shop/deny-batch", "shop/web-to-db"]
+                await w.put("policies/shop/broken", j(pol("shop", "broken")))
+                snap = await snaps.wait(lambda s: len(s.policies) == 3 and not s.errors, what="the fixed policy")
+                await w.delete("policies/shop/web-to-db")
+                snap = await snaps.wait(lambda s: len(s.policies) == 2, what="the deleted policy")
+                assert [p.key for p in snap.policies] == ["shop/broken", "shop/deny-batch"]
+                assert keys(snap) == ["shop/db"]  # the services are untouched
+    etcdlib.run(body())

@@ -362,3 +362,84 @@ def test_tls_with_client_certificates(tmp_path: Path, etcdlib) -> None:
             proc.kill()
             proc.wait()
         log.close()
+
+
+# ---- policies ----------------------------------------------------------------------------------
+
+POLICY = {"namespace": "shop", "name": "web-to-db", "from": [{"unit": "web.service"}, {"cgroup": "/lab/", "uid": 1000}],
+          "to": [{"service": "db", "ports": [5432, "http"]}]}
+
+
+def meshd_cli(cfg: EtcdConfig, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    import sys
+    env = {"PATH": "/usr/bin:/bin", "MESHD_ETCD__ENDPOINTS": cfg.endpoints[0], "MESHD_ETCD__PREFIX": cfg.prefix,
+           "MESHD_ETCD__DIAL_TIMEOUT": "3", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run([sys.executable, "-m", "meshd", "policy", *args, "--config", "/dev/null"],
+                          input=stdin, capture_output=True, text=True, timeout=60, env=env, cwd="/")
+
+
+def test_policy_put_list_delete_and_the_source_reads_what_was_written(cfg, etcdlib) -> None:
+    async def body() -> None:
+        async with Registry(cfg) as reg:
+            pol = await reg.put_policy(POLICY)
+            assert pol.key == "shop/web-to-db" and pol.to[0].service == "shop/db"
+            stored = json.loads((await all_keys(cfg))[f"{cfg.prefix}policies/shop/web-to-db"])
+            assert stored == {"namespace": "shop", "name": "web-to-db", "action": "allow",
+                              "from": [{"unit": "web.service"}, {"cgroup": "/lab/", "uid": 1000}],
+                              "to": [{"service": "shop/db", "ports": [5432, "http"]}]}
+            src = EtcdSource(cfg)
+            async with etcdlib.running(src) as snaps:
+                snap = await snaps.wait(lambda s: s.policies, what="the written policy")
+                assert snap.policies == (pol,) and snap.errors == ()
+            c = await open_client(cfg, cfg.endpoints[0])
+            await c.put(f"{cfg.prefix}policies/shop/broken".encode(), b'{"namespace": "shop"}')
+            await close_client(c)
+            listed = await reg.list_policies()
+            assert [(r["namespace"], r["name"]) for r in listed] == [("shop", "broken"), ("shop", "web-to-db")]
+            assert listed[0]["error"].startswith("name: required") and listed[1]["error"] is None
+            assert listed[1]["value"] == stored
+            assert await reg.delete_policy("shop", "web-to-db") and not await reg.delete_policy("shop", "web-to-db")
+            assert list(await all_keys(cfg)) == [f"{cfg.prefix}policies/shop/broken"]
+    etcdlib.run(body())
+
+
+def test_a_bad_policy_is_refused_with_the_reason_and_nothing_is_written(cfg, etcdlib) -> None:
+    async def body() -> None:
+        async with Registry(cfg) as reg:
+            with pytest.raises(RecordError) as err:
+                await reg.put_policies([POLICY, {**POLICY, "name": "two", "from": [{"cgroup": "lab"}]}],
+                                       where=["f.yaml: record[0]", "f.yaml: record[1]"])
+            assert str(err.value) == ("f.yaml: record[1]: from[0].cgroup: must be a path below the cgroup2 mount "
+                                      "starting with '/', such as /system.slice/web.service (got 'lab')")
+            with pytest.raises(RecordError, match="policy shop/web-to-db is given twice"):
+                await reg.put_policies([POLICY, POLICY])
+            with pytest.raises(RecordError, match=r"policies/shop/x: to\[0\].ports\[0\]: port numbers must be 1-65535"):
+                await reg.put_policy({**POLICY, "name": "x", "to": [{"service": "db", "ports": [0]}]})
+            assert await all_keys(cfg) == {}  # the good first record was not written either
+    etcdlib.run(body())
+
+
+def test_the_policy_cli(cfg, tmp_path: Path) -> None:
+    good = tmp_path / "p.yaml"
+    good.write_text("policies:\n  - namespace: shop\n    name: web-to-db\n    from: [{unit: web.service}]\n"
+                    "    to: [{service: db}]\n  - namespace: shop\n    name: no-batch\n    action: deny\n"
+                    "    from: [{cgroup: /batch/}]\n    to: [{service: db, ports: [5432]}]\n")
+    put = meshd_cli(cfg, "put", str(good))
+    assert put.returncode == 0, put.stderr
+    assert put.stdout.splitlines() == ["policy shop/web-to-db written", "policy shop/no-batch written"]
+    # from stdin, JSON; a bad one: one line with the field and the fix, exit 1, nothing written
+    bad = meshd_cli(cfg, "put", "-", stdin=json.dumps({**POLICY, "name": "bad", "action": "permit"}))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip() == "meshd: error: stdin: action: must be 'allow' or 'deny' (got 'permit')"
+    listed = meshd_cli(cfg, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines() == [
+        "shop/no-batch  deny  from cgroup=/batch/  to shop/db:5432",
+        "shop/web-to-db  allow  from unit=web.service  to shop/db"]
+    rows = json.loads(meshd_cli(cfg, "list", "--json").stdout)
+    assert [r["name"] for r in rows] == ["no-batch", "web-to-db"] and all(r["error"] is None for r in rows)
+    assert meshd_cli(cfg, "delete", "shop/no-batch").stdout.strip() == "policy shop/no-batch deleted"
+    assert meshd_cli(cfg, "delete", "shop/no-batch").stdout.strip() == "policy shop/no-batch was not registered"
+    assert [r["name"] for r in json.loads(meshd_cli(cfg, "list", "--json").stdout)] == ["web-to-db"]
+    nofile = meshd_cli(cfg, "put", str(tmp_path / "absent.yaml"))
+    assert nofile.returncode == 1 and nofile.stderr.strip().endswith("absent.yaml: no such file")

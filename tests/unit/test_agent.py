@@ -339,3 +339,24 @@ def test_the_lock_file_is_root_only_whatever_mode_it_had(tmp_path):
         assert (p.stat().st_mode & 0o777) == 0o600
     finally:
         lock.release()
+
+
+def test_the_file_feed_publishes_the_policies_of_the_services_file(tmp_path):
+    import asyncio
+    from meshd.agent.sources import FileFeed, Sources
+    path = tmp_path / "services.yaml"
+    path.write_text("services: []\npolicies:\n  - {namespace: shop, name: p, from: [{unit: web.service}],"
+                    " to: [{service: db}]}\n")
+
+    async def body():
+        sources = Sources()
+        feed = FileFeed(sources, lambda: path)
+        task = asyncio.create_task(feed.run())
+        try:
+            await asyncio.wait_for(sources.wake.wait(), 5)
+        finally:
+            task.cancel()
+        return sources["file"]
+
+    st = asyncio.run(body())
+    assert st.synced and [p.key for p in st.policies] == ["shop/p"] and st.services == ()

@@ -107,6 +107,23 @@ def test_the_registry_holds_about_300_bytes_per_endpoint() -> None:
     assert per_endpoint < 450
 
 
+def test_policies_are_kept_by_key_and_snapshotted_sorted() -> None:
+    state = RegistryState("/p/")
+    rec = {"namespace": "a", "name": "z", "from": [{"unit": "web.service"}], "to": [{"service": "db"}]}
+    assert state.put(b"/p/policies/a/z", json.dumps(rec).encode())
+    assert state.put(b"/p/policies/a/b", json.dumps({**rec, "name": "b", "action": "deny"}).encode())
+    assert not state.put(b"/p/policies/a/z", json.dumps(rec).encode())  # equal: no change
+    assert state.put(b"/p/policies/a/y", json.dumps(rec).encode())  # the key says y, the record z
+    snap = state.snapshot(1)
+    assert [p.key for p in snap.policies] == ["a/b", "a/z"] and snap.services == ()
+    assert [(e.where, e.reason) for e in snap.errors] == [
+        ("/p/policies/a/y", "the key names policy a/y but the record says a/z; they must match")]
+    assert len(state) == 3 and state.delete(b"/p/policies/a/b") and not state.delete(b"/p/policies/a/b")
+    assert [p.key for p in state.snapshot(2).policies] == ["a/z"]
+    state.replace([])
+    assert len(state) == 0 and state.snapshot(3).policies == () and state.snapshot(3).errors == ()
+
+
 def test_a_put_of_an_equal_record_changes_nothing() -> None:
     state = RegistryState("/p/")
     assert state.put(b"/p/services/a/b", json.dumps({"namespace": "a", "name": "b", "vips": [],
@@ -128,6 +145,9 @@ def test_a_put_of_an_equal_record_changes_nothing() -> None:
     (b"/p/services/shop/web", KeyInfo("service", "shop", "web", None)),
     (b"/p/endpoints/shop/web/Pod_1.a-b", KeyInfo("endpoint", "shop", "web", "Pod_1.a-b")),
     (b"/p/endpoints/a/" + b"b" * 63 + b"/x", KeyInfo("endpoint", "a", "b" * 63, "x")),
+    (b"/p/policies/shop/web-to-db", KeyInfo("policy", "shop", "web-to-db", None)),
+    (b"/p/policies/shop/web/x", "malformed key: a policy lives at /p/policies/<namespace>/<name>"),
+    (b"/p/policies/Shop/web", "namespace 'Shop'"),
     (b"/p/other/shop/web", None),
     (b"/q/services/shop/web", None),
     (b"/p/services/Shop/web", "namespace 'Shop'"),

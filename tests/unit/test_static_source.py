@@ -81,6 +81,8 @@ def test_commented_out_services_list_is_empty(tmp_path: Path) -> None:
     ("{}\n", "no 'services:' key"),
     ("services: {a: 1}\n", "'services' must be a list of service records (got dict)"),
     ("services: [\n", "invalid YAML at line 2, column 1"),
+    ("services: []\npolicies: {a: 1}\n", "'policies' must be a list of policy records (got dict)"),
+    ("policy: []\n", "unknown top-level key 'policy' (did you mean 'policies'?)"),
     ("services: []\nservices: []\n", "duplicate key 'services'"),
 ])
 def test_structural_problems_raise_registry_error(tmp_path: Path, text: str, expect: str) -> None:
@@ -94,3 +96,33 @@ def test_structural_problems_raise_registry_error(tmp_path: Path, text: str, exp
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match="no such file"):
         load_services_file(tmp_path / "absent.yaml")
+
+
+POLICY = """
+  - namespace: shop
+    name: web-to-db
+    from: [{unit: web.service}, {cgroup: /lab/clients/, uid: 1000}]
+    to: [{service: db, ports: [5432]}]
+"""
+
+
+def test_policies_load_next_to_services_bad_ones_are_named_and_skipped(tmp_path: Path) -> None:
+    p = write(tmp_path, "services:" + GOOD + "policies:" + POLICY + """
+  - {namespace: shop, name: typo, from: [{cgroup: lab}], to: [{service: db}]}
+  - {namespace: shop, name: web-to-db, action: deny, from: [], to: [{service: db}]}
+  - 7
+""")
+    snap = load_services_file(p)
+    assert [s.key for s in snap.services] == ["shop/web"]
+    assert [x.key for x in snap.policies] == ["shop/web-to-db"] and snap.policies[0].action == "allow"
+    assert snap.policies[0].to[0].service == "shop/db" and snap.policies[0].from_[1].uid == 1000
+    assert [str(e) for e in snap.errors] == [
+        f"{p}: policies[1] (shop/typo): from[0].cgroup: must be a path below the cgroup2 mount starting "
+        "with '/', such as /system.slice/web.service (got 'lab')",
+        f"{p}: policies[2] (shop/web-to-db): duplicate policy shop/web-to-db; first defined at policies[0]",
+        f"{p}: policies[3]: a policy record must be a mapping (got 7)"]
+
+
+def test_a_file_of_policies_only(tmp_path: Path) -> None:
+    snap = load_services_file(write(tmp_path, "policies:" + POLICY))
+    assert snap.services == () and len(snap.policies) == 1 and snap.errors == ()
