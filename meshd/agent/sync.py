@@ -311,3 +311,6 @@ class Syncer:
             mm.prune(groups, backends)
         finally:
             mm.close()
+        from meshd.dataplane.policy_maps import PolicyMaps
+        with PolicyMaps(cfg.bpffs, cfg.instance) as pm:
+            pm.prune_denied(groups)  # denial counters of removed groups (ids are reused)
