@@ -141,7 +141,8 @@ static __always_inline int meshd_pick(struct bpf_sock_addr *ctx, const struct me
 	ids->group = gid;
 	if (svc->flags & MESHD_SVC_F_POLICY) {
 		who->known = 1;
-		if (!meshd_policy_allows(gid, &who->identity, &who->policy))
+		if (!meshd_policy_allows(gid, svc->flags & MESHD_SVC_F_POLICY_OPEN,
+					 &who->identity, &who->policy))
 			return -MESHD_EPERM;
 	}
 	if (svc->count == 0)

@@ -239,21 +239,12 @@ class Daemon:
 
     def _name_events(self) -> None:
         """What the event's numbers mean: read at the time each event is named."""
-        n, rec, pol = self.namer, lambda: self.reconciler, self.policies
-
-        def group_key(gid):
-            r = rec()
-            return r.group_key(gid) if r is not None else None
-
-        def tables():
-            return pol.tables
-
-        n.group_key = group_key
-        n.identity_label = lambda i: (tables().identity_label(i)
-                                      if tables() is not None and i else None)
-        n.identity_selectors = lambda i: (tables().identity_selectors(i)
-                                          if tables() is not None and i else ())
-        n.policy_key = lambda p: tables().policy_key(p) if tables() is not None else None
+        n, pol = self.namer, self.policies
+        n.group_key = lambda gid: (self.reconciler.group_key(gid)
+                                   if self.reconciler is not None else None)
+        n.identity_label = pol.identity_label
+        n.identity_selectors = pol.identity_selectors
+        n.policy_key = pol.policy_key
         n.cgroup_path = pol.cgroup_path
 
     # ---- reload -------------------------------------------------------------------------

@@ -66,6 +66,7 @@ FE_EXTERNAL = 0x4  # node port, external IP or LB IP (reached from outside throu
 FE_KEEP_SOURCE = 0x8  # tc: never SNAT (external_traffic_policy Local keeps the client's address)
 FE_SOURCE_RANGES = 0x10  # tc: only sources in Group.source_ranges may use this frontend
 G_POLICY = 0x40  # a policy selects the group: callers need a verdict (Group.verdicts)
+G_POLICY_OPEN = 0x80  # with G_POLICY: only deny policies: a caller with no verdict may pass
 
 
 @dataclass(frozen=True, slots=True)

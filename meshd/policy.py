@@ -6,8 +6,10 @@ The kernel decides at connect()/sendmsg() with at most two lookups (bpf/include/
     (identity, group, uid|ANY) --verdict--> (action, flags, policy id)
 
 A frontend group selected by no policy is open (the group is not flagged MESHD_SVC_F_POLICY,
-the kernel does not look). A group selected by any policy's `to` admits a caller only when
-its verdict says ALLOW; no verdict means "no policy allows it". Deny wins over allow.
+the kernel does not look). A group some *allow* policy selects admits a caller only when its
+verdict says ALLOW; no verdict means "no policy allows it". A group only *deny* policies
+select stays open to every caller they do not name (`open`: MESHD_SVC_F_POLICY_OPEN, as
+Istio's DENY policies). Deny wins over allow.
 
 An *identity* stands for the set of workload selectors (`from` items without their uid) that
 match a cgroup: cgroups matched by the same selectors share one identity, and cgroups matched
@@ -47,6 +49,7 @@ class PolicyTables:
     selected: set[int] = field(default_factory=set)  # groups some policy selects (MESHD_SVC_F_POLICY)
     policy_ids: dict[str, int] = field(default_factory=dict)  # "ns/name" -> id (stable, >= 1)
     by_group: dict[int, list[str]] = field(default_factory=dict)  # group -> policy keys, sorted
+    open: set[int] = field(default_factory=set)  # selected by deny policies only (POLICY_OPEN)
     # identity -> the workload selectors it stands for (sorted; for `meshd observe`, ids stable)
     identities: dict[int, tuple[Workload, ...]] = field(default_factory=dict)
     next_identity: int = 1
@@ -150,6 +153,7 @@ def compile_policies(policies: Iterable[Policy], groups_of: GroupsOf, cgroups: M
     # rules per workload selector: (uid or None, group, action, policy id)
     rules: dict[Workload, list[tuple[int | None, int, int, int]]] = {}
     by_group: dict[int, list[str]] = {}
+    allowed_somewhere: set[int] = set()  # groups some allow policy selects
     for p in pols:
         groups: set[int] = set()
         for t in p.to:
@@ -159,6 +163,8 @@ def compile_policies(policies: Iterable[Policy], groups_of: GroupsOf, cgroups: M
         for g in groups:
             by_group.setdefault(g, []).append(p.key)
         action = VERDICT_DENY if p.action == "deny" else VERDICT_ALLOW
+        if action == VERDICT_ALLOW:
+            allowed_somewhere |= groups
         pid = policy_ids[p.key]
         for sel in p.from_:
             lst = rules.setdefault(sel.workload, [])
@@ -186,6 +192,7 @@ def compile_policies(policies: Iterable[Policy], groups_of: GroupsOf, cgroups: M
         selected=set(by_group),
         policy_ids=policy_ids,
         by_group={g: sorted(set(keys)) for g, keys in by_group.items()},
+        open=set(by_group) - allowed_somewhere,
         identities={i: tuple(sorted(s)) for s, i in ident_of.items()},
         next_identity=next_ident,
         next_policy_id=next_pid,

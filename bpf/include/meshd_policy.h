@@ -9,8 +9,11 @@
  * Only frontends flagged MESHD_SVC_F_POLICY are checked (other services pay one flag test):
  * the caller's identity is looked up by its cgroup, then the verdict of (identity, group,
  * any uid); when that entry says some uid has an entry of its own (MESHD_VERDICT_F_UID), the
- * verdict of (identity, group, uid) replaces it if there is one. The caller is allowed iff a
- * verdict was found and says ALLOW; the control plane merges deny-over-allow before writing.
+ * verdict of (identity, group, uid) replaces it if there is one. A verdict with an action
+ * decides (the control plane merges deny-over-allow before writing); without one (no entry,
+ * or action 0) the frontend decides: MESHD_SVC_F_POLICY_OPEN (only deny policies select the
+ * service, as in Istio: they close it to the callers they name, not to everyone) allows,
+ * else denied (an allow policy selects the service: only what it allows gets through).
  * Include after meshd_maps.h. Layout rules as in meshd_structs.h; Python mirrors in
  * meshd/dataplane/structs.py.
  */
@@ -42,7 +45,7 @@ struct meshd_verdict_key {
 	__u32 pad;	/* zero */
 };
 
-#define MESHD_VERDICT_ALLOW 1
+#define MESHD_VERDICT_ALLOW 1 /* 0: no verdict, the frontend's default decides */
 #define MESHD_VERDICT_DENY 2
 #define MESHD_VERDICT_F_UID 1 /* on a uid=ANY entry: some uid has its own (complete, already
 			       * merged) entry: look up (identity, group, uid) */
@@ -108,7 +111,8 @@ static __always_inline void meshd_count_denied(__u32 group, __u32 identity)
 
 /* 1 if the current task may reach frontend group `group`, else 0 (counted). *identity gets
  * the caller's identity, *policy the deciding policy of a denial (0: none allows it). */
-static __always_inline int meshd_policy_allows(__u32 group, __u32 *identity, __u32 *policy)
+static __always_inline int meshd_policy_allows(__u32 group, int open, __u32 *identity,
+					       __u32 *policy)
 {
 	struct meshd_verdict_key k = {};
 	struct meshd_verdict *v, *v2;
@@ -124,7 +128,7 @@ static __always_inline int meshd_policy_allows(__u32 group, __u32 *identity, __u
 		if (v2)
 			v = v2;
 	}
-	if (v && v->action == MESHD_VERDICT_ALLOW)
+	if (v && v->action ? v->action == MESHD_VERDICT_ALLOW : open)
 		return 1;
 	*policy = v ? v->policy : 0;
 	meshd_count_denied(group, k.identity);

@@ -43,6 +43,8 @@ struct meshd_svc_val {
 					* struct meshd_table_chunk); clear: the first */
 #define MESHD_SVC_F_POLICY	  0x40 /* some policy selects this frontend's group: the
 					* caller must be allowed (meshd_policy.h) */
+#define MESHD_SVC_F_POLICY_OPEN	  0x80 /* with F_POLICY: only deny policies select it: a
+					* caller without a verdict is allowed */
 
 /* Value of the inner arrays of meshd_maglev_v2: MESHD_TABLE_CHUNK slots of a Maglev table
  * (backend ids, host order). Element 0 of each inner array is the header instead:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from meshd.desired import G_POLICY
+from meshd.desired import G_POLICY, G_POLICY_OPEN
 
 log = logging.getLogger("meshd.daemon")
 
@@ -56,7 +56,8 @@ class PolicyState:
         self.cgroups = {self._rel(p): i for p, i in scan(self.root).items()}
         self.cgroup_version += 1
         self.watcher = CgroupWatcher(self.root, self._on_cgroups)
-        self.watcher.start(asyncio.get_running_loop())
+        found = self.watcher.start(asyncio.get_running_loop())
+        self.cgroups = {self._rel(p): i for p, i in found.items()}
         log.info("policies: following %d cgroups under %s", len(self.cgroups), self.root)
 
     def _on_cgroups(self, added: dict[str, int], removed: dict[str, int]) -> None:
@@ -78,7 +79,7 @@ class PolicyState:
 
     def stop(self) -> None:
         if self.watcher is not None:
-            self.watcher.stop()
+            self.watcher.close()
             self.watcher = None
 
     # ---- the sync ---------------------------------------------------------------------
@@ -114,13 +115,14 @@ class PolicyState:
                 changed.add(gkey)  # deselected: the plain group goes back in
                 continue
             verdicts = frozenset(per_group.get(gkey, {}).items())
+            flags = G_POLICY | (G_POLICY_OPEN if gkey in self.tables.open else 0)
             prev = self._overlay.get(gkey)
-            if prev is not None and prev[0] is g and prev[1] == verdicts:
+            if prev is not None and prev[0] is g and prev[1] == (verdicts, flags):
                 made = prev[2]
             else:
-                made = dataclasses.replace(g, flags=g.flags | G_POLICY, verdicts=verdicts)
+                made = dataclasses.replace(g, flags=g.flags | flags, verdicts=verdicts)
                 changed.add(gkey)
-            new_overlay[gkey] = (g, verdicts, made)
+            new_overlay[gkey] = (g, (verdicts, flags), made)
             if out is groups:
                 out = dict(groups)
             out[gkey] = made
@@ -149,11 +151,30 @@ class PolicyState:
         return groups_of
 
     # ---- names for events and status --------------------------------------------------
+    def identity_selectors(self, identity: int) -> list[str]:
+        """The policy selectors an identity stands for: ["cgroup:/lab/a", "unit:web.service"]."""
+        t = self.tables
+        if t is None or not identity:
+            return []
+        return [f"{kind}:{value}" for kind, value in t.identities.get(identity, ())]
+
+    def identity_label(self, identity: int) -> str | None:
+        sel = self.identity_selectors(identity)
+        return ",".join(sel) if sel else None
+
+    def policy_key(self, pid: int) -> str | None:
+        t = self.tables
+        if t is None or not pid:
+            return None
+        if getattr(self, "_pkeys_of", (None,))[0] is not t:
+            self._pkeys_of = (t, {i: k for k, i in t.policy_ids.items()})
+        return self._pkeys_of[1].get(pid)
+
     def identity_labels(self) -> dict[str, str]:
         t = self.tables
         if t is None:
             return {}
-        return {str(i): t.identity_label(i) for i in set(t.ident.values())}
+        return {str(i): self.identity_label(i) for i in t.identities}
 
     def by_group(self) -> dict[str, list[str]]:
         return dict(self.tables.by_group) if self.tables is not None else {}

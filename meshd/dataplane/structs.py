@@ -30,6 +30,7 @@ SVC_F_DROP_EMPTY, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_KEEP_SOURCE, SVC_F_SOURC
     0x01, 0x02, 0x04, 0x08, 0x10
 SVC_F_TABLE_B = 0x20  # the group's Maglev table is in the second half of its inner map
 SVC_F_POLICY = 0x40  # a policy selects the group: callers must be allowed (meshd_policy.h)
+SVC_F_POLICY_OPEN = 0x80  # with SVC_F_POLICY: deny policies only: no verdict = allowed
 
 TABLE_CHUNK = 16  # MESHD_TABLE_CHUNK: slots per element of a Maglev inner array
 

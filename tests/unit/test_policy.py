@@ -46,7 +46,9 @@ def kernel_allows(t: PolicyTables, cg: int, group: int, uid: int) -> bool:
     v = t.verdicts.get((ident, group, UID_ANY))
     if v and v[1] & VERDICT_F_UID:
         v = t.verdicts.get((ident, group, uid)) or v
-    return bool(v) and v[0] == VERDICT_ALLOW
+    if v and v[0]:  # a verdict decides; without one, the frontend's default
+        return v[0] == VERDICT_ALLOW
+    return group in t.open
 
 
 def reference_allows(policies, path: str, group: int, uid: int) -> bool:
@@ -55,7 +57,11 @@ def reference_allows(policies, path: str, group: int, uid: int) -> bool:
     if not selecting:
         return True
     hits = {p.action for p in selecting for s in p.from_ if matches(s, path) and s.uid in (None, uid)}
-    return "allow" in hits and "deny" not in hits
+    if "deny" in hits:
+        return False
+    # allow policies close the service to what they do not allow; deny policies alone
+    # close it only to the callers they name (Istio's ALLOW / DENY)
+    return "allow" in hits or all(p.action == "deny" for p in selecting)
 
 
 # ---- records ---------------------------------------------------------------------------------
@@ -199,8 +205,20 @@ def test_ids_are_stable_across_compiles() -> None:
 
 def test_an_empty_from_selects_the_service_and_admits_nobody() -> None:
     t = compile_policies([pol("lock", [])], groups_of, CGROUPS)
-    assert t.selected == {1, 2} and t.ident == {} and t.verdicts == {}
+    assert t.selected == {1, 2} and t.ident == {} and t.verdicts == {} and t.open == set()
     assert not kernel_allows(t, 3, 1, 0)
+
+
+def test_deny_policies_alone_close_the_service_only_to_whom_they_name() -> None:
+    t = compile_policies([pol("no-b", [{"cgroup": "/lab/clients/b"}], action="deny")],
+                         groups_of, CGROUPS)
+    assert t.selected == {1, 2} and t.open == {1, 2}
+    assert not kernel_allows(t, 9, 1, 0)  # /lab/clients/b
+    assert kernel_allows(t, 8, 1, 0) and kernel_allows(t, 1, 1, 0)  # everyone else
+    both = compile_policies([pol("no-b", [{"cgroup": "/lab/clients/b"}], action="deny"),
+                             pol("a", [{"cgroup": "/lab/clients/a"}])], groups_of, CGROUPS)
+    assert both.open == set() and kernel_allows(both, 8, 1, 0)
+    assert not kernel_allows(both, 9, 1, 0) and not kernel_allows(both, 1, 1, 0)
 
 
 # ---- properties ------------------------------------------------------------------------------
