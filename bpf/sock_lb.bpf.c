@@ -244,7 +244,7 @@ static __always_inline void meshd_ev_hook(const struct meshd_evcfg *cfg, __u32 t
 	}
 	e->flags = is_connect ? 0 : MESHD_EV_F_SENDMSG;
 	bpf_get_current_comm(e->comm, sizeof(e->comm));
-	bpf_ringbuf_submit(e, 0);
+	meshd_ev_submit(e);
 }
 
 /* After meshd_pick() found a service: the event settings (NULL: events off), and the
@@ -533,7 +533,7 @@ static __always_inline void meshd_ev_sock(struct bpf_sock_ops *ctx, struct bpf_s
 		e->vip_port = sn->vip_port;
 		e->be_port = sn->be_port;
 	}
-	bpf_ringbuf_submit(e, 0);
+	meshd_ev_submit(e);
 }
 
 /* TCP_CLOSE is where every connection ends (RST, retries exhausted, close in SYN_SENT,

@@ -231,10 +231,7 @@ class Daemon:
     def _write_evcfg(self) -> None:
         from meshd.dataplane import events as kev
         ev = self.cfg.events
-        mask = 0
-        for i, t in enumerate(("connect", "denied", "failed", "closed"), start=1):
-            if t in ev.types:
-                mask |= 1 << i
+        mask = kev.event_mask(ev.types)
         kev.write_evcfg(self.cfg.bpffs, self.cfg.instance, mask, ev.sample, ev.rate_per_cpu)
 
     def _name_events(self) -> None:

@@ -160,4 +160,16 @@ static __always_inline struct meshd_event *meshd_ev_reserve(const struct meshd_e
 	return e;
 }
 
+/* Hands a filled event over. No wakeup per event: that is an irq_work and a context switch
+ * of the reader per connect (measured: +20 us on a 44 us connect). The reader polls every
+ * 100 ms (meshd/dataplane/events.py EventReader.poll); a ring over a quarter full wakes it
+ * at once, so a burst is read before the ring fills. */
+static __always_inline void meshd_ev_submit(struct meshd_event *e)
+{
+	__u64 avail = bpf_ringbuf_query(&meshd_events_v1, BPF_RB_AVAIL_DATA);
+	__u64 size = bpf_ringbuf_query(&meshd_events_v1, BPF_RB_RING_SIZE);
+
+	bpf_ringbuf_submit(e, avail > size / 4 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
 #endif

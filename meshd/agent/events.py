@@ -129,7 +129,7 @@ class EventHub:
         def run() -> None:
             try:
                 while not self._stop.is_set():
-                    batch = reader.poll(200)
+                    batch = reader.poll(100)  # the kernel does not wake us per event
                     if batch:
                         loop.call_soon_threadsafe(self._deliver, batch)
             except Exception:  # noqa: BLE001 - logged; the daemon keeps serving traffic

@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Authorization and connection-event overhead: meshd's VIP path with 0, 1 and 1,000
+policies and with events on/off, in one lab, in one run, rounds interleaved (the order of
+the modes rotates every round) so drift hits every mode alike. Bounded: each measurement
+runs at most --seconds and at most --max connections.
+
+  sudo .venv/bin/python bench/policy_bench.py [--rounds 6] [--seconds 2]
+
+Modes (one service, one backend; the client in the lab cgroup, which the policies allow):
+  base          no policy selects the service, events off (`events.types: []`)
+  events        no policy, events on as shipped (every type, sample 1, rate 5000/s/CPU),
+                a reader draining the ring buffer the way the daemon does
+  policy-1      one allow policy selects the service: the hook looks up the caller's
+                identity and one verdict (events off)
+  policy-1000   1,000 policies: 1,000 identities (1,000 cgroup entries) with verdicts on the
+                service, the client's among them (events off)
+  policy-1000+events   both, as a node with many policies runs on the shipped defaults
+Figures: new connections per second (connect + 1 request/reply + close, sequential, one
+client) and connect() p50. Ratios are mode/base, the median over rounds of the two measured
+in the same round (target >= 0.97 conn/s). Writes bench/results/policy.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from meshd.dataplane import events as kev  # noqa: E402
+from meshd.dataplane import loader  # noqa: E402
+from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
+from meshd.desired import G_POLICY, desired_groups  # noqa: E402
+from meshd.model import parse_service  # noqa: E402
+from meshd.reconciler import Reconciler  # noqa: E402
+from meshd.verdicts import UID_ANY  # noqa: E402
+from netns_lab import Lab  # noqa: E402
+
+BPFFS = Path("/sys/fs/bpf")
+VIP = "10.96.0.10"
+MODES = ("base", "events", "policy-1", "policy-1000", "policy-1000+events")
+ALLOW = 1
+
+
+def measure(lab: Lab, seconds: float, max_n: int) -> dict:
+    cr = lab.agent("connrate", cgroup=True, addr=VIP, port=80, duration=seconds, max=max_n,
+                   timeout=2)
+    if cr["errors"]:
+        raise RuntimeError(f"errors: {cr['errors']}")
+    return {"per_sec": cr["per_sec"], "count": cr["count"], "connect_p50": cr["connect_us"][0]}
+
+
+class Drain:
+    """Reads the events ring in a thread, as the daemon's reader does (decoding included)."""
+
+    def __init__(self, instance: str, cpus: set[int]):
+        self.cpus = cpus
+        self.reader = kev.EventReader(BPFFS, instance)
+        self.n = 0
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self) -> None:
+        # this thread only: any CPU, as the daemon (the client is pinned to the first CPU)
+        os.sched_setaffinity(0, self.cpus)
+        while not self.stop.is_set():
+            self.n += len(self.reader.poll(100))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.t.join(2)
+        self.reader.close()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--seconds", type=float, default=2.0, help="per measurement (bounded)")
+    ap.add_argument("--max", type=int, default=20000, help="connections per measurement, max")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "policy.json"))
+    args = ap.parse_args()
+
+    cpus = sorted(os.sched_getaffinity(0))
+    runs: dict[str, list[dict]] = {m: [] for m in MODES}
+    drained = 0
+    with Lab(backends=1, ipv6=False) as lab:
+        if len(cpus) > 1:  # server on one CPU, client on another: less scheduling noise
+            os.sched_setaffinity(0, {cpus[-1]})
+        lab.start_backends(8080, udp=False)
+        os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
+        instance = "bench-" + lab.prefix
+        maps = loader.load(BPFFS, instance, lab.cgroup, 0, metrics=True)
+        drain = Drain(instance, set(cpus))
+        try:
+            rec = Reconciler(KernelDataplane(maps))
+            svc = parse_service({"namespace": "bench", "name": "web", "vips": [VIP],
+                                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
+                                 "endpoints": [{"address": lab.backend_addr(1),
+                                                "ports": {"http": 8080}}]}, where="web")
+            plain = desired_groups([svc])
+            me = loader.cgroup_id(lab.cgroup)
+
+            def policies(n: int) -> tuple[dict, dict]:
+                """n identities with an allow verdict each; the client's cgroup is one."""
+                idents = {me: 1} | {(1 << 40) + i: i + 1 for i in range(1, n)}
+                verdicts = frozenset(((i, UID_ANY), (ALLOW, 0, i)) for i in range(1, n + 1))
+                groups = {k: dataclasses.replace(g, flags=g.flags | G_POLICY, verdicts=verdicts)
+                          for k, g in plain.items()}
+                return groups, idents
+
+            def set_mode(mode: str) -> None:
+                n = 1000 if "1000" in mode else 1 if "policy-1" in mode else 0
+                groups, idents = policies(n) if n else (plain, {})
+                rec.verdicts.want_idents = idents
+                rep = rec.apply(groups)
+                assert not rep.errors, rep.errors
+                mask = kev.ALL if "events" in mode else 0
+                kev.write_evcfg(BPFFS, instance, mask, 1, 5000)
+
+            set_mode("base")
+            measure(lab, 0.5, 2000)  # warm-up, not recorded
+            for r in range(args.rounds):
+                order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+                for mode in order:
+                    set_mode(mode)
+                    m = measure(lab, args.seconds, args.max)
+                    runs[mode].append(m)
+                    print(f"round {r + 1} {mode:<19} {m['per_sec']:>8.0f} conn/s  connect p50 "
+                          f"{m['connect_p50']:>4} us", flush=True)
+            st = kev.read_evstate(BPFFS, instance)
+        finally:
+            drain.close()
+            drained = drain.n
+            maps.close()
+            loader.remove(BPFFS, instance)
+            os.sched_setaffinity(0, set(cpus))
+
+    med = {m: {k: statistics.median(x[k] for x in rs) for k in ("per_sec", "connect_p50")}
+           for m, rs in runs.items()}
+
+    def paired(mode: str, k: str) -> float:
+        return round(statistics.median(a[k] / b[k] for a, b in zip(runs[mode], runs["base"])), 3)
+
+    ratios = {m: {"conn_rate": paired(m, "per_sec"), "connect_p50": paired(m, "connect_p50")}
+              for m in MODES if m != "base"}
+    result = {"machine": subprocess.run(["uname", "-r"], capture_output=True,
+                                        text=True).stdout.strip(),
+              "cpus": len(cpus), "rounds": args.rounds, "seconds": args.seconds,
+              "median": med, "ratios": ratios, "runs": runs, "events_read": drained,
+              "events_lost": st}
+    print(f"\nmedian of {args.rounds} interleaved rounds; ratio = mode / base in the same round")
+    print(f"  {'mode':<19} {'conn/s':>8} {'connect p50':>12} {'conn/s ratio':>13} "
+          f"{'p50 ratio':>10}")
+    for m in MODES:
+        r = ratios.get(m, {"conn_rate": 1.0, "connect_p50": 1.0})
+        print(f"  {m:<19} {med[m]['per_sec']:>8.0f} {med[m]['connect_p50']:>10.0f}us "
+              f"{r['conn_rate']:>13.3f} {r['connect_p50']:>10.3f}")
+    print(f"  events read by the drain: {drained}; lost: ring full {st['lost_full']}, "
+          f"rate limit {st['lost_rate']}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
