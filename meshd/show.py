@@ -117,8 +117,8 @@ def format_report(r: dict) -> str:
         for fe in g["frontends"]:
             lines.append(f"  frontend {fe}")
         if g.get("policies") or g.get("authorization"):
-            lines.append("  policies " + (", ".join(g.get("policies") or ["(in the kernel; "
-                         "names in the daemon's status)"]) + " (only callers they allow)"))
+            lines.append("  policies " + ", ".join(g.get("policies") or [
+                "(enforced in the kernel; names in the daemon's status file)"]))
         for b in g["backends"]:
             lines.append(f"  backend  {b['backend']:<32} slots {b['slots']:>6}  "
                          f"share {b['share'] * 100:5.1f}%")

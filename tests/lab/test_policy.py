@@ -178,6 +178,16 @@ def test_an_explicit_deny_wins_over_allow_and_uid_narrows_a_selector(lab, starte
     wait_for(lambda: policies_in_report(daemon) == ["default/a-root"], "uid policy", 15)
     assert client(lab, a, "tcp")["errors"] == {}
     assert client(lab, a, "tcp", uid=65534)["errors"] == {"EPERM": 3}
+    # ports by name: the policy selects the TCP port "http", the UDP port "dns" stays open
+    write(daemon, [db(lab)], [policy("a-http", [{"cgroup": mount_rel(lab, a)}], ports=["http"])])
+    wait_for(lambda: policies_in_report(daemon) == ["default/a-http"], "port policy", 15)
+    assert client(lab, b, "tcp")["errors"] == {"EPERM": 3}
+    assert client(lab, b, "udp")["errors"] == {}
+    # deny policies alone close the service only to whom they name
+    write(daemon, [db(lab)], [policy("no-b", [{"cgroup": mount_rel(lab, b)}], action="deny")])
+    wait_for(lambda: policies_in_report(daemon) == ["default/no-b"], "deny-only policy", 15)
+    assert client(lab, b, "tcp")["errors"] == {"EPERM": 3}
+    assert client(lab, a, "tcp")["errors"] == {}
 
 
 def test_policy_changes_take_effect_for_new_connects_and_spare_established_ones(lab, started):
@@ -251,6 +261,16 @@ def test_event_loss_under_a_flood_is_counted_not_silent(lab, make_meshd):
     assert read + lost["ring_full"] + lost["rate_limit"] == 2 * n  # a connect and a close each
     assert lost["ring_full"] > 0, "a 4 KiB ring under a flood lost nothing?"
     print(f"{n} connections: {read:.0f} events read, {lost['ring_full']:.0f} lost (ring full)")
+    # SIGHUP turns events off live: the kernel stops emitting
+    import signal as _signal
+    from meshd.dataplane import events as kev
+    cfg = yaml.safe_load(m.config.read_text())
+    cfg["events"]["types"] = []
+    m.config.write_text(yaml.safe_dump(cfg))
+    m.proc.send_signal(_signal.SIGHUP)
+    m.wait_log("reload: applied events", "the reload")
+    from testlib import BPFFS
+    assert kev.read_evcfg(BPFFS, m.instance)["mask"] == 0
 
 
 class HeldConnection:
@@ -277,3 +297,44 @@ class HeldConnection:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+def test_policies_from_etcd_and_a_live_observe_that_only_root_may_open(lab, make_meshd,
+                                                                        tmp_path):
+    from meshdlib import embedded_cfg
+    m = make_meshd(embedded_cfg())
+    lab.start_backends()
+    a, b = unit(lab, "unit-a"), unit(lab, "unit-b")
+    m.start()
+    m.wait(m.synced, "first sync from the embedded etcd")
+    m.cli("service", "put", "default/db", "--vip", VIP, "--port", "http=80/TCP")
+    for i in (1, 2):
+        m.cli("endpoint", "add", "default/db", f"b{i}", "--address", lab.backend_addr(i),
+              "--port", "http=8080")
+    m.wait(lambda r: len([g for g in r.get("services", []) if g["group"] == GROUP
+                          and len(g["backends"]) == 2]) == 1, "db with two backends")
+    # follow the stream before the policy exists: its events arrive live
+    follow = m.cli_popen("observe", "--json", "--verdict", "denied", "-n", "2")
+    rec = tmp_path / "p.yaml"
+    rec.write_text(yaml.safe_dump(policy("a-only", [{"cgroup": mount_rel(lab, a)}])))
+    assert "default/a-only" in m.cli("policy", "put", str(rec))
+    wait_for(lambda: client(lab, b, "tcp", count=1)["errors"] == {"EPERM": 1},
+             "the etcd policy enforced", 15, step=0.05)
+    assert client(lab, a, "tcp", count=2)["errors"] == {}
+    client(lab, b, "tcp", count=1)
+    out, _ = follow.communicate(timeout=20)
+    live = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(live) == 2 and all(e["verdict"] == "denied" and e["cgroup"] == mount_rel(lab, b)
+                                  for e in live), out
+    # the stream shows who calls what on this node: root only
+    sock = m.state_dir / m.instance / "observe.sock"
+    assert oct(sock.stat().st_mode & 0o777) == "0o600"
+    denied = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                             sys.executable, "-m", "meshd", "observe", "--no-follow",
+                             "--config", str(m.config)], capture_output=True, text=True,
+                            timeout=30)
+    assert denied.returncode == 1 and ("permission denied" in denied.stderr.lower()
+                                       or "Permission denied" in denied.stderr), denied.stderr
+    assert "Traceback" not in denied.stderr
+    m.cli("policy", "delete", "default/a-only")
+    wait_for(lambda: client(lab, b, "tcp", count=1)["errors"] == {}, "policy gone", 15)

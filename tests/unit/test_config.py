@@ -248,3 +248,23 @@ def test_cli_reads_the_installed_config_when_none_is_given(tmp_path, monkeypatch
     (tmp_path / "meshd.yaml").write_text("instance: vm\n")
     assert cli.config_path(SimpleNamespace(config=None)) == tmp_path / "meshd.yaml"
     assert cli.config_path(SimpleNamespace(config="x.yaml")) == Path("x.yaml")  # --config wins
+
+
+def test_events_section_and_its_errors(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "events: {types: [denied], sample: 10, "
+                                      "rate_per_cpu: 0, ring_bytes: 65536}\n"), {})
+    assert cfg.events.types == ["denied"] and cfg.events.ring_bytes == 65536
+    assert "events.ring_bytes" in error(write(tmp_path, "events: {ring_bytes: 5000}\n"))
+    assert "power of two" in error(write(tmp_path, "events: {ring_bytes: 5000}\n"))
+    msg = error(write(tmp_path, "events: {types: [connects]}\n"))
+    assert "events.types" in msg and "connect" in msg
+    assert "events.sample" in error(write(tmp_path, "events: {sample: 0}\n"))
+
+
+def test_a_reload_applies_events_but_names_the_ring_size_as_restart_only(tmp_path: Path) -> None:
+    from meshd.agent.reload import plan_reload
+    old = load_config(write(tmp_path, "events: {sample: 1}\n"), {})
+    new = load_config(write(tmp_path, "events: {sample: 5, ring_bytes: 4096}\n", "b.yaml"), {})
+    plan = plan_reload(old, new)
+    assert "events" in plan.applied and "events.ring_bytes" in plan.refused
+    assert plan.config.events.sample == 5 and plan.config.events.ring_bytes == 1 << 20
