@@ -140,6 +140,7 @@ class Daemon:
             task("addresses", lambda: tcwire.watch_addresses(self))
             task("guard", lambda: guard.guard(self))
             task("reload", self._reloads)
+            task("cgroups", self.policies.rescan)
             await self._start_events()
             tasks.append(asyncio.create_task(self._ready(), name="ready"))
             wd = sdnotify.watchdog_interval()
@@ -281,6 +282,8 @@ class Daemon:
                     await asyncio.to_thread(self._write_evcfg)
                     if self.events is not None:
                         self.events.set_history(self.cfg.events.history)
+                    if self.cfg.events.types:
+                        self.policies.start_watch()  # the callers' cgroup paths
                 except MeshdError as e:
                     self.control.count_sync_error("reload")
                     log.error("reload: events not applied: %s", e)
@@ -372,9 +375,10 @@ class Daemon:
                "maps": {k: {"entries": n, "max_entries": mx}
                         for k, (n, mx) in self.control.view()["map_fill"].items()},
                "policies": self.policies.by_group(),
+               "policy_problems": self.policies.problems,
+               "cgroup_watch": self.policies.watch_status(),
                "identities": self.policies.identity_labels(),
-               "events": ({"socket": str(self.events.path), "received": self.events.received}
-                          if self.events is not None else None),
+               "events": self.events.status() if self.events is not None else None,
                "rejected": res.rejected, "errors": res.errors, "written_at": time.time()}
         write_status(status_path(self.cfg), doc)
 

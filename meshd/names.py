@@ -37,7 +37,8 @@ METRICS_MAPS = (MAP_SKMETA, MAP_STATS)
 MAP_IDENT = "meshd_ident_v1"  # hash: cgroup id -> identity
 MAP_VERDICT = "meshd_verdict_v1"  # hash: (identity, group, uid) -> verdict
 MAP_DENIED = "meshd_denied_v1"  # per-CPU hash: (group, identity) -> denials
-POLICY_MAPS = (MAP_IDENT, MAP_VERDICT, MAP_DENIED)
+MAP_SUBTREE = "meshd_subtree_v1"  # hash: cgroup id -> identity its new children inherit
+POLICY_MAPS = (MAP_IDENT, MAP_VERDICT, MAP_DENIED, MAP_SUBTREE)
 
 # Connection events (bpf/include/meshd_events.h), same object and pin dir.
 MAP_EVENTS = "meshd_events_v1"  # ring buffer of struct meshd_event

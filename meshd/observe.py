@@ -1,7 +1,8 @@
 """`meshd observe`: the connection events of a running daemon, one line each (or JSON).
 
-The daemon serves its event stream on a unix socket (`<state_dir>/<instance>/observe.sock`,
-root only, 0600: meshd/agent/events.py). A client sends one JSON line, the request:
+The daemon serves its event stream on a unix socket
+(`<state_dir>/<instance>/events/observe.sock`, root only: directory 0700, socket 0600;
+meshd/agent/events.py). A client sends one JSON line, the request:
 
     {"follow": true, "since": 300.0, "filter": {"service": "default/db", "verdict": "denied",
      "identity": "web.service", "type": "closed"}}
@@ -29,7 +30,9 @@ VERDICTS = ("allowed", "denied")
 
 
 def socket_path(cfg) -> Path:
-    return Path(cfg.state_dir) / cfg.instance / "observe.sock"
+    """In a directory of its own (0700), so the rest of the instance's state dir (the status
+    file) keeps its own permissions."""
+    return Path(cfg.state_dir) / cfg.instance / "events" / "observe.sock"
 
 
 def parse_since(text: str | None) -> float | None:

@@ -44,6 +44,9 @@ GroupsOf = Callable[[str, str, "tuple[int | str, ...] | None"], "set[int]"]
 @dataclass
 class PolicyTables:
     ident: dict[int, int] = field(default_factory=dict)  # cgroup id -> identity (never 0)
+    # cgroup id -> the identity every cgroup below it has at least (meshd_subtree_v1: what
+    # the kernel hands a cgroup made since the last scan, from its nearest known ancestor)
+    subtree: dict[int, int] = field(default_factory=dict)
     # (identity, group, uid or UID_ANY) -> (action, flags, policy id); action 0: not allowed
     verdicts: dict[tuple[int, int, int], tuple[int, int, int]] = field(default_factory=dict)
     selected: set[int] = field(default_factory=set)  # groups some policy selects (MESHD_SVC_F_POLICY)
@@ -52,8 +55,37 @@ class PolicyTables:
     open: set[int] = field(default_factory=set)  # selected by deny policies only (POLICY_OPEN)
     # identity -> the workload selectors it stands for (sorted; for `meshd observe`, ids stable)
     identities: dict[int, tuple[Workload, ...]] = field(default_factory=dict)
+    # identities of sets with no cgroup now (no verdicts): their ids are kept for them
+    retired: dict[int, tuple[Workload, ...]] = field(default_factory=dict)
     next_identity: int = 1
     next_policy_id: int = 1
+
+
+# systemd unit types whose cgroup may hold processes (a slice only holds other cgroups). A
+# `unit:` selector matches the unit's cgroup only where systemd puts units: not inside
+# another unit's cgroup, because a unit's subtree can be *delegated* (user@UID.service to its
+# user, Delegate=yes services to a container runtime), and whoever it is delegated to may
+# name a cgroup there "web.service" and take on web.service's identity.
+UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".device", ".target",
+                 ".timer", ".path", ".automount")
+RETIRED_KEEP = 4096  # identities of selector sets with no cgroup now, kept for a comeback
+
+
+def is_unit(component: str) -> bool:
+    return component.endswith(UNIT_SUFFIXES)
+
+
+def _unit_components(path: str) -> list[str]:
+    """The components of `path` a `unit:` selector can match: up to and including the first
+    unit (everything below a unit may be delegated)."""
+    out = []
+    for comp in path.split("/"):
+        if not comp:
+            continue
+        out.append(comp)
+        if is_unit(comp):
+            break
+    return out
 
 
 def matches(selector: Selector | Workload, path: str) -> bool:
@@ -61,7 +93,7 @@ def matches(selector: Selector | Workload, path: str) -> bool:
     cgroup at `path` (relative to the cgroup2 mount, '/' for the root)."""
     kind, value = selector.workload if isinstance(selector, Selector) else selector
     if kind == "unit":
-        return value in path.split("/")
+        return value in _unit_components(path)
     if value == "/":
         return True
     if value.endswith("/"):
@@ -88,23 +120,30 @@ class _Index:
             else:
                 self.exact.setdefault(value, []).append(w)
 
-    def match(self, path: str) -> frozenset[Workload]:
+    def match(self, path: str, below: bool = False) -> frozenset[Workload]:
+        """The selectors matching the cgroup at `path`; with `below`: those matching *every*
+        cgroup below it, whatever its name (what a cgroup made since the last scan inherits
+        from this one: `/`, prefixes at or above it, units on its path)."""
         got: list[Workload] = list(self.everything)
-        hit = self.exact.get(path)
-        if hit:
-            got += hit
+        if not below:
+            hit = self.exact.get(path)
+            if hit:
+                got += hit
         if self.below or self.unit:
             parts = path.split("/")  # "/a/b" -> ["", "a", "b"]
+            last = len(parts) if below else len(parts) - 1
             prefix = "/"
+            in_unit = False
             for i in range(1, len(parts)):
                 comp = parts[i]
                 if not comp:
                     break  # the root, "/"
-                if self.unit:
+                if self.unit and not in_unit:
                     hit = self.unit.get(comp)
                     if hit:
                         got += hit
-                if self.below and i < len(parts) - 1:
+                in_unit = in_unit or is_unit(comp)
+                if self.below and i < last:
                     prefix += comp + "/"
                     hit = self.below.get(prefix)
                     if hit:
@@ -174,13 +213,21 @@ def compile_policies(policies: Iterable[Policy], groups_of: GroupsOf, cgroups: M
     # reach some group matter: the others cannot change a verdict)
     index = _Index(rules)
     set_of: dict[int, frozenset[Workload]] = {}  # cgroup id -> its set
+    below_of: dict[int, frozenset[Workload]] = {}  # cgroup id -> what its subtree inherits
     for path, cg in cgroups.items():
         s = index.match(path)
         if s:
             set_of[cg] = s
-    old_sets = {frozenset(ws): i for i, ws in prev.identities.items()}
-    distinct = sorted(set(set_of.values()), key=lambda s: sorted(s))
+        b = index.match(path, below=True)
+        if b:
+            below_of[cg] = b
+    old_sets = {frozenset(ws): i for i, ws in (*prev.retired.items(), *prev.identities.items())}
+    distinct = sorted(set(set_of.values()) | set(below_of.values()), key=lambda s: sorted(s))
     ident_of, next_ident = _assign(distinct, old_sets, prev.next_identity)
+    # sets with no cgroup now keep their ids (a unit restarted gets its identity back, so
+    # denial counters and events stay under one id), the most recent RETIRED_KEEP of them
+    retired = [(ws, i) for ws, i in old_sets.items() if ws not in ident_of]
+    retired = sorted(retired, key=lambda wi: wi[1])[-RETIRED_KEEP:]
 
     verdicts: dict[tuple[int, int, int], tuple[int, int, int]] = {}
     for s, ident in ident_of.items():
@@ -188,12 +235,14 @@ def compile_policies(policies: Iterable[Policy], groups_of: GroupsOf, cgroups: M
 
     return PolicyTables(
         ident={cg: ident_of[s] for cg, s in set_of.items()},
+        subtree={cg: ident_of[s] for cg, s in below_of.items()},
         verdicts=verdicts,
         selected=set(by_group),
         policy_ids=policy_ids,
         by_group={g: sorted(set(keys)) for g, keys in by_group.items()},
         open=set(by_group) - allowed_somewhere,
         identities={i: tuple(sorted(s)) for s, i in ident_of.items()},
+        retired={i: tuple(sorted(ws)) for ws, i in retired},
         next_identity=next_ident,
         next_policy_id=next_pid,
     )
@@ -227,3 +276,32 @@ def _verdicts(ident: int, rules: list[tuple[int | None, int, int, int]],
         out[(ident, g, UID_ANY)] = (action, VERDICT_F_UID if g in uid_groups else 0, pid)
     for g in uid_groups - anyuid.keys():
         out[(ident, g, UID_ANY)] = (0, VERDICT_F_UID, 0)  # only some uids are allowed
+
+
+def previous_from_kernel(policies: Iterable[Policy], groups_of: GroupsOf,
+                         cgroups: Mapping[str, int], idents: Mapping[int, int],
+                         subtree: Mapping[int, int], policy_ids_in_use: Iterable[int]
+                         ) -> PolicyTables:
+    """The `previous` of a daemon's first compile: the identity ids the kernel holds (a
+    restarted daemon adopts them), so the first sync does not hand a cgroup's id to another
+    selector set while the kernel still maps the first cgroup to it (its callers would get
+    the other set's verdicts until the identities are rewritten). A set keeps the kernel's
+    id of its cgroups when they agree; fresh ids start above every id the kernel uses, and
+    so do fresh policy ids (events and denial counters name the ids the kernel wrote)."""
+    fresh = compile_policies(policies, groups_of, cgroups)
+    sets = fresh.identities
+    kept: dict[frozenset, int] = {}
+    taken: set[int] = set()
+    for table_new, table_old in ((fresh.ident, idents), (fresh.subtree, subtree)):
+        for cg, k in sorted(table_old.items()):
+            t = table_new.get(cg)
+            if t is None:
+                continue
+            ws = frozenset(sets[t])
+            if ws not in kept and k not in taken:
+                kept[ws] = k
+                taken.add(k)
+    top = max([*idents.values(), *subtree.values(), 0])
+    return PolicyTables(identities={i: tuple(sorted(ws)) for ws, i in kept.items()},
+                        next_identity=top + 1,
+                        next_policy_id=max([*policy_ids_in_use, 0]) + 1)

@@ -41,7 +41,7 @@ from typing import Protocol
 import numpy as np
 
 from meshd import maglev
-from meshd.desired import BackendRef, Frontend, Group
+from meshd.desired import G_POLICY, G_POLICY_OPEN, BackendRef, Frontend, Group
 from meshd.errors import DataplaneError
 from meshd.sidetables import SideTables
 from meshd.verdicts import Verdicts
@@ -75,6 +75,7 @@ class KernelSnapshot:
     # gid -> {(identity, uid): (action, flags, policy)}: meshd_verdict_v1
     verdicts: dict[int, dict] = field(default_factory=dict)
     idents: dict[int, int] = field(default_factory=dict)  # cgroup id -> identity: meshd_ident_v1
+    subtree: dict[int, int] = field(default_factory=dict)  # cgroup id -> identity: meshd_subtree_v1
 
 
 class Dataplane(Protocol):
@@ -243,8 +244,12 @@ class Reconciler:
         gid_of = lambda k: self.groups[k].gid  # noqa: E731
         self.side.add(ok, gid_of, self.backend_ids, op, rep.errors)
         self.verdicts.add(ok, gid_of, op, rep.errors)
-        self._write_frontends(desired, changed, ok, rep)
-        self.verdicts.write_idents(op, rep.errors)
+        stricter = {k for k, g in ok.items() if self._stricter(g)}
+        self._write_frontends(desired, changed,
+                              {k: g for k, g in ok.items() if k not in stricter}, rep)
+        self.verdicts.write_idents(op, rep.errors)  # (meshd/verdicts.py: the order)
+        if stricter:
+            self._write_frontends(desired, changed, {k: ok[k] for k in stricter}, rep)
         gone = [(k, self.groups[k].gid) for k in sorted(changed) if k not in desired
                 and k in self.groups and not self._has_frontends(self.groups[k].gid)]
         live = {cur.gid for cur in self.groups.values()} if self._full else None
@@ -264,6 +269,18 @@ class Reconciler:
         self._full = False
         self.errors = dict(rep.errors)
         return rep
+
+    def _stricter(self, g: Group) -> bool:
+        """Whether a frontend of `g` gets an authorization check it does not have in the
+        kernel (the policy flag set, or POLICY_OPEN cleared)."""
+        if not g.flags & G_POLICY:
+            return False
+        for fe in g.frontends:
+            old = self._svc.entries.get(fe)
+            was = old[2] if old is not None else 0
+            if not was & G_POLICY or (was & G_POLICY_OPEN and not g.flags & G_POLICY_OPEN):
+                return True
+        return False
 
     def group_key(self, gid: int) -> str | None:
         """The key of the group with this id (for naming events; the inverse is rebuilt on

@@ -91,6 +91,14 @@ def services_report(cfg: Config, with_desired: bool = True) -> dict:
                 "sources", "source_error", "etcd", "services", "metrics", "healthz", "maps",
                 "written_at")}
             report["rejected"] = doc.get("rejected", [])
+            report["policy_problems"] = doc.get("policy_problems") or []
+            watch = doc.get("cgroup_watch") or {}
+            if watch.get("error"):
+                report["policy_problems"].append(watch["error"])
+            ev = doc.get("events") or {}
+            if ev.get("reader_error"):
+                report["policy_problems"].append(
+                    f"connection events cannot be read: {ev['reader_error']}")
             selecting = doc.get("policies") or {}
             for g in report["services"]:
                 if selecting.get(g["group"]):
@@ -130,6 +138,8 @@ def format_report(r: dict) -> str:
         lines.append(f"rejected: {rej['where']}: {rej['reason']}")
     for what, err in r.get("errors", {}).items():
         lines.append(f"error: {what}: {err}")
+    for msg in r.get("policy_problems", []):
+        lines.append(f"policy: {msg}")
     if r.get("desired_error"):
         lines.append(r["desired_error"] + " (kernel state shown alone)")
     d = r.get("daemon") or {}

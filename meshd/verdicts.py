@@ -4,17 +4,23 @@
                       groups with G_POLICY: Group.verdicts
     meshd_ident_v1    cgroup id -> identity      every cgroup some policy's `from` selects
 
+    meshd_subtree_v1  cgroup id -> identity      what a cgroup made since the last scan
+                                                 inherits from its nearest known ancestor
+
 The socket hooks read them only for frontends with G_POLICY (MESHD_SVC_F_POLICY), so the
 order is the one of meshd/sidetables.py, make before break:
   1. `add()`, before the frontends: the verdicts a group now wants (uid entries before
      the any-uid entry whose MESHD_VERDICT_F_UID sends readers to them);
-  2. the frontends (the flag set or cleared);
+  2. the frontends that do not get stricter (the flag cleared, or unchanged);
   3. `write_idents()`: cgroups to their (new) identities; the new identity's verdicts are
-     in (1) and the old one's are still there;
-  4. `remove()`: verdicts no group wants any more (after the flag that read them is gone).
-A change is therefore never a moment of "everything denied" nor of "everything allowed":
-each entry is one atomic map update, and every entry a reader can reach is of the old
-state or of the new one.
+     in (1) and the old one's are still there. A cgroup whose new identity had a verdict
+     that could not be written keeps its old identity (never a switch to a half-written
+     identity: on an open service that would be a deny lost);
+  4. the frontends that get stricter (the policy flag set, or POLICY_OPEN cleared): their
+     callers have their new identities by now, so an allowed caller is never refused;
+  5. `remove()`: verdicts no group wants any more (after the flag that read them is gone).
+Each entry is one atomic map update, and every entry a reader can reach is of the old state
+or of the new one.
 """
 
 from __future__ import annotations
@@ -44,13 +50,18 @@ class Verdicts:
         self.dp = dp
         self.kernel: dict[int, dict[tuple[int, int], tuple[int, int, int]]] = {}  # gid -> ...
         self.idents: dict[int, int] = {}  # cgroup id -> identity, as in the kernel
+        self.subtree: dict[int, int] = {}  # cgroup id -> inherited identity, as in the kernel
         self.want_idents: dict[int, int] = {}  # set by the daemon before apply()
+        self.want_subtree: dict[int, int] = {}  # likewise
+        self._failed: set[int] = set()  # identities with a verdict not written (this apply)
 
     def adopt(self, snap) -> None:
         self.kernel = {gid: dict(v) for gid, v in getattr(snap, "verdicts", {}).items()}
         self.idents = dict(getattr(snap, "idents", {}))
+        self.subtree = dict(getattr(snap, "subtree", {}))
 
     def add(self, ok: dict, gid_of: Callable[[str], int], op, errors: dict[str, str]) -> None:
+        self._failed = set()
         if not hasattr(self.dp, "put_verdict"):
             return
         for key in list(ok):
@@ -59,38 +70,53 @@ class Verdicts:
                 continue
             gid = gid_of(key)
             have = self.kernel.setdefault(gid, {})
+            identity = 0
             try:
                 for (identity, uid), val in sorted(want.items(), key=_order):
                     if have.get((identity, uid)) != val:
                         op("put_verdict", self.dp.put_verdict, identity, gid, uid, *val)
                         have[(identity, uid)] = val
             except DataplaneError as e:
+                self._failed.add(identity)
                 log.error("service group %s: authorization entries not written: %s", key, e)
                 errors[key] = f"authorization entries not written: {e}"
                 del ok[key]
 
     def write_idents(self, op, errors: dict[str, str]) -> None:
-        if not hasattr(self.dp, "put_ident") or self.want_idents == self.idents:
+        if not hasattr(self.dp, "put_ident"):
             return
-        want = self.want_idents
-        failed = 0
-        for cgid, identity in sorted(want.items()):
-            if self.idents.get(cgid) != identity:
+        for table, want, put, delete, what in (
+                (self.idents, self.want_idents, self.dp.put_ident, self.dp.delete_ident,
+                 "ident"),
+                (self.subtree, self.want_subtree, getattr(self.dp, "put_subtree", None),
+                 getattr(self.dp, "delete_subtree", None), "subtree")):
+            if put is None or want == table:
+                continue
+            failed = 0
+            for cgid, identity in sorted(want.items()):
+                if table.get(cgid) == identity:
+                    continue
+                if identity in self._failed:  # its verdicts are not all in: keep the old
+                    errors.setdefault("policy identities", f"cgroup {cgid} keeps identity "
+                                      f"{table.get(cgid, 0)}: the verdicts of {identity} "
+                                      "could not all be written")
+                    continue
                 try:
-                    op("put_ident", self.dp.put_ident, cgid, identity)
-                    self.idents[cgid] = identity
+                    op(f"put_{what}", put, cgid, identity)
+                    table[cgid] = identity
                 except DataplaneError as e:
                     failed += 1
                     if failed == 1:
                         errors["policy identities"] = (
-                            f"cgroup {cgid} not given its identity: {e} (raise "
-                            "maps.max_identities?)")
-        for cgid in sorted(c for c in self.idents if c not in want):
-            try:
-                op("delete_ident", self.dp.delete_ident, cgid)
-                del self.idents[cgid]
-            except DataplaneError as e:
-                errors.setdefault("policy identities", f"cgroup {cgid}: identity not removed: {e}")
+                            f"cgroup {cgid} not given its identity ({what}): {e}; at most "
+                            "65,536 cgroups carry an identity (docs/policy.md#limits)")
+            for cgid in sorted(c for c in table if c not in want):
+                try:
+                    op(f"delete_{what}", delete, cgid)
+                    del table[cgid]
+                except DataplaneError as e:
+                    errors.setdefault("policy identities",
+                                      f"cgroup {cgid}: identity not removed ({what}): {e}")
 
     def remove(self, ok: dict, gone: list[tuple[str, int]], gid_of, op,
                errors: dict[str, str], live: set[int] | None = None) -> None:

@@ -133,7 +133,7 @@ static __always_inline struct meshd_event *meshd_ev_reserve(const struct meshd_e
 	sample = cfg->sample;
 	if (sample > 1 && (type == MESHD_EV_CONNECT || type == MESHD_EV_CLOSED) &&
 	    meshd_fmix64(cookie) % sample != 0) {
-		st->sampled_out += 1;
+		__sync_fetch_and_add(&st->sampled_out, 1);
 		return 0;
 	}
 	rate = cfg->rate;
@@ -143,13 +143,13 @@ static __always_inline struct meshd_event *meshd_ev_reserve(const struct meshd_e
 			st->in_window = 0;
 		}
 		if (st->in_window >= rate) {
-			st->lost_rate += 1;
+			__sync_fetch_and_add(&st->lost_rate, 1);
 			return 0;
 		}
 	}
 	e = bpf_ringbuf_reserve(&meshd_events_v1, sizeof(*e), 0);
 	if (!e) {
-		st->lost_full += 1;
+		__sync_fetch_and_add(&st->lost_full, 1);
 		return 0;
 	}
 	st->in_window += 1;

@@ -27,6 +27,7 @@
 #define MESHD_MAX_IDENT 65536
 #define MESHD_MAX_VERDICTS 262144
 #define MESHD_MAX_DENIED 65536
+#define MESHD_CGROUP_DEPTH 24 /* ancestors looked at for a cgroup the daemon has not seen */
 
 /* Value of meshd_ident_v1, keyed by a __u64 cgroup id (host order, as
  * bpf_get_current_cgroup_id() returns it). */
@@ -72,6 +73,18 @@ struct {
 	__type(value, struct meshd_ident);
 } meshd_ident_v1 SEC(".maps");
 
+/* cgroup id -> the identity every cgroup below it has at least (the prefix and unit
+ * selectors that cover its whole subtree): what a cgroup made since the daemon's last scan
+ * gets from its nearest known ancestor, so a deny of a subtree holds for a child made a
+ * microsecond before the connect. Same value type as meshd_ident_v1. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, MESHD_MAX_IDENT);
+	__type(key, __u64);
+	__type(value, struct meshd_ident);
+} meshd_subtree_v1 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
@@ -88,13 +101,26 @@ struct {
 	__type(value, __u64);
 } meshd_denied_v1 SEC(".maps");
 
-/* The identity of the current task's cgroup; 0 when it has none. */
+/* The identity of the current task's cgroup; 0 when it has none. A cgroup with no entry
+ * may be one the daemon has not seen yet: it gets what its nearest ancestor in
+ * meshd_subtree_v1 hands down (only then: a known cgroup costs one lookup). */
 static __always_inline __u32 meshd_identity(void)
 {
-	__u64 cg = bpf_get_current_cgroup_id();
+	__u64 cg = bpf_get_current_cgroup_id(), anc;
 	struct meshd_ident *id = bpf_map_lookup_elem(&meshd_ident_v1, &cg);
+	int level;
 
-	return id ? id->identity : 0;
+	if (id)
+		return id->identity;
+	for (level = MESHD_CGROUP_DEPTH - 1; level >= 0; level--) {
+		anc = bpf_get_current_ancestor_cgroup_id(level);
+		if (!anc || anc == cg)
+			continue; /* deeper than this cgroup, or the cgroup itself */
+		id = bpf_map_lookup_elem(&meshd_subtree_v1, &anc);
+		if (id)
+			return id->identity;
+	}
+	return 0;
 }
 
 static __always_inline void meshd_count_denied(__u32 group, __u32 identity)
@@ -104,7 +130,7 @@ static __always_inline void meshd_count_denied(__u32 group, __u32 identity)
 
 	n = bpf_map_lookup_elem(&meshd_denied_v1, &k);
 	if (n)
-		*n += 1; /* this CPU's copy: no atomics needed */
+		__sync_fetch_and_add(n, 1); /* this CPU's copy, but sockops may preempt a hook */
 	else
 		bpf_map_update_elem(&meshd_denied_v1, &k, &one, BPF_NOEXIST);
 }

@@ -28,6 +28,7 @@ from meshd.observe import matches
 log = logging.getLogger("meshd.daemon")
 
 CLIENT_QUEUE = 4096  # events queued per client before it starts losing them
+PENDING_BATCHES = 4  # batches read but not yet named by the loop, at most
 TYPE_NAMES = {1: "connect", 2: "denied", 3: "failed", 4: "closed"}
 PROTO_NAMES = {6: "TCP", 17: "UDP"}
 
@@ -115,6 +116,8 @@ class EventHub:
         self.on_event = lambda ev: None  # metrics hook (daemon)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.reader_error: str | None = None  # the ring cannot be read now
+        self.reader_failures = 0
         self._server: asyncio.AbstractServer | None = None
         self.path: Path | None = None
 
@@ -124,23 +127,65 @@ class EventHub:
 
     # ---- reading -----------------------------------------------------------------------
     def start_reader(self, loop: asyncio.AbstractEventLoop) -> None:
-        reader = self._open_reader()
+        """The reader thread: polls the ring and hands batches to the loop, at most
+        PENDING_BATCHES unprocessed at a time (a loop busy elsewhere makes the thread wait,
+        and the ring, not the daemon's memory, absorbs the burst: what it cannot hold is
+        counted in meshd_events_lost_total{reason="ring_full"}). If the ring cannot be read
+        the thread logs it, shows it in the status file and tries again with backoff."""
+        from meshd.agent.supervise import Backoff
+        pending = threading.Semaphore(PENDING_BATCHES)
+        self._pending = pending
 
         def run() -> None:
-            try:
-                while not self._stop.is_set():
-                    batch = reader.poll(100)  # the kernel does not wake us per event
-                    if batch:
-                        loop.call_soon_threadsafe(self._deliver, batch)
-            except Exception:  # noqa: BLE001 - logged; the daemon keeps serving traffic
-                log.exception("event reader stopped; connection events are not collected")
-            finally:
-                reader.close()
+            backoff = Backoff(1.0, 60.0)
+            while not self._stop.is_set():
+                try:
+                    reader = self._open_reader()
+                except Exception as e:  # noqa: BLE001 - shown, retried
+                    self._failed(e, backoff)
+                    continue
+                try:
+                    while not self._stop.is_set():
+                        batch = reader.poll(100)  # the kernel does not wake us per event
+                        if batch:
+                            pending.acquire()
+                            loop.call_soon_threadsafe(self._deliver, batch, pending)
+                        if self.reader_error is not None:
+                            self.reader_error = None
+                            log.info("connection events: reading again")
+                            backoff.reset()
+                except Exception as e:  # noqa: BLE001 - shown, retried
+                    self._failed(e, backoff)
+                finally:
+                    reader.close()
 
         self._thread = threading.Thread(target=run, name="meshd-events", daemon=True)
         self._thread.start()
 
-    def _deliver(self, batch) -> None:
+    def _failed(self, e: BaseException, backoff) -> None:
+        delay = backoff.next()
+        msg = f"{type(e).__name__}: {e}"
+        if msg != self.reader_error:
+            log.error("connection events cannot be read (%s); retrying in %.0f s "
+                      "(the kernel counts what it cannot hand over)", msg, delay)
+        self.reader_error = msg
+        self.reader_failures += 1
+        self._stop.wait(delay)
+
+    def status(self) -> dict:
+        return {"socket": str(self.path) if self.path else None, "received": self.received,
+                "reader_up": self.reader_error is None and self._thread is not None
+                and self._thread.is_alive(),
+                "reader_error": self.reader_error, "clients": len(self.clients)}
+
+    def _deliver(self, batch, pending=None) -> None:
+        try:
+            self._name_all(batch)
+        finally:
+            if pending is not None:
+                pending.release()
+
+    def _name_all(self, batch) -> None:
         for raw in batch:
             try:
                 ev = self.namer.event(raw)
@@ -162,8 +207,8 @@ class EventHub:
 
     # ---- serving -----------------------------------------------------------------------
     async def serve(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(path.parent, 0o700)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(path.parent, 0o700)  # its own directory (`events/`): root only
         try:
             path.unlink()
         except FileNotFoundError:
@@ -190,11 +235,16 @@ class EventHub:
                 writer.write(b'{"error": "bad request: expected one JSON object line"}\n')
                 await writer.drain()
                 return
+            try:
+                cutoff = time.time() - float(since) if since is not None else None
+            except (TypeError, ValueError):
+                writer.write(b'{"error": "bad request: since must be a number of seconds"}\n')
+                await writer.drain()
+                return
             client = _Client(flt)
             if follow:
                 self.clients.add(client)  # before the history: nothing falls in between
-            if since is not None:
-                cutoff = time.time() - float(since)
+            if cutoff is not None:
                 for ev in list(self.history):
                     if ev["time"] >= cutoff and matches(ev, flt):
                         writer.write(json.dumps(ev).encode() + b"\n")

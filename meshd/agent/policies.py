@@ -2,7 +2,10 @@
 which cgroups carry which identity (meshd/policy.py compiles; this applies it to the groups
 the reconciler writes, and follows cgroups as they come and go).
 
-Cost when no policy exists: one check per sync, nothing else (no cgroup watch either).
+Cost when no policy exists: one check per sync, nothing else. The compile runs in a worker
+thread (a broad selector over many policies can take a noticeable fraction of a second) on a
+copy of the cgroup table; the first compile after a restart keeps the identity ids the
+kernel holds (policy.previous_from_kernel).
 Groups a policy selects get G_POLICY and their verdicts as a *new* Group object only when
 their own group or their verdicts changed, so the reconciler's identity-based diff stays
 proportional to what changed.
@@ -31,6 +34,10 @@ class PolicyState:
         self._key = None  # inputs of the last compile
         self._overlay: dict[str, tuple] = {}  # group key -> (group in, verdicts, group out)
         self.watcher = None
+        self.watch_error: str | None = None  # the cgroup watch cannot run (status, log)
+        self._watch_retry_at = 0.0
+        self.problems: list[str] = []  # policies that select nothing, duplicates (status)
+        self._logged_problems: set[str] = set()
         self.wake = None  # asyncio.Event of the sync loop (set by the daemon)
 
     # ---- cgroups ----------------------------------------------------------------------
@@ -44,21 +51,70 @@ class PolicyState:
             return pre or "/"
         return f"{pre}{path}" if pre else path
 
-    def start_watch(self) -> None:
-        """Scans the cgroups under the hooks' root and follows them (inotify)."""
+    def start_watch(self) -> bool:
+        """Scans the cgroups under the hooks' root and follows them (inotify). A failure
+        (no inotify instance left, the root gone) is logged, shown in the status file and
+        tried again at most every 30 s; until then the last known cgroups are used."""
         if self.watcher is not None:
-            return
-        from meshd.cgroups import CgroupWatcher, scan
+            return True
+        import time as _time
+        if _time.monotonic() < self._watch_retry_at:
+            return False
+        from meshd.cgroups import CgroupWatcher
         if self.root is None:
             from meshd.node import cgroup2_mount
             self.mount = Path(cgroup2_mount())
             self.root = self.mount
-        self.cgroups = {self._rel(p): i for p, i in scan(self.root).items()}
-        self.cgroup_version += 1
-        self.watcher = CgroupWatcher(self.root, self._on_cgroups)
-        found = self.watcher.start(asyncio.get_running_loop())
+        watcher = CgroupWatcher(self.root, self._on_cgroups)
+        try:
+            found = watcher.start(asyncio.get_running_loop())
+        except OSError as e:
+            watcher.close()
+            self._watch_retry_at = _time.monotonic() + 30.0
+            err = (f"cannot follow the cgroups under {self.root}: {e.strerror or e}; policies "
+                   "use the cgroups known so far (a cgroup made since gets only what its "
+                   "ancestors hand down); retrying every 30 s")
+            if err != self.watch_error:
+                log.error("policies: %s", err)
+            self.watch_error = err
+            return False
+        self.watcher, self.watch_error = watcher, None
         self.cgroups = {self._rel(p): i for p, i in found.items()}
+        self.cgroup_version += 1
         log.info("policies: following %d cgroups under %s", len(self.cgroups), self.root)
+        return True
+
+    def watch_status(self) -> dict | None:
+        w = self.watcher
+        if w is None and self.watch_error is None:
+            return None
+        return {"cgroups": len(self.cgroups), "error": self.watch_error,
+                "unwatched": getattr(w, "unwatched", 0) if w is not None else None,
+                "overflows": getattr(w, "overflows", 0) if w is not None else None}
+
+    async def rescan(self) -> None:
+        """Every minute (a daemon task): a full scan against the watch's view, in case an
+        event was missed (an unwatchable directory: the inotify watch limit), and a retry
+        of a watch that could not start."""
+        while True:
+            await asyncio.sleep(60.0)
+            if self.watcher is None:
+                if self.policies or self.watch_error:
+                    self.start_watch()
+                continue
+            from meshd.cgroups import scan
+            found = await asyncio.to_thread(scan, self.root)
+            now = {self._rel(p): i for p, i in found.items()}
+            if now != self.cgroups:
+                added = {p: i for p, i in now.items() if self.cgroups.get(p) != i}
+                removed = {p: i for p, i in self.cgroups.items() if now.get(p) != i}
+                log.warning("policies: the cgroup watch missed %d new and %d removed cgroups "
+                            "(inotify watch limit? fs.inotify.max_user_watches); applied now",
+                            len(added), len(removed))
+                self.cgroups = now
+                self.cgroup_version += 1
+                if self.wake is not None and self.policies:
+                    self.wake.set()
 
     def _on_cgroups(self, added: dict[str, int], removed: dict[str, int]) -> None:
         for p in removed:
@@ -83,24 +139,50 @@ class PolicyState:
             self.watcher = None
 
     # ---- the sync ---------------------------------------------------------------------
+    def needed(self, policies: tuple) -> bool:
+        return bool(policies or self._overlay)
+
+    def snapshot(self) -> tuple[dict[str, int], int]:
+        """The cgroup table as the compile may read it from a worker thread (a copy, taken
+        on the loop, which the watch updates)."""
+        if self.watcher is None:
+            self.start_watch()
+        return dict(self.cgroups), self.cgroup_version
+
     def overlay(self, groups: dict, hint: set | None, desired, policies: tuple,
-                recorder=None) -> tuple[dict, set | None, dict[int, int]]:
+                cgroups: tuple[dict[str, int], int] | None = None, kernel=None
+                ) -> tuple[dict, set | None]:
         """(groups with G_POLICY and verdicts on the selected ones, the hint widened by the
-        groups whose overlay changed, cgroup id -> identity)."""
+        groups whose overlay changed). Sets want_idents/want_subtree on `kernel` (the
+        reconciler's Verdicts), whose adopted ids seed the first compile."""
         if not policies and not self._overlay:
             self.tables = None
             self.policies = ()
-            return groups, hint, {}
-        from meshd.policy import compile_policies
-        if policies and self.watcher is None:
-            self.start_watch()
-        key = (policies, self.cgroup_version)
+            self.problems = []
+            if kernel is not None:
+                kernel.want_idents, kernel.want_subtree = {}, {}
+            return groups, hint
+        from meshd.policy import compile_policies, previous_from_kernel
+        paths, version = cgroups if cgroups is not None else (dict(self.cgroups),
+                                                              self.cgroup_version)
+        key = (policies, version)
         services_changed = hint is None or bool(desired.changed_groups)
         if self.tables is None or key != self._key or services_changed:
-            self.tables = compile_policies(policies, self._groups_of(desired), self.cgroups,
-                                           previous=self.tables)
+            groups_of = self._groups_of(desired)
+            unique, problems = self._unique(policies)
+            previous = self.tables
+            if previous is None and kernel is not None and (kernel.idents or kernel.subtree):
+                previous = previous_from_kernel(
+                    unique, groups_of, paths, kernel.idents, kernel.subtree,
+                    {v[2] for per in kernel.kernel.values() for v in per.values()})
+            self.tables = compile_policies(unique, groups_of, paths, previous=previous)
             self._key = key
             self.policies = policies
+            problems += self._selecting_nothing(unique, groups_of)
+            self._report(problems)
+        if kernel is not None:
+            kernel.want_idents = dict(self.tables.ident)
+            kernel.want_subtree = dict(self.tables.subtree)
         per_group: dict[str, dict] = {}
         for (identity, gkey, uid), val in self.tables.verdicts.items():
             per_group.setdefault(gkey, {})[(identity, uid)] = val
@@ -129,7 +211,39 @@ class PolicyState:
         self._overlay = new_overlay
         if hint is not None:
             hint = set(hint) | changed
-        return out, hint, dict(self.tables.ident)
+        return out, hint
+
+    @staticmethod
+    def _unique(policies: tuple) -> tuple[list, list[str]]:
+        """One policy per key (the first source's); the others are problems."""
+        seen: dict[str, object] = {}
+        problems = []
+        for p in policies:
+            if p.key in seen:
+                if seen[p.key] != p:
+                    problems.append(f"policy {p.key} is defined twice (services file and etcd?) "
+                                    "with different contents; the first one read is used")
+                continue
+            seen[p.key] = p
+        return list(seen.values()), problems
+
+    @staticmethod
+    def _selecting_nothing(policies, groups_of) -> list[str]:
+        out = []
+        for p in policies:
+            for t in p.to:
+                if not groups_of(t.namespace, t.name, t.ports):
+                    what = f"ports {', '.join(map(str, t.ports))} of " if t.ports else ""
+                    out.append(f"policy {p.key}: {what}service {t.service} selects nothing "
+                               "(no such service or port yet: that service stays as it is)")
+        return out
+
+    def _report(self, problems: list[str]) -> None:
+        for msg in problems:
+            if msg not in self._logged_problems:
+                log.warning("%s", msg)
+        self._logged_problems = set(problems)
+        self.problems = problems
 
     @staticmethod
     def _groups_of(desired):

@@ -200,9 +200,13 @@ class Syncer:
         hint = None if self._full_next else self.desired.changed_groups
         self.stage = "policy"
         policies = tuple(p for st in sources.values() for p in getattr(st, "policies", ()))
-        groups, hint, idents = self.policies.overlay(groups, hint, self.desired, policies)
-        if hasattr(ctx.reconciler, "verdicts"):
-            ctx.reconciler.verdicts.want_idents = idents
+        if self.policies.needed(policies):  # (the compile can take a while: a thread)
+            groups, hint = await asyncio.to_thread(
+                self.policies.overlay, groups, hint, self.desired, policies,
+                self.policies.snapshot(), getattr(ctx.reconciler, "verdicts", None))
+        else:
+            self.policies.overlay(groups, hint, self.desired, policies, None,
+                                  getattr(ctx.reconciler, "verdicts", None))
         self.stage = "apply"
         report = await asyncio.to_thread(self._apply, groups,
                                          None if hint is None else set(hint))

@@ -16,10 +16,14 @@ import struct
 from pathlib import Path
 from typing import NamedTuple
 
+import logging
+
 from meshd import names
 from meshd.errors import DataplaneError
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
+
+log = logging.getLogger("meshd.daemon")
 
 TYPES = dict(S.EV_NAMES)  # 1 -> "connect", ...
 TYPE_IDS = {v: k for k, v in TYPES.items()}
@@ -116,6 +120,7 @@ class EventReader:
     """Consumes the pinned ring buffer of `instance`. poll(timeout_ms) -> list[Event]."""
 
     def __init__(self, bpffs: Path, instance: str):
+        self.undecodable = 0
         fd = bpf.obj_get(_pin(bpffs, instance, names.MAP_EVENTS))
         try:
             self._rb = bpf.RingBuffer(fd, names.MAP_EVENTS)
@@ -128,7 +133,15 @@ class EventReader:
         the connect path ~20 us), so events arrive at most `timeout_ms` late: call this in
         a loop with a short timeout (100 ms). -1 would wait for that quarter."""
         got = self._rb.poll(timeout_ms)
-        return [decode(r) for r in (got or self._rb.consume())]
+        out = []
+        for r in got or self._rb.consume():
+            try:
+                out.append(decode(r))
+            except DataplaneError as e:  # one bad record never stops the stream
+                self.undecodable += 1
+                if self.undecodable == 1:
+                    log.error("connection events: %s (skipped; counted as undecodable)", e)
+        return out
 
     def consume(self) -> list[Event]:
         """Every event in the ring now, without waiting."""

@@ -286,6 +286,14 @@ class KernelDataplane:
         from meshd.dataplane.policy_maps import _U64
         self._pol.ident.delete(_U64(cgid))
 
+    def put_subtree(self, cgid: int, identity: int) -> None:
+        from meshd.dataplane.policy_maps import _U64
+        self._pol.subtree.update(_U64(cgid), S.Ident(identity=identity))
+
+    def delete_subtree(self, cgid: int) -> None:
+        from meshd.dataplane.policy_maps import _U64
+        self._pol.subtree.delete(_U64(cgid))
+
     def put_name(self, gid: int, key: str) -> None:
         self.maps.names.update(C.c_uint32(gid), S.SvcName(name=key.encode()[:159]))
 
@@ -325,6 +333,7 @@ class KernelDataplane:
         snap.tables = {k.value for k in self.maps.maglev.keys()}
         snap.table_sizes = {gid: self.table_size(gid) for gid in snap.tables}
         snap.idents, verdicts = self._pol.read()
+        snap.subtree = self._pol.read_subtree()
         for (identity, gid, uid), val in verdicts.items():
             snap.verdicts.setdefault(gid, {})[(identity, uid)] = val
         return snap

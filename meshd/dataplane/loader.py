@@ -52,6 +52,7 @@ MAP_TYPES = {
     names.MAP_SKMETA: (C.c_int, S.SkMeta),
     names.MAP_STATS: (S.StatsKey, S.Stats),  # per CPU: opened as a PercpuMap
     names.MAP_IDENT: (C.c_uint64, S.Ident),
+    names.MAP_SUBTREE: (C.c_uint64, S.Ident),
     names.MAP_VERDICT: (S.VerdictKey, S.Verdict),
     names.MAP_DENIED: (S.DeniedKey, C.c_uint64),  # per CPU: opened as a PercpuMap
     names.MAP_EVCFG: (C.c_uint32, S.EvCfg),

@@ -45,6 +45,8 @@ class PolicyMaps:
                              _U64, S.Ident)
         self.verdict = bpf.Map(bpf.obj_get(pin_dir / names.MAP_VERDICT), names.MAP_VERDICT,
                                S.VerdictKey, S.Verdict)
+        self.subtree = bpf.Map(bpf.obj_get(pin_dir / names.MAP_SUBTREE), names.MAP_SUBTREE,
+                               _U64, S.Ident)
         self.denied = bpf.PercpuMap(bpf.obj_get(pin_dir / names.MAP_DENIED),
                                     names.MAP_DENIED, S.DeniedKey, C.c_uint64)
 
@@ -55,6 +57,10 @@ class PolicyMaps:
         verdicts = {(k.identity, k.group, k.uid): (v.action, v.flags, v.policy)
                     for k, v in self.verdict.lookup_batch()}
         return ident, verdicts
+
+    def read_subtree(self) -> Ident:
+        """cgroup id -> the identity a new cgroup below it inherits."""
+        return {k.value: v.identity for k, v in self.subtree.lookup_batch()}
 
     def read_denied(self) -> dict[tuple[int, int], int]:
         """(group, identity) -> denials so far, summed over CPUs."""
@@ -92,7 +98,7 @@ class PolicyMaps:
                 "ident_deleted": len(i_del), "verdicts_deleted": len(v_del)}
 
     def close(self) -> None:
-        for m in (self.ident, self.verdict, self.denied):
+        for m in (self.ident, self.verdict, self.denied, self.subtree):
             m.close()
 
     def __enter__(self) -> "PolicyMaps":
@@ -113,7 +119,8 @@ def _check(ident: Ident, verdicts: Verdicts) -> None:
             raise DataplaneError(f"policy verdict key {key!r}: must be (identity, group, "
                                  "uid) of 32-bit values (uid S.UID_ANY for any)")
         action, flags, policy = val
-        if action not in (S.VERDICT_ALLOW, S.VERDICT_DENY) or not 0 <= flags <= 0xFF \
+        if action not in (S.VERDICT_ALLOW, S.VERDICT_DENY) and not (
+                action == 0 and flags & S.VERDICT_F_UID) or not 0 <= flags <= 0xFF \
                 or not 0 <= policy <= U32:
             raise DataplaneError(f"policy verdict {key!r} -> {val!r}: action must be "
                                  f"{S.VERDICT_ALLOW} (allow) or {S.VERDICT_DENY} (deny), "

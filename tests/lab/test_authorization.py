@@ -183,6 +183,14 @@ def test_an_explicit_deny_wins_over_allow_and_uid_narrows_a_selector(lab, starte
     wait_for(lambda: policies_in_report(daemon) == ["default/a-http"], "port policy", 15)
     assert client(lab, b, "tcp")["errors"] == {"EPERM": 3}
     assert client(lab, b, "udp")["errors"] == {}
+    # a typo selects nothing: said, not silently "in force"
+    typo = policy("a-typo", [{"cgroup": mount_rel(lab, a)}])
+    typo["to"] = [{"service": "dbb"}]
+    write(daemon, [db(lab)], [typo])
+    wait_for(lambda: any("default/a-typo" in p and "selects nothing" in p
+                         for p in daemon.services().get("policy_problems", [])),
+             "the typo reported", 15)
+    assert client(lab, b, "tcp")["errors"] == {}  # db untouched
     # deny policies alone close the service only to whom they name
     write(daemon, [db(lab)], [policy("no-b", [{"cgroup": mount_rel(lab, b)}], action="deny")])
     wait_for(lambda: policies_in_report(daemon) == ["default/no-b"], "deny-only policy", 15)
@@ -230,6 +238,21 @@ def test_a_cgroup_created_after_the_policy_gets_its_verdict(lab, started):
     wait_for(lambda: client(lab, late2, "tcp", count=1)["errors"] == {"EPERM": 1},
              "the new cgroup denied", 10, step=0.01)
     assert client(lab, a, "tcp", count=1)["errors"] == {}
+    # a deny of a subtree holds for a cgroup made below it that the daemon has not seen
+    # (the daemon stopped: only the kernel's inheritance from the nearest known ancestor)
+    users = unit(lab, "users")
+    write(daemon, [db(lab)], [policy("no-users", [{"cgroup": mount_rel(lab, users) + "/"}],
+                                     action="deny")])
+    wait_for(lambda: policies_in_report(daemon) == ["default/no-users"], "deny-only", 15)
+    import signal
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        fresh = users / "fresh"
+        fresh.mkdir()
+        assert client(lab, fresh, "tcp", count=1)["errors"] == {"EPERM": 1}
+        assert client(lab, a, "tcp", count=1)["errors"] == {}  # open to everyone else
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
 
 
 def test_event_loss_under_a_flood_is_counted_not_silent(lab, make_meshd):
@@ -327,7 +350,8 @@ def test_policies_from_etcd_and_a_live_observe_that_only_root_may_open(lab, make
     assert len(live) == 2 and all(e["verdict"] == "denied" and e["cgroup"] == mount_rel(lab, b)
                                   for e in live), out
     # the stream shows who calls what on this node: root only
-    sock = m.state_dir / m.instance / "observe.sock"
+    sock = m.state_dir / m.instance / "events" / "observe.sock"
+    assert oct(sock.parent.stat().st_mode & 0o777) == "0o700"
     assert oct(sock.stat().st_mode & 0o777) == "0o600"
     denied = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                              sys.executable, "-m", "meshd", "observe", "--no-follow",

@@ -148,3 +148,30 @@ def test_a_slow_client_loses_events_counted_and_the_daemon_never_waits():
         return client.queue.qsize(), client.lost, hub.received
 
     assert asyncio.run(main()) == (2, 2, 4)
+
+
+def test_a_reader_that_fails_is_shown_and_started_again(monkeypatch):
+    from meshd.agent import supervise
+    monkeypatch.setattr(supervise.Backoff, "next", lambda self: 0.05)
+    opened = []
+
+    def open_reader():
+        opened.append(1)
+        if len(opened) == 1:
+            raise OSError(9, "ring gone")
+        return FakeReader([[raw(1)]])
+
+    async def main():
+        hub = EventHub(open_reader, namer(), history=10)
+        hub.start_reader(asyncio.get_running_loop())
+        for _ in range(200):
+            if hub.received:
+                break
+            await asyncio.sleep(0.02)
+        st = hub.status()
+        await hub.stop()
+        return hub, st
+
+    hub, st = asyncio.run(main())
+    assert hub.received == 1 and len(opened) >= 2 and hub.reader_failures == 1
+    assert st["reader_up"] and st["reader_error"] is None

@@ -4,6 +4,8 @@ policy semantics (open until selected, deny wins, uid items complete) for every 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -275,3 +277,89 @@ def test_a_recompile_over_previous_tables_decides_the_same_and_keeps_ids(before:
     for i, s in again.identities.items():
         assert before_sets.get(s, i) == i
     assert len(set(again.identities)) == len(again.identities)
+
+
+# ---- review fixes: delegated subtrees, inheritance, ids across restarts ----------------------
+
+def test_a_unit_selector_never_matches_inside_another_unit_delegated_subtrees() -> None:
+    from meshd.policy import matches as m
+    assert m(("unit", "web.service"), "/system.slice/web.service")
+    assert m(("unit", "web.service"), "/system.slice/web.service/worker")
+    assert m(("unit", "web.service"), "/apps.slice/team.slice/web.service")
+    # user@1000.service is delegated to user 1000; docker.service to the container runtime
+    assert not m(("unit", "web.service"),
+                 "/user.slice/user-1000.slice/user@1000.service/app.slice/web.service")
+    assert not m(("unit", "web.service"), "/system.slice/docker.service/web.service")
+    cgroups = {"/system.slice/web.service": 3,
+               "/user.slice/user-1000.slice/user@1000.service/app.slice/web.service": 11}
+    t = compile_policies([pol("web", [{"unit": "web.service"}])], groups_of, cgroups)
+    assert set(t.ident) == {3}
+
+
+def ancestors_allow(t: PolicyTables, chain: list[int], group: int, uid: int) -> bool:
+    """The kernel's check for a cgroup unknown to the daemon (the last of `chain`, from the
+    root down): the nearest known ancestor's subtree identity."""
+    ident = 0
+    for cg in reversed(chain[:-1]):
+        if cg in t.subtree:
+            ident = t.subtree[cg]
+            break
+    fake = dataclasses.replace(t, ident={chain[-1]: ident} if ident else {})
+    return kernel_allows(fake, chain[-1], group, uid)
+
+
+def test_a_cgroup_made_since_the_last_scan_inherits_what_covers_its_subtree() -> None:
+    # deny-only: users may not reach db; a user makes a fresh cgroup and connects at once
+    cgroups = {"/": 1, "/user.slice": 2, "/user.slice/user-1000.slice": 12}
+    t = compile_policies([pol("no-users", [{"cgroup": "/user.slice/"}], action="deny")],
+                         groups_of, cgroups)
+    assert 2 in t.subtree and 12 in t.subtree and 1 not in t.subtree
+    assert not ancestors_allow(t, [1, 2, 12, 999], 1, 1000)  # denied before the daemon saw it
+    assert ancestors_allow(t, [1, 555], 1, 1000)  # elsewhere: open
+    # allow by unit: a worker cgroup made below web.service is web.service too
+    cgroups = {"/": 1, "/system.slice": 2, "/system.slice/web.service": 3}
+    t = compile_policies([pol("web", [{"unit": "web.service"}])], groups_of, cgroups)
+    assert ancestors_allow(t, [1, 2, 3, 777], 1, 0)
+    assert not ancestors_allow(t, [1, 2, 778], 1, 0)  # a new unit elsewhere: no
+
+
+def test_a_restarted_unit_gets_its_identity_back() -> None:
+    p = [pol("web", [{"unit": "web.service"}])]
+    first = compile_policies(p, groups_of, {"/system.slice/web.service": 3})
+    gone = compile_policies(p, groups_of, {}, previous=first)
+    back = compile_policies(p, groups_of, {"/system.slice/web.service": 30}, previous=gone)
+    assert first.ident[3] == back.ident[30] and first.ident[3] in gone.retired
+
+
+def test_a_restarted_daemon_keeps_the_kernels_identity_ids() -> None:
+    from meshd.policy import previous_from_kernel
+    p = [pol("to-db", [{"cgroup": "/lab/clients/a"}]),
+         pol("to-web", [{"cgroup": "/lab/clients/b"}], to=[{"service": "web"}])]
+    fresh = compile_policies(p, groups_of, CGROUPS)
+    a, b = fresh.ident[8], fresh.ident[9]
+    kernel = {8: b, 9: a}  # the previous daemon numbered them the other way round
+    prev = previous_from_kernel(p, groups_of, CGROUPS, kernel, {}, [5, 7])
+    again = compile_policies(p, groups_of, CGROUPS, previous=prev)
+    assert again.ident[8] == b and again.ident[9] == a
+    assert min(again.policy_ids.values()) > 7  # fresh policy ids above the kernel's
+
+
+def _chain(path: str) -> list[int]:
+    """Cgroup ids from the root down to `path` (every prefix is in CGROUPS)."""
+    parts = [p for p in path.split("/") if p]
+    return [CGROUPS["/"]] + [CGROUPS["/" + "/".join(parts[:i])] for i in range(1, len(parts) + 1)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(policy_sets)
+def test_a_new_cgroup_gets_from_its_ancestors_what_the_policies_give_it(pols) -> None:
+    t = compile_policies(pols, groups_of, CGROUPS)
+    for path in CGROUPS:
+        if any(p not in CGROUPS for p in ["/" + "/".join([x for x in path.split("/") if x][:i])
+                                          for i in range(1, len(path.split("/")))]):
+            continue
+        child = path.rstrip("/") + "/zz-new"  # a name no selector names
+        for group in (1, 2, 3):
+            for uid in (0, 1000):
+                assert ancestors_allow(t, _chain(path) + [10**6], group, uid) == \
+                    reference_allows(pols, child, group, uid), (child, group, uid)

@@ -8,7 +8,10 @@ import dataclasses
 
 from hypothesis import given, settings, strategies as st
 
-from meshd.desired import G_POLICY, desired_groups
+import errno
+
+from meshd.desired import G_POLICY, G_POLICY_OPEN, desired_groups
+from meshd.errors import BpfError
 from meshd.reconciler import Reconciler
 from meshd.verdicts import UID_ANY
 
@@ -20,28 +23,35 @@ ALLOW, DENY, F_UID = 1, 2, 1
 class PolicyKernel(FakeKernel):
     def __init__(self):
         super().__init__()
+        self.fail_identity: int | None = None  # put_verdict of it fails (a full map)
         self.verdicts: dict[tuple[int, int, int], tuple[int, int, int]] = {}
         self.idents: dict[int, int] = {}
         self.watch: list[tuple[int, int, int]] = []  # (cgroup, uid, frontend port) must pass
         self.log: list[str] = []
 
-    def allowed(self, cgid: int, uid: int, gid: int) -> bool:
-        """What the connect4 hook decides for a flagged group (bpf/sock_lb.bpf.c)."""
+    def allowed(self, cgid: int, uid: int, gid: int, flags: int = G_POLICY) -> bool:
+        """What the connect4 hook decides (bpf/include/meshd_policy.h)."""
+        if not flags & G_POLICY:
+            return True
         identity = self.idents.get(cgid, 0)
         v = self.verdicts.get((identity, gid, UID_ANY))
         if v and v[1] & F_UID:
             v = self.verdicts.get((identity, gid, uid), v)
-        return bool(v) and v[0] == ALLOW
+        if v and v[0]:
+            return v[0] == ALLOW
+        return bool(flags & G_POLICY_OPEN)
 
     def check(self):
         super().check()
         for cgid, uid, port in self.watch:
             for fe, (gid, _count, flags) in self.frontends.items():
-                if fe.port == port and flags & G_POLICY:
-                    assert self.allowed(cgid, uid, gid), \
+                if fe.port == port:
+                    assert self.allowed(cgid, uid, gid, flags), \
                         f"cgroup {cgid} uid {uid} denied on {fe} after op {self.ops}"
 
     def put_verdict(self, identity, gid, uid, action, flags, policy):
+        if identity == self.fail_identity:
+            raise BpfError(errno.E2BIG, "bpf_map_update_elem", "meshd_verdict_v1")
         self.log.append(f"put_verdict {identity} {gid} {uid}")
         self.verdicts[(identity, gid, uid)] = (action, flags, policy)
         self.check()
@@ -64,9 +74,9 @@ class PolicyKernel(FakeKernel):
         super().put_frontend(fe, gid, count, flags)
 
 
-def with_policy(groups: dict, verdicts: dict) -> dict:
+def with_policy(groups: dict, verdicts: dict, open_: bool = False) -> dict:
     """Every group of the services gets G_POLICY and these ((identity, uid) -> value)."""
-    return {k: dataclasses.replace(g, flags=g.flags | G_POLICY,
+    return {k: dataclasses.replace(g, flags=g.flags | G_POLICY | (G_POLICY_OPEN if open_ else 0),
                                    verdicts=frozenset(verdicts.items()))
             for k, g in groups.items()}
 
@@ -145,3 +155,42 @@ def test_any_sequence_of_policies_ends_with_exactly_what_is_wanted(states):
         r.apply(with_policy(plain, want) if want else plain)
         gid = next(iter(k.frontends.values()))[0]
         assert k.verdicts == {(i, gid, u): v for (i, u), v in want.items()}
+
+
+def test_the_first_allow_policy_never_refuses_the_caller_it_allows():
+    """Review finding: the flag went in before the allowed cgroup had its identity."""
+    k = PolicyKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.apply(plain)  # open: everyone may connect
+    k.watch = [(100, 0, 5432)]  # cgroup 100 is allowed before and after every change
+    r.verdicts.want_idents = {100: 1}
+    r.apply(with_policy(plain, {(1, UID_ANY): (ALLOW, 0, 7)}))
+    # an open (deny-only) service that gets an allow policy: closed, 100 still allowed
+    r.verdicts.want_idents = {100: 2, 200: 3}
+    r.apply(with_policy(plain, {(3, UID_ANY): (DENY, 0, 9)}, open_=True))
+    r.verdicts.want_idents = {100: 4, 200: 3}
+    r.apply(with_policy(plain, {(3, UID_ANY): (DENY, 0, 9), (4, UID_ANY): (ALLOW, 0, 7)}))
+    # and every policy gone: open again, 100's identity removed after the flag
+    r.verdicts.want_idents = {}
+    r.apply(plain)
+    assert k.verdicts == {} and k.idents == {}
+
+
+def test_a_cgroup_never_switches_to_an_identity_whose_verdicts_failed():
+    """Review finding: on an open service a switch to a half-written identity loses a deny."""
+    k = PolicyKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.verdicts.want_idents = {100: 1}
+    r.apply(with_policy(plain, {(1, UID_ANY): (DENY, 0, 9)}, open_=True))
+    gid = next(iter(k.frontends.values()))[0]
+    assert not k.allowed(100, 0, gid, G_POLICY | G_POLICY_OPEN)
+    k.fail_identity = 2  # identity 2's verdicts cannot be written (verdict map full)
+    r.verdicts.want_idents = {100: 2}
+    rep = r.apply(with_policy(plain, {(2, UID_ANY): (DENY, 0, 9)}, open_=True))
+    assert rep.errors and k.idents == {100: 1}  # kept the identity whose deny is in
+    assert not k.allowed(100, 0, gid, G_POLICY | G_POLICY_OPEN)
+    k.fail_identity = None
+    rep = r.apply(with_policy(plain, {(2, UID_ANY): (DENY, 0, 9)}, open_=True))
+    assert k.idents == {100: 2} and not k.allowed(100, 0, gid, G_POLICY | G_POLICY_OPEN)
