@@ -252,6 +252,29 @@ def test_top_frame_rates_percentiles_and_order():
     assert idle[6].endswith("*")  # nothing new: since-load figure, marked
 
 
+def test_top_shows_policy_denials_per_caller_and_puts_them_first():
+    prev, cur = snapshot(), snapshot()
+    prev.taken_at, cur.taken_at = 100.0, 102.0
+    prev.denied = {(3, 4): 10}
+    cur.denied = {(3, 4): 30, (3, 0): 2}
+    frame = top.render(prev, cur, labels={"4": "unit:batch.service"})
+    lines = frame.splitlines()
+    assert lines[2].startswith("shop/db:pg/ipv4")  # denying now: first
+    assert "DENIED unit:batch.service" in lines[3] and "10/s" in lines[3] and "30 total" in lines[3]
+    assert any("DENIED unselected callers" in ln and "2 total" in ln for ln in lines)
+
+
+def test_denials_are_exported_per_service_and_identity():
+    snap = snapshot()
+    snap.denied = {(3, 4): 7, (3, 0): 1, (99, 4): 5}  # group 99 has no name: not exported
+    control = ControlPlaneStats()
+    control.identity_label = {4: "unit:batch.service"}.get
+    fams = {f.name: f for f in MeshdCollector(Fake(snap), control).collect()}
+    got = {(s.labels["service"], s.labels["identity"]): s.value
+           for s in fams["meshd_policy_denied"].samples}
+    assert got == {("db", "unit:batch.service"): 7.0, ("db", "none"): 1.0}
+
+
 def test_top_frame_fits_the_terminal():
     snap = snapshot()
     frame = top.render(snap, snap, max_lines=5)
