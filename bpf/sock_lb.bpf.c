@@ -260,6 +260,24 @@ static __always_inline const struct meshd_evcfg *meshd_ev_prepare(struct meshd_c
 	return cfg;
 }
 
+/* A connect/sendmsg that does not go through: denied by policy (EPERM: a DENIED event) or
+ * no usable backend (a FAILED event, counted as refused). Returns 0 with the errno set. */
+static __always_inline int meshd_refuse(struct bpf_sock_addr *ctx, const struct meshd_evcfg *cfg,
+					int err, const struct meshd_svc_key *key,
+					struct meshd_stats_key *ids, struct meshd_caller *who,
+					__u64 cookie, int is_connect)
+{
+	if (err == -MESHD_EPERM) {
+		meshd_ev_hook(cfg, MESHD_EV_DENIED, key, 0, ids, who, cookie, MESHD_EPERM,
+			      is_connect);
+	} else {
+		meshd_observe(ctx, ids, 1, is_connect, who->identity);
+		meshd_ev_hook(cfg, MESHD_EV_FAILED, key, 0, ids, who, cookie, -err, is_connect);
+	}
+	bpf_set_retval(err);
+	return 0;
+}
+
 /* Shared by connect and sendmsg. Returns 1 (allow) or 0 (reject with the errno set). */
 static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connect)
 {
@@ -279,19 +297,9 @@ static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connec
 	if (err == -2)
 		return 1;
 	cfg = meshd_ev_prepare(&who);
-	if (err == -MESHD_EPERM) {
-		meshd_ev_hook(cfg, MESHD_EV_DENIED, &key, 0, &ids, &who, cookie, MESHD_EPERM,
-			      is_connect);
-		bpf_set_retval(-MESHD_EPERM);
-		return 0;
-	}
-	if (err || be.family != AF_INET) {
-		err = err ? err : -MESHD_ECONNREFUSED;
-		meshd_observe(ctx, &ids, 1, is_connect, who.identity);
-		meshd_ev_hook(cfg, MESHD_EV_FAILED, &key, 0, &ids, &who, cookie, -err, is_connect);
-		bpf_set_retval(err);
-		return 0;
-	}
+	if (err || be.family != AF_INET)
+		return meshd_refuse(ctx, cfg, err ? err : -MESHD_ECONNREFUSED, &key, &ids, &who,
+				    cookie, is_connect);
 	ctx->user_ip4 = be.addr[3];
 	ctx->user_port = be.port;
 	if (meshd_remember(ctx, cookie, &be, &key, is_connect) || is_connect)
@@ -321,18 +329,8 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connec
 	if (err == -2)
 		return 1;
 	cfg = meshd_ev_prepare(&who);
-	if (err == -MESHD_EPERM) {
-		meshd_ev_hook(cfg, MESHD_EV_DENIED, &key, 0, &ids, &who, cookie, MESHD_EPERM,
-			      is_connect);
-		bpf_set_retval(-MESHD_EPERM);
-		return 0;
-	}
-	if (err) {
-		meshd_observe(ctx, &ids, 1, is_connect, who.identity);
-		meshd_ev_hook(cfg, MESHD_EV_FAILED, &key, 0, &ids, &who, cookie, -err, is_connect);
-		bpf_set_retval(err);
-		return 0;
-	}
+	if (err)
+		return meshd_refuse(ctx, cfg, err, &key, &ids, &who, cookie, is_connect);
 	/* An IPv4-mapped VIP has IPv4 backends, written back mapped: the socket stays AF_INET6. */
 	ctx->user_ip6[0] = be.addr[0];
 	ctx->user_ip6[1] = be.addr[1];

@@ -283,20 +283,7 @@ class Registry:
             prefix = f"{self.prefix}endpoints/{namespace}/"
         else:
             prefix = f"{self.prefix}endpoints/"
-        out = []
-        for kv in await self._range(prefix):
-            text = key_text(kv.key)
-            parts = text[len(self.prefix):].split("/")
-            rec: dict[str, Any] = {"key": text, "namespace": None, "name": None, "endpoint_id": None,
-                                   "value": _raw_value(kv.value), "error": None, "lease": kv.lease or None}
-            if len(parts) == 4:
-                rec["namespace"], rec["name"], rec["endpoint_id"] = parts[1], parts[2], parts[3]
-            try:
-                check_record(self.prefix, kv.key, kv.value)
-            except RecordError as e:
-                rec["error"] = e.reason
-            out.append(rec)
-        return out
+        return await self._listed(prefix, ("namespace", "name", "endpoint_id"), lease=True)
 
     # ---- policies -----------------------------------------------------------------------
     def _policy_value(self, data: object, where: str | None = None) -> tuple[str, bytes, Policy]:
@@ -358,13 +345,23 @@ class Registry:
     async def list_policies(self) -> list[dict[str, Any]]:
         """Every key under <prefix>policies/: {key, namespace, name, value (the stored JSON, or
         text if it is not JSON), error (why the daemon rejects it, or None)}. Sorted by key."""
+        return await self._listed(f"{self.prefix}policies/", ("namespace", "name"))
+
+    # ---- helpers ------------------------------------------------------------------------
+    async def _listed(self, prefix: str, fields: tuple[str, ...], lease: bool = False
+                      ) -> list[dict[str, Any]]:
+        """The records under `prefix` as `list` shows them: key, the key's parts after the
+        kind (`fields`), the stored value, and why the daemon rejects it (None: valid)."""
         out = []
-        for kv in await self._range(f"{self.prefix}policies/"):
-            rec: dict[str, Any] = {"key": key_text(kv.key), "namespace": None, "name": None,
+        for kv in await self._range(prefix):
+            text = key_text(kv.key)
+            parts = text[len(self.prefix):].split("/")
+            rec: dict[str, Any] = {"key": text, **dict.fromkeys(fields),
                                    "value": _raw_value(kv.value), "error": None}
-            parts = rec["key"][len(self.prefix):].split("/")
-            if len(parts) == 3:
-                rec["namespace"], rec["name"] = parts[1], parts[2]
+            if lease:
+                rec["lease"] = kv.lease or None
+            if len(parts) == len(fields) + 1:
+                rec.update(zip(fields, parts[1:]))
             try:
                 check_record(self.prefix, kv.key, kv.value)
             except RecordError as e:
@@ -372,7 +369,6 @@ class Registry:
             out.append(rec)
         return out
 
-    # ---- helpers ------------------------------------------------------------------------
     def _check_names(self, namespace: object, name: object = "x", what: str = "services") -> None:
         for part, v in (("namespace", namespace), ("name", name)):
             if not isinstance(v, str):

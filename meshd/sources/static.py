@@ -66,6 +66,27 @@ def _where(path: Path, i: int, entry: object, key: str = "services") -> str:
     return where
 
 
+def _records(doc, path: Path, key: str, what: str, parse, errors: list[RecordError]) -> list:
+    """The valid records of one top-level list; the bad ones and later duplicates of a
+    namespace/name go to `errors`, naming their position."""
+    out: list = []
+    first: dict[str, int] = {}
+    for i, entry in enumerate(_entries(doc, path, key)):
+        where = _where(path, i, entry, key)
+        try:
+            rec = parse(entry, where=where)
+        except RecordError as e:
+            errors.append(e)
+            continue
+        if rec.key in first:
+            errors.append(RecordError(where, f"duplicate {what} {rec.key}; first defined at "
+                                      f"{key}[{first[rec.key]}]"))
+            continue
+        first[rec.key] = i
+        out.append(rec)
+    return out
+
+
 def load_services_file(path: Path) -> StaticSnapshot:
     """Read the services file. Good entries load even when others are bad; the first valid
     definition of a namespace/name wins and later ones are errors naming its position."""
@@ -74,35 +95,7 @@ def load_services_file(path: Path) -> StaticSnapshot:
         doc = read_yaml(path)
     except YamlFileError as e:
         raise RegistryError(f"services file {path}: {e}") from None
-    services: list[Service] = []
     errors: list[RecordError] = []
-    first: dict[str, int] = {}
-    for i, entry in enumerate(_entries(doc, path)):
-        where = _where(path, i, entry)
-        try:
-            svc = parse_service(entry, where=where)
-        except RecordError as e:
-            errors.append(e)
-            continue
-        if svc.key in first:
-            errors.append(RecordError(where, f"duplicate service {svc.key}; first defined at "
-                                      f"services[{first[svc.key]}]"))
-            continue
-        first[svc.key] = i
-        services.append(svc)
-    policies: list[Policy] = []
-    first.clear()
-    for i, entry in enumerate(_entries(doc, path, "policies")):
-        where = _where(path, i, entry, "policies")
-        try:
-            pol = parse_policy(entry, where=where)
-        except RecordError as e:
-            errors.append(e)
-            continue
-        if pol.key in first:
-            errors.append(RecordError(where, f"duplicate policy {pol.key}; first defined at "
-                                      f"policies[{first[pol.key]}]"))
-            continue
-        first[pol.key] = i
-        policies.append(pol)
+    services = _records(doc, path, "services", "service", parse_service, errors)
+    policies = _records(doc, path, "policies", "policy", parse_policy, errors)
     return StaticSnapshot(services=tuple(services), errors=tuple(errors), policies=tuple(policies))
