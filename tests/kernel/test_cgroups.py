@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import secrets
 import time
 from pathlib import Path
 
@@ -15,24 +14,21 @@ import pytest
 
 from meshd.cgroups import CgroupWatcher, scan
 from meshd.dataplane import loader
-from testlib import CGROUP2, TEST_PREFIX, claim, release
+from testlib import CGROUP2
 
 WAIT = 5.0
 
 
 @pytest.fixture
-def own_cgroup():
-    name = TEST_PREFIX + secrets.token_hex(4)
-    claim(name)
-    cg = CGROUP2 / name
-    cg.mkdir()
+def own_cgroup(kernel_instance):
+    """conftest's own cgroup (and sweep-safe name); the cgroups a test makes below it go
+    first, deepest first."""
+    _name, cg = kernel_instance
     try:
         yield cg
     finally:
         for d in sorted((p for p in cg.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
             d.rmdir()
-        cg.rmdir()
-        release(name)
 
 
 def test_scan_lists_every_cgroup_with_the_kernels_id(own_cgroup: Path) -> None:
