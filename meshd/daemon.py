@@ -45,8 +45,9 @@ __all__ = ["Daemon", "run", "status_path"]
 class Daemon:
     """The shared context of the daemon's parts (they read cfg, sources, maps, control...)."""
 
-    def __init__(self, config_path: Path | None, cfg: Config):
+    def __init__(self, config_path: Path | None, cfg: Config, log_level_pinned: bool = False):
         from meshd.metrics import ControlPlaneStats
+        self.log_level_pinned = log_level_pinned  # --log-level given: the config's is not used
         self.config_path = config_path
         self.cfg = cfg
         self.control = ControlPlaneStats()
@@ -267,7 +268,11 @@ class Daemon:
             plan = plan_reload(self.cfg, new)
             self.cfg = plan.config
             if "log_level" in plan.applied:
-                logging.getLogger().setLevel(getattr(logging, self.cfg.log_level.upper()))
+                if self.log_level_pinned:  # --log-level on the command line wins, as at start
+                    log.info("reload: log_level %s not applied: --log-level was given",
+                             self.cfg.log_level)
+                else:
+                    logging.getLogger().setLevel(getattr(logging, self.cfg.log_level.upper()))
             if "sync" in plan.applied:
                 self.progress.stuck_after = self.cfg.sync.stuck_after_seconds
                 self.progress.ready_grace = self.cfg.sync.ready_grace_seconds
@@ -387,4 +392,4 @@ def run(config_path: Path | None, log_level_set: bool = False) -> int:
     cfg = load_config(config_path)
     if not log_level_set:  # --log-level on the command line wins over the file
         logging.getLogger().setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
-    return asyncio.run(Daemon(config_path, cfg).run())
+    return asyncio.run(Daemon(config_path, cfg, log_level_set).run())
