@@ -56,6 +56,7 @@ class Daemon:
         self.control.progress = self.progress
         self.sources = Sources()
         self.sources.on_change = self.write_status
+        self.control.sources_up = lambda: {n: st.up for n, st in list(self.sources.items())}
         self.syncer = Syncer(self)
         self.reconciler: Reconciler | None = None
         self.maps: loader.Maps | None = None

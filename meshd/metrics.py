@@ -277,6 +277,7 @@ class ControlPlaneStats:
         self.map_fill: dict[str, tuple[int, int]] = {}  # map -> (entries, max_entries)
         self.events: Counter[str] = Counter()  # connection events read, by type
         self.identity_label = lambda identity: None  # identity id -> label (policies)
+        self.sources_up = None  # () -> {source: up}, read at scrape time (set by the daemon)
 
     def record_sync(self, ops: Mapping[str, int], errors: int, rejected: int,
                     lag_seconds: float, finished_at: float | None = None) -> None:
@@ -327,6 +328,12 @@ class ControlPlaneStats:
             self.source_up[source] = up
 
     def view(self) -> dict:
+        if self.sources_up is not None:  # current at every scrape, not at the last status write
+            try:
+                for name, up in self.sources_up().items():
+                    self.set_source_up(name, up)
+            except RuntimeError:  # a source added while iterating: the last values stand
+                pass
         with self._lock:
             return {"last_sync_timestamp": self.last_sync_timestamp,
                     "sync_lag_seconds": self.sync_lag_seconds,
