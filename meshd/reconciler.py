@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from array import array
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +58,7 @@ TABLE_BUILD_BATCH = 512  # groups per vectorised Maglev build (bounds its tempor
 # so a flow still open an hour later talks to a pod that is gone. After that its backend
 # entry goes and the flow's next packet is balanced afresh.
 DRAIN_MAX_SECONDS = 3600.0
+_SIZES: dict[int, int] = {}  # one int object per table size (10^4 groups share a few)
 
 
 @dataclass
@@ -106,7 +108,7 @@ class Dataplane(Protocol):
         """Backend ids that live tc conntrack entries name; None: no tc path loaded."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Applied:
     gid: int
     backends: tuple[tuple[BackendRef, int], ...] | None  # None: adopted, not known yet
@@ -128,43 +130,99 @@ class Report:
 
 
 class _Ids:
-    """Smallest free id >= 1, so ids stay dense and small."""
+    """Smallest free id >= 1, so ids stay dense and small: one byte per id (1: in use), and
+    with `counts` a use count per id (4 bytes) -- a set and a Counter of 10^5 ids were ~9 MB.
+    Ids beyond the byte map (adopted from a foreign pin) are kept in a set."""
 
-    def __init__(self) -> None:
-        self.used: set[int] = set()
+    FAR = 1 << 22  # ids at or above this are not in the byte map
+
+    def __init__(self, counts: bool = False) -> None:
+        self._used = bytearray(b"\x01")  # id 0 is never handed out
+        self._far: set[int] = set()
+        self.refs = array("I", [0]) if counts else None  # id -> users (counts=True)
+        self._far_refs: dict[int, int] = {}
         self._next = 1
 
+    def _grow(self, i: int) -> None:
+        n = i + 1 - len(self._used)
+        if n > 0:
+            self._used.extend(bytes(n))
+            if self.refs is not None:
+                self.refs.extend(array("I", bytes(4 * n)))
+
     def take(self) -> int:
-        while self._next in self.used:
-            self._next += 1
-        self.used.add(self._next)
-        return self._next
+        i = self._next
+        while True:
+            i = self._used.find(0, i)
+            if i < 0:
+                i = len(self._used)
+                self._grow(i)
+            if i not in self._far:
+                break
+            i += 1
+        self._used[i] = 1
+        self._next = i + 1
+        return i
+
+    def mark(self, i: int) -> None:
+        """`i` is in use (learnt from the kernel)."""
+        if i >= self.FAR:
+            self._far.add(i)
+            return
+        self._grow(i)
+        self._used[i] = 1
 
     def free(self, i: int) -> None:
-        self.used.discard(i)
-        self._next = min(self._next, i)
+        if 0 < i < len(self._used):
+            self._used[i] = 0
+            if self.refs is not None:
+                self.refs[i] = 0
+            self._next = min(self._next, i)
+        else:
+            self._far.discard(i)
+            self._far_refs.pop(i, None)
+
+    def count(self, i: int) -> int:
+        """Users of id `i` (counts=True)."""
+        if 0 < i < len(self.refs):
+            return self.refs[i]
+        return self._far_refs.get(i, 0)
+
+    def use(self, i: int, d: int) -> int:
+        """Adds `d` (+1/-1) to the users of id `i`; returns the new count (never below 0)."""
+        if 0 < i < len(self.refs):
+            n = self.refs[i] = max(self.refs[i] + d, 0)
+        else:
+            n = self._far_refs[i] = max(self._far_refs.get(i, 0) + d, 0)
+        return n
+
+    def __contains__(self, i: int) -> bool:
+        return (0 < i < len(self._used) and bool(self._used[i])) or i in self._far
 
 
 class _FeMap:
-    """One frontend map as written: frontend -> (gid, count, flags), and gid -> frontends."""
+    """One frontend map as written: frontend -> (gid, count, flags), and gid -> frontends
+    (a tuple: most groups have one or two frontends; a set each was ~2 MB at 10^4)."""
 
     def __init__(self, what: str, put, delete):
         self.what, self.put, self.delete = what, put, delete
         self.entries: dict[Frontend, tuple[int, int, int]] = {}
-        self.of: dict[int, set[Frontend]] = {}
+        self.of: dict[int, tuple[Frontend, ...]] = {}
 
     def set(self, fe: Frontend, val: tuple[int, int, int]) -> None:
         self.forget(fe)
         self.entries[fe] = val
-        self.of.setdefault(val[0], set()).add(fe)
+        self.of[val[0]] = (*self.of.get(val[0], ()), fe)
 
     def forget(self, fe: Frontend) -> None:
         old = self.entries.pop(fe, None)
         if old is not None:
             fes = self.of.get(old[0])
             if fes is not None:
-                fes.discard(fe)
-                if not fes:
+                rest = tuple(f for f in fes if f != fe)
+                if rest:
+                    self.of[old[0]] = rest
+                else:
                     del self.of[old[0]]
 
 
@@ -182,9 +240,9 @@ class Reconciler:
         self.verdicts = Verdicts(dp)
         self.drain_seconds = drain_seconds
         self._draining: dict[BackendRef, float] = {}  # out of every table -> deadline
-        self._gids, self._bids = _Ids(), _Ids()
+        # group ids; backend ids with their use counts (applied groups naming the backend)
+        self._gids, self._bids = _Ids(), _Ids(counts=True)
         self._fes_of = self._svc.of  # gid -> its frontends in the kernel
-        self._refs: Counter = Counter()  # backend -> applied groups using it
         self._unknown = 0  # adopted groups whose backends are not known yet
         self._orphan_tables: set[int] = set()
         self._unused: set[BackendRef] = set()  # refcount fell to 0: delete if still so
@@ -197,7 +255,7 @@ class Reconciler:
         """Learns ids and entries from maps a previous daemon left pinned (restart/upgrade)."""
         for bid, ref in snap.backends.items():
             self.backend_ids[ref] = bid
-            self._bids.used.add(bid)
+            self._bids.mark(bid)
         halves: dict[int, set[int]] = {}
         for entries in (snap.frontends, snap.ext_frontends):
             for gid, count, flags in entries.values():
@@ -208,16 +266,17 @@ class Reconciler:
             # frontends that disagree on the half (a crash mid-flip): the next write is fresh
             m = snap.table_sizes.get(gid, 0) if len(half) == 1 else 0
             self.groups[key] = _Applied(gid, None, gid in snap.tables, m, min(half))
-            self._gids.used.add(gid)
+            self._gids.mark(gid)
             self._unknown += 1
         for fmap, entries in ((self._svc, snap.frontends), (self._ext, snap.ext_frontends)):
             for fe, val in entries.items():
-                self._gids.used.add(val[0])
+                self._gids.mark(val[0])
                 fmap.set(fe, tuple(val))
         self.side.adopt(snap)
         self.verdicts.adopt(snap)
         self._orphan_tables = snap.tables - set(snap.names)
-        self._gids.used |= self._orphan_tables
+        for gid in self._orphan_tables:
+            self._gids.mark(gid)
         self._full = self._scan_all = True
 
     # ---- the one entry point ------------------------------------------------------------
@@ -327,14 +386,17 @@ class Reconciler:
         if cur.backends is None:
             self._unknown -= 1
         else:
+            ids = self.backend_ids
             for ref, _w in cur.backends:
-                self._refs[ref] -= 1
-                if self._refs[ref] <= 0:
+                bid = ids.get(ref)
+                if bid is None or self._bids.use(bid, -1) <= 0:
                     self._unused.add(ref)
         if backends is None:
             self._unknown += 1
         else:
-            self._refs.update(ref for ref, _w in backends)
+            ids, use = self.backend_ids, self._bids.use
+            for ref, _w in backends:
+                use(ids[ref], 1)  # (every backend of an applied group was written)
             if self._draining:
                 for ref, _w in backends:
                     self._draining.pop(ref, None)  # back while draining: keeps its id
@@ -427,7 +489,7 @@ class Reconciler:
                 cur = self.groups[key]
                 self._note_removed(rep, cur, desired[key])
                 self._set_backends(cur, desired[key].backends)
-                cur.has_table, cur.m = True, int(table.size)
+                cur.has_table, cur.m = True, _SIZES.setdefault(table.size, int(table.size))
                 if half is not None:
                     cur.half = half  # the frontend writes flip to it
                 else:
@@ -555,7 +617,8 @@ class Reconciler:
             return  # an adopted group we could not rewrite yet: its table may use any id
         candidates = set(self.backend_ids) if self._scan_all else self._unused
         self._scan_all, self._unused = False, set()
-        unused = sorted((r for r in candidates if self._refs[r] <= 0 and r in self.backend_ids),
+        ids, count = self.backend_ids, self._bids.count
+        unused = sorted((r for r in candidates if r in ids and count(ids[r]) <= 0),
                         key=lambda r: r.name)
         if not unused:
             return
@@ -579,8 +642,7 @@ class Reconciler:
             errors[f"backend {ref.name}"] = str(e)
             return
         del self.backend_ids[ref]
-        self._bids.free(bid)
-        self._refs.pop(ref, None)
+        self._bids.free(bid)  # (and its use count)
         self._draining.pop(ref, None)
 
     @property
@@ -596,7 +658,8 @@ class Reconciler:
         if not self._draining or self._unknown:
             return 0
         now = time.monotonic() if now is None else now
-        for ref in [r for r in self._draining if self._refs[r] > 0 or r not in self.backend_ids]:
+        ids = self.backend_ids
+        for ref in [r for r in self._draining if r not in ids or self._bids.count(ids[r]) > 0]:
             del self._draining[ref]  # in a selection again (or already gone)
         if not self._draining:
             return 0
