@@ -1,7 +1,8 @@
 """Turns desired state into the fewest map operations, in a safe order (pure logic).
 
 Order, so a connecting socket (or a packet on tc) never sees a half-written service:
-  1. backends that are new                   (nothing points at them yet)
+  1. backends that are new                   (nothing points at them yet: all in one
+     Dataplane.put_backends, batch syscalls)
   2. per group: its Maglev table, of the size its backends need (maglev.table_size_for).
      A group whose table keeps its size gets the new one in the half of its inner map that
      no frontend names (plain array writes: no RCU wait); the frontend writes of step 4
@@ -84,6 +85,9 @@ class Dataplane(Protocol):
     maglev_max: int  # the largest size per-group sizing may pick
 
     def put_backend(self, bid: int, ref: BackendRef) -> None: ...
+    def put_backends(self, items: list[tuple[int, BackendRef]]) -> dict[int, str]:
+        """Many new backends at once (batch ops), written one after the other; returns
+        {bid: error} of those not written. Optional: without it, put_backend one by one."""
     def delete_backend(self, bid: int) -> None: ...
     def put_tables(self, items: list[tuple[int, np.ndarray, int | None]]) -> dict[int, str]:
         """(gid, table, half): write that half (0/1) of the group's table of the same size
@@ -369,16 +373,32 @@ class Reconciler:
         failed: set[BackendRef] = set()
         needed = {ref for k in changed if k in desired for ref, _w in desired[k].backends}
         # (a comprehension, not `needed - backend_ids.keys()`: that copies every backend)
-        for ref in sorted((r for r in needed if r not in self.backend_ids), key=lambda r: r.name):
-            bid = self._bids.take()
-            try:
-                self._op(rep, "put_backend", self.dp.put_backend, bid, ref)
-                self.backend_ids[ref] = bid
-            except DataplaneError as e:
-                self._bids.free(bid)
-                failed.add(ref)
-                log.error("backend %s not written: %s", ref.name, e)
-                rep.errors[f"backend {ref.name}"] = str(e)
+        new = sorted((r for r in needed if r not in self.backend_ids), key=lambda r: r.name)
+        if not new:
+            return failed
+        items = [(self._bids.take(), ref) for ref in new]
+        put_many = getattr(self.dp, "put_backends", None)
+        if put_many is not None:  # one batch syscall per many entries (a cold sync: 10^5)
+            errs = put_many(items) or {}
+        else:
+            errs = {}
+            for bid, ref in items:
+                try:
+                    self.dp.put_backend(bid, ref)
+                except DataplaneError as e:
+                    errs[bid] = str(e)
+        ids = self.backend_ids
+        for bid, ref in items:
+            err = errs.get(bid)
+            if err is None:
+                ids[ref] = bid
+                continue
+            self._bids.free(bid)
+            failed.add(ref)
+            log.error("backend %s not written: %s", ref.name, err)
+            rep.errors[f"backend {ref.name}"] = err
+        if len(items) > len(errs):
+            rep.ops["put_backend"] += len(items) - len(errs)
         return failed
 
     def _set_backends(self, cur: _Applied, backends) -> None:

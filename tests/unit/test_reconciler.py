@@ -39,6 +39,7 @@ class FakeKernel:
         self.capacity = backend_capacity
         self.fail_tables: set[int] = set()
         self.ops = 0
+        self.backend_batches = 0  # put_backends calls
 
     def check(self) -> None:
         """What the datapath could observe between two map operations must be whole."""
@@ -71,6 +72,18 @@ class FakeKernel:
             raise BpfError(errno.E2BIG, "bpf_map_update_elem", "meshd_be_v1")
         self.backends[bid] = ref
         self.check()
+
+    def put_backends(self, items):
+        """As bpf_map_update_batch: the entries go in one after the other (readers may see
+        any prefix: check() after each), a full map fails the ones that do not fit."""
+        self.backend_batches += 1
+        failed = {}
+        for bid, ref in items:
+            try:
+                self.put_backend(bid, ref)
+            except BpfError as e:
+                failed[bid] = str(e)
+        return failed
 
     def delete_backend(self, bid):
         del self.backends[bid]
@@ -442,3 +455,38 @@ def test_ids_are_the_smallest_free_and_come_back():
     assert _Ids.FAR + 5 not in ids and ids.count(_Ids.FAR + 5) == 0
     ids.free(3)
     assert ids.count(3) == 0 and ids.take() == 3
+
+
+def test_new_backends_go_in_one_batch_before_any_table_names_them():
+    """A cold apply writes every new backend with one put_backends (batch syscalls in the
+    kernel), checked after each entry; a Dataplane without put_backends gets them one by
+    one, and both end in the same kernel state."""
+    services = [svc(f"s{i}", f"10.96.1.{i}", [(f"10.0.{i}.{j}", 1) for j in range(1, 6)])
+                for i in range(1, 30)]
+    k = FakeKernel()
+    rep = Reconciler(k).apply(desired_groups(services))
+    assert not rep.errors and k.backend_batches == 1 and rep.ops["put_backend"] == 29 * 5
+    assert k.serving() == expected(services)
+
+    class SingleKernel(FakeKernel):
+        put_backends = property(lambda self: None)  # not offered: one by one
+
+    k1 = SingleKernel()
+    rep1 = Reconciler(k1).apply(desired_groups(services))
+    assert not rep1.errors and k1.backend_batches == 0 and rep1.ops == rep.ops
+    assert (k1.backends, k1.serving()) == (k.backends, k.serving())
+    # one more endpoint: one batch of one
+    services[3] = svc("s4", "10.96.1.4", [(f"10.0.4.{j}", 1) for j in range(1, 7)])
+    r = Reconciler(k)
+    r.adopt(k.snapshot())
+    r.apply(desired_groups(services))
+    assert k.backend_batches == 2 and k.serving() == expected(services)
+
+
+def test_a_batch_that_does_not_fit_fails_only_the_services_it_could_not_write():
+    k = FakeKernel(backend_capacity=7)
+    services = [svc("a", "10.96.0.1", [(f"10.0.1.{j}", 1) for j in range(1, 5)]),
+                svc("b", "10.96.0.2", [(f"10.0.2.{j}", 1) for j in range(1, 5)])]
+    rep = Reconciler(k).apply(desired_groups(services))  # 8 backends, room for 7
+    assert set(rep.errors) == {"default/b:p/ipv4", "backend 10.0.2.4:8080/TCP"}, rep.errors
+    assert k.serving() == expected(services[:1]) and len(k.backends) == 7
