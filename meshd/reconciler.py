@@ -138,7 +138,7 @@ class _Ids:
     with `counts` a use count per id (4 bytes) -- a set and a Counter of 10^5 ids were ~9 MB.
     Ids beyond the byte map (adopted from a foreign pin) are kept in a set."""
 
-    FAR = 1 << 22  # ids at or above this are not in the byte map
+    FAR = 1 << 20  # ids at or above this are not in the byte map (max_backends: 262,144)
 
     def __init__(self, counts: bool = False) -> None:
         self._used = bytearray(b"\x01")  # id 0 is never handed out
@@ -148,8 +148,9 @@ class _Ids:
         self._next = 1
 
     def _grow(self, i: int) -> None:
-        n = i + 1 - len(self._used)
-        if n > 0:
+        """Room for id `i` (doubling: ids beyond the last one in use are free)."""
+        n = max(i + 1, 2 * len(self._used)) - len(self._used)
+        if i >= len(self._used):
             self._used.extend(bytes(n))
             if self.refs is not None:
                 self.refs.extend(array("I", bytes(4 * n)))
@@ -428,7 +429,7 @@ class Reconciler:
         need: list[str] = []  # groups whose table must be (re)built
         for key in sorted(k for k in changed if k in desired):
             g = desired[key]
-            broken = [r.name for r, _w in g.backends if r in failed_refs]
+            broken = failed_refs and [r.name for r, _w in g.backends if r in failed_refs]
             if broken:
                 rep.errors[key] = f"backends not written: {', '.join(broken)}"
                 continue
@@ -452,9 +453,7 @@ class Reconciler:
             self._note_removed(rep, cur, g)
             self._set_backends(cur, g.backends)
             ok[key] = g
-        pending: dict[str, tuple[int, np.ndarray]] = {}
         t0 = time.perf_counter()
-
         size = {k: self._size(desired[k], self.groups[k]) for k in need}
 
         def build(keys: list[str]) -> list[np.ndarray | None]:
@@ -475,47 +474,60 @@ class Reconciler:
             by_size.setdefault(size[k], []).append(k)
         chunks = [keys[s:s + TABLE_BUILD_BATCH] for keys in by_size.values()
                   for s in range(0, len(keys), TABLE_BUILD_BATCH)]
+        # Each chunk's tables are written as soon as it is built, while the pool builds the
+        # next ones (the writes' syscalls let go of the GIL too), so only the chunks in
+        # flight are held, not every table of a cold sync. Frontends still come after all.
+        put_secs = [0.0]
         if len(chunks) > 1:  # numpy's sorts let go of the GIL: ~1.5x on 2 CPUs (a cold sync)
             with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
-                built = list(pool.map(build, chunks))
+                for keys, tables in zip(chunks, pool.map(build, chunks)):
+                    self._write_chunk(keys, tables, desired, ok, rep, put_secs)
         else:
-            built = [build(c) for c in chunks]
-        for keys, tables in zip(chunks, built):
-            for key, table in zip(keys, tables):
-                if table is None:
-                    continue
-                cur, g = self.groups[key], desired[key]
-                if cur.backends is None and cur.has_table and cur.m == table.size and \
-                        np.array_equal(self.dp.get_table(cur.gid, cur.half), table):
-                    self._set_backends(cur, g.backends)  # adopted, already right: no write
-                    ok[key] = g
-                elif cur.has_table and cur.m == table.size and self._halves_agree(cur):
-                    pending[key] = (cur.gid, table, 1 - cur.half)  # in place, then flip
-                else:
-                    pending[key] = (cur.gid, table, None)  # fresh inner map, swapped in
+            for keys in chunks:
+                self._write_chunk(keys, build(keys), desired, ok, rep, put_secs)
         if need:
-            rep.timings["build_tables"] = time.perf_counter() - t0
-        if pending:
-            t0 = time.perf_counter()
-            failed = self.dp.put_tables(list(pending.values()))
-            rep.timings["put_tables"] = time.perf_counter() - t0
-            if len(pending) > len(failed):
-                rep.ops["put_table"] += len(pending) - len(failed)
-            for key, (gid, table, half) in pending.items():
-                if gid in failed:
-                    log.error("service group %s: table not written: %s", key, failed[gid])
-                    rep.errors[key] = failed[gid]
-                    continue
-                cur = self.groups[key]
-                self._note_removed(rep, cur, desired[key])
-                self._set_backends(cur, desired[key].backends)
-                cur.has_table, cur.m = True, _SIZES.setdefault(table.size, int(table.size))
-                if half is not None:
-                    cur.half = half  # the frontend writes flip to it
-                else:
-                    rep.table_swaps += 1
-                ok[key] = desired[key]
+            rep.timings["build_tables"] = time.perf_counter() - t0 - put_secs[0]
+        if put_secs[0]:
+            rep.timings["put_tables"] = put_secs[0]
         return ok
+
+    def _write_chunk(self, keys: list[str], tables: list[np.ndarray | None], desired,
+                     ok: dict[str, Group], rep: Report, put_secs: list[float]) -> None:
+        """Writes one built chunk of tables (in place and flip, or fresh and swapped in)."""
+        pending: dict[str, tuple[int, np.ndarray, int | None]] = {}
+        for key, table in zip(keys, tables):
+            if table is None:
+                continue
+            cur, g = self.groups[key], desired[key]
+            if cur.backends is None and cur.has_table and cur.m == table.size and \
+                    np.array_equal(self.dp.get_table(cur.gid, cur.half), table):
+                self._set_backends(cur, g.backends)  # adopted, already right: no write
+                ok[key] = g
+            elif cur.has_table and cur.m == table.size and self._halves_agree(cur):
+                pending[key] = (cur.gid, table, 1 - cur.half)  # in place, then flip
+            else:
+                pending[key] = (cur.gid, table, None)  # fresh inner map, swapped in
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        failed = self.dp.put_tables(list(pending.values()))
+        put_secs[0] += time.perf_counter() - t0
+        if len(pending) > len(failed):
+            rep.ops["put_table"] += len(pending) - len(failed)
+        for key, (gid, table, half) in pending.items():
+            if gid in failed:
+                log.error("service group %s: table not written: %s", key, failed[gid])
+                rep.errors[key] = failed[gid]
+                continue
+            cur = self.groups[key]
+            self._note_removed(rep, cur, desired[key])
+            self._set_backends(cur, desired[key].backends)
+            cur.has_table, cur.m = True, _SIZES.setdefault(table.size, int(table.size))
+            if half is not None:
+                cur.half = half  # the frontend writes flip to it
+            else:
+                rep.table_swaps += 1
+            ok[key] = desired[key]
 
     def _note_removed(self, rep: Report, cur: _Applied, g: Group | None) -> None:
         if not cur.backends:

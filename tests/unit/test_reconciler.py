@@ -40,6 +40,7 @@ class FakeKernel:
         self.fail_tables: set[int] = set()
         self.ops = 0
         self.backend_batches = 0  # put_backends calls
+        self.table_batches: list[int] = []  # tables per put_tables call
 
     def check(self) -> None:
         """What the datapath could observe between two map operations must be whole."""
@@ -90,6 +91,7 @@ class FakeKernel:
         self.check()
 
     def put_tables(self, items):
+        self.table_batches.append(len(items))
         failed = {}
         for gid, table, half in items:  # a batch applies its elements one after the other
             if self.maglev_m:
@@ -490,3 +492,25 @@ def test_a_batch_that_does_not_fit_fails_only_the_services_it_could_not_write():
     rep = Reconciler(k).apply(desired_groups(services))  # 8 backends, room for 7
     assert set(rep.errors) == {"default/b:p/ipv4", "backend 10.0.2.4:8080/TCP"}, rep.errors
     assert k.serving() == expected(services[:1]) and len(k.backends) == 7
+
+
+def test_tables_are_written_chunk_by_chunk_and_frontends_after_all_of_them(monkeypatch):
+    """A cold apply of more groups than one build chunk writes each chunk's tables as it is
+    built (only the chunks in flight are held), and no frontend before every table is in."""
+    import meshd.reconciler
+    monkeypatch.setattr(meshd.reconciler, "TABLE_BUILD_BATCH", 8)
+    services = [svc(f"s{i}", f"10.96.0.{i}", [(f"10.1.0.{i}", 1), ("10.1.1.1", 2)])
+                for i in range(1, 21)]
+    k = FakeKernel()
+    first_frontend_at = []
+    put_frontend = k.put_frontend
+
+    def spy(fe, gid, count, flags=0):
+        if not first_frontend_at:
+            first_frontend_at.append(len(k.tables))
+        put_frontend(fe, gid, count, flags)
+    k.put_frontend = spy
+    rep = Reconciler(k).apply(desired_groups(services))
+    assert not rep.errors and k.serving() == expected(services)
+    assert k.table_batches == [8, 8, 4]
+    assert first_frontend_at == [20]
