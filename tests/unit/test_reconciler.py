@@ -514,3 +514,20 @@ def test_tables_are_written_chunk_by_chunk_and_frontends_after_all_of_them(monke
     assert not rep.errors and k.serving() == expected(services)
     assert k.table_batches == [8, 8, 4]
     assert first_frontend_at == [20]
+
+
+def test_chunked_builds_skip_groups_whose_backends_failed_and_name_bad_ones(monkeypatch):
+    """A cold apply of several build chunks: a group whose backends did not fit, or whose
+    table cannot be built (more backends than slots), fails alone; the rest serve."""
+    import meshd.reconciler
+    monkeypatch.setattr(meshd.reconciler, "TABLE_BUILD_BATCH", 4)
+    services = [svc(f"s{i:02}", f"10.96.0.{i}", [(f"10.1.0.{i}", 1)]) for i in range(1, 12)]
+    services.append(svc("s12", "10.96.0.12", [("10.9.0.1", 1)]))  # its backend is written last
+    services.append(svc("s13", "10.96.0.13", [(f"10.0.{j // 250}.{j % 250}", 1)
+                                              for j in range(M + 1)]))
+    k = FakeKernel(backend_capacity=11 + M + 1)  # room for all but s12's one backend
+    rep = Reconciler(k).apply(desired_groups(services))
+    assert set(rep.errors) == {"default/s12:p/ipv4", "backend 10.9.0.1:8080/TCP",
+                               "default/s13:p/ipv4"}, set(rep.errors)
+    assert "smaller than the number of backends" in rep.errors["default/s13:p/ipv4"]
+    assert k.serving() == expected(services[:11])
