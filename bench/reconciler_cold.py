@@ -7,7 +7,9 @@ The records of bench/etcd_sync_bench.py are validated into a RegistryState and a
 DesiredState as `meshd run` does, then one Reconciler.apply writes them into the maps of a
 fresh instance (own cgroup, own pin dir; the shipped Maglev config: table sizes auto, so
 1021 slots for 10 equal backends). Printed: the apply's total and its timed stages (build,
-table writes), the rest (backends, names, frontends), and peak RSS of the process.
+table writes), the rest (backends, names, frontends), RSS before and after the apply, what
+it kept once the heap is settled (gc, malloc_trim: the daemon does that before READY), and
+peak RSS of the process.
 --profile: cProfile of the apply, top 25 by cumulative time. Everything made is removed,
 also on failure.
 """
@@ -66,6 +68,7 @@ def main() -> int:
     try:
         maps = loader.load(BPFFS, inst, cg)
         rec = Reconciler(KernelDataplane(maps))
+        cm.settle()
         rss0 = status_mb("VmRSS")
         prof = None
         if args.profile:
@@ -78,11 +81,16 @@ def main() -> int:
         if prof is not None:
             prof.disable()
         assert not rep.errors, list(rep.errors.items())[:3]
+        rss1 = status_mb("VmRSS")
+        del rep.removed
+        cm.settle()  # gc.collect and malloc_trim, as the daemon before READY
+        kept = status_mb("VmRSS") - rss0
         stages = ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in rep.timings.items())
         rest = total - sum(rep.timings.values())
         print(f"{args.services} services x {args.endpoints} endpoints: apply {total:.2f} s "
               f"({stages}, the rest {rest * 1e3:.0f} ms); {sum(rep.ops.values())} map ops; "
-              f"RSS {rss0:.0f} -> {status_mb('VmRSS'):.0f} MB (peak {status_mb('VmHWM'):.0f})")
+              f"RSS {rss0:.0f} -> {rss1:.0f} MB, settled +{kept:.1f} MB "
+              f"(peak {status_mb('VmHWM'):.0f})")
         if prof is not None:
             import pstats
             pstats.Stats(prof).sort_stats("cumulative").print_stats(25)

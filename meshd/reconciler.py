@@ -377,7 +377,10 @@ class Reconciler:
         new = sorted((r for r in needed if r not in self.backend_ids), key=lambda r: r.name)
         if not new:
             return failed
-        items = [(self._bids.take(), ref) for ref in new]
+        take = self._bids.take
+        bids = [take() for _ref in new]  # (the kept id ints first, side by side in memory:
+        items = list(zip(bids, new))  # interleaved with the pairs they pinned their pages)
+        del bids
         put_many = getattr(self.dp, "put_backends", None)
         if put_many is not None:  # one batch syscall per many entries (a cold sync: 10^5)
             errs = put_many(items) or {}
@@ -563,20 +566,21 @@ class Reconciler:
         # service shows it and the next apply retries it; every other group still converges.
         want: dict[Frontend, tuple[int, int, int]] = {}
         want_ext: dict[Frontend, tuple[int, int, int]] = {}
-        owner: dict[tuple[int, Frontend], str] = {}
+        owner: dict[Frontend, str] = {}
+        owner_ext: dict[Frontend, str] = {}
         for key, g in ok.items():
             cur = self.groups[key]
             gid, count = cur.gid, min(len(g.backends), MAX_COUNT)
             half = TABLE_B if cur.half and g.backends else 0  # count 0 reads no table
-            for m, fronts in ((want, g.frontends), (want_ext, g.tc_frontends)):
+            for m, own, fronts in ((want, owner, g.frontends),
+                                   (want_ext, owner_ext, g.tc_frontends)):
                 for fe in fronts:
                     m[fe] = (gid, count, g.frontend_flags(fe) | half)
-                    owner[(id(m), fe)] = key
-        for fmap, w in ((self._svc, want), (self._ext, want_ext)):
+                    own[fe] = key
+        for fmap, w, own in ((self._svc, want, owner), (self._ext, want_ext, owner_ext)):
             if fmap.put is None:  # a Dataplane without the tc override map (tests)
                 continue
-            self._write_map(fmap, w, {fe: owner[(id(w), fe)] for fe in w}, desired,
-                            changed, ok, rep)
+            self._write_map(fmap, w, own, desired, changed, ok, rep)
 
     def _write_map(self, fmap: _FeMap, want, owner, desired, changed, ok, rep: Report) -> None:
         # Frontends of changed groups that no group wants any more (a failed group keeps its)
