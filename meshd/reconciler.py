@@ -7,8 +7,10 @@ Order, so a connecting socket (or a packet on tc) never sees a half-written serv
      A group whose table keeps its size gets the new one in the half of its inner map that
      no frontend names (plain array writes: no RCU wait); the frontend writes of step 4
      flip the group to it. A new group, a new size, or frontends that disagree on the half
-     get a fresh inner map swapped in (all of them in one batch: every map-in-map update
-     syscall waits an RCU grace period)
+     get a fresh inner map swapped in (in batches: every map-in-map update syscall waits
+     an RCU grace period). Tables are built in chunks of TABLE_BUILD_BATCH groups (a thread
+     pool when there are several) and each chunk is written as soon as it is built; every
+     table of the apply is in before step 4 writes any frontend
   3. what frontend flags make the datapath read (meshd/sidetables.py): affinity timeout and
      members, source ranges
   4. frontends (VIP:port -> group, count, flags) in meshd_svc_v1 and the tc-only overrides
