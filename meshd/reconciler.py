@@ -1,13 +1,16 @@
 """Turns desired state into the fewest map operations, in a safe order (pure logic).
 
 Order, so a connecting socket (or a packet on tc) never sees a half-written service:
-  1. backends that are new                   (nothing points at them yet)
+  1. backends that are new                   (nothing points at them yet: all in one
+     Dataplane.put_backends, batch syscalls)
   2. per group: its Maglev table, of the size its backends need (maglev.table_size_for).
      A group whose table keeps its size gets the new one in the half of its inner map that
      no frontend names (plain array writes: no RCU wait); the frontend writes of step 4
      flip the group to it. A new group, a new size, or frontends that disagree on the half
-     get a fresh inner map swapped in (all of them in one batch: every map-in-map update
-     syscall waits an RCU grace period)
+     get a fresh inner map swapped in (in batches: every map-in-map update syscall waits
+     an RCU grace period). Tables are built in chunks of TABLE_BUILD_BATCH groups (a thread
+     pool when there are several) and each chunk is written as soon as it is built; every
+     table of the apply is in before step 4 writes any frontend
   3. what frontend flags make the datapath read (meshd/sidetables.py): affinity timeout and
      members, source ranges
   4. frontends (VIP:port -> group, count, flags) in meshd_svc_v1 and the tc-only overrides
@@ -33,6 +36,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from array import array
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -57,6 +61,7 @@ TABLE_BUILD_BATCH = 512  # groups per vectorised Maglev build (bounds its tempor
 # so a flow still open an hour later talks to a pod that is gone. After that its backend
 # entry goes and the flow's next packet is balanced afresh.
 DRAIN_MAX_SECONDS = 3600.0
+_SIZES: dict[int, int] = {}  # one int object per table size (10^4 groups share a few)
 
 
 @dataclass
@@ -83,6 +88,9 @@ class Dataplane(Protocol):
     maglev_max: int  # the largest size per-group sizing may pick
 
     def put_backend(self, bid: int, ref: BackendRef) -> None: ...
+    def put_backends(self, items: list[tuple[int, BackendRef]]) -> dict[int, str]:
+        """Many new backends at once (batch ops), written one after the other; returns
+        {bid: error} of those not written. Optional: without it, put_backend one by one."""
     def delete_backend(self, bid: int) -> None: ...
     def put_tables(self, items: list[tuple[int, np.ndarray, int | None]]) -> dict[int, str]:
         """(gid, table, half): write that half (0/1) of the group's table of the same size
@@ -107,7 +115,7 @@ class Dataplane(Protocol):
         """Backend ids that live tc conntrack entries name; None: no tc path loaded."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _Applied:
     gid: int
     backends: tuple[tuple[BackendRef, int], ...] | None  # None: adopted, not known yet
@@ -129,43 +137,100 @@ class Report:
 
 
 class _Ids:
-    """Smallest free id >= 1, so ids stay dense and small."""
+    """Smallest free id >= 1, so ids stay dense and small: one byte per id (1: in use), and
+    with `counts` a use count per id (4 bytes) -- a set and a Counter of 10^5 ids were ~9 MB.
+    Ids beyond the byte map (adopted from a foreign pin) are kept in a set."""
 
-    def __init__(self) -> None:
-        self.used: set[int] = set()
+    FAR = 1 << 20  # ids at or above this are not in the byte map (max_backends: 262,144)
+
+    def __init__(self, counts: bool = False) -> None:
+        self._used = bytearray(b"\x01")  # id 0 is never handed out
+        self._far: set[int] = set()
+        self.refs = array("I", [0]) if counts else None  # id -> users (counts=True)
+        self._far_refs: dict[int, int] = {}
         self._next = 1
 
+    def _grow(self, i: int) -> None:
+        """Room for id `i` (doubling: ids beyond the last one in use are free)."""
+        n = max(i + 1, 2 * len(self._used)) - len(self._used)
+        if i >= len(self._used):
+            self._used.extend(bytes(n))
+            if self.refs is not None:
+                self.refs.extend(array("I", bytes(4 * n)))
+
     def take(self) -> int:
-        while self._next in self.used:
-            self._next += 1
-        self.used.add(self._next)
-        return self._next
+        i = self._next
+        while True:
+            i = self._used.find(0, i)
+            if i < 0:
+                i = len(self._used)
+                self._grow(i)
+            if i not in self._far:
+                break
+            i += 1
+        self._used[i] = 1
+        self._next = i + 1
+        return i
+
+    def mark(self, i: int) -> None:
+        """`i` is in use (learnt from the kernel)."""
+        if i >= self.FAR:
+            self._far.add(i)
+            return
+        self._grow(i)
+        self._used[i] = 1
 
     def free(self, i: int) -> None:
-        self.used.discard(i)
-        self._next = min(self._next, i)
+        if 0 < i < len(self._used):
+            self._used[i] = 0
+            if self.refs is not None:
+                self.refs[i] = 0
+            self._next = min(self._next, i)
+        else:
+            self._far.discard(i)
+            self._far_refs.pop(i, None)
+
+    def count(self, i: int) -> int:
+        """Users of id `i` (counts=True)."""
+        if 0 < i < len(self.refs):
+            return self.refs[i]
+        return self._far_refs.get(i, 0)
+
+    def use(self, i: int, d: int) -> int:
+        """Adds `d` (+1/-1) to the users of id `i`; returns the new count (never below 0)."""
+        if 0 < i < len(self.refs):
+            n = self.refs[i] = max(self.refs[i] + d, 0)
+        else:
+            n = self._far_refs[i] = max(self._far_refs.get(i, 0) + d, 0)
+        return n
+
+    def __contains__(self, i: int) -> bool:
+        return (0 < i < len(self._used) and bool(self._used[i])) or i in self._far
 
 
 class _FeMap:
-    """One frontend map as written: frontend -> (gid, count, flags), and gid -> frontends."""
+    """One frontend map as written: frontend -> (gid, count, flags), and gid -> frontends
+    (a tuple: most groups have one or two frontends; a set each was ~2 MB at 10^4)."""
 
     def __init__(self, what: str, put, delete):
         self.what, self.put, self.delete = what, put, delete
         self.entries: dict[Frontend, tuple[int, int, int]] = {}
-        self.of: dict[int, set[Frontend]] = {}
+        self.of: dict[int, tuple[Frontend, ...]] = {}
 
     def set(self, fe: Frontend, val: tuple[int, int, int]) -> None:
         self.forget(fe)
         self.entries[fe] = val
-        self.of.setdefault(val[0], set()).add(fe)
+        self.of[val[0]] = (*self.of.get(val[0], ()), fe)
 
     def forget(self, fe: Frontend) -> None:
         old = self.entries.pop(fe, None)
         if old is not None:
             fes = self.of.get(old[0])
             if fes is not None:
-                fes.discard(fe)
-                if not fes:
+                rest = tuple(f for f in fes if f != fe)
+                if rest:
+                    self.of[old[0]] = rest
+                else:
                     del self.of[old[0]]
 
 
@@ -183,9 +248,9 @@ class Reconciler:
         self.verdicts = Verdicts(dp)
         self.drain_seconds = drain_seconds
         self._draining: dict[BackendRef, float] = {}  # out of every table -> deadline
-        self._gids, self._bids = _Ids(), _Ids()
+        # group ids; backend ids with their use counts (applied groups naming the backend)
+        self._gids, self._bids = _Ids(), _Ids(counts=True)
         self._fes_of = self._svc.of  # gid -> its frontends in the kernel
-        self._refs: Counter = Counter()  # backend -> applied groups using it
         self._unknown = 0  # adopted groups whose backends are not known yet
         self._orphan_tables: set[int] = set()
         self._unused: set[BackendRef] = set()  # refcount fell to 0: delete if still so
@@ -198,7 +263,7 @@ class Reconciler:
         """Learns ids and entries from maps a previous daemon left pinned (restart/upgrade)."""
         for bid, ref in snap.backends.items():
             self.backend_ids[ref] = bid
-            self._bids.used.add(bid)
+            self._bids.mark(bid)
         halves: dict[int, set[int]] = {}
         for entries in (snap.frontends, snap.ext_frontends):
             for gid, count, flags in entries.values():
@@ -209,16 +274,17 @@ class Reconciler:
             # frontends that disagree on the half (a crash mid-flip): the next write is fresh
             m = snap.table_sizes.get(gid, 0) if len(half) == 1 else 0
             self.groups[key] = _Applied(gid, None, gid in snap.tables, m, min(half))
-            self._gids.used.add(gid)
+            self._gids.mark(gid)
             self._unknown += 1
         for fmap, entries in ((self._svc, snap.frontends), (self._ext, snap.ext_frontends)):
             for fe, val in entries.items():
-                self._gids.used.add(val[0])
+                self._gids.mark(val[0])
                 fmap.set(fe, tuple(val))
         self.side.adopt(snap)
         self.verdicts.adopt(snap)
         self._orphan_tables = snap.tables - set(snap.names)
-        self._gids.used |= self._orphan_tables
+        for gid in self._orphan_tables:
+            self._gids.mark(gid)
         self._full = self._scan_all = True
 
     # ---- the one entry point ------------------------------------------------------------
@@ -327,16 +393,35 @@ class Reconciler:
         failed: set[BackendRef] = set()
         needed = {ref for k in changed if k in desired for ref, _w in desired[k].backends}
         # (a comprehension, not `needed - backend_ids.keys()`: that copies every backend)
-        for ref in sorted((r for r in needed if r not in self.backend_ids), key=lambda r: r.name):
-            bid = self._bids.take()
-            try:
-                self._op(rep, "put_backend", self.dp.put_backend, bid, ref)
-                self.backend_ids[ref] = bid
-            except DataplaneError as e:
-                self._bids.free(bid)
-                failed.add(ref)
-                log.error("backend %s not written: %s", ref.name, e)
-                rep.errors[f"backend {ref.name}"] = str(e)
+        new = sorted((r for r in needed if r not in self.backend_ids), key=lambda r: r.name)
+        if not new:
+            return failed
+        take = self._bids.take
+        bids = [take() for _ref in new]  # (the kept id ints first, side by side in memory:
+        items = list(zip(bids, new))  # interleaved with the pairs they pinned their pages)
+        del bids
+        put_many = getattr(self.dp, "put_backends", None)
+        if put_many is not None:  # one batch syscall per many entries (a cold sync: 10^5)
+            errs = put_many(items) or {}
+        else:
+            errs = {}
+            for bid, ref in items:
+                try:
+                    self.dp.put_backend(bid, ref)
+                except DataplaneError as e:
+                    errs[bid] = str(e)
+        ids = self.backend_ids
+        for bid, ref in items:
+            err = errs.get(bid)
+            if err is None:
+                ids[ref] = bid
+                continue
+            self._bids.free(bid)
+            failed.add(ref)
+            log.error("backend %s not written: %s", ref.name, err)
+            rep.errors[f"backend {ref.name}"] = err
+        if len(items) > len(errs):
+            rep.ops["put_backend"] += len(items) - len(errs)
         return failed
 
     def _set_backends(self, cur: _Applied, backends) -> None:
@@ -344,14 +429,17 @@ class Reconciler:
         if cur.backends is None:
             self._unknown -= 1
         else:
+            ids = self.backend_ids
             for ref, _w in cur.backends:
-                self._refs[ref] -= 1
-                if self._refs[ref] <= 0:
+                bid = ids.get(ref)
+                if bid is None or self._bids.use(bid, -1) <= 0:
                     self._unused.add(ref)
         if backends is None:
             self._unknown += 1
         else:
-            self._refs.update(ref for ref, _w in backends)
+            ids, use = self.backend_ids, self._bids.use
+            for ref, _w in backends:
+                use(ids[ref], 1)  # (every backend of an applied group was written)
             if self._draining:
                 for ref, _w in backends:
                     self._draining.pop(ref, None)  # back while draining: keeps its id
@@ -363,7 +451,7 @@ class Reconciler:
         need: list[str] = []  # groups whose table must be (re)built
         for key in sorted(k for k in changed if k in desired):
             g = desired[key]
-            broken = [r.name for r, _w in g.backends if r in failed_refs]
+            broken = failed_refs and [r.name for r, _w in g.backends if r in failed_refs]
             if broken:
                 rep.errors[key] = f"backends not written: {', '.join(broken)}"
                 continue
@@ -387,9 +475,7 @@ class Reconciler:
             self._note_removed(rep, cur, g)
             self._set_backends(cur, g.backends)
             ok[key] = g
-        pending: dict[str, tuple[int, np.ndarray]] = {}
         t0 = time.perf_counter()
-
         size = {k: self._size(desired[k], self.groups[k]) for k in need}
 
         def build(keys: list[str]) -> list[np.ndarray | None]:
@@ -410,47 +496,60 @@ class Reconciler:
             by_size.setdefault(size[k], []).append(k)
         chunks = [keys[s:s + TABLE_BUILD_BATCH] for keys in by_size.values()
                   for s in range(0, len(keys), TABLE_BUILD_BATCH)]
+        # Each chunk's tables are written as soon as it is built, while the pool builds the
+        # next ones (the writes' syscalls let go of the GIL too), so only the chunks in
+        # flight are held, not every table of a cold sync. Frontends still come after all.
+        put_secs = [0.0]
         if len(chunks) > 1:  # numpy's sorts let go of the GIL: ~1.5x on 2 CPUs (a cold sync)
             with ThreadPoolExecutor(min(len(chunks), os.cpu_count() or 1)) as pool:
-                built = list(pool.map(build, chunks))
+                for keys, tables in zip(chunks, pool.map(build, chunks)):
+                    self._write_chunk(keys, tables, desired, ok, rep, put_secs)
         else:
-            built = [build(c) for c in chunks]
-        for keys, tables in zip(chunks, built):
-            for key, table in zip(keys, tables):
-                if table is None:
-                    continue
-                cur, g = self.groups[key], desired[key]
-                if cur.backends is None and cur.has_table and cur.m == table.size and \
-                        np.array_equal(self.dp.get_table(cur.gid, cur.half), table):
-                    self._set_backends(cur, g.backends)  # adopted, already right: no write
-                    ok[key] = g
-                elif cur.has_table and cur.m == table.size and self._halves_agree(cur):
-                    pending[key] = (cur.gid, table, 1 - cur.half)  # in place, then flip
-                else:
-                    pending[key] = (cur.gid, table, None)  # fresh inner map, swapped in
+            for keys in chunks:
+                self._write_chunk(keys, build(keys), desired, ok, rep, put_secs)
         if need:
-            rep.timings["build_tables"] = time.perf_counter() - t0
-        if pending:
-            t0 = time.perf_counter()
-            failed = self.dp.put_tables(list(pending.values()))
-            rep.timings["put_tables"] = time.perf_counter() - t0
-            if len(pending) > len(failed):
-                rep.ops["put_table"] += len(pending) - len(failed)
-            for key, (gid, table, half) in pending.items():
-                if gid in failed:
-                    log.error("service group %s: table not written: %s", key, failed[gid])
-                    rep.errors[key] = failed[gid]
-                    continue
-                cur = self.groups[key]
-                self._note_removed(rep, cur, desired[key])
-                self._set_backends(cur, desired[key].backends)
-                cur.has_table, cur.m = True, int(table.size)
-                if half is not None:
-                    cur.half = half  # the frontend writes flip to it
-                else:
-                    rep.table_swaps += 1
-                ok[key] = desired[key]
+            rep.timings["build_tables"] = time.perf_counter() - t0 - put_secs[0]
+        if put_secs[0]:
+            rep.timings["put_tables"] = put_secs[0]
         return ok
+
+    def _write_chunk(self, keys: list[str], tables: list[np.ndarray | None], desired,
+                     ok: dict[str, Group], rep: Report, put_secs: list[float]) -> None:
+        """Writes one built chunk of tables (in place and flip, or fresh and swapped in)."""
+        pending: dict[str, tuple[int, np.ndarray, int | None]] = {}
+        for key, table in zip(keys, tables):
+            if table is None:
+                continue
+            cur, g = self.groups[key], desired[key]
+            if cur.backends is None and cur.has_table and cur.m == table.size and \
+                    np.array_equal(self.dp.get_table(cur.gid, cur.half), table):
+                self._set_backends(cur, g.backends)  # adopted, already right: no write
+                ok[key] = g
+            elif cur.has_table and cur.m == table.size and self._halves_agree(cur):
+                pending[key] = (cur.gid, table, 1 - cur.half)  # in place, then flip
+            else:
+                pending[key] = (cur.gid, table, None)  # fresh inner map, swapped in
+        if not pending:
+            return
+        t0 = time.perf_counter()
+        failed = self.dp.put_tables(list(pending.values()))
+        put_secs[0] += time.perf_counter() - t0
+        if len(pending) > len(failed):
+            rep.ops["put_table"] += len(pending) - len(failed)
+        for key, (gid, table, half) in pending.items():
+            if gid in failed:
+                log.error("service group %s: table not written: %s", key, failed[gid])
+                rep.errors[key] = failed[gid]
+                continue
+            cur = self.groups[key]
+            self._note_removed(rep, cur, desired[key])
+            self._set_backends(cur, desired[key].backends)
+            cur.has_table, cur.m = True, _SIZES.setdefault(table.size, int(table.size))
+            if half is not None:
+                cur.half = half  # the frontend writes flip to it
+            else:
+                rep.table_swaps += 1
+            ok[key] = desired[key]
 
     def _note_removed(self, rep: Report, cur: _Applied, g: Group | None) -> None:
         if not cur.backends:
@@ -486,20 +585,21 @@ class Reconciler:
         # service shows it and the next apply retries it; every other group still converges.
         want: dict[Frontend, tuple[int, int, int]] = {}
         want_ext: dict[Frontend, tuple[int, int, int]] = {}
-        owner: dict[tuple[int, Frontend], str] = {}
+        owner: dict[Frontend, str] = {}
+        owner_ext: dict[Frontend, str] = {}
         for key, g in ok.items():
             cur = self.groups[key]
             gid, count = cur.gid, min(len(g.backends), MAX_COUNT)
             half = TABLE_B if cur.half and g.backends else 0  # count 0 reads no table
-            for m, fronts in ((want, g.frontends), (want_ext, g.tc_frontends)):
+            for m, own, fronts in ((want, owner, g.frontends),
+                                   (want_ext, owner_ext, g.tc_frontends)):
                 for fe in fronts:
                     m[fe] = (gid, count, g.frontend_flags(fe) | half)
-                    owner[(id(m), fe)] = key
-        for fmap, w in ((self._svc, want), (self._ext, want_ext)):
+                    own[fe] = key
+        for fmap, w, own in ((self._svc, want, owner), (self._ext, want_ext, owner_ext)):
             if fmap.put is None:  # a Dataplane without the tc override map (tests)
                 continue
-            self._write_map(fmap, w, {fe: owner[(id(w), fe)] for fe in w}, desired,
-                            changed, ok, rep)
+            self._write_map(fmap, w, own, desired, changed, ok, rep)
 
     def _write_map(self, fmap: _FeMap, want, owner, desired, changed, ok, rep: Report) -> None:
         # Frontends of changed groups that no group wants any more (a failed group keeps its)
@@ -572,7 +672,8 @@ class Reconciler:
             return  # an adopted group we could not rewrite yet: its table may use any id
         candidates = set(self.backend_ids) if self._scan_all else self._unused
         self._scan_all, self._unused = False, set()
-        unused = sorted((r for r in candidates if self._refs[r] <= 0 and r in self.backend_ids),
+        ids, count = self.backend_ids, self._bids.count
+        unused = sorted((r for r in candidates if r in ids and count(ids[r]) <= 0),
                         key=lambda r: r.name)
         if not unused:
             return
@@ -596,8 +697,7 @@ class Reconciler:
             errors[f"backend {ref.name}"] = str(e)
             return
         del self.backend_ids[ref]
-        self._bids.free(bid)
-        self._refs.pop(ref, None)
+        self._bids.free(bid)  # (and its use count)
         self._draining.pop(ref, None)
 
     @property
@@ -613,7 +713,8 @@ class Reconciler:
         if not self._draining or self._unknown:
             return 0
         now = time.monotonic() if now is None else now
-        for ref in [r for r in self._draining if self._refs[r] > 0 or r not in self.backend_ids]:
+        ids = self.backend_ids
+        for ref in [r for r in self._draining if r not in ids or self._bids.count(ids[r]) > 0]:
             del self._draining[ref]  # in a selection again (or already gone)
         if not self._draining:
             return 0

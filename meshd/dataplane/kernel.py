@@ -5,8 +5,10 @@ from __future__ import annotations
 import ctypes as C
 import ipaddress
 import socket
+import struct
 import threading
 import time
+from array import array
 
 import numpy as np
 
@@ -19,6 +21,13 @@ from meshd.dataplane import structs as S
 from meshd.dataplane import tables
 from meshd.dataplane.loader import Maps
 
+
+BACKEND_BATCH = 8192  # backend entries per bpf_map_update_batch call
+# struct meshd_backend (structs.Backend): address (IPv4 as ::ffff:a.b.c.d), port in network
+# order, protocol, family, flags
+_BACKEND = struct.Struct("=16sHBBI")
+_V4_PREFIX = b"\0" * 10 + b"\xff\xff"
+assert _BACKEND.size == C.sizeof(S.Backend)
 
 # A UDP flow quiet this long no longer holds a draining backend (netfilter's UDP timeout).
 UDP_IDLE_SECONDS = 30
@@ -80,6 +89,41 @@ class KernelDataplane:
     # ---- writes -----------------------------------------------------------------------------
     def put_backend(self, bid: int, ref: BackendRef) -> None:
         self.maps.backends.update(C.c_uint32(bid), S.backend(ref.address, ref.port, ref.protocol))
+
+    def put_backends(self, items: list[tuple[int, BackendRef]]) -> dict[int, str]:
+        """Writes many backend entries with bpf_map_update_batch (one syscall per
+        BACKEND_BATCH; the kernel writes them one after the other). An entry the batch stops
+        at, and those after it, are written one by one, so each failure is its own (a full
+        map: E2BIG for the ones that do not fit). Returns {bid: error} of those not written."""
+        failed: dict[int, str] = {}
+        tcp, udp, htons = socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.htons
+        v4, v6 = socket.AF_INET, socket.AF_INET6
+        pack = _BACKEND.pack
+        for start in range(0, len(items), BACKEND_BATCH):
+            chunk = items[start:start + BACKEND_BATCH]
+            rows = []
+            for _bid, ref in chunk:
+                a = ref.address
+                proto = tcp if ref.protocol == "TCP" else udp if ref.protocol == "UDP" else \
+                    S.IPPROTO[ref.protocol]
+                if a.version == 4:
+                    rows.append(pack(_V4_PREFIX + a.packed, htons(ref.port), proto, v4, 0))
+                else:
+                    rows.append(pack(a.packed, htons(ref.port), proto, v6, 0))
+            n = len(chunk)
+            keys = (C.c_uint32 * n).from_buffer(array("I", [bid for bid, _r in chunk]))
+            values = (S.Backend * n).from_buffer_copy(b"".join(rows))
+            try:
+                self.maps.backends.update_batch(keys, values)
+                continue
+            except BpfError as e:
+                done = e.done
+            for i in range(done, n):  # the rest one by one: each failure its own
+                try:
+                    self.maps.backends.update(C.c_uint32(chunk[i][0]), values[i])
+                except BpfError as e1:
+                    failed[chunk[i][0]] = str(e1)
+        return failed
 
     def delete_backend(self, bid: int) -> None:
         self.maps.backends.delete(C.c_uint32(bid))
