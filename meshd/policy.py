@@ -61,39 +61,25 @@ class PolicyTables:
     next_policy_id: int = 1
 
 
-# systemd unit types whose cgroup may hold processes (a slice only holds other cgroups). A
-# `unit:` selector matches the unit's cgroup only where systemd puts units: not inside
-# another unit's cgroup, because a unit's subtree can be *delegated* (user@UID.service to its
-# user, Delegate=yes services to a container runtime), and whoever it is delegated to may
-# name a cgroup there "web.service" and take on web.service's identity.
-UNIT_SUFFIXES = (".service", ".scope", ".socket", ".mount", ".swap", ".device", ".target",
-                 ".timer", ".path", ".automount")
+# A `unit:` selector matches a cgroup of that name only where systemd puts units: below
+# slices (every component between the hooks' root and it ends in ".slice"). Anywhere else
+# the name proves nothing: a unit's subtree can be *delegated* (user@UID.service to its
+# user, Delegate=yes services and cgroupfs-driver container runtimes to whoever runs in
+# them), and whoever it is delegated to may name a cgroup there "web.service".
 RETIRED_KEEP = 4096  # identities of selector sets with no cgroup now, kept for a comeback
 
 
-def is_unit(component: str) -> bool:
-    return component.endswith(UNIT_SUFFIXES)
+def _depth(base: str) -> int:
+    return len([c for c in base.split("/") if c])
 
 
-def _unit_components(path: str) -> list[str]:
-    """The components of `path` a `unit:` selector can match: up to and including the first
-    unit (everything below a unit may be delegated)."""
-    out = []
-    for comp in path.split("/"):
-        if not comp:
-            continue
-        out.append(comp)
-        if is_unit(comp):
-            break
-    return out
-
-
-def matches(selector: Selector | Workload, path: str) -> bool:
+def matches(selector: Selector | Workload, path: str, base: str = "/") -> bool:
     """Whether a `from` item (its workload part; the uid is the verdict's business) selects the
-    cgroup at `path` (relative to the cgroup2 mount, '/' for the root)."""
+    cgroup at `path` (relative to the cgroup2 mount, '/' for the root). `base`: the cgroup the
+    hooks are attached to (units are looked for below it)."""
     kind, value = selector.workload if isinstance(selector, Selector) else selector
     if kind == "unit":
-        return value in _unit_components(path)
+        return ("unit", value) in _Index([(kind, value)], base).match(path)
     if value == "/":
         return True
     if value.endswith("/"):
@@ -104,7 +90,8 @@ def matches(selector: Selector | Workload, path: str) -> bool:
 class _Index:
     """The workload selectors by what they match, for O(depth) matching of a path."""
 
-    def __init__(self, workloads: Iterable[Workload]):
+    def __init__(self, workloads: Iterable[Workload], base: str = "/"):
+        self.nbase = _depth(base)  # components of the hooks' root: units are below it
         self.exact: dict[str, list[Workload]] = {}
         self.below: dict[str, list[Workload]] = {}  # "/a/" -> selectors of the cgroups below /a
         self.unit: dict[str, list[Workload]] = {}
@@ -133,16 +120,17 @@ class _Index:
             parts = path.split("/")  # "/a/b" -> ["", "a", "b"]
             last = len(parts) if below else len(parts) - 1
             prefix = "/"
-            in_unit = False
+            under_slices = True  # every component from the hooks' root to here is a slice
             for i in range(1, len(parts)):
                 comp = parts[i]
                 if not comp:
                     break  # the root, "/"
-                if self.unit and not in_unit:
-                    hit = self.unit.get(comp)
-                    if hit:
-                        got += hit
-                in_unit = in_unit or is_unit(comp)
+                if i > self.nbase:
+                    if self.unit and under_slices:
+                        hit = self.unit.get(comp)
+                        if hit:
+                            got += hit
+                    under_slices = under_slices and comp.endswith(".slice")
                 if self.below and i < last:
                     prefix += comp + "/"
                     hit = self.below.get(prefix)
@@ -178,7 +166,7 @@ def _assign(wanted: Iterable, old: Mapping, start: int) -> tuple[dict, int]:
 
 
 def compile_policies(policies: Iterable[Policy], groups_of: GroupsOf, cgroups: Mapping[str, int],
-                     previous: PolicyTables | None = None) -> PolicyTables:
+                     previous: PolicyTables | None = None, unit_base: str = "/") -> PolicyTables:
     """The kernel tables for `policies` over the cgroups `cgroups` (path -> cgroup id).
 
     `groups_of(namespace, name, ports)` gives the frontend group ids of a service's ports
@@ -211,7 +199,7 @@ def compile_policies(policies: Iterable[Policy], groups_of: GroupsOf, cgroups: M
 
     # identities: one per distinct non-empty set of matching selectors (only selectors that
     # reach some group matter: the others cannot change a verdict)
-    index = _Index(rules)
+    index = _Index(rules, unit_base)
     set_of: dict[int, frozenset[Workload]] = {}  # cgroup id -> its set
     below_of: dict[int, frozenset[Workload]] = {}  # cgroup id -> what its subtree inherits
     for path, cg in cgroups.items():
@@ -280,28 +268,35 @@ def _verdicts(ident: int, rules: list[tuple[int | None, int, int, int]],
 
 def previous_from_kernel(policies: Iterable[Policy], groups_of: GroupsOf,
                          cgroups: Mapping[str, int], idents: Mapping[int, int],
-                         subtree: Mapping[int, int], policy_ids_in_use: Iterable[int]
+                         subtree: Mapping[int, int], policy_ids_in_use: Iterable[int],
+                         identities_in_use: Iterable[int] = (), unit_base: str = "/"
                          ) -> PolicyTables:
     """The `previous` of a daemon's first compile: the identity ids the kernel holds (a
     restarted daemon adopts them), so the first sync does not hand a cgroup's id to another
     selector set while the kernel still maps the first cgroup to it (its callers would get
-    the other set's verdicts until the identities are rewritten). A set keeps the kernel's
-    id of its cgroups when they agree; fresh ids start above every id the kernel uses, and
-    so do fresh policy ids (events and denial counters name the ids the kernel wrote)."""
-    fresh = compile_policies(policies, groups_of, cgroups)
+    the other set's verdicts until the identities are rewritten). A kernel id is kept for a
+    set only when every cgroup entry holding it now maps to that one set; otherwise the sets
+    get fresh ids, which start above every id the kernel uses anywhere (entries, verdicts),
+    and so do fresh policy ids (events and denial counters name the ids the kernel wrote)."""
+    fresh = compile_policies(policies, groups_of, cgroups, unit_base=unit_base)
     sets = fresh.identities
-    kept: dict[frozenset, int] = {}
-    taken: set[int] = set()
+    holders: dict[int, set[frozenset] | None] = {}  # kernel id -> the new sets holding it
     for table_new, table_old in ((fresh.ident, idents), (fresh.subtree, subtree)):
-        for cg, k in sorted(table_old.items()):
+        for cg, k in table_old.items():
             t = table_new.get(cg)
-            if t is None:
-                continue
-            ws = frozenset(sets[t])
-            if ws not in kept and k not in taken:
+            got = holders.setdefault(k, set())
+            if got is not None:
+                if t is None:
+                    holders[k] = None  # a cgroup left every set: not the same meaning
+                else:
+                    got.add(frozenset(sets[t]))
+    kept: dict[frozenset, int] = {}
+    for k, got in sorted(holders.items()):
+        if got and len(got) == 1:
+            ws = next(iter(got))
+            if ws not in kept:
                 kept[ws] = k
-                taken.add(k)
-    top = max([*idents.values(), *subtree.values(), 0])
+    top = max([*idents.values(), *subtree.values(), *identities_in_use, 0])
     return PolicyTables(identities={i: tuple(sorted(ws)) for ws, i in kept.items()},
                         next_identity=top + 1,
                         next_policy_id=max([*policy_ids_in_use, 0]) + 1)

@@ -246,6 +246,7 @@ class Reconciler:
         self.errors: dict[str, str] = {}
         self.side = SideTables(dp)
         self.verdicts = Verdicts(dp)
+        self._undo: dict[str, tuple] = {}  # in-place table writes of this apply (see apply)
         self.drain_seconds = drain_seconds
         self._draining: dict[BackendRef, float] = {}  # out of every table -> deadline
         # group ids; backend ids with their use counts (applied groups naming the backend)
@@ -305,17 +306,20 @@ class Reconciler:
                          for k in changed if k in self.groups}
         failed_refs = self._add_backends(desired, changed, rep)
         self._add_members(desired, changed, rep)
+        self._undo: dict[str, tuple] = {}
         ok = self._write_groups(desired, changed, failed_refs, rep)
         op = lambda name, fn, *a: self._op(rep, name, fn, *a)  # noqa: E731
         gid_of = lambda k: self.groups[k].gid  # noqa: E731
         self.side.add(ok, gid_of, self.backend_ids, op, rep.errors)
-        self.verdicts.add(ok, gid_of, op, rep.errors)
-        stricter = {k for k, g in ok.items() if self._stricter(g)}
+        self.verdicts.add(ok, gid_of, op, rep.errors, self._kernel_flags)
+        self._undo_dropped(ok, rep)
+        stricter = {k for k, g in ok.items() if self._stricter(k, g)}
+        every = {fe for g in ok.values() for fe in (*g.frontends, *g.tc_frontends)}
         self._write_frontends(desired, changed,
-                              {k: g for k, g in ok.items() if k not in stricter}, rep)
+                              {k: g for k, g in ok.items() if k not in stricter}, rep, every)
         self.verdicts.write_idents(op, rep.errors)  # (meshd/verdicts.py: the order)
         if stricter:
-            self._write_frontends(desired, changed, {k: ok[k] for k in stricter}, rep)
+            self._write_frontends(desired, changed, {k: ok[k] for k in stricter}, rep, every)
         gone = [(k, self.groups[k].gid) for k in sorted(changed) if k not in desired
                 and k in self.groups and not self._has_frontends(self.groups[k].gid)]
         live = {cur.gid for cur in self.groups.values()} if self._full else None
@@ -336,17 +340,46 @@ class Reconciler:
         self.errors = dict(rep.errors)
         return rep
 
-    def _stricter(self, g: Group) -> bool:
+    def _stricter(self, key: str, g: Group) -> bool:
         """Whether a frontend of `g` gets an authorization check it does not have in the
-        kernel (the policy flag set, or POLICY_OPEN cleared)."""
+        kernel: the policy flag set, POLICY_OPEN cleared, or a move to this group (whose
+        verdicts name the callers' new identities)."""
         if not g.flags & G_POLICY:
             return False
+        gid = self.groups[key].gid
         for fe in g.frontends:
             old = self._svc.entries.get(fe)
             was = old[2] if old is not None else 0
-            if not was & G_POLICY or (was & G_POLICY_OPEN and not g.flags & G_POLICY_OPEN):
+            if not was & G_POLICY or (was & G_POLICY_OPEN and not g.flags & G_POLICY_OPEN) \
+                    or old[0] != gid:
                 return True
         return False
+
+    def _kernel_flags(self, key: str) -> int | None:
+        """The flags a group's frontends have in the kernel now (None: not written yet)."""
+        cur = self.groups.get(key)
+        for fe in self._svc.of.get(cur.gid, ()) if cur is not None else ():
+            val = self._svc.entries.get(fe)
+            if val is not None:
+                return val[2]
+        return None
+
+    def _undo_dropped(self, ok: dict[str, Group], rep: Report) -> None:
+        """A group whose table went into its idle half but whose side entries or verdicts
+        then failed keeps its frontends on the old half: its old backends are still read
+        (and the new ones are in the idle half), so both stay referenced until a write of
+        the group succeeds, and the removals reported for UDP sockets are taken back."""
+        for key, (backends, half, removed) in self._undo.items():
+            if key not in ok:
+                cur = self.groups[key]
+                if backends is not None:  # the old ones are read, the new ones are written
+                    new = cur.backends or ()
+                    seen = {ref for ref, _w in new}
+                    self._set_backends(cur, tuple(new) + tuple(
+                        (ref, w) for ref, w in backends if ref not in seen))
+                cur.half = half
+                rep.removed -= removed
+        self._undo = {}
 
     def group_key(self, gid: int) -> str | None:
         """The key of the group with this id (for naming events; the inverse is rebuilt on
@@ -542,23 +575,27 @@ class Reconciler:
                 rep.errors[key] = failed[gid]
                 continue
             cur = self.groups[key]
-            self._note_removed(rep, cur, desired[key])
+            before = (cur.backends, cur.half)
+            removed = self._note_removed(rep, cur, desired[key])
             self._set_backends(cur, desired[key].backends)
             cur.has_table, cur.m = True, _SIZES.setdefault(table.size, int(table.size))
             if half is not None:
+                self._undo[key] = (*before, removed)  # readers stay on the old half until
                 cur.half = half  # the frontend writes flip to it
             else:
                 rep.table_swaps += 1
             ok[key] = desired[key]
 
-    def _note_removed(self, rep: Report, cur: _Applied, g: Group | None) -> None:
+    def _note_removed(self, rep: Report, cur: _Applied, g: Group | None) -> set:
         if not cur.backends:
-            return  # nothing before, or adopted (unknown)
+            return set()  # nothing before, or adopted (unknown)
         gone = {ref for ref, _w in cur.backends} - {ref for ref, _w in (g.backends if g else ())}
         if not gone:
-            return
+            return set()
         fes = self._old_fes.get(cur.gid, set()) | (set(g.frontends) if g else set())
-        rep.removed |= {(fe, ref) for fe in fes for ref in gone}
+        added = {(fe, ref) for fe in fes for ref in gone} - rep.removed
+        rep.removed |= added
+        return added
 
     def _size(self, g: Group, cur: _Applied) -> int:
         """The table size of a group: fixed, or the ladder rung its weights need (its
@@ -580,7 +617,10 @@ class Reconciler:
         return [np.array([self.backend_ids[ref] for ref, _w in g.backends], dtype=np.uint32)[i]
                 for g, i in zip(groups, idx)]
 
-    def _write_frontends(self, desired, changed, ok: dict[str, Group], rep: Report) -> None:
+    def _write_frontends(self, desired, changed, ok: dict[str, Group], rep: Report,
+                         every: set | None = None) -> None:
+        """`every`: the frontends of every group this apply writes (when `ok` is only some
+        of them: a frontend moving to a group of the other pass is not stale)."""
         # A failed write (the frontend map is full: E2BIG) is that group's error, so the
         # service shows it and the next apply retries it; every other group still converges.
         want: dict[Frontend, tuple[int, int, int]] = {}
@@ -601,7 +641,8 @@ class Reconciler:
                 continue
             self._write_map(fmap, w, own, desired, changed, ok, rep)
 
-    def _write_map(self, fmap: _FeMap, want, owner, desired, changed, ok, rep: Report) -> None:
+    def _write_map(self, fmap: _FeMap, want, owner, desired, changed, ok, rep: Report,
+                   every: set | None = None) -> None:
         # Frontends of changed groups that no group wants any more (a failed group keeps its)
         # go first: nothing wants them, and in a full map they make room for the new ones.
         stale: dict[Frontend, str] = {}
@@ -609,11 +650,13 @@ class Reconciler:
             cur = self.groups.get(key)
             if cur is not None and (key in ok or key not in desired):
                 # (not `set - want.keys()`: that copies all of `want` per group: quadratic)
-                stale.update((fe, key) for fe in fmap.of.get(cur.gid, ()) if fe not in want)
+                stale.update((fe, key) for fe in fmap.of.get(cur.gid, ())
+                             if fe not in want and (every is None or fe not in every))
         if self._full:  # adopted entries of a group that has no name (a crash mid-write)
             named = {cur.gid for cur in self.groups.values()}
             stale.update((fe, f"frontend {fe}") for fe, val in fmap.entries.items()
-                         if val[0] not in named and fe not in want)
+                         if val[0] not in named and fe not in want
+                         and (every is None or fe not in every))
         delete_name = fmap.what.replace("put_", "delete_")
         for fe in sorted(stale, key=str):
             try:

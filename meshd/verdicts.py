@@ -28,11 +28,13 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from meshd.desired import G_POLICY, G_POLICY_OPEN
 from meshd.errors import DataplaneError
 
 log = logging.getLogger("meshd.reconciler")
 
 UID_ANY = 0xFFFFFFFF
+DENY_BRIDGE = (2, 0, 0)  # MESHD_VERDICT_DENY, no flags, no policy: see Verdicts._bridge
 
 
 def wanted(g) -> dict[tuple[int, int], tuple[int, int, int]]:
@@ -54,33 +56,71 @@ class Verdicts:
         self.want_idents: dict[int, int] = {}  # set by the daemon before apply()
         self.want_subtree: dict[int, int] = {}  # likewise
         self._failed: set[int] = set()  # identities with a verdict not written (this apply)
+        # (gid, identity, uid) entries left in place because a cgroup still names their
+        # identity (its switch away failed): removed once nothing names it
+        self._deferred: set[tuple[int, int, int]] = set()
 
     def adopt(self, snap) -> None:
         self.kernel = {gid: dict(v) for gid, v in getattr(snap, "verdicts", {}).items()}
         self.idents = dict(getattr(snap, "idents", {}))
         self.subtree = dict(getattr(snap, "subtree", {}))
 
-    def add(self, ok: dict, gid_of: Callable[[str], int], op, errors: dict[str, str]) -> None:
+    def add(self, ok: dict, gid_of: Callable[[str], int], op, errors: dict[str, str],
+            was_flags: Callable[[str], int | None] | None = None) -> None:
+        """Step 1. `was_flags(key)`: the flags the group's frontends have in the kernel now
+        (None: none written yet), for the bridge entries of a group whose POLICY_OPEN flips."""
         self._failed = set()
         if not hasattr(self.dp, "put_verdict"):
             return
         for key in list(ok):
-            want = wanted(ok[key])
-            if not want:
-                continue
+            g = ok[key]
+            want = wanted(g)
             gid = gid_of(key)
             have = self.kernel.setdefault(gid, {})
-            identity = 0
+            bridge = self._bridge(g, want, have, was_flags(key) if was_flags else None)
+            if not want and not bridge:
+                continue
             try:
-                for (identity, uid), val in sorted(want.items(), key=_order):
+                for (identity, uid), val in sorted({**bridge, **want}.items(), key=_order):
                     if have.get((identity, uid)) != val:
                         op("put_verdict", self.dp.put_verdict, identity, gid, uid, *val)
                         have[(identity, uid)] = val
             except DataplaneError as e:
-                self._failed.add(identity)
+                # every identity of this group not yet complete: none of their cgroups moves
+                self._failed |= {i for (i, u), v in want.items() if have.get((i, u)) != v}
                 log.error("service group %s: authorization entries not written: %s", key, e)
                 errors[key] = f"authorization entries not written: {e}"
                 del ok[key]
+
+    def _moving(self) -> tuple[set[int], set[int]]:
+        """(identities cgroups leave, identities they arrive at) in this apply's switch; 0
+        stands for "no identity"."""
+        old, new = set(), set()
+        for table, want in ((self.idents, self.want_idents), (self.subtree, self.want_subtree)):
+            for cg in table.keys() | want.keys():
+                a, b = table.get(cg, 0), want.get(cg, 0)
+                if a != b:
+                    old.add(a)
+                    new.add(b)
+        return old, new
+
+    def _bridge(self, g, want: dict, have: dict, was: int | None) -> dict:
+        """Explicit DENY entries for the switch of a group whose POLICY_OPEN flips: a missing
+        entry means "allowed" under the open flag and "denied" under the closed one, and the
+        flag and the callers' identities change at different steps. Closed -> open (the flag
+        goes first): the identities callers leave, where they have no entry (denied). Open ->
+        closed (the flag goes last): the identities callers arrive at, where the new state
+        has no entry (denied). Removed by remove() with the other entries nobody wants."""
+        if was is None or not g.flags & G_POLICY or not was & G_POLICY:
+            return {}
+        opening = bool(g.flags & G_POLICY_OPEN)
+        if opening == bool(was & G_POLICY_OPEN):
+            return {}
+        leaving, arriving = self._moving()
+        if opening:
+            return {(i, UID_ANY): DENY_BRIDGE for i in leaving
+                    if (i, UID_ANY) not in want and (i, UID_ANY) not in have}
+        return {(i, UID_ANY): DENY_BRIDGE for i in arriving if (i, UID_ANY) not in want}
 
     def write_idents(self, op, errors: dict[str, str]) -> None:
         if not hasattr(self.dp, "put_ident"):
@@ -120,8 +160,12 @@ class Verdicts:
 
     def remove(self, ok: dict, gone: list[tuple[str, int]], gid_of, op,
                errors: dict[str, str], live: set[int] | None = None) -> None:
+        """Step 5: entries no group wants, except those of an identity a cgroup still names
+        though the new state has it no more (its switch failed): they stay until it is free."""
         if not hasattr(self.dp, "delete_verdict"):
             return
+        named = set(self.idents.values()) | set(self.subtree.values())
+        held = named - set(self.want_idents.values()) - set(self.want_subtree.values())
         drop: dict[int, tuple[str, dict]] = {}
         for key, g in ok.items():
             drop[gid_of(key)] = (key, wanted(g))
@@ -130,14 +174,24 @@ class Verdicts:
         if live is not None:
             for gid in self.kernel.keys() - live - drop.keys():
                 drop[gid] = (f"group id {gid}", {})
+        for gid, identity, uid in sorted(self._deferred):
+            if identity not in held:  # freed since: goes now (unless wanted again)
+                self._deferred.discard((gid, identity, uid))
+                drop.setdefault(gid, (f"group id {gid}", None))
         for gid, (where, keep) in sorted(drop.items()):
             have = self.kernel.get(gid)
             if not have:
                 continue
+            if keep is None:  # a group visited only for deferred entries: keep the rest
+                keep = {e: v for e, v in have.items() if e[0] in named or e[0] in
+                        set(self.want_idents.values()) | set(self.want_subtree.values())}
             try:
                 # the any-uid entries first: they no longer send readers to uid entries
                 for (identity, uid) in sorted((e for e in have if e not in keep),
                                               key=lambda e: (e[1] != UID_ANY, e)):
+                    if identity in held:
+                        self._deferred.add((gid, identity, uid))
+                        continue
                     op("delete_verdict", self.dp.delete_verdict, identity, gid, uid)
                     del have[(identity, uid)]
             except DataplaneError as e:

@@ -169,13 +169,17 @@ class PolicyState:
         services_changed = hint is None or bool(desired.changed_groups)
         if self.tables is None or key != self._key or services_changed:
             groups_of = self._groups_of(desired)
+            base = self._prefix() if self.root is not None and self.mount is not None else "/"
+            base = base or "/"
             unique, problems = self._unique(policies)
             previous = self.tables
             if previous is None and kernel is not None and (kernel.idents or kernel.subtree):
                 previous = previous_from_kernel(
                     unique, groups_of, paths, kernel.idents, kernel.subtree,
-                    {v[2] for per in kernel.kernel.values() for v in per.values()})
-            self.tables = compile_policies(unique, groups_of, paths, previous=previous)
+                    {v[2] for per in kernel.kernel.values() for v in per.values()},
+                    {i for per in kernel.kernel.values() for (i, _u) in per}, base)
+            self.tables = compile_policies(unique, groups_of, paths, previous=previous,
+                                           unit_base=base)
             self._key = key
             self.policies = policies
             problems += self._selecting_nothing(unique, groups_of)

@@ -281,11 +281,18 @@ def test_a_recompile_over_previous_tables_decides_the_same_and_keeps_ids(before:
 
 # ---- review fixes: delegated subtrees, inheritance, ids across restarts ----------------------
 
-def test_a_unit_selector_never_matches_inside_another_unit_delegated_subtrees() -> None:
+def test_a_unit_selector_matches_only_where_systemd_puts_units() -> None:
     from meshd.policy import matches as m
     assert m(("unit", "web.service"), "/system.slice/web.service")
     assert m(("unit", "web.service"), "/system.slice/web.service/worker")
     assert m(("unit", "web.service"), "/apps.slice/team.slice/web.service")
+    assert m(("unit", "web.service"), "/web.service")
+    # not below a directory that is no slice: cgroupfs-driver containers name what they like
+    assert not m(("unit", "web.service"), "/docker/abc/web.service")
+    assert not m(("unit", "web.service"), "/kubepods/burstable/pod1/web.service")
+    # below the hooks' root when that is not the cgroup2 root (a lab, a container)
+    assert m(("unit", "web.service"), "/lab/x/web.service", base="/lab/x")
+    assert not m(("unit", "web.service"), "/lab/x/web.service")
     # user@1000.service is delegated to user 1000; docker.service to the container runtime
     assert not m(("unit", "web.service"),
                  "/user.slice/user-1000.slice/user@1000.service/app.slice/web.service")
@@ -342,6 +349,18 @@ def test_a_restarted_daemon_keeps_the_kernels_identity_ids() -> None:
     again = compile_policies(p, groups_of, CGROUPS, previous=prev)
     assert again.ident[8] == b and again.ident[9] == a
     assert min(again.policy_ids.values()) > 7  # fresh policy ids above the kernel's
+
+
+def test_a_kernel_id_whose_cgroups_now_split_is_given_to_none_of_them() -> None:
+    """Review: /lab/clients/ shared id 5; while the daemon was down a deny for
+    /lab/clients/a was added. Id 5 must keep meaning "the allow" until the switch."""
+    from meshd.policy import previous_from_kernel
+    old = [pol("to-db", [{"cgroup": "/lab/clients/"}])]
+    new = old + [pol("no-a", [{"cgroup": "/lab/clients/a"}], action="deny")]
+    kernel = {cg: 5 for cg in compile_policies(old, groups_of, CGROUPS).ident}
+    prev = previous_from_kernel(new, groups_of, CGROUPS, kernel, {}, [1], [5, 6])
+    t = compile_policies(new, groups_of, CGROUPS, previous=prev)
+    assert 5 not in t.ident.values() and min(t.ident.values()) > 6
 
 
 def _chain(path: str) -> list[int]:

@@ -194,3 +194,104 @@ def test_a_cgroup_never_switches_to_an_identity_whose_verdicts_failed():
     k.fail_identity = None
     rep = r.apply(with_policy(plain, {(2, UID_ANY): (DENY, 0, 9)}, open_=True))
     assert k.idents == {100: 2} and not k.allowed(100, 0, gid, G_POLICY | G_POLICY_OPEN)
+
+
+# ---- second review: switches that fail, POLICY_OPEN flips, tables of dropped groups --------
+
+class WatchingKernel(PolicyKernel):
+    """Also: callers denied before and after a change must never be let through."""
+
+    def __init__(self):
+        super().__init__()
+        self.deny_watch: list[tuple[int, int, int]] = []
+        self.fail_pair: tuple[int, int] | None = None  # (identity, gid) whose put fails
+
+    def check(self):
+        super().check()
+        for cgid, uid, port in self.deny_watch:
+            for fe, (gid, _c, flags) in self.frontends.items():
+                if fe.port == port:
+                    assert not self.allowed(cgid, uid, gid, flags), \
+                        f"cgroup {cgid} let through on {fe} after op {self.ops}"
+
+    def put_verdict(self, identity, gid, uid, action, flags, policy):
+        if (identity, gid) == self.fail_pair:
+            raise BpfError(errno.E2BIG, "bpf_map_update_elem", "meshd_verdict_v1")
+        super().put_verdict(identity, gid, uid, action, flags, policy)
+
+
+def two_services():
+    return desired_groups([svc("a", "10.96.0.9", [("10.0.0.1", 1)], port=5432),
+                           svc("b", "10.96.0.10", [("10.0.0.2", 1)], port=6379)])
+
+
+def test_an_identity_kept_because_its_switch_failed_keeps_its_verdicts_everywhere():
+    k = WatchingKernel()
+    r = Reconciler(k)
+    plain = two_services()
+    r.verdicts.want_idents = {100: 1}
+    r.apply(with_policy(plain, {(1, UID_ANY): (DENY, 0, 9)}, open_=True))
+    k.deny_watch = [(100, 0, 5432), (100, 0, 6379)]
+    gids = {fe.port: v[0] for fe, v in k.frontends.items()}
+    k.fail_pair = (2, gids[5432])  # identity 2 cannot be written in a's group only
+    r.verdicts.want_idents = {100: 2}
+    rep = r.apply(with_policy(plain, {(2, UID_ANY): (DENY, 0, 9)}, open_=True))
+    assert rep.errors and k.idents == {100: 1}
+    assert (1, gids[6379], UID_ANY) in k.verdicts  # b keeps denying the kept identity
+    k.fail_pair = None
+    r.apply(with_policy(plain, {(2, UID_ANY): (DENY, 0, 9)}, open_=True))
+    assert k.idents == {100: 2} and not any(i == 1 for i, _g, _u in k.verdicts)
+
+
+def test_no_cgroup_moves_to_an_identity_left_unwritten_behind_a_failure():
+    k = WatchingKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("a", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.verdicts.want_idents = {100: 1, 101: 1}
+    r.apply(with_policy(plain, {(1, UID_ANY): (DENY, 0, 9)}, open_=True))
+    k.deny_watch = [(100, 0, 5432), (101, 0, 5432)]
+    k.fail_identity = 2  # the loop stops at 2: 3 is never written either
+    r.verdicts.want_idents = {100: 2, 101: 3}
+    r.apply(with_policy(plain, {(2, UID_ANY): (DENY, 0, 9), (3, UID_ANY): (DENY, 0, 9)},
+                        open_=True))
+    assert k.idents == {100: 1, 101: 1}
+
+
+def test_a_closed_service_turning_open_never_lets_a_denied_caller_through():
+    k = WatchingKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.verdicts.want_idents = {200: 1}  # "allow from Y"
+    r.apply(with_policy(plain, {(1, UID_ANY): (ALLOW, 0, 7)}))
+    k.deny_watch = [(100, 0, 5432)]
+    r.verdicts.want_idents = {100: 2}  # edited into "deny from X" (100 is X)
+    r.apply(with_policy(plain, {(2, UID_ANY): (DENY, 0, 8)}, open_=True))
+    assert k.verdicts == {(2, next(iter(k.frontends.values()))[0], UID_ANY): (DENY, 0, 8)}
+
+
+def test_an_open_service_turning_closed_never_lets_a_denied_caller_through():
+    k = WatchingKernel()
+    r = Reconciler(k)
+    plain = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    r.verdicts.want_idents = {100: 1}  # "deny from X"
+    r.apply(with_policy(plain, {(1, UID_ANY): (DENY, 0, 7)}, open_=True))
+    k.deny_watch = [(100, 0, 5432)]
+    r.verdicts.want_idents = {200: 2}  # edited into "allow from Y"
+    r.apply(with_policy(plain, {(2, UID_ANY): (ALLOW, 0, 8)}))
+    assert k.idents == {200: 2}
+
+
+def test_a_table_written_for_a_group_whose_verdicts_then_fail_keeps_its_old_backends():
+    k = WatchingKernel()
+    r = Reconciler(k)
+    g1 = desired_groups([svc("db", "10.96.0.9", [("10.0.0.1", 1)], port=5432)])
+    g2 = desired_groups([svc("db", "10.96.0.9", [("10.0.0.2", 1)], port=5432)])
+    r.verdicts.want_idents = {100: 1}
+    r.apply(with_policy(g1, {(1, UID_ANY): (ALLOW, 0, 7)}))
+    k.fail_identity = 2
+    r.verdicts.want_idents = {100: 2}
+    rep = r.apply(with_policy(g2, {(2, UID_ANY): (ALLOW, 0, 7)}))  # check() after every op
+    assert rep.errors and k.serving() == {"10.96.0.9:5432/TCP": {"10.0.0.1:8080/TCP"}}
+    k.fail_identity = None
+    r.apply(with_policy(g2, {(2, UID_ANY): (ALLOW, 0, 7)}))
+    assert k.serving() == {"10.96.0.9:5432/TCP": {"10.0.0.2:8080/TCP"}}
