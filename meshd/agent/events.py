@@ -148,7 +148,9 @@ class EventHub:
                     while not self._stop.is_set():
                         batch = reader.poll(100)  # the kernel does not wake us per event
                         if batch:
-                            pending.acquire()
+                            while not pending.acquire(timeout=0.2):
+                                if self._stop.is_set():  # the loop is gone: drop it
+                                    return
                             loop.call_soon_threadsafe(self._deliver, batch, pending)
                         if self.reader_error is not None:
                             self.reader_error = None
