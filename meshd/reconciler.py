@@ -36,17 +36,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from array import array
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from meshd import maglev
 from meshd.desired import G_POLICY, G_POLICY_OPEN, BackendRef, Frontend, Group
 from meshd.errors import DataplaneError
+# KernelSnapshot, Dataplane and Report are imported from here by the daemon and tests
+from meshd.reconcile_state import (Applied, Dataplane, FeMap, Ids, KernelSnapshot,  # noqa: F401
+                                   Report)
 from meshd.sidetables import SideTables
 from meshd.verdicts import Verdicts
 
@@ -64,182 +63,12 @@ DRAIN_MAX_SECONDS = 3600.0
 _SIZES: dict[int, int] = {}  # one int object per table size (10^4 groups share a few)
 
 
-@dataclass
-class KernelSnapshot:
-    """What the kernel maps hold, in model terms."""
-    # frontend -> (gid, count, flags): meshd_svc_v1, and the tc overrides meshd_svc_ext_v1
-    frontends: dict[Frontend, tuple[int, int, int]] = field(default_factory=dict)
-    backends: dict[int, BackendRef] = field(default_factory=dict)  # id -> backend
-    names: dict[int, str] = field(default_factory=dict)  # gid -> group key
-    tables: set[int] = field(default_factory=set)  # gids that have a Maglev table
-    ext_frontends: dict[Frontend, tuple[int, int, int]] = field(default_factory=dict)
-    affinity: dict[int, int] = field(default_factory=dict)  # gid -> timeout (s)
-    members: dict[int, dict[int, int]] = field(default_factory=dict)  # gid -> {bid: weight}
-    srcranges: set[tuple[Frontend, object]] = field(default_factory=set)  # (fe, network)
-    table_sizes: dict[int, int] = field(default_factory=dict)  # gid -> M of its table
-    # gid -> {(identity, uid): (action, flags, policy)}: meshd_verdict_v1
-    verdicts: dict[int, dict] = field(default_factory=dict)
-    idents: dict[int, int] = field(default_factory=dict)  # cgroup id -> identity: meshd_ident_v1
-    subtree: dict[int, int] = field(default_factory=dict)  # cgroup id -> identity: meshd_subtree_v1
-
-
-class Dataplane(Protocol):
-    maglev_m: int  # a fixed table size for every group; 0: per group (maglev.table_size_for)
-    maglev_max: int  # the largest size per-group sizing may pick
-
-    def put_backend(self, bid: int, ref: BackendRef) -> None: ...
-    def put_backends(self, items: list[tuple[int, BackendRef]]) -> dict[int, str]:
-        """Many new backends at once (batch ops), written one after the other; returns
-        {bid: error} of those not written. Optional: without it, put_backend one by one."""
-    def delete_backend(self, bid: int) -> None: ...
-    def put_tables(self, items: list[tuple[int, np.ndarray, int | None]]) -> dict[int, str]:
-        """(gid, table, half): write that half (0/1) of the group's table of the same size
-        in place; half None: a fresh table (both halves) swapped in."""
-    def get_table(self, gid: int, half: int = 0) -> np.ndarray | None: ...
-    def delete_tables(self, gids: list[int]) -> dict[int, str]: ...
-    def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None: ...
-    def delete_frontend(self, fe: Frontend) -> None: ...
-    def put_ext_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None: ...
-    def delete_ext_frontend(self, fe: Frontend) -> None: ...
-    def put_name(self, gid: int, key: str) -> None: ...
-    def delete_name(self, gid: int) -> None: ...
-    def put_affinity(self, gid: int, timeout: int) -> None: ...
-    def delete_affinity(self, gid: int) -> None: ...
-    def put_member(self, gid: int, bid: int, weight: int) -> None: ...
-    def delete_member(self, gid: int, bid: int) -> None: ...
-    def put_srcrange(self, fe: Frontend, net) -> None: ...
-    def delete_srcrange(self, fe: Frontend, net) -> None: ...
-    def tc_conntrack(self) -> bool:
-        """True while the tc path's conntrack map exists (removed backends must drain)."""
-    def flow_backends(self) -> set[int] | None:
-        """Backend ids that live tc conntrack entries name; None: no tc path loaded."""
-
-
-@dataclass(slots=True)
-class _Applied:
-    gid: int
-    backends: tuple[tuple[BackendRef, int], ...] | None  # None: adopted, not known yet
-    has_table: bool
-    m: int = 0  # size of its table in the kernel; 0: none, or unknown (next write: fresh)
-    half: int = 0  # the half of its table its frontends name (TABLE_B set: 1)
-
-
-@dataclass
-class Report:
-    ops: Counter = field(default_factory=Counter)  # operation name -> count
-    errors: dict[str, str] = field(default_factory=dict)  # group key -> reason
-    # (frontend, backend) translations that stopped being valid: sockets still connected
-    # through them (UDP) may be destroyed by the caller
-    removed: set[tuple[Frontend, BackendRef]] = field(default_factory=set)
-    groups_changed: int = 0
-    table_swaps: int = 0  # tables written as fresh inner maps (map-in-map: an RCU wait)
-    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds (debug log)
-
-
-class _Ids:
-    """Smallest free id >= 1, so ids stay dense and small: one byte per id (1: in use), and
-    with `counts` a use count per id (4 bytes) -- a set and a Counter of 10^5 ids were ~9 MB.
-    Ids beyond the byte map (adopted from a foreign pin) are kept in a set."""
-
-    FAR = 1 << 20  # ids at or above this are not in the byte map (max_backends: 262,144)
-
-    def __init__(self, counts: bool = False) -> None:
-        self._used = bytearray(b"\x01")  # id 0 is never handed out
-        self._far: set[int] = set()
-        self.refs = array("I", [0]) if counts else None  # id -> users (counts=True)
-        self._far_refs: dict[int, int] = {}
-        self._next = 1
-
-    def _grow(self, i: int) -> None:
-        """Room for id `i` (doubling: ids beyond the last one in use are free)."""
-        n = max(i + 1, 2 * len(self._used)) - len(self._used)
-        if i >= len(self._used):
-            self._used.extend(bytes(n))
-            if self.refs is not None:
-                self.refs.extend(array("I", bytes(4 * n)))
-
-    def take(self) -> int:
-        i = self._next
-        while True:
-            i = self._used.find(0, i)
-            if i < 0:
-                i = len(self._used)
-                self._grow(i)
-            if i not in self._far:
-                break
-            i += 1
-        self._used[i] = 1
-        self._next = i + 1
-        return i
-
-    def mark(self, i: int) -> None:
-        """`i` is in use (learnt from the kernel)."""
-        if i >= self.FAR:
-            self._far.add(i)
-            return
-        self._grow(i)
-        self._used[i] = 1
-
-    def free(self, i: int) -> None:
-        if 0 < i < len(self._used):
-            self._used[i] = 0
-            if self.refs is not None:
-                self.refs[i] = 0
-            self._next = min(self._next, i)
-        else:
-            self._far.discard(i)
-            self._far_refs.pop(i, None)
-
-    def count(self, i: int) -> int:
-        """Users of id `i` (counts=True)."""
-        if 0 < i < len(self.refs):
-            return self.refs[i]
-        return self._far_refs.get(i, 0)
-
-    def use(self, i: int, d: int) -> int:
-        """Adds `d` (+1/-1) to the users of id `i`; returns the new count (never below 0)."""
-        if 0 < i < len(self.refs):
-            n = self.refs[i] = max(self.refs[i] + d, 0)
-        else:
-            n = self._far_refs[i] = max(self._far_refs.get(i, 0) + d, 0)
-        return n
-
-    def __contains__(self, i: int) -> bool:
-        return (0 < i < len(self._used) and bool(self._used[i])) or i in self._far
-
-
-class _FeMap:
-    """One frontend map as written: frontend -> (gid, count, flags), and gid -> frontends
-    (a tuple: most groups have one or two frontends; a set each was ~2 MB at 10^4)."""
-
-    def __init__(self, what: str, put, delete):
-        self.what, self.put, self.delete = what, put, delete
-        self.entries: dict[Frontend, tuple[int, int, int]] = {}
-        self.of: dict[int, tuple[Frontend, ...]] = {}
-
-    def set(self, fe: Frontend, val: tuple[int, int, int]) -> None:
-        self.forget(fe)
-        self.entries[fe] = val
-        self.of[val[0]] = (*self.of.get(val[0], ()), fe)
-
-    def forget(self, fe: Frontend) -> None:
-        old = self.entries.pop(fe, None)
-        if old is not None:
-            fes = self.of.get(old[0])
-            if fes is not None:
-                rest = tuple(f for f in fes if f != fe)
-                if rest:
-                    self.of[old[0]] = rest
-                else:
-                    del self.of[old[0]]
-
-
 class Reconciler:
     def __init__(self, dp: Dataplane, drain_seconds: float = DRAIN_MAX_SECONDS):
         self.dp = dp
-        self.groups: dict[str, _Applied] = {}
-        self._svc = _FeMap("put_frontend", dp.put_frontend, dp.delete_frontend)
-        self._ext = _FeMap("put_ext_frontend", getattr(dp, "put_ext_frontend", None),
+        self.groups: dict[str, Applied] = {}
+        self._svc = FeMap("put_frontend", dp.put_frontend, dp.delete_frontend)
+        self._ext = FeMap("put_ext_frontend", getattr(dp, "put_ext_frontend", None),
                            getattr(dp, "delete_ext_frontend", None))
         self.frontends = self._svc.entries  # meshd_svc_v1 as written
         self.backend_ids: dict[BackendRef, int] = {}
@@ -250,7 +79,7 @@ class Reconciler:
         self.drain_seconds = drain_seconds
         self._draining: dict[BackendRef, float] = {}  # out of every table -> deadline
         # group ids; backend ids with their use counts (applied groups naming the backend)
-        self._gids, self._bids = _Ids(), _Ids(counts=True)
+        self._gids, self._bids = Ids(), Ids(counts=True)
         self._fes_of = self._svc.of  # gid -> its frontends in the kernel
         self._unknown = 0  # adopted groups whose backends are not known yet
         self._orphan_tables: set[int] = set()
@@ -274,7 +103,7 @@ class Reconciler:
             half = halves.get(gid, {0})
             # frontends that disagree on the half (a crash mid-flip): the next write is fresh
             m = snap.table_sizes.get(gid, 0) if len(half) == 1 else 0
-            self.groups[key] = _Applied(gid, None, gid in snap.tables, m, min(half))
+            self.groups[key] = Applied(gid, None, gid in snap.tables, m, min(half))
             self._gids.mark(gid)
             self._unknown += 1
         for fmap, entries in ((self._svc, snap.frontends), (self._ext, snap.ext_frontends)):
@@ -457,7 +286,7 @@ class Reconciler:
             rep.ops["put_backend"] += len(items) - len(errs)
         return failed
 
-    def _set_backends(self, cur: _Applied, backends) -> None:
+    def _set_backends(self, cur: Applied, backends) -> None:
         """Changes what an applied group references, keeping the refcounts right."""
         if cur.backends is None:
             self._unknown -= 1
@@ -500,7 +329,7 @@ class Reconciler:
                     log.error("service group %s not updated: %s", key, e)
                     rep.errors[key] = str(e)
                     continue
-                cur = _Applied(gid, (), False)
+                cur = Applied(gid, (), False)
                 self.groups[key] = cur
             if g.backends and (cur.backends != g.backends or not cur.has_table):
                 need.append(key)
@@ -586,7 +415,7 @@ class Reconciler:
                 rep.table_swaps += 1
             ok[key] = desired[key]
 
-    def _note_removed(self, rep: Report, cur: _Applied, g: Group | None) -> set:
+    def _note_removed(self, rep: Report, cur: Applied, g: Group | None) -> set:
         if not cur.backends:
             return set()  # nothing before, or adopted (unknown)
         gone = {ref for ref, _w in cur.backends} - {ref for ref, _w in (g.backends if g else ())}
@@ -597,14 +426,14 @@ class Reconciler:
         rep.removed |= added
         return added
 
-    def _size(self, g: Group, cur: _Applied) -> int:
+    def _size(self, g: Group, cur: Applied) -> int:
         """The table size of a group: fixed, or the ladder rung its weights need (its
         present size kept while that still balances to 1%: maglev.table_size_kept)."""
         return maglev.table_size_kept([w for _r, w in g.backends],
                                       cur.m if cur.has_table else 0, self.dp.maglev_m or None,
                                       getattr(self.dp, "maglev_max", maglev.LADDER[-1]))
 
-    def _halves_agree(self, cur: _Applied) -> bool:
+    def _halves_agree(self, cur: Applied) -> bool:
         """True if every frontend of the group names the half `cur.half` (else one may
         name the other half, which must not be written in place)."""
         want = TABLE_B if cur.half else 0
@@ -641,7 +470,7 @@ class Reconciler:
                 continue
             self._write_map(fmap, w, own, desired, changed, ok, rep)
 
-    def _write_map(self, fmap: _FeMap, want, owner, desired, changed, ok, rep: Report,
+    def _write_map(self, fmap: FeMap, want, owner, desired, changed, ok, rep: Report,
                    every: set | None = None) -> None:
         # Frontends of changed groups that no group wants any more (a failed group keeps its)
         # go first: nothing wants them, and in a full map they make room for the new ones.

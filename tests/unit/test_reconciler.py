@@ -441,7 +441,7 @@ def test_state_per_backend_stays_small():
 
 
 def test_ids_are_the_smallest_free_and_come_back():
-    from meshd.reconciler import _Ids
+    from meshd.reconcile_state import Ids as _Ids
     ids = _Ids(counts=True)
     assert [ids.take() for _ in range(4)] == [1, 2, 3, 4]
     ids.free(2)
