@@ -29,7 +29,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Pl
 from pydantic_core import PydanticCustomError
 
 from meshd.errors import RecordError
-from meshd.records import Endpoint, PortSpec, Record, Service, intern
+from meshd.records import Endpoint, PortSpec, Record, Service, intern, share
 
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
@@ -470,19 +470,12 @@ def parse_endpoint(data: object, where: str) -> Endpoint:
 
 # ---- validated model -> kept record ----------------------------------------------------------
 # Values many records repeat are shared: one object per distinct value. The caches only grow
-# with distinct values (port specs, zone-hint lists); past _SHARED_MAX they start over, which
-# costs sharing, never correctness.
-_SHARED_MAX = 1 << 16
+# with distinct values (port specs, zone-hint lists), bounded by records.share.
 _shared: dict[object, object] = {}
 
 
 def _one(value):
-    got = _shared.get(value)
-    if got is None:
-        if len(_shared) >= _SHARED_MAX:
-            _shared.clear()
-        got = _shared[value] = value
-    return got
+    return share(_shared, value)
 
 
 def _port(p: PortIn) -> PortSpec:

@@ -124,16 +124,22 @@ _SHARED_MAX = 1 << 16
 _rests: dict[tuple, tuple] = {}
 
 
-def _share_rest(rest: tuple) -> tuple:
-    """The one shared copy of a packed-fields tuple (the cache starts over past _SHARED_MAX
-    distinct ones: that costs sharing, never correctness). Keyed with the types: 1 == True."""
-    key = (rest, tuple(map(type, rest)))
-    got = _rests.get(key)
+def share(cache: dict, value, key=None):
+    """The one shared copy of `value` in `cache` (keyed by `key`, default the value itself).
+    Past _SHARED_MAX distinct ones the cache starts over: that costs sharing, never
+    correctness."""
+    k = value if key is None else key
+    got = cache.get(k)
     if got is None:
-        if len(_rests) >= _SHARED_MAX:
-            _rests.clear()
-        got = _rests[key] = rest
+        if len(cache) >= _SHARED_MAX:
+            cache.clear()
+        got = cache[k] = value
     return got
+
+
+def _share_rest(rest: tuple) -> tuple:
+    """The one shared copy of a packed-fields tuple. Keyed with the types: 1 == True."""
+    return share(_rests, rest, (rest, tuple(map(type, rest))))
 
 
 def _rebuild(cls: type[Record], values: tuple) -> Record:

@@ -14,7 +14,6 @@ calls what on this node).
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
 import os
@@ -29,16 +28,6 @@ log = logging.getLogger("meshd.daemon")
 
 CLIENT_QUEUE = 4096  # events queued per client before it starts losing them
 PENDING_BATCHES = 4  # batches read but not yet named by the loop, at most
-TYPE_NAMES = {1: "connect", 2: "denied", 3: "failed", 4: "closed"}
-PROTO_NAMES = {6: "TCP", 17: "UDP"}
-
-
-def _errname(err: int) -> str | None:
-    if not err:
-        return None
-    return errno.errorcode.get(abs(err), f"errno {abs(err)}")
-
-
 def _hostport(addr: str | None, port: int) -> str | None:
     if not addr:
         return None
@@ -58,8 +47,7 @@ class Namer:
     def event(self, ev) -> dict:
         """The JSON form of one kernel event (the `meshd observe --json` contract)."""
         now_mono, now = time.monotonic_ns(), time.time()
-        kind = ev.type if isinstance(ev.type, str) else TYPE_NAMES.get(ev.type, str(ev.type))
-        proto = ev.proto if isinstance(ev.proto, str) else PROTO_NAMES.get(ev.proto, str(ev.proto))
+        kind, proto = ev.type, ev.proto  # names (meshd.dataplane.events.Event)
         key = self.group_key(ev.group) if ev.group else None
         service = None
         if key:
@@ -87,7 +75,7 @@ class Namer:
         if kind == "denied":
             out["policy"] = self.policy_key(ev.policy) if ev.policy else None
         if kind in ("failed", "closed"):
-            out["error"] = _errname(ev.err)
+            out["error"] = ev.err_name or None
             if ev.duration_ns:
                 out["duration_ms"] = round(ev.duration_ns / 1e6, 3)
         if kind == "closed":

@@ -236,18 +236,19 @@ class KernelDataplane:
         self._flipped[gid] = time.monotonic()
         self._grace.soon()
 
-    def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
-        self.maps.svc.update(S.svc_key(fe.vip, fe.port, fe.protocol),
-                             S.SvcVal(id=gid, count=count, flags=flags))
+    def _put_fe(self, fmap, fe: Frontend, gid: int, count: int, flags: int) -> None:
+        fmap.update(S.svc_key(fe.vip, fe.port, fe.protocol),
+                    S.SvcVal(id=gid, count=count, flags=flags))
         self._flip(gid)
+
+    def put_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
+        self._put_fe(self.maps.svc, fe, gid, count, flags)
 
     def delete_frontend(self, fe: Frontend) -> None:
         self.maps.svc.delete(S.svc_key(fe.vip, fe.port, fe.protocol))
 
     def put_ext_frontend(self, fe: Frontend, gid: int, count: int, flags: int = 0) -> None:
-        self.maps.svc_ext.update(S.svc_key(fe.vip, fe.port, fe.protocol),
-                                 S.SvcVal(id=gid, count=count, flags=flags))
-        self._flip(gid)
+        self._put_fe(self.maps.svc_ext, fe, gid, count, flags)
 
     def delete_ext_frontend(self, fe: Frontend) -> None:
         self.maps.svc_ext.delete(S.svc_key(fe.vip, fe.port, fe.protocol))

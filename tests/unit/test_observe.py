@@ -9,21 +9,22 @@ import json
 import os
 import stat
 import time
-from types import SimpleNamespace
 
 import pytest
 
 from meshd.agent.events import EventHub, Namer
+from meshd.dataplane.events import TYPES, Event
 from meshd.observe import format_line, matches, parse_since, stream
 
 
-def raw(kind: int, **kw):
-    base = dict(type=kind, ts_ns=time.monotonic_ns(), cookie=7, cgroup=4242, duration_ns=0,
+def raw(kind: int, **kw) -> Event:
+    """A decoded kernel event (meshd.dataplane.events.Event) of type MESHD_EV_<kind>."""
+    base = dict(type=TYPES[kind], ts_ns=time.monotonic_ns(), cookie=7, cgroup=4242, duration_ns=0,
                 tx_bytes=0, rx_bytes=0, pid=99, uid=1000, identity=3, group=5, backend=11,
                 policy=0, err=0, vip="10.96.0.20", backend_addr="10.1.0.7", vip_port=5432,
                 backend_port=5432, proto="TCP", sendmsg=False, comm="psql")
     base.update(kw)
-    return SimpleNamespace(**base)
+    return Event(**base)
 
 
 def namer() -> Namer:
