@@ -19,7 +19,6 @@ ratio target >= 0.97).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -33,9 +32,9 @@ from meshd.dataplane import loader  # noqa: E402
 from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
 from meshd.desired import desired_groups  # noqa: E402
 from meshd.metrics import KernelSource  # noqa: E402
-from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
+from benchlib import connrate, web_service, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 M = 1021
@@ -43,14 +42,13 @@ VIP = "10.96.0.10"
 
 
 def measure(lab: Lab, seconds: float, max_n: int) -> dict:
-    cr = lab.agent("connrate", cgroup=True, addr=VIP, port=80, duration=seconds, max=max_n,
-                   timeout=2)
+    """The connect rate, and request/response p50 on one open connection."""
+    out = connrate(lab, VIP, seconds, max_n)
     rr = lab.agent("rr", cgroup=True, addr=VIP, port=80, duration=seconds / 2, max=max_n,
                    timeout=2)
-    if cr["errors"] or rr["errors"]:
-        raise RuntimeError(f"errors: {cr['errors']} {rr['errors']}")
-    return {"per_sec": cr["per_sec"], "count": cr["count"], "connect_p50": cr["connect_us"][0],
-            "rr_p50": rr["rtt_us"][0]}
+    if rr["errors"]:
+        raise RuntimeError(f"errors: {rr['errors']}")
+    return {**out, "rr_p50": rr["rtt_us"][0]}
 
 
 def counted(source: KernelSource) -> int:
@@ -77,10 +75,7 @@ def main() -> int:
         maps = loader.load(BPFFS, instance, lab.cgroup, M, metrics=True)
         try:
             rec = Reconciler(KernelDataplane(maps))
-            svc = parse_service({"namespace": "bench", "name": "web", "vips": [VIP],
-                                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
-                                 "endpoints": [{"address": lab.backend_addr(1),
-                                                "ports": {"http": 8080}}]}, where="web")
+            svc = web_service(lab, VIP)
             assert not rec.apply(desired_groups([svc])).errors
             source = KernelSource(BPFFS, instance)
             measure(lab, 0.5, 2000)  # warm-up (page cache, CPU frequency), not recorded
@@ -133,10 +128,7 @@ def main() -> int:
           f"{ratios['rr_p50_on_off']:>13.3f}   (median of per-round ratios)")
     print(f"  the kernel counted {on_counted} of {made_on + len(runs['on'])} connections made "
           f"with metrics on, {off_counted} with metrics off")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwritten {out}")
+    write_results(args.out, result)
     return 0
 
 

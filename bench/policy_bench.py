@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import statistics
 import subprocess
@@ -39,23 +38,15 @@ from meshd.dataplane import events as kev  # noqa: E402
 from meshd.dataplane import loader  # noqa: E402
 from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
 from meshd.desired import G_POLICY, desired_groups  # noqa: E402
-from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from meshd.verdicts import UID_ANY  # noqa: E402
 from netns_lab import Lab  # noqa: E402
+from benchlib import connrate, web_service, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 VIP = "10.96.0.10"
 MODES = ("base", "events", "policy-1", "policy-1000", "policy-1000+events")
 ALLOW = 1
-
-
-def measure(lab: Lab, seconds: float, max_n: int) -> dict:
-    cr = lab.agent("connrate", cgroup=True, addr=VIP, port=80, duration=seconds, max=max_n,
-                   timeout=2)
-    if cr["errors"]:
-        raise RuntimeError(f"errors: {cr['errors']}")
-    return {"per_sec": cr["per_sec"], "count": cr["count"], "connect_p50": cr["connect_us"][0]}
 
 
 class Drain:
@@ -102,10 +93,7 @@ def main() -> int:
         drain = Drain(instance, set(cpus))
         try:
             rec = Reconciler(KernelDataplane(maps))
-            svc = parse_service({"namespace": "bench", "name": "web", "vips": [VIP],
-                                 "ports": [{"name": "http", "port": 80, "protocol": "TCP"}],
-                                 "endpoints": [{"address": lab.backend_addr(1),
-                                                "ports": {"http": 8080}}]}, where="web")
+            svc = web_service(lab, VIP)
             plain = desired_groups([svc])
             me = loader.cgroup_id(lab.cgroup)
 
@@ -127,12 +115,12 @@ def main() -> int:
                 kev.write_evcfg(BPFFS, instance, mask, 1, 5000)
 
             set_mode("base")
-            measure(lab, 0.5, 2000)  # warm-up, not recorded
+            connrate(lab, VIP, 0.5, 2000)  # warm-up, not recorded
             for r in range(args.rounds):
                 order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
                 for mode in order:
                     set_mode(mode)
-                    m = measure(lab, args.seconds, args.max)
+                    m = connrate(lab, VIP, args.seconds, args.max)
                     runs[mode].append(m)
                     print(f"round {r + 1} {mode:<19} {m['per_sec']:>8.0f} conn/s  connect p50 "
                           f"{m['connect_p50']:>4} us", flush=True)
@@ -166,10 +154,7 @@ def main() -> int:
               f"{r['conn_rate']:>13.3f} {r['connect_p50']:>10.3f}")
     print(f"  events read by the drain: {drained}; lost: ring full {st['lost_full']}, "
           f"rate limit {st['lost_rate']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"\nwritten {out}")
+    write_results(args.out, result)
     return 0
 
 

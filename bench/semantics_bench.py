@@ -18,7 +18,6 @@ the lab's client namespace inside the meshd cgroup. Writes bench/results/semanti
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from meshd.desired import NodeInfo, desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
+from benchlib import write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 M = 1021
@@ -102,10 +102,7 @@ def main() -> int:
     print(f"affinity on vs off: {result['affinity_vs_off_x']}x; "
           f"internal_traffic_policy Local vs Cluster: {result['local_vs_cluster_x']}x "
           f"(target >= 0.97x); affinity entries: {affinity_entries}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"written {out}")
+    write_results(args.out, result)
     return 0
 
 

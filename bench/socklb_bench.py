@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from meshd.desired import desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
+from benchlib import write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 M = 1021  # small table: 10,000 services x 4 KiB; the per-connect cost does not depend on M
@@ -118,10 +118,7 @@ def main() -> int:
     for n in sizes:
         results["sizes"][n] = bench_size(n, args)
         print_size(n, results["sizes"][n])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwritten {out}")
+    write_results(args.out, results)
     return 0
 
 

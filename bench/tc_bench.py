@@ -84,6 +84,7 @@ from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
 from meshd.desired import NodePorts, desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
+from benchlib import write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 CGROUP2 = Path("/sys/fs/cgroup/unified")
@@ -536,10 +537,7 @@ def main() -> int:
         results["tc_object_sha256_at_end"] = object_sha256()
         print(f"WARNING: {names.OBJ_TC_LB} was rebuilt during the run: the results mix "
               "program versions", file=sys.stderr)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
-    print(f"\nwritten {out}")
+    write_results(args.out, results)
     return 0
 
 

@@ -5,7 +5,6 @@ tests/kernel/ and tests/lab/test_policy.py)."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import stat
 import time
