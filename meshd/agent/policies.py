@@ -42,8 +42,12 @@ class PolicyState:
 
     # ---- cgroups ----------------------------------------------------------------------
     def _prefix(self) -> str:
-        rel = "/" + str(self.root.relative_to(self.mount)).strip(".").strip("/")
-        return rel.rstrip("/")
+        """The hooks' root relative to the cgroup2 mount ("" for the mount itself)."""
+        key = (self.root, self.mount)
+        if getattr(self, "_prefix_of", (None,))[0] != key:
+            rel = "/" + str(self.root.relative_to(self.mount)).strip(".").strip("/")
+            self._prefix_of = (key, rel.rstrip("/"))
+        return self._prefix_of[1]
 
     def _rel(self, path: str) -> str:
         pre = self._prefix()
@@ -147,7 +151,9 @@ class PolicyState:
         on the loop, which the watch updates)."""
         if self.watcher is None:
             self.start_watch()
-        return dict(self.cgroups), self.cgroup_version
+        if getattr(self, "_snap", (None,))[0] != self.cgroup_version:  # a copy per change
+            self._snap = (self.cgroup_version, dict(self.cgroups))
+        return self._snap[1], self.cgroup_version
 
     def overlay(self, groups: dict, hint: set | None, desired, policies: tuple,
                 cgroups: tuple[dict[str, int], int] | None = None, kernel=None
