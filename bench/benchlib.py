@@ -1,12 +1,15 @@
 """What the benchmarks share: writing their results, the one-service lab set-up of the
-socket-path benches, and the connect-rate measurement (scripts run as `python bench/x.py`,
-so this directory is on sys.path)."""
+socket-path benches, the connect-rate measurement and the events drain (scripts run as
+`python bench/x.py`, so this directory is on sys.path)."""
 
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
+from meshd.dataplane import events as kev
 from meshd.model import parse_service
 
 
@@ -35,3 +38,26 @@ def connrate(lab, vip: str, seconds: float, max_n: int) -> dict:
     if cr["errors"]:
         raise RuntimeError(f"errors: {cr['errors']}")
     return {"per_sec": cr["per_sec"], "count": cr["count"], "connect_p50": cr["connect_us"][0]}
+
+
+class Drain:
+    """Reads the events ring in a thread, as the daemon's reader does (decoding included)."""
+
+    def __init__(self, bpffs: Path, instance: str, cpus: set[int]):
+        self.cpus = cpus
+        self.reader = kev.EventReader(bpffs, instance)
+        self.n = 0
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+        self.t.start()
+
+    def run(self) -> None:
+        # this thread only: any CPU, as the daemon (the client is pinned to the first CPU)
+        os.sched_setaffinity(0, self.cpus)
+        while not self.stop.is_set():
+            self.n += len(self.reader.poll(100))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.t.join(2)
+        self.reader.close()

@@ -28,7 +28,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,35 +40,12 @@ from meshd.desired import G_POLICY, desired_groups  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from meshd.verdicts import UID_ANY  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import connrate, web_service, write_results  # noqa: E402
+from benchlib import Drain, connrate, web_service, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 VIP = "10.96.0.10"
 MODES = ("base", "events", "policy-1", "policy-1000", "policy-1000+events")
 ALLOW = 1
-
-
-class Drain:
-    """Reads the events ring in a thread, as the daemon's reader does (decoding included)."""
-
-    def __init__(self, instance: str, cpus: set[int]):
-        self.cpus = cpus
-        self.reader = kev.EventReader(BPFFS, instance)
-        self.n = 0
-        self.stop = threading.Event()
-        self.t = threading.Thread(target=self.run, daemon=True)
-        self.t.start()
-
-    def run(self) -> None:
-        # this thread only: any CPU, as the daemon (the client is pinned to the first CPU)
-        os.sched_setaffinity(0, self.cpus)
-        while not self.stop.is_set():
-            self.n += len(self.reader.poll(100))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.t.join(2)
-        self.reader.close()
 
 
 def main() -> int:
@@ -90,7 +66,7 @@ def main() -> int:
         os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
         instance = "bench-" + lab.prefix
         maps = loader.load(BPFFS, instance, lab.cgroup, 0, metrics=True)
-        drain = Drain(instance, set(cpus))
+        drain = Drain(BPFFS, instance, set(cpus))
         try:
             rec = Reconciler(KernelDataplane(maps))
             svc = web_service(lab, VIP)

@@ -16,6 +16,8 @@ path ends at the same server):
   direct+ipt  direct, while those iptables rules are installed (every new connection in the
               namespace walks the nat chain, service or not)
 A fresh lab per size; meshd paths are measured before any iptables rule exists there.
+meshd runs on the shipped settings: Maglev tables sized per group, metrics on, events on
+(drained as the daemon does). The connect-only breakdown is bench/connect_breakdown.py.
 Metrics: new connections per second (connect + 1 request/reply + close, sequential),
 connect() p50/p99 in microseconds, and request/response p50/p99 on one open connection.
 Writes bench/results/socklb.json and prints a table.
@@ -35,16 +37,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from meshd.dataplane import events as kev  # noqa: E402
 from meshd.dataplane import loader  # noqa: E402
 from meshd.dataplane.kernel import KernelDataplane  # noqa: E402
 from meshd.desired import desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import write_results  # noqa: E402
+from benchlib import Drain, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
-M = 1021  # small table: 10,000 services x 4 KiB; the per-connect cost does not depend on M
+M = 0  # the shipped default: each group's table sized for its backends (auto)
 
 
 def vip(i: int) -> str:
@@ -137,7 +140,10 @@ def bench_size(n: int, args) -> dict:
         # nodes have a default route). It points at b1, inside the lab: nothing leaves.
         lab.exec("cli", ["ip", "route", "add", "10.100.0.0/16", "via", lab.backend_addr(1)])
         instance = "bench-" + lab.prefix
-        maps = loader.load(BPFFS, instance, lab.cgroup, M)
+        maps = loader.load(BPFFS, instance, lab.cgroup, M)  # metrics on, as shipped
+        # events on as shipped (every type, sample 1, 5,000/s/CPU), drained as the daemon does
+        kev.write_evcfg(BPFFS, instance, kev.ALL, 1, 5000)
+        drain = Drain(BPFFS, instance, set(cpus))
         try:
             rec = Reconciler(KernelDataplane(maps))
             t0 = time.perf_counter()
@@ -156,6 +162,7 @@ def bench_size(n: int, args) -> dict:
                       "direct+ipt": (lab.backend_addr(1), 8080, False)}
             med.update(run_rounds(lab, phase2, args))
         finally:
+            drain.close()
             maps.close()
             loader.remove(BPFFS, instance)
             os.sched_setaffinity(0, set(cpus))

@@ -46,14 +46,36 @@ struct {
 	__type(value, struct meshd_revnat_val);
 } meshd_revnat_v1 SEC(".maps");
 
-/* Reused from the socket LB's pinned socket storage (same definition as in sock_lb.bpf.c):
- * where connect() keeps (backend, VIP) of a translated socket. */
+/* Reused from the socket LB's pinned socket storage (same definitions as in meshd_maps.h):
+ * where connect() keeps (backend, VIP) of a translated socket; meshd_sknat_v1 for sockets
+ * an older meshd connected. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct meshd_sock);
+} meshd_sock_v1 SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, struct meshd_sknat);
 } meshd_sknat_v1 SEC(".maps");
+
+/* 1 and the VIP in *dk if `addr`:`port` is the backend the storage says it translated to. */
+static __always_inline int meshd_stored_vip(const __u32 *be_addr, __u16 be_port,
+					    const __u32 *vip_addr, __u16 vip_port,
+					    const __u32 *addr, __u16 port,
+					    struct meshd_doomed_key *dk)
+{
+	if (be_port != port || be_addr[0] != addr[0] || be_addr[1] != addr[1] ||
+	    be_addr[2] != addr[2] || be_addr[3] != addr[3])
+		return 0;
+	__builtin_memcpy(dk->vip_addr, vip_addr, sizeof(dk->vip_addr));
+	dk->vip_port = vip_port;
+	return 1;
+}
 
 /* [0] -> sockets destroyed by this run (one reader at a time). */
 struct {
@@ -73,6 +95,7 @@ int meshd_destroy_udp(struct bpf_iter__udp *ctx)
 	struct meshd_doomed_key dk = {};
 	struct meshd_revnat_val *rv;
 	struct meshd_sknat *sn;
+	struct meshd_sock *sock;
 	struct sock_common *skc;
 	__u32 zero = 0;
 	__u64 *n;
@@ -97,13 +120,15 @@ int meshd_destroy_udp(struct bpf_iter__udp *ctx)
 	__builtin_memcpy(dk.be_addr, rk.addr, sizeof(dk.be_addr));
 	dk.be_port = rk.port;
 	/* connect() of this meshd keeps (backend, VIP) in the socket's storage; a socket
-	 * connected by an older meshd has its entry in the LRU */
-	sn = bpf_sk_storage_get(&meshd_sknat_v1, &udp_sk->inet.sk, 0, 0);
-	if (sn && sn->be_port == rk.port && sn->be_addr[0] == rk.addr[0] &&
-	    sn->be_addr[1] == rk.addr[1] && sn->be_addr[2] == rk.addr[2] &&
-	    sn->be_addr[3] == rk.addr[3]) {
-		__builtin_memcpy(dk.vip_addr, sn->vip_addr, sizeof(dk.vip_addr));
-		dk.vip_port = sn->vip_port;
+	 * connected by an older meshd has it in meshd_sknat_v1 or in the LRU */
+	sock = bpf_sk_storage_get(&meshd_sock_v1, &udp_sk->inet.sk, 0, 0);
+	sn = sock ? 0 : bpf_sk_storage_get(&meshd_sknat_v1, &udp_sk->inet.sk, 0, 0);
+	if (sock && meshd_stored_vip(sock->be_addr, sock->be_port, sock->vip_addr,
+				     sock->vip_port, rk.addr, rk.port, &dk)) {
+		/* dk has the VIP */
+	} else if (sn && meshd_stored_vip(sn->be_addr, sn->be_port, sn->vip_addr, sn->vip_port,
+					  rk.addr, rk.port, &dk)) {
+		/* dk has the VIP */
 	} else {
 		rk.cookie = bpf_get_socket_cookie(&udp_sk->inet.sk);
 		rv = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);

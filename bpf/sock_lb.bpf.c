@@ -51,14 +51,6 @@
  * when self_tgid is 0, and the metrics paths when MESHD_CFG_F_METRICS is clear). */
 const volatile struct meshd_cfg meshd_cfg = {};
 
-/* socket -> (backend, VIP) for sockets connect() translated (see struct meshd_sknat). */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct meshd_sknat);
-} meshd_sknat_v1 SEC(".maps");
-
 /* True for sockets of the meshd daemon itself: they are never translated, so a VIP that
  * equals an address the daemon needs (an etcd endpoint, the API server) cannot cut the
  * daemon off from the registry that would repair it. The daemon is identified by its
@@ -114,9 +106,9 @@ static __always_inline __u32 meshd_pick_affine(struct bpf_sock_addr *ctx, __u32 
 
 /* The caller as the policy check and the events see it. */
 struct meshd_caller {
-	__u32 identity;	/* meshd_ident_v1 of the caller's cgroup; 0: none */
+	__u32 identity;	/* meshd_ident_v1 of the caller's cgroup (policy check only); 0: none
+			 * or not looked up */
 	__u32 policy;	/* a denial's deciding policy; 0: none allows */
-	__u32 known;	/* identity was looked up (policy check, or events on) */
 };
 
 /* Picks a backend for the frontend `key`. Returns 0 and fills *be, -ENOENT when the
@@ -140,7 +132,6 @@ static __always_inline int meshd_pick(struct bpf_sock_addr *ctx, const struct me
 	gid = svc->id;
 	ids->group = gid;
 	if (svc->flags & MESHD_SVC_F_POLICY) {
-		who->known = 1;
 		if (!meshd_policy_allows(gid, svc->flags & MESHD_SVC_F_POLICY_OPEN,
 					 &who->identity, &who->policy))
 			return -MESHD_EPERM;
@@ -175,10 +166,10 @@ static __always_inline int meshd_remember(struct bpf_sock_addr *ctx, __u64 cooki
 {
 	struct meshd_revnat_key rk = {};
 	struct meshd_revnat_val rv = {}, *old;
-	struct meshd_sknat *sn;
+	struct meshd_sock *sn;
 
 	if (is_connect && ctx->sk) {
-		sn = bpf_sk_storage_get(&meshd_sknat_v1, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		sn = bpf_sk_storage_get(&meshd_sock_v1, ctx->sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		if (sn) {
 			__builtin_memcpy(sn->be_addr, be->addr, sizeof(sn->be_addr));
 			__builtin_memcpy(sn->vip_addr, key->addr, sizeof(sn->vip_addr));
@@ -247,17 +238,13 @@ static __always_inline void meshd_ev_hook(const struct meshd_evcfg *cfg, __u32 t
 	meshd_ev_submit(e);
 }
 
-/* After meshd_pick() found a service: the event settings (NULL: events off), and the
- * caller's identity looked up if events are on and the policy check did not. */
-static __always_inline const struct meshd_evcfg *meshd_ev_prepare(struct meshd_caller *who)
+/* After meshd_pick() found a service: the event settings (NULL: events off). The caller's
+ * identity is in the event only where the policy check looked it up; elsewhere it is 0 and
+ * the daemon names it from the event's cgroup when it reads the event: looked up here it
+ * cost every connect ~0.6-1 us of cold cache lines (bench/connect_breakdown.py) for a label. */
+static __always_inline const struct meshd_evcfg *meshd_ev_prepare(void)
 {
-	struct meshd_evcfg *cfg = meshd_evcfg();
-
-	if (cfg && !who->known) {
-		who->identity = meshd_identity();
-		who->known = 1;
-	}
-	return cfg;
+	return meshd_evcfg();
 }
 
 /* A connect/sendmsg that does not go through: denied by policy (EPERM: a DENIED event) or
@@ -296,7 +283,7 @@ static __always_inline int meshd_xlate4(struct bpf_sock_addr *ctx, int is_connec
 	err = meshd_pick(ctx, &key, cookie, 0, &be, &ids, &who);
 	if (err == -2)
 		return 1;
-	cfg = meshd_ev_prepare(&who);
+	cfg = meshd_ev_prepare();
 	if (err || be.family != AF_INET)
 		return meshd_refuse(ctx, cfg, err ? err : -MESHD_ECONNREFUSED, &key, &ids, &who,
 				    cookie, is_connect);
@@ -328,7 +315,7 @@ static __always_inline int meshd_xlate6(struct bpf_sock_addr *ctx, int is_connec
 	err = meshd_pick(ctx, &key, cookie, 1, &be, &ids, &who);
 	if (err == -2)
 		return 1;
-	cfg = meshd_ev_prepare(&who);
+	cfg = meshd_ev_prepare();
 	if (err)
 		return meshd_refuse(ctx, cfg, err, &key, &ids, &who, cookie, is_connect);
 	/* An IPv4-mapped VIP has IPv4 backends, written back mapped: the socket stays AF_INET6. */
@@ -350,13 +337,21 @@ static __always_inline int meshd_vip_of(struct bpf_sock_addr *ctx, const __u32 *
 {
 	struct meshd_revnat_key rk = {};
 	struct meshd_revnat_val *rv;
-	struct meshd_sknat *sn = 0;
+	struct meshd_sknat *old = 0;
+	struct meshd_sock *sn = 0;
 
 	if (ctx->sk)
-		sn = bpf_sk_storage_get(&meshd_sknat_v1, ctx->sk, 0, 0);
+		sn = bpf_sk_storage_get(&meshd_sock_v1, ctx->sk, 0, 0);
 	if (sn && sn->be_port == port && meshd_eq16(sn->be_addr, addr)) {
 		__builtin_memcpy(vip, sn->vip_addr, 16);
 		*vip_port = sn->vip_port;
+		return 1;
+	}
+	if (ctx->sk && !sn) /* a socket an older meshd connected */
+		old = bpf_sk_storage_get(&meshd_sknat_v1, ctx->sk, 0, 0);
+	if (old && old->be_port == port && meshd_eq16(old->be_addr, addr)) {
+		__builtin_memcpy(vip, old->vip_addr, 16);
+		*vip_port = old->vip_port;
 		return 1;
 	}
 	rk.cookie = bpf_get_socket_cookie(ctx);
@@ -476,7 +471,7 @@ static __always_inline int meshd_sk_err(struct bpf_sock_ops *ctx)
 
 /* Adds the bytes since the last flush and one smoothed-RTT sample. `fin_out`/`fin_in`: 1
  * when the FIN we sent / received is in bytes_acked / bytes_received (not payload). */
-static __always_inline void meshd_flush(struct bpf_sock_ops *ctx, struct meshd_sk_meta *m,
+static __always_inline void meshd_flush(struct bpf_sock_ops *ctx, struct meshd_sock *m,
 					struct meshd_stats *st, __u64 fin_out, __u64 fin_in,
 					__u64 now)
 {
@@ -497,14 +492,13 @@ static __always_inline void meshd_flush(struct bpf_sock_ops *ctx, struct meshd_s
 	m->flushed_ns = now;
 }
 
-/* A FAILED or CLOSED event of a translated TCP socket: the caller from its tag, VIP and
- * backend address from meshd_sknat_v1. */
+/* A FAILED or CLOSED event of a translated TCP socket: the caller, VIP and backend from
+ * its meshd_sock_v1 storage. */
 static __always_inline void meshd_ev_sock(struct bpf_sock_ops *ctx, struct bpf_sock *sk,
-					  const struct meshd_sk_meta *m, __u32 type, int err,
+					  const struct meshd_sock *m, __u32 type, int err,
 					  __u64 tx, __u64 rx)
 {
 	const struct meshd_evcfg *cfg = meshd_evcfg();
-	struct meshd_sknat *sn;
 	struct meshd_event *e;
 
 	if (!cfg)
@@ -524,20 +518,17 @@ static __always_inline void meshd_ev_sock(struct bpf_sock_ops *ctx, struct bpf_s
 	e->rx_bytes = rx;
 	e->proto = IPPROTO_TCP;
 	__builtin_memcpy(e->comm, m->comm, sizeof(e->comm));
-	sn = bpf_sk_storage_get(&meshd_sknat_v1, sk, 0, 0);
-	if (sn) {
-		__builtin_memcpy(e->vip, sn->vip_addr, sizeof(e->vip));
-		__builtin_memcpy(e->be_addr, sn->be_addr, sizeof(e->be_addr));
-		e->vip_port = sn->vip_port;
-		e->be_port = sn->be_port;
-	}
+	__builtin_memcpy(e->vip, m->vip_addr, sizeof(e->vip));
+	__builtin_memcpy(e->be_addr, m->be_addr, sizeof(e->be_addr));
+	e->vip_port = m->vip_port;
+	e->be_port = m->be_port;
 	meshd_ev_submit(e);
 }
 
 /* TCP_CLOSE is where every connection ends (RST, retries exhausted, close in SYN_SENT,
  * tcp_done after TIME_WAIT starts): its outcome is counted here, once, and is one event. */
 static __always_inline void meshd_tcp_closed(struct bpf_sock_ops *ctx, struct bpf_sock *sk,
-					     struct meshd_sk_meta *m, __u32 old)
+					     struct meshd_sock *m, __u32 old)
 {
 	struct meshd_stats *st = meshd_stats_get(m->group, m->backend);
 	int err = meshd_sk_err(ctx);
@@ -587,7 +578,7 @@ static __always_inline void meshd_tcp_closed(struct bpf_sock_ops *ctx, struct bp
 SEC("sockops")
 int meshd_sockops(struct bpf_sock_ops *ctx)
 {
-	struct meshd_sk_meta *m;
+	struct meshd_sock *m;
 	struct meshd_stats *st;
 	struct bpf_sock *sk;
 	__u32 op = ctx->op;
@@ -596,10 +587,15 @@ int meshd_sockops(struct bpf_sock_ops *ctx)
 	if (op != BPF_SOCK_OPS_TCP_CONNECT_CB && op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
 	    op != BPF_SOCK_OPS_RTT_CB && op != BPF_SOCK_OPS_STATE_CB)
 		return 1;
+	/* of the state changes only these three matter (SYN_SENT -> ESTABLISHED, on the
+	 * connect path, and the others pay no storage lookup) */
+	if (op == BPF_SOCK_OPS_STATE_CB && ctx->args[1] != BPF_TCP_FIN_WAIT1 &&
+	    ctx->args[1] != BPF_TCP_LAST_ACK && ctx->args[1] != BPF_TCP_CLOSE)
+		return 1;
 	sk = ctx->sk;
 	if (!sk)
 		return 1;
-	m = bpf_sk_storage_get(&meshd_skmeta_v1, sk, 0, 0);
+	m = bpf_sk_storage_get(&meshd_sock_v1, sk, 0, 0);
 	if (!m || !(m->flags & MESHD_SK_F_TCP) || (m->flags & MESHD_SK_F_DONE))
 		return 1; /* not translated by meshd, or already counted */
 
@@ -652,7 +648,7 @@ int meshd_sockops(struct bpf_sock_ops *ctx)
  * are not parsed (counted as payload). */
 static __always_inline void meshd_udp_count(struct __sk_buff *skb, int egress)
 {
-	struct meshd_sk_meta *m;
+	struct meshd_sock *m;
 	struct meshd_stats *st;
 	struct bpf_sock *sk;
 	__u32 hdr = 40 + 8;
@@ -664,9 +660,9 @@ static __always_inline void meshd_udp_count(struct __sk_buff *skb, int egress)
 	sk = bpf_sk_fullsock(sk);
 	if (!sk || sk->protocol != IPPROTO_UDP)
 		return;
-	m = bpf_sk_storage_get(&meshd_skmeta_v1, sk, 0, 0);
-	if (!m)
-		return;
+	m = bpf_sk_storage_get(&meshd_sock_v1, sk, 0, 0);
+	if (!m || !(m->flags & MESHD_SK_F_TAGGED))
+		return; /* not translated, or while metrics were off */
 	st = meshd_stats_get(m->group, m->backend);
 	if (!st)
 		return;

@@ -246,6 +246,7 @@ class Daemon:
         n.identity_selectors = pol.identity_selectors
         n.policy_key = pol.policy_key
         n.cgroup_path = pol.cgroup_path
+        n.identity_of_cgroup = pol.identity_of_cgroup
 
     # ---- reload -------------------------------------------------------------------------
     def _on_hup(self) -> None:

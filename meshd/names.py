@@ -22,16 +22,22 @@ MAP_SRCRANGES = "meshd_srcrange_v1"  # LPM: frontend + allowed source network
 SOCK_LB_MAPS = (MAP_SVC, MAP_BACKENDS, MAP_MAGLEV, MAP_REVNAT, MAP_META, MAP_NAMES,
                 MAP_SVC_EXT, MAP_AFFINITY, MAP_AFFCFG, MAP_MEMBERS, MAP_SRCRANGES)
 
-# Socket storage of translated sockets: connect() keeps (backend, VIP) there, so a
-# connected socket's getpeername() never depends on the LRU meshd_revnat_v1 (which only
-# unconnected UDP uses). In bpf/sock_lb.bpf.c; reused by bpf/sock_destroy.bpf.c.
+# Socket storage of translated sockets (one per socket): connect() keeps (backend, VIP)
+# there, so a connected socket's getpeername() never depends on the LRU meshd_revnat_v1
+# (which only unconnected UDP uses), and with metrics on the socket's tag. In
+# bpf/include/meshd_maps.h; reused by bpf/sock_destroy.bpf.c. MAP_SKNAT: where an older
+# meshd kept (backend, VIP); read for the sockets it connected, never written.
+MAP_SOCK = "meshd_sock_v1"
 MAP_SKNAT = "meshd_sknat_v1"
 
 # Metrics maps (bpf/include/meshd_metrics.h), in the same object and pin dir. The zero-value
 # map (meshd_zero_v1) is not pinned: a fresh one per load is as good.
-MAP_SKMETA = "meshd_skmeta_v1"  # socket storage: socket -> (group, backend, start)
 MAP_STATS = "meshd_stats_v1"  # per-CPU hash: (group, backend) -> counters and histograms
-METRICS_MAPS = (MAP_SKMETA, MAP_STATS)
+METRICS_MAPS = (MAP_STATS,)
+# Pins an older meshd made that nothing reads any more: removed when a pin dir is adopted.
+# meshd_skmeta_v1: the metrics tag, now in meshd_sock_v1 (a socket tagged by an older
+# meshd is not counted at its close).
+RETIRED_MAPS = ("meshd_skmeta_v1",)
 
 # Authorization (bpf/include/meshd_policy.h), same object and pin dir.
 MAP_IDENT = "meshd_ident_v1"  # hash: cgroup id -> identity
@@ -48,7 +54,8 @@ EVENT_MAPS = (MAP_EVENTS, MAP_EVCFG, MAP_EVSTATE)
 
 # Every map the loader pins and adopts across restarts. Maps a newer meshd added are
 # created (and pinned) when an older pin dir is adopted: the others keep their entries.
-PINNED_MAPS = SOCK_LB_MAPS + (MAP_SKNAT,) + METRICS_MAPS + POLICY_MAPS + EVENT_MAPS
+PINNED_MAPS = (SOCK_LB_MAPS + (MAP_SOCK, MAP_SKNAT) + METRICS_MAPS + POLICY_MAPS
+               + EVENT_MAPS)
 
 # Name of each Maglev inner map the reconciler creates (kernel names are at most 15 chars).
 MAGLEV_INNER_NAME = "meshd_mglv_tbl"

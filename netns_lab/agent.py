@@ -37,6 +37,7 @@ import json
 import math
 import signal
 import socket
+import statistics
 import struct
 import sys
 import threading
@@ -150,6 +151,19 @@ def _tcp_loop(lsock: socket.socket, reply: bytes, stop: threading.Event) -> None
         threading.Thread(target=_tcp_conn, args=(conn, reply), daemon=True).start()
 
 
+def _sink_loop(lsock: socket.socket, stop: threading.Event) -> None:
+    """Accept and close at once, in this thread: a connect-only client is never held up by
+    the server (a thread per connection falls behind and the accept queue overflows)."""
+    while not stop.is_set():
+        try:
+            conn, _ = lsock.accept()
+            conn.close()
+        except OSError:
+            if stop.is_set():
+                return
+            time.sleep(0.01)
+
+
 def _udp_loop(usock: socket.socket, reply: bytes, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
@@ -161,8 +175,9 @@ def _udp_loop(usock: socket.socket, reply: bytes, stop: threading.Event) -> None
             time.sleep(0.01)
 
 
-def serve(name: str, port: int, udp: bool) -> int:
-    """Serve until SIGTERM/SIGINT; return the exit code."""
+def serve(name: str, port: int, udp: bool, sink_port: int | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit code. ``sink_port``: also accept and
+    close TCP connections there (for connect-only clients)."""
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -171,7 +186,10 @@ def serve(name: str, port: int, udp: bool) -> int:
     threading.Thread(target=_tcp_loop, args=(socks[0], reply, stop), daemon=True).start()
     if udp:
         socks.append(_listen(socket.SOCK_DGRAM, port))
-        threading.Thread(target=_udp_loop, args=(socks[1], reply, stop), daemon=True).start()
+        threading.Thread(target=_udp_loop, args=(socks[-1], reply, stop), daemon=True).start()
+    if sink_port:
+        socks.append(_listen(socket.SOCK_STREAM, sink_port))
+        threading.Thread(target=_sink_loop, args=(socks[-1], stop), daemon=True).start()
     print(f"agent {name} listening on port {port} tcp{'+udp' if udp else ''}", flush=True)
     while not stop.wait(0.5):
         pass
@@ -318,6 +336,41 @@ def connrate_client(addr: str, port: int, duration: float, limit: int, timeout: 
             "errors": dict(errs), "by_backend": dict(by)}
 
 
+def connect_client(targets: list[tuple[str, int]], duration: float, limit: int,
+                   timeout: float) -> dict[str, Any]:
+    """Connect-only: as many sequential new socket / connect() / close cycles as fit in
+    ``duration`` (nothing sent: the server accepts and sees the close). With several
+    targets, each cycle goes to the next one in turn, so drift (CPU frequency, neighbours)
+    hits them alike and their p50s compare within one run. What a VIP costs on top of a
+    direct connect shows here undiluted by a request/reply."""
+    errs: Counter[str] = Counter()
+    samples: list[list[float]] = [[] for _ in targets]
+    fams = [family_of(a) for a, _ in targets]
+    linger = struct.pack("ii", 1, 0)
+    n = 0
+    start = time.monotonic()
+    end = start + duration
+    while n + sum(errs.values()) < limit and time.monotonic() < end and not STOP.is_set():
+        i = n % len(targets)
+        with socket.socket(fams[i], socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            try:
+                t0 = time.perf_counter()
+                s.connect(targets[i])
+                samples[i].append((time.perf_counter() - t0) * 1e6)
+                n += 1
+                # close with RST, as connrate: no TIME_WAIT piling up in the port range
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            except OSError as e:
+                errs[err_name(e)] += 1
+    elapsed = max(time.monotonic() - start, 1e-9)
+    per = [{"addr": f"{a}:{p}", "count": len(x), "connect_us": pct(x),
+            "p50_us": round(statistics.median(x), 2) if x else None}
+           for (a, p), x in zip(targets, samples)]
+    return {"count": n, "per_sec": round(n / elapsed, 1), "connect_us": per[0]["connect_us"],
+            "p50_us": per[0]["p50_us"], "targets": per, "errors": dict(errs)}
+
+
 def wait_ready(targets: list[str], udp: bool, deadline_s: float) -> dict[str, Any]:
     """Poll each ``addr,port,name`` target until it answers its name (bounded)."""
     pending = {t: t.rsplit(",", 2) for t in targets}
@@ -356,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", required=True)
     s.add_argument("--port", type=int, required=True)
     s.add_argument("--udp", action="store_true")
+    s.add_argument("--sink-port", type=int, help="also accept-and-close TCP on this port")
 
     t = sub.add_parser("tcp", help="N sequential TCP connections")
     target(t)
@@ -370,11 +424,15 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--unconnected", dest="connected", action="store_false")
 
     for name, hlp in (("rr", "request/response latency on one connection"),
-                      ("connrate", "sequential new connections per second")):
+                      ("connrate", "sequential new connections per second"),
+                      ("connect", "sequential connect()-only cycles (connect, close)")):
         r = sub.add_parser(name, help=hlp)
         target(r)
         r.add_argument("--duration", type=float, default=1.0)
         r.add_argument("--max", type=int, default=100000)
+        if name == "connect":
+            r.add_argument("--also", action="append", metavar="ADDR,PORT",
+                           help="another target; cycles go to each target in turn")
 
     w = sub.add_parser("wait", help="wait until servers answer their names")
     w.add_argument("--target", action="append", required=True, help="ADDR,PORT,NAME")
@@ -386,8 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.cmd == "serve":
-        return serve(a.name, a.port, a.udp)
-    if a.cmd in ("rr", "connrate"):
+        return serve(a.name, a.port, a.udp, a.sink_port)
+    if a.cmd in ("rr", "connrate", "connect"):
         signal.signal(signal.SIGTERM, lambda *_: STOP.set())
     if a.cmd == "tcp":
         emit(tcp_client(a.addr, a.port, a.count, a.timeout, a.hold))
@@ -397,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         emit(rr_client(a.addr, a.port, a.duration, a.max, a.timeout))
     elif a.cmd == "connrate":
         emit(connrate_client(a.addr, a.port, a.duration, a.max, a.timeout))
+    elif a.cmd == "connect":
+        targets = [(a.addr, a.port)] + [(x.rsplit(",", 1)[0], int(x.rsplit(",", 1)[1]))
+                                         for x in a.also or ()]
+        emit(connect_client(targets, a.duration, a.max, a.timeout))
     elif a.cmd == "wait":
         res = wait_ready(a.target, a.udp, a.deadline)
         emit(res)

@@ -309,12 +309,16 @@ class Lab:
               **opts: Any) -> dict[str, Any]:
         """Run an agent client (tcp/udp/rr/connrate) in ``ns`` (and in the lab cgroup if
         ``cgroup``); return its JSON.
-        ``opts`` become flags: ``count=5`` -> ``--count 5``, ``hold=True`` -> ``--hold``."""
+        ``opts`` become flags: ``count=5`` -> ``--count 5``, ``hold=True`` -> ``--hold``,
+        ``also=["a", "b"]`` -> ``--also a --also b``."""
         argv = agent_argv(cmd)
         for k, v in opts.items():
             flag = "--" + k.replace("_", "-")
             if v is True:
                 argv.append(flag)
+            elif isinstance(v, (list, tuple)):  # a repeatable flag
+                for x in v:
+                    argv += [flag, str(x)]
             elif v not in (False, None):
                 argv += [flag, str(v)]
         cp = self.exec(ns, argv, cgroup=cgroup, timeout=run_timeout, check=False)
@@ -329,14 +333,19 @@ class Lab:
         """PIDs started by run() that are still running."""
         return [p.pid for p, _, _ in self._procs if p.poll() is None]
 
-    def start_backends(self, port: int = 8080, *, udp: bool = True, deadline: float = 20.0) -> None:
+    def start_backends(self, port: int = 8080, *, udp: bool = True, deadline: float = 20.0,
+                       sink_port: int | None = None) -> None:
         """Run the agent server as ``b{i}`` in every backend namespace (TCP and,
-        if ``udp``, UDP; IPv4+IPv6) and wait until each answers from the client."""
+        if ``udp``, UDP; IPv4+IPv6) and wait until each answers from the client.
+        ``sink_port``: the servers also accept and close TCP connections there at once
+        (listening before they answer on ``port``)."""
         procs = []
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         for i in range(1, self.backends + 1):
             log = STATE_DIR / f"{self.prefix}.b{i}-{port}.log"
             argv = agent_argv("serve") + ["--name", f"b{i}", "--port", str(port)]
+            if sink_port:
+                argv += ["--sink-port", str(sink_port)]
             with open(log, "wb") as f:
                 procs.append((i, log, self.run(self.backend_ns(i), argv + (["--udp"] if udp else []),
                                                stdin=subprocess.DEVNULL, stdout=f, stderr=f)))

@@ -43,7 +43,8 @@ struct meshd_event {
 	__u32 type;		/* MESHD_EV_* */
 	__u32 pid;		/* tgid */
 	__u32 uid;
-	__u32 identity;
+	__u32 identity;		/* from the policy check; 0: none, or not looked up (the daemon
+				 * then names it from `cgroup`) */
 	__u32 group;
 	__u32 backend;		/* 0: none */
 	__u32 policy;		/* DENIED: deny policy id, 0 = none allows */

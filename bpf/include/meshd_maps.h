@@ -124,6 +124,22 @@ struct {
 	__type(value, struct meshd_meta);
 } meshd_meta_v1 SEC(".maps");
 
+/* socket -> struct meshd_sock (translation and metrics tag of a socket meshd translated). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct meshd_sock);
+} meshd_sock_v1 SEC(".maps");
+
+/* socket -> struct meshd_sknat of sockets an older meshd connected (read only). */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct meshd_sknat);
+} meshd_sknat_v1 SEC(".maps");
+
 /* frontend group id -> its group key for tools; never read by BPF, so not preallocated. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -38,30 +38,12 @@
 /* meshd_cfg.flags */
 #define MESHD_CFG_F_METRICS 1	/* socket hooks tag sockets and count refusals */
 
-/* meshd_sk_meta.flags */
+/* meshd_sock.flags (the tag in meshd_sock_v1, meshd_structs.h) */
 #define MESHD_SK_F_TCP 1	/* a TCP connect: sockops owns the rest of its life */
 #define MESHD_SK_F_ESTABLISHED 2	/* handshake completed and counted */
 #define MESHD_SK_F_DONE 4	/* outcome (failure or close) counted: never count twice */
 #define MESHD_SK_F_FIN_OUT 8	/* we sent a FIN (its sequence number is in bytes_acked) */
-
-/* Value of meshd_skmeta_v1 (socket storage of every socket translated to a backend). */
-struct meshd_sk_meta {
-	__u64 start_ns;		/* bpf_ktime_get_ns() in connect() */
-	__u64 flushed_ns;	/* last time bytes and RTT went into the counters */
-	__u64 bytes_acked;	/* TCP: bytes_acked already counted (incl. the SYN's 1) */
-	__u64 bytes_received;	/* TCP: bytes_received already counted */
-	__u32 group;		/* frontend group id (host order) */
-	__u32 backend;		/* backend id (host order); 0: none */
-	__u32 flags;		/* MESHD_SK_F_* */
-	__u32 pad;		/* zero */
-	/* the caller at connect(), for the events sockops emits (meshd_events.h) */
-	__u64 cgroup;		/* bpf_get_current_cgroup_id() */
-	__u32 identity;		/* policy identity (meshd_ident_v1); 0: none or not looked up */
-	__u32 pid;		/* tgid */
-	__u32 uid;
-	__u32 pad2;		/* zero */
-	char comm[16];		/* bpf_get_current_comm() */
-};
+#define MESHD_SK_F_TAGGED 16	/* group, backend and caller are set (metrics were on) */
 
 /* Key of meshd_stats_v1. */
 struct meshd_stats_key {
@@ -86,14 +68,6 @@ struct meshd_stats {
 	__u64 connect_hist[MESHD_HIST_BUCKETS];	/* TCP connect latency, log2 us buckets */
 	__u64 rtt_hist[MESHD_HIST_BUCKETS];	/* smoothed RTT samples, log2 us buckets */
 };
-
-/* socket -> which group and backend it was translated to. Freed with the socket. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct meshd_sk_meta);
-} meshd_skmeta_v1 SEC(".maps");
 
 /* (group, backend) -> counters, one copy per CPU. Not preallocated: memory follows the
  * pairs that saw traffic (480 bytes x possible CPUs each). */
@@ -162,24 +136,25 @@ static __always_inline void meshd_hist_add(__u64 *hist, __u64 *sum, __u64 us)
 /* Tags a socket just translated to (group, backend). Called by connect (start of a
  * connection) and sendmsg (each unconnected UDP datagram: rewritten only on change).
  * Also keeps who connected (cgroup, pid, uid, comm and the `identity` the caller knows:
- * from the policy check, or looked up because events are on; else 0), so that sockops,
+ * from the policy check; else 0), so that sockops,
  * which runs in softirq, can emit FAILED and CLOSED events naming the caller. */
 static __always_inline void meshd_tag(void *sk, __u32 group, __u32 backend, int is_connect,
 				      int is_tcp, __u32 identity)
 {
-	struct meshd_sk_meta *m;
+	struct meshd_sock *m;
 	struct meshd_stats *st;
 
 	if (!sk)
 		return;
-	m = bpf_sk_storage_get(&meshd_skmeta_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	/* connect(): the storage meshd_remember() just made (found in the socket's cache) */
+	m = bpf_sk_storage_get(&meshd_sock_v1, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	if (!m)
 		return;
 	if (!is_connect && m->group == group && m->backend == backend)
 		return;
 	m->group = group;
 	m->backend = backend;
-	m->flags = is_tcp ? MESHD_SK_F_TCP : 0;
+	m->flags = MESHD_SK_F_TAGGED | (is_tcp ? MESHD_SK_F_TCP : 0);
 	m->start_ns = is_connect ? bpf_ktime_get_ns() : 0;
 	m->flushed_ns = 0;
 	m->bytes_acked = 0;

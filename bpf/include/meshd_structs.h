@@ -128,15 +128,41 @@ struct meshd_cfg {
 	__u32 pad;		/* zero */
 };
 
-/* Value of meshd_sknat_v1, the socket storage of every socket connect() translated: the
- * backend it was sent to and the VIP it asked for. Lives and dies with the socket, so a
- * connected socket's getpeername() shows the VIP however many other sockets come and go
- * (the LRU meshd_revnat_v1 is only for unconnected UDP, keyed per datagram peer). */
+/* Value of meshd_sknat_v1: the socket storage connect() kept (backend, VIP) in before
+ * meshd_sock_v1 held it. Only read now (getpeername, recvmsg, sock_destroy), for sockets
+ * an older meshd connected; nothing creates entries any more. */
 struct meshd_sknat {
 	__u32 be_addr[4];	/* backend address, network order, IPv4-mapped */
 	__u32 vip_addr[4];	/* VIP, network order, IPv4-mapped */
 	__u16 be_port;		/* backend port, network order */
 	__u16 vip_port;		/* VIP port, network order */
+};
+
+/* Value of meshd_sock_v1, the one socket storage of every socket meshd translated: what
+ * connect() translated (lives and dies with the socket, so a connected socket's
+ * getpeername() shows the VIP however many other sockets come and go; the LRU
+ * meshd_revnat_v1 is only for unconnected UDP, keyed per datagram peer) and, with metrics
+ * on, the socket's tag (group, backend, start, caller) for sockops and the skb programs.
+ * One storage, not two: each is an allocation on connect() and a free with the socket
+ * (~0.5 us a connect, bench/connect_breakdown.py). */
+struct meshd_sock {
+	__u32 be_addr[4];	/* connect(): backend address, network order, IPv4-mapped */
+	__u32 vip_addr[4];	/* connect(): VIP, network order, IPv4-mapped; be_port 0: none */
+	__u16 be_port;		/* backend port, network order */
+	__u16 vip_port;		/* VIP port, network order */
+	__u32 flags;		/* metrics: MESHD_SK_F_* (meshd_metrics.h); 0: not tagged */
+	__u64 start_ns;		/* metrics: bpf_ktime_get_ns() in connect() */
+	__u64 flushed_ns;	/* last time bytes and RTT went into the counters */
+	__u64 bytes_acked;	/* TCP: bytes_acked already counted (incl. the SYN's 1) */
+	__u64 bytes_received;	/* TCP: bytes_received already counted */
+	__u64 cgroup;		/* the caller at connect(), for sockops' events: cgroup id */
+	__u32 group;		/* frontend group id (host order) */
+	__u32 backend;		/* backend id (host order); 0: none */
+	__u32 identity;		/* policy identity if the policy check looked it up; else 0 */
+	__u32 pid;		/* tgid */
+	__u32 uid;
+	__u32 pad;		/* zero */
+	char comm[16];		/* bpf_get_current_comm() */
 };
 
 /* Value of meshd_meta_v1[0]: what the pinned maps were created with, so a restarted

@@ -43,12 +43,16 @@ class Namer:
         self.identity_selectors = lambda ident: ()
         self.policy_key = lambda pid: None  # policy id -> "ns/name"
         self.cgroup_path = lambda cgid: None  # cgroup id -> "/system.slice/web.service"
+        # cgroup id -> its identity now (the kernel puts an identity in an event only where
+        # a policy check looked it up: on the connect path it is not worth its cost)
+        self.identity_of_cgroup = lambda cgid: 0
 
     def event(self, ev) -> dict:
         """The JSON form of one kernel event (the `meshd observe --json` contract)."""
         now_mono, now = time.monotonic_ns(), time.time()
         kind, proto = ev.type, ev.proto  # names (meshd.dataplane.events.Event)
         key = self.group_key(ev.group) if ev.group else None
+        identity = ev.identity or self.identity_of_cgroup(ev.cgroup)
         service = None
         if key:
             svc, _, rest = key.partition(":")
@@ -66,9 +70,9 @@ class Namer:
             "comm": ev.comm,
             "cgroup": self.cgroup_path(ev.cgroup),
             "cgroup_id": ev.cgroup,
-            "identity_id": ev.identity,
-            "identity": self.identity_label(ev.identity),
-            "selectors": list(self.identity_selectors(ev.identity)),
+            "identity_id": identity,
+            "identity": self.identity_label(identity),
+            "selectors": list(self.identity_selectors(identity)),
             "cookie": ev.cookie,
             "sendmsg": bool(ev.sendmsg),
         }

@@ -137,6 +137,23 @@ class PolicyState:
             self._paths_version = self.cgroup_version
         return self._paths.get(cgid)
 
+    def identity_of_cgroup(self, cgid: int) -> int:
+        """The identity the kernel gives a caller in cgroup `cgid` now: its own entry, else
+        what its nearest ancestor's subtree entry hands down (meshd_identity() in
+        bpf/include/meshd_policy.h); 0: none, or a cgroup not scanned yet."""
+        t = self.tables
+        if t is None or not cgid:
+            return 0
+        if cgid in t.ident:
+            return t.ident[cgid]
+        path = self.cgroup_path(cgid)
+        while path and path != "/":
+            path = path.rsplit("/", 1)[0] or "/"
+            anc = self.cgroups.get(path)
+            if anc is not None and anc in t.subtree:
+                return t.subtree[anc]
+        return 0
+
     def stop(self) -> None:
         if self.watcher is not None:
             self.watcher.close()

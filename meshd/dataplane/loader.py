@@ -49,7 +49,7 @@ MAP_TYPES = {
     names.MAP_AFFCFG: (C.c_uint32, C.c_uint32),
     names.MAP_MEMBERS: (S.MemberKey, C.c_uint32),
     names.MAP_SRCRANGES: (S.SrcRangeKey, C.c_uint8),
-    names.MAP_SKMETA: (C.c_int, S.SkMeta),
+    names.MAP_SOCK: (C.c_int, S.Sock),
     names.MAP_STATS: (S.StatsKey, S.Stats),  # per CPU: opened as a PercpuMap
     names.MAP_IDENT: (C.c_uint64, S.Ident),
     names.MAP_SUBTREE: (C.c_uint64, S.Ident),
@@ -419,6 +419,10 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
 
     maps[names.MAP_META].update(C.c_uint32(0), S.Meta(maglev_m=maglev_m,
                                                       layout=S.LAYOUT_VERSION))
+    for retired in names.RETIRED_MAPS:  # the old programs that used them are replaced
+        if (pin_dir / retired).exists():
+            (pin_dir / retired).unlink()
+            log.info("removed the pin of %s (no longer used)", retired)
     if (pin_dir / names.MAP_MAGLEV_V1).exists():
         # the old programs are replaced (the socket hooks above; tc filters hold their own
         # reference until tc.load swaps them): nothing of ours reads it by its pin any more

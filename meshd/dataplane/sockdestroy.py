@@ -66,7 +66,8 @@ def destroy_udp(pin_dir: Path, pairs: Iterable[tuple[Frontend, BackendRef]],
         return 0
     batch = max(1, min(batch, DOOMED_MAX))
     with bpf.BpfObject(object_path(OBJ)) as obj:
-        if names.MAP_REVNAT not in adopt_pins(obj, pin_dir, (names.MAP_REVNAT, names.MAP_SKNAT)):
+        reused = (names.MAP_REVNAT, names.MAP_SOCK, names.MAP_SKNAT)
+        if names.MAP_REVNAT not in adopt_pins(obj, pin_dir, reused):
             return 0  # nothing pinned: nothing was ever translated
         try:
             obj.load()

@@ -79,9 +79,22 @@ class Cfg(C.Structure):
 
 
 class SkNat(C.Structure):
-    """Value of meshd_sknat_v1 (socket storage): backend and VIP of a connected socket."""
+    """Value of meshd_sknat_v1 (socket storage of an older meshd, read only): backend and
+    VIP of a connected socket."""
     _fields_ = [("be_addr", Addr16), ("vip_addr", Addr16), ("be_port", C.c_uint16),
                 ("vip_port", C.c_uint16)]
+
+
+class Sock(C.Structure):
+    """Value of meshd_sock_v1 (socket storage): what connect() translated and, with metrics
+    on, the socket's tag."""
+    _fields_ = [("be_addr", Addr16), ("vip_addr", Addr16), ("be_port", C.c_uint16),
+                ("vip_port", C.c_uint16), ("flags", C.c_uint32), ("start_ns", C.c_uint64),
+                ("flushed_ns", C.c_uint64), ("bytes_acked", C.c_uint64),
+                ("bytes_received", C.c_uint64), ("cgroup", C.c_uint64),
+                ("group", C.c_uint32), ("backend", C.c_uint32), ("identity", C.c_uint32),
+                ("pid", C.c_uint32), ("uid", C.c_uint32), ("pad", C.c_uint32),
+                ("comm", C.c_char * 16)]
 
 
 CFG_F_METRICS = 1  # MESHD_CFG_F_METRICS: the socket hooks tag sockets and count refusals
@@ -97,15 +110,6 @@ class SvcName(C.Structure):
 
 # ---- metrics (bpf/include/meshd_metrics.h) --------------------------------------------------
 HIST_BUCKETS = 24  # MESHD_HIST_BUCKETS: <1us, [1,2), [2,4), ... [2^21, 2^22) us, >= 2^22 us
-
-
-class SkMeta(C.Structure):
-    _fields_ = [("start_ns", C.c_uint64), ("flushed_ns", C.c_uint64),
-                ("bytes_acked", C.c_uint64), ("bytes_received", C.c_uint64),
-                ("group", C.c_uint32), ("backend", C.c_uint32), ("flags", C.c_uint32),
-                ("pad", C.c_uint32), ("cgroup", C.c_uint64), ("identity", C.c_uint32),
-                ("pid", C.c_uint32), ("uid", C.c_uint32), ("pad2", C.c_uint32),
-                ("comm", C.c_char * 16)]
 
 
 class StatsKey(C.Structure):
@@ -202,9 +206,9 @@ MIRRORS = {
     "meshd_revnat_val": RevnatVal,
     "meshd_cfg": Cfg,
     "meshd_sknat": SkNat,
+    "meshd_sock": Sock,
     "meshd_meta": Meta,
     "meshd_svc_name": SvcName,
-    "meshd_sk_meta": SkMeta,
     "meshd_stats_key": StatsKey,
     "meshd_stats": Stats,
     "meshd_ident": Ident,

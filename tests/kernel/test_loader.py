@@ -63,6 +63,23 @@ def test_restart_keeps_entries_and_swaps_programs_in_place(kernel_instance):
     assert after != before  # new program ids inside the same links
 
 
+def test_pins_an_older_meshd_made_and_nothing_reads_are_removed_on_load(kernel_instance):
+    """meshd_skmeta_v1 (the metrics tag before it moved into meshd_sock_v1): an upgrade
+    drops the pin; the storage an older meshd read is still pinned for its sockets."""
+    inst, cg = kernel_instance
+    pin_dir = names.pin_dir(BPFFS, inst)
+    loader.load(BPFFS, inst, cg, M).close()
+    fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, "meshd_skmeta_v1", 4, 8, 1)
+    try:
+        bpf.obj_pin(fd, pin_dir / "meshd_skmeta_v1")
+    finally:
+        bpf.close_fd(fd)
+    loader.load(BPFFS, inst, cg, M).close()
+    pins = {p.name for p in pin_dir.iterdir()}
+    assert "meshd_skmeta_v1" not in pins
+    assert {names.MAP_SOCK, names.MAP_SKNAT} <= pins
+
+
 def test_table_size_change_needs_no_cleanup(kernel_instance):
     """Every table carries its own size: a restart with another maglev.table_size adopts
     the maps (before layout 2 it was refused until `meshd cleanup`) and keeps the tables."""

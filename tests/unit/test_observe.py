@@ -54,6 +54,29 @@ def test_events_are_named_for_people_and_machines():
     assert f["error"] == "ECONNREFUSED" and "ECONNREFUSED after 0.3 ms" in format_line(f)
 
 
+def test_an_identity_the_hook_did_not_look_up_is_named_from_the_cgroup():
+    """The kernel puts an identity in an event only where a policy check looked it up;
+    elsewhere (0) the daemon names it from the event's cgroup as the kernel would."""
+    from meshd.agent.policies import PolicyState
+    from meshd.policy import PolicyTables
+
+    pol = PolicyState()
+    pol.cgroups = {"/": 1, "/system.slice": 10, "/system.slice/web.service": 4242,
+                   "/user.slice": 20, "/user.slice/u/new": 21, "/other": 30}
+    pol.cgroup_version = 1
+    pol.tables = PolicyTables(ident={4242: 3}, subtree={20: 7})
+    assert pol.identity_of_cgroup(4242) == 3  # its own entry
+    assert pol.identity_of_cgroup(21) == 7  # what its nearest ancestor hands down
+    assert pol.identity_of_cgroup(30) == pol.identity_of_cgroup(999) == 0  # none / unknown
+    pol.tables = PolicyTables(ident={}, subtree={1: 5, 20: 7})
+    assert pol.identity_of_cgroup(30) == 5 and pol.identity_of_cgroup(21) == 7  # nearest wins
+    n = namer()
+    n.identity_of_cgroup = {4242: 3}.get
+    ev = n.event(raw(1, identity=0))
+    assert ev["identity_id"] == 3 and ev["identity"] == "unit:web.service"
+    assert n.event(raw(1, identity=3, cgroup=1))["identity_id"] == 3  # the kernel's wins
+
+
 def test_filters():
     ev = namer().event(raw(2, policy=4))
     assert matches(ev, {})
