@@ -41,7 +41,7 @@ struct {
 /* Reused from the socket LB's pinned map (same definition as in meshd_maps.h). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 262144);
+	__uint(max_entries, 65536); /* the pinned map's size is adopted whatever this says */
 	__type(key, struct meshd_revnat_key);
 	__type(value, struct meshd_revnat_val);
 } meshd_revnat_v1 SEC(".maps");

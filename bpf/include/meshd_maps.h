@@ -12,15 +12,21 @@
 #define MESHD_MAX_FRONTENDS 65536
 #define MESHD_MAX_GROUPS 65536
 #define MESHD_MAX_BACKENDS 262144
-#define MESHD_MAX_REVNAT 262144
+#define MESHD_MAX_REVNAT 65536	/* unconnected UDP (socket, backend) pairs only */
 #define MESHD_DEFAULT_MAGLEV_M 16381
-#define MESHD_MAX_AFFINITY 131072
+#define MESHD_MAX_AFFINITY 65536
 #define MESHD_MAX_MEMBERS 262144
 #define MESHD_MAX_SRCRANGES 16384
 
 /* VIP:port/proto -> frontend group id and backend count. */
+/* The maps that grow with services and backends are not preallocated: their memory
+ * follows what they hold (a bucket array of 16 B per max entry, then each entry as it is
+ * written), not their capacity. Lookups cost the same. A pin dir of an older meshd keeps
+ * its preallocated maps (libbpf adopts a pinned map as it is) until `meshd cleanup` or a
+ * reboot. LRU maps are always preallocated: they are sized for what they cache. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MESHD_MAX_FRONTENDS);
 	__type(key, struct meshd_svc_key);
 	__type(value, struct meshd_svc_val);
@@ -75,6 +81,7 @@ struct {
 /* backend id -> address. Ids are allocated by the reconciler and stable while a backend exists. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MESHD_MAX_BACKENDS);
 	__type(key, __u32);
 	__type(value, struct meshd_backend);
@@ -102,6 +109,7 @@ struct meshd_maglev_inner {
  * of M slots per inner map, one M for all) is migrated by the loader (docs/datapath.md). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MESHD_MAX_GROUPS);
 	__type(key, __u32);
 	__array(values, struct meshd_maglev_inner);
