@@ -17,7 +17,7 @@
  * (meshd_unsnat) and meets the routed layer's REV entry on its way out. NodePort needs no
  * code here: node address:port frontends are ordinary entries of meshd_svc_v1.
  *
- * Shares meshd_svc_v1 / meshd_be_v1 / meshd_maglev_v2 with the socket LB (the loader
+ * Shares meshd_svc_v1 / meshd_be_v1 / meshd_maglev_v3 with the socket LB (the loader
  * reuses the instance's pinned maps). Verdicts: a translated packet returns TC_ACT_UNSPEC
  * too, never TC_ACT_OK: OK would end the filter chain, and filters of other tools at later
  * priorities on the same hook (policy, accounting, mirroring) would never see the packet;

@@ -9,7 +9,8 @@ OBJ_SOCK_LB = "sock_lb.bpf.o"
 # Maps (C identifiers in bpf/include/meshd_maps.h; also the pin file names).
 MAP_SVC = "meshd_svc_v1"
 MAP_BACKENDS = "meshd_be_v1"
-MAP_MAGLEV = "meshd_maglev_v2"  # per-group table size, two halves (layout 2)
+MAP_MAGLEV = "meshd_maglev_v3"  # per-group size, two halves of 16-bit slots (layout 3)
+MAP_MAGLEV_V2 = "meshd_maglev_v2"  # layout 2: 32-bit slots; migrated by the loader
 MAP_MAGLEV_V1 = "meshd_maglev_v1"  # layout 1: one M for all; migrated by the loader
 MAP_REVNAT = "meshd_revnat_v1"
 MAP_META = "meshd_meta_v1"

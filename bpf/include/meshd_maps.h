@@ -87,33 +87,35 @@ struct {
 	__type(value, struct meshd_backend);
 } meshd_be_v1 SEC(".maps");
 
-/* Inner map template of meshd_maglev_v2: one group's Maglev table in 64-byte chunks of
- * MESHD_TABLE_CHUNK slots (struct meshd_table_chunk): element 0 is the header (slot[0] = M,
- * slot[1] = chunks per half), then two halves of ceil(M / 16) chunks each. Frontends name
- * the half readers use (MESHD_SVC_F_TABLE_B); a change fills the other half with plain
- * array updates and then flips the frontends (no map-in-map update, so no RCU grace period
- * in the syscall). BPF_F_INNER_MAP: inner maps of any max_entries fit, so every group has
- * the table size its backends need (meshd/maglev.py table_size_for). */
+/* Inner map template of meshd_maglev_v3: one group's Maglev table in 64-byte chunks
+ * (struct meshd_table_chunk): the header, two halves of 16-bit slots, and each half's
+ * member list. Frontends name the half readers use (MESHD_SVC_F_TABLE_B); a change fills
+ * the other half (slots and members) with plain array updates and then flips the
+ * frontends (no map-in-map update, so no RCU grace period in the syscall).
+ * BPF_F_INNER_MAP: inner maps of any max_entries fit, so every group has the table size
+ * its backends need (meshd/maglev.py table_size_for). */
 struct meshd_maglev_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(map_flags, BPF_F_INNER_MAP);
-	__uint(max_entries, 1 + 2 * ((MESHD_DEFAULT_MAGLEV_M + MESHD_TABLE_CHUNK - 1) /
-				     MESHD_TABLE_CHUNK));
+	/* a template: every group's inner map has its own size (meshd/dataplane/tables.py) */
+	__uint(max_entries, 1 + 2 * ((MESHD_DEFAULT_MAGLEV_M + MESHD_TABLE_SLOTS - 1) /
+				     MESHD_TABLE_SLOTS) + 2);
 	/* sizes, not BTF types: clang emits the chunk struct as a forward declaration here,
 	 * and libbpf 1.1 cannot size that (tests/kernel/test_tables.py checks the mirror) */
 	__uint(key_size, sizeof(__u32));
 	__uint(value_size, sizeof(struct meshd_table_chunk));
 };
 
-/* frontend group id -> its Maglev table (inner map). Layout 2; meshd_maglev_v1 (one value
- * of M slots per inner map, one M for all) is migrated by the loader (docs/datapath.md). */
+/* frontend group id -> its Maglev table (inner map). Layout 3; the tables of layout 1
+ * (meshd_maglev_v1: one value of M slots per inner map, one M for all) and 2
+ * (meshd_maglev_v3: 32-bit slots) are migrated by the loader (docs/datapath.md). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, MESHD_MAX_GROUPS);
 	__type(key, __u32);
 	__array(values, struct meshd_maglev_inner);
-} meshd_maglev_v2 SEC(".maps");
+} meshd_maglev_v3 SEC(".maps");
 
 /* (socket cookie, backend) -> VIP, for recvmsg/getpeername. LRU: entries of closed sockets
  * age out without a delete on close. */

@@ -27,7 +27,7 @@ struct meshd_svc_key {
 /* Value of meshd_svc_v1 (both paths) and meshd_svc_ext_v1 (the tc path's override of an
  * external frontend whose tc selection differs, e.g. external_traffic_policy Local). */
 struct meshd_svc_val {
-	__u32 id;	/* frontend group id (host order): key of meshd_maglev_v2 */
+	__u32 id;	/* frontend group id (host order): key of meshd_maglev_v3 */
 	__u16 count;	/* usable backends (host order); 0: refuse (or drop, see flags) */
 	__u16 flags;	/* MESHD_SVC_F_*, host order */
 };
@@ -46,14 +46,24 @@ struct meshd_svc_val {
 #define MESHD_SVC_F_POLICY_OPEN	  0x80 /* with F_POLICY: only deny policies select it: a
 					* caller without a verdict is allowed */
 
-/* Value of the inner arrays of meshd_maglev_v2: MESHD_TABLE_CHUNK slots of a Maglev table
- * (backend ids, host order). Element 0 of each inner array is the header instead:
- * slot[0] = M (prime), slot[1] = chunks per half = ceil(M / MESHD_TABLE_CHUNK), rest zero.
- * Elements 1 .. n hold the first half (slot s in element 1 + s / 16, index s % 16),
- * elements n + 1 .. 2n the second; slots past M in the last chunk are zero. */
-#define MESHD_TABLE_CHUNK 16
+/* Value of the inner arrays of meshd_maglev_v3 (layout 3): 64 bytes, read as 16 __u32 or
+ * as 32 __u16. A table's slots hold 16-bit indexes into a member list of the group's
+ * backend ids (a group has at most M < 65536 members), so a table of M slots takes 2 * M
+ * bytes per half, not 4 * M (at 10,000 groups of M = 1021: ~44 MB of kernel memory less).
+ *   element 0                  header: slot[0] = M (prime), slot[1] = n = slot chunks per
+ *                              half = ceil(M / 32), slot[2] = k = member chunks per half
+ *   elements 1 .. n            first half's slots: slot s is __u16 (s % 32) of element
+ *                              1 + s / 32 (slots past M are zero)
+ *   elements n + 1 .. 2n       second half's slots
+ *   elements 2n + 1 .. 2n + k  first half's members: member i is slot[i % 16] of element
+ *                              2n + 1 + i / 16 (a backend id, host order)
+ *   elements 2n + k + 1 .. 2n + 2k   second half's members
+ * Each half has its own members, so a change writes the idle half's slots and members
+ * together and the frontends flip to it (MESHD_SVC_F_TABLE_B). */
+#define MESHD_TABLE_CHUNK 16	/* __u32 per element: member ids, header */
+#define MESHD_TABLE_SLOTS 32	/* __u16 slots per element */
 struct meshd_table_chunk {
-	__u32 slot[MESHD_TABLE_CHUNK];	/* backend ids; header: M, chunks per half, zeros */
+	__u32 slot[MESHD_TABLE_CHUNK];	/* member ids; or 32 __u16 slot indexes; header */
 };
 
 /* Key of meshd_aff_v1 (LRU): one client's session affinity in one frontend group. */
@@ -173,7 +183,7 @@ struct meshd_meta {
 	__u32 layout;	/* MESHD_LAYOUT_VERSION of the maps (the loader migrates 1 -> 2) */
 };
 
-#define MESHD_LAYOUT_VERSION 2
+#define MESHD_LAYOUT_VERSION 3
 #define MESHD_SVC_NAME_LEN 160
 
 /* Value of meshd_names_v1 keyed by frontend group id: the group key, e.g.

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: (GPL-2.0 OR BSD-2-Clause) */
 /* Structs and maps of the per-packet (tc) load balancer, bpf/tc_lb.bpf.c.
  *
- * The tc programs share meshd_svc_v1, meshd_be_v1 and meshd_maglev_v2 with the socket LB
+ * The tc programs share meshd_svc_v1, meshd_be_v1 and meshd_maglev_v3 with the socket LB
  * (the loader adopts the instance's pinned maps); the maps below are the tc path's own and
  * are pinned beside them under <bpffs>/meshd/<instance>/. Layout rules as in
  * meshd_structs.h: explicit padding, no bitfields, padding written as zero. Every struct

@@ -128,7 +128,7 @@ class KernelDataplane:
     def delete_backend(self, bid: int) -> None:
         self.maps.backends.delete(C.c_uint32(bid))
 
-    # ---- Maglev tables (meshd_maglev_v2: header chunk, then two halves) -----------------------
+    # ---- Maglev tables (meshd_maglev_v3: header, two halves, members; tables.py) ----------
     def _open_inner(self, gid: int) -> int | None:
         inner_id = self.maps.maglev.lookup(C.c_uint32(gid))
         if inner_id is None:
@@ -137,8 +137,8 @@ class KernelDataplane:
 
     def _write_half(self, gid: int, table: np.ndarray, half: int) -> None:
         """Writes `table` into one half of the group's inner map in place (no map-in-map
-        update, so no RCU wait). The caller makes sure no frontend names that half."""
-        m, n, rows = tables.chunks(table, self.maglev_m)
+        update, so no RCU wait). The caller makes sure no frontend names that half.
+        tables.MemberRoom if its backends do not fit the member room of that map."""
         flipped = self._flipped.get(gid, -1.0)
         if flipped >= self._grace.done:
             self._grace.wait(flipped)  # flipped less than a grace period ago: readers may
@@ -151,10 +151,10 @@ class KernelDataplane:
         try:
             what = f"{names.MAP_MAGLEV}[{gid}]"
             header = bpf.Map(fd, what, C.c_uint32, S.TableChunk).lookup(C.c_uint32(0))
-            if header is None or header.slot[0] != m:
+            if header is None or header.slot[0] != table.size:
                 have = header.slot[0] if header is not None else 0
-                raise ValueError(f"group {gid}'s table has {have} slots, not {m}")
-            tables.write_chunks(fd, what, 1 + half * n, rows)
+                raise ValueError(f"group {gid}'s table has {have} slots, not {table.size}")
+            tables.write_half(fd, what, header, table, half, self.maglev_m)
         finally:
             bpf.close_fd(fd)
 
@@ -163,7 +163,10 @@ class KernelDataplane:
         the same size in place, with plain array updates (the frontends then flip to it);
         (gid, table, None) writes a fresh inner map (both halves) and swaps it in: each swap
         is atomic, and a batch of swaps pays the kernel's RCU wait for map-in-map updates
-        once. Returns {gid: error} for the tables that were not written."""
+        once. A half whose backends outgrew its map's member room is written fresh instead
+        (both halves hold the new table: whichever half the frontends name reads it, and
+        its backends are in the kernel before any table names them). Returns {gid: error}
+        for the tables that were not written."""
         failed: dict[int, str] = {}
         fresh: list[tuple[int, np.ndarray]] = []
         for item in items:
@@ -173,6 +176,8 @@ class KernelDataplane:
                 continue
             try:
                 self._write_half(gid, table, half)
+            except tables.MemberRoom:
+                fresh.append((gid, table))
             except (BpfError, ValueError) as e:
                 failed[gid] = str(e)
         failed.update(tables.swap_in(self.maps.maglev, fresh, self.maglev_m))
@@ -196,23 +201,15 @@ class KernelDataplane:
         return 0 if header is None else int(header.slot[0])
 
     def get_table(self, gid: int, half: int = 0) -> np.ndarray | None:
-        """One half of the group's table (the frontends' MESHD_SVC_F_TABLE_B says which one
-        readers use); None: no table."""
+        """One half of the group's table as backend ids (the frontends'
+        MESHD_SVC_F_TABLE_B says which one readers use); None: no table."""
         fd = self._open_inner(gid)
         if fd is None:
             return None
         try:
-            m = bpf.Map(fd, names.MAGLEV_INNER_NAME, C.c_uint32, S.TableChunk)
-            header = m.lookup(C.c_uint32(0))
-            if header is None or not header.slot[0]:
-                return None
-            size, n = int(header.slot[0]), int(header.slot[1])
-            rows = [m.lookup(C.c_uint32(1 + half * n + i)) for i in range(n)]
+            return tables.read_half(fd, names.MAGLEV_INNER_NAME, half)
         finally:
             bpf.close_fd(fd)
-        if any(r is None for r in rows):
-            return None
-        return np.frombuffer(b"".join(bytes(r) for r in rows), dtype=np.uint32)[:size].copy()
 
     def delete_tables(self, gids: list[int]) -> dict[int, str]:
         """Removes tables in batches (one RCU wait per batch). Missing ones count as removed."""

@@ -228,9 +228,10 @@ def _pinned_layout(pin_dir: Path) -> tuple[int, int]:
 
 def _check_adoptable(pin_dir: Path) -> int:
     """The layout of the pinned maps (0: nothing to protect) if this meshd can adopt them:
-    its own, or layout 1 (migrated by _migrate_v1_tables before the programs switch)."""
+    its own, or layout 1 or 2 (their tables migrated by _migrate_v1_tables /
+    _migrate_v2_tables before the programs switch)."""
     layout, _m = _pinned_layout(pin_dir)
-    if layout not in (0, 1, S.LAYOUT_VERSION):
+    if layout not in (0, 1, 2, S.LAYOUT_VERSION):
         raise DataplaneError(f"maps pinned at {pin_dir} have layout v{layout}, this meshd "
                              f"uses v{S.LAYOUT_VERSION}: run `meshd cleanup` for this instance")
     return layout
@@ -262,6 +263,43 @@ def _migrate_v1_tables(pin_dir: Path, maglev_v2: bpf.Map) -> int:
     failed = tables.swap_in(maglev_v2, items)
     if failed:
         raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout 1 failed "
+                             f"({next(iter(failed.values()))}); run `meshd cleanup` for this "
+                             "instance and start again")
+    return len(items)
+
+
+def _migrate_v2_tables(pin_dir: Path, maglev_v3: bpf.Map) -> int:
+    """Layout 2 -> 3: copies every table of the pinned meshd_maglev_v2 (32-bit slots: header
+    M and chunks per half, then two halves) into meshd_maglev_v3 (16-bit slots and members),
+    each half as it is, so the frontends' half flags keep naming the same tables when the
+    new programs are swapped in: no gap, no flip. Returns how many were copied."""
+    pin = pin_dir / names.MAP_MAGLEV_V2
+    if not pin.exists():
+        return 0
+    old = bpf.Map(bpf.obj_get(pin), names.MAP_MAGLEV_V2, C.c_uint32, C.c_uint32)
+    items = []
+    try:
+        for key, inner_id in old.items():
+            what = f"{names.MAP_MAGLEV_V2}[{key.value}]"
+            fd = bpf.map_fd_by_id(inner_id.value, what)
+            try:
+                inner = bpf.Map(fd, what, C.c_uint32, S.TableChunk)
+                hdr = inner.lookup(C.c_uint32(0))
+                if hdr is None or not hdr.slot[0]:
+                    continue
+                m, n = int(hdr.slot[0]), int(hdr.slot[1])
+                rows = [inner.lookup(C.c_uint32(i)) for i in range(1, 1 + 2 * n)]
+            finally:
+                bpf.close_fd(fd)
+            if any(r is None for r in rows):
+                continue
+            ids = np.frombuffer(b"".join(bytes(r) for r in rows), dtype=np.uint32)
+            items.append((key.value, ids[:m].copy(), ids[n * S.TABLE_CHUNK:][:m].copy()))
+    finally:
+        old.close()
+    failed = tables.swap_in(maglev_v3, items)
+    if failed:
+        raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout 2 failed "
                              f"({next(iter(failed.values()))}); run `meshd cleanup` for this "
                              "instance and start again")
     return len(items)
@@ -396,11 +434,12 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
         except BpfError as e:
             raise features.explain(e, f"the socket LB ({names.OBJ_SOCK_LB})", needs) from e
         pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
-        if layout == 1 and names.MAP_MAGLEV not in adopted:
+        if layout in (1, 2) and names.MAP_MAGLEV not in adopted:
             outer = bpf.Map(obj.map_fd(names.MAP_MAGLEV), names.MAP_MAGLEV, C.c_uint32,
                             C.c_uint32)  # borrowed fd: the object owns it (never closed here)
-            log.info("migrated %d Maglev tables of layout 1 to %s",
-                     _migrate_v1_tables(pin_dir, outer), names.MAP_MAGLEV)
+            migrate = _migrate_v1_tables if layout == 1 else _migrate_v2_tables
+            log.info("migrated %d Maglev tables of layout %d to %s",
+                     migrate(pin_dir, outer), layout, names.MAP_MAGLEV)
         log.info("socket LB loaded (maglev m=%s); adopted %d pinned maps; metrics %s "
                  "(adopted %d pinned metrics maps)", maglev_m or f"auto up to {maglev_max}",
                  len([n for n in adopted if n in names.SOCK_LB_MAPS]),
@@ -423,10 +462,11 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
         if (pin_dir / retired).exists():
             (pin_dir / retired).unlink()
             log.info("removed the pin of %s (no longer used)", retired)
-    if (pin_dir / names.MAP_MAGLEV_V1).exists():
-        # the old programs are replaced (the socket hooks above; tc filters hold their own
-        # reference until tc.load swaps them): nothing of ours reads it by its pin any more
-        (pin_dir / names.MAP_MAGLEV_V1).unlink()
+    for older in (names.MAP_MAGLEV_V1, names.MAP_MAGLEV_V2):
+        if (pin_dir / older).exists():
+            # the old programs are replaced (the socket hooks above; tc filters hold their
+            # own reference until tc.load swaps them): nothing of ours reads it by its pin
+            (pin_dir / older).unlink()
     out = _maps(pin_dir, maglev_m, maps, cgroup_id=cgroup_id(cgroup), maglev_max=maglev_max)
     progs = {**names.SOCK_LB_PROGRAMS, **(names.METRICS_PROGRAMS if metrics else {})}
     for name in (*names.PINNED_MAPS, *(names.link_pin_name(p) for p in progs)):

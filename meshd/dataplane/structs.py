@@ -32,11 +32,13 @@ SVC_F_TABLE_B = 0x20  # the group's Maglev table is in the second half of its in
 SVC_F_POLICY = 0x40  # a policy selects the group: callers must be allowed (meshd_policy.h)
 SVC_F_POLICY_OPEN = 0x80  # with SVC_F_POLICY: deny policies only: no verdict = allowed
 
-TABLE_CHUNK = 16  # MESHD_TABLE_CHUNK: slots per element of a Maglev inner array
+TABLE_CHUNK = 16  # MESHD_TABLE_CHUNK: __u32 (member ids, header) per inner-array element
+TABLE_SLOTS = 32  # MESHD_TABLE_SLOTS: __u16 slots per inner-array element
 
 
 class TableChunk(C.Structure):
-    """Value of the inner arrays of meshd_maglev_v2 (element 0: M, chunks per half)."""
+    """Value of the inner arrays of meshd_maglev_v3 (element 0: M, slot chunks per half,
+    member chunks per half; layout in meshd/dataplane/tables.py)."""
     _fields_ = [("slot", C.c_uint32 * TABLE_CHUNK)]
 
 
@@ -191,7 +193,7 @@ class EvState(C.Structure):
                 ("sampled_out", C.c_uint64)]
 
 
-LAYOUT_VERSION = 2  # 1: meshd_maglev_v1 (one M); 2: meshd_maglev_v2
+LAYOUT_VERSION = 3  # 1: meshd_maglev_v1 (one M); 2: meshd_maglev_v2; 3: meshd_maglev_v3
 
 # C struct name -> mirror, for the BTF layout test.
 MIRRORS = {

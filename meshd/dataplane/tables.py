@@ -1,7 +1,19 @@
-"""Maglev tables as the kernel holds them (meshd_maglev_v2): inner arrays of 64-byte chunks,
-element 0 the header (M, chunks per half), then two halves (bpf/include/meshd_structs.h,
-struct meshd_table_chunk). Used by the reconciler's Dataplane (kernel.py) and by the
-loader's migration of layout-1 tables; imports neither."""
+"""Maglev tables as the kernel holds them (meshd_maglev_v3, layout 3; struct
+meshd_table_chunk in bpf/include/meshd_structs.h): inner arrays of 64-byte elements,
+
+    [0]                 header: M, n = slot elements per half, k = member elements per half
+    [1 .. n]            first half: M 16-bit slots, 32 per element, each an index into ...
+    [n+1 .. 2n]         second half's slots
+    [2n+1 .. 2n+k]      first half's members: backend ids, 16 per element
+    [2n+k+1 .. 2n+2k]   second half's members
+
+Callers hand tables over as arrays of backend ids, as the reconciler builds them; the
+encoding into slot indexes and members is here. A half's members are the distinct ids of
+its table, sorted; room for twice as many members as the table first had (at least 16)
+is made when the inner map is created, so a change that more than doubles a group's
+backends without changing its size needs a fresh inner map (MemberRoom). Used by the
+reconciler's Dataplane (kernel.py) and by the loader's migration of older layouts; imports
+neither."""
 
 from __future__ import annotations
 
@@ -18,17 +30,58 @@ from meshd.dataplane import structs as S
 TABLE_BATCH = 256
 
 
-def chunks(table: np.ndarray, fixed: int = 0) -> tuple[int, int, np.ndarray]:
-    """(M, chunks per half, the table as a (chunks, 16) uint32 array, zero-padded)."""
+class MemberRoom(ValueError):
+    """A half's members do not fit the room its inner map was made with."""
+
+
+def _check(table: np.ndarray, fixed: int = 0) -> int:
     if table.ndim != 1 or not table.size:
         raise ValueError(f"table has shape {table.shape}, need a non-empty vector")
     m = int(table.size)
     if fixed and m != fixed:
         raise ValueError(f"table has {m} slots, the maps hold {fixed}")
-    n = -(-m // S.TABLE_CHUNK)
-    out = np.zeros((n, S.TABLE_CHUNK), dtype=np.uint32)
-    out.reshape(-1)[:m] = table
-    return m, n, out
+    if m > 0xFFFF:
+        raise ValueError(f"table has {m} slots: at most 65535 (16-bit slot indexes)")
+    return m
+
+
+def slot_elements(m: int) -> int:
+    """n: elements per half holding M 16-bit slots."""
+    return -(-m // S.TABLE_SLOTS)
+
+
+def member_elements(members: int) -> int:
+    """k for a new inner map whose table has `members` distinct backends: room for twice
+    as many, at least one element (16)."""
+    return max(1, -(-2 * members // S.TABLE_CHUNK))
+
+
+def encode(table: np.ndarray, k: int, fixed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """One half as inner-array elements: (n slot rows, k member rows), each (rows, 16)
+    uint32. MemberRoom if its distinct ids do not fit k member elements."""
+    m = _check(table, fixed)
+    members, index = np.unique(table, return_inverse=True)
+    if members.size > k * S.TABLE_CHUNK:
+        raise MemberRoom(f"table has {members.size} distinct backends, its inner map has "
+                         f"room for {k * S.TABLE_CHUNK}")
+    n = slot_elements(m)
+    slots = np.zeros(n * S.TABLE_SLOTS, dtype=np.uint16)
+    slots[:m] = index
+    member_rows = np.zeros((k, S.TABLE_CHUNK), dtype=np.uint32)
+    member_rows.reshape(-1)[:members.size] = members
+    return slots.view(np.uint32).reshape(n, S.TABLE_CHUNK), member_rows
+
+
+def decode(m: int, slot_rows: np.ndarray, member_rows: np.ndarray) -> np.ndarray:
+    """The backend ids of one half from its elements (the inverse of encode)."""
+    index = np.ascontiguousarray(slot_rows, dtype=np.uint32).view(np.uint16).reshape(-1)[:m]
+    return np.ascontiguousarray(member_rows, dtype=np.uint32).reshape(-1)[index]
+
+
+def header(m: int, n: int, k: int) -> np.ndarray:
+    out = np.zeros((1, S.TABLE_CHUNK), dtype=np.uint32)
+    out[0, :3] = (m, n, k)
+    return out
 
 
 def write_chunks(fd: int, what: str, first: int, rows: np.ndarray) -> None:
@@ -39,32 +92,66 @@ def write_chunks(fd: int, what: str, first: int, rows: np.ndarray) -> None:
     bpf.Map(fd, what, C.c_uint32, S.TableChunk).update_batch(keys, values)
 
 
-def new_inner(table: np.ndarray, fixed: int = 0) -> int:
-    """A fresh inner map holding `table` in both halves; returns its fd (caller closes)."""
-    m, n, rows = chunks(table, fixed)
+def write_half(fd: int, what: str, hdr, table: np.ndarray, half: int, fixed: int = 0) -> None:
+    """Writes `table` into `half` (0 or 1) of the inner map `fd` whose header is `hdr`
+    (slots and members; readers must not be reading that half)."""
+    m, n, k = int(hdr.slot[0]), int(hdr.slot[1]), int(hdr.slot[2])
+    if int(table.size) != m:
+        raise ValueError(f"{what}'s table has {m} slots, not {table.size}")
+    slot_rows, member_rows = encode(table, k, fixed)
+    write_chunks(fd, what, 1 + 2 * n + half * k, member_rows)
+    write_chunks(fd, what, 1 + half * n, slot_rows)
+
+
+def new_inner(table: np.ndarray, fixed: int = 0, second: np.ndarray | None = None) -> int:
+    """A fresh inner map holding `table` in both halves (or `second` in the second half, of
+    the same size: the migration of a table mid-change); returns its fd (caller closes)."""
+    m = _check(table, fixed)
+    distinct = int(np.unique(table).size)
+    if second is not None:
+        distinct = max(distinct, int(np.unique(second).size))
+    n, k = slot_elements(m), member_elements(distinct)
+    slots_a, members_a = encode(table, k, fixed)
+    slots_b, members_b = (slots_a, members_a) if second is None else encode(second, k, fixed)
     fd = bpf.map_create(bpf.MAP_TYPE_ARRAY, names.MAGLEV_INNER_NAME, 4,
-                        C.sizeof(S.TableChunk), 1 + 2 * n, flags=bpf.BPF_F_INNER_MAP)
+                        C.sizeof(S.TableChunk), 1 + 2 * n + 2 * k, flags=bpf.BPF_F_INNER_MAP)
     try:
-        header = np.zeros((1, S.TABLE_CHUNK), dtype=np.uint32)
-        header[0, :2] = (m, n)
-        write_chunks(fd, names.MAGLEV_INNER_NAME, 0, np.vstack((header, rows, rows)))
+        write_chunks(fd, names.MAGLEV_INNER_NAME, 0,
+                     np.vstack((header(m, n, k), slots_a, slots_b, members_a, members_b)))
     except BaseException:
         bpf.close_fd(fd)
         raise
     return fd
 
 
-def swap_in(outer: bpf.Map, items: list[tuple[int, np.ndarray]], fixed: int = 0) -> dict[int, str]:
+def read_half(fd: int, what: str, half: int) -> np.ndarray | None:
+    """The backend ids in `half` of the inner map `fd`; None: no table (no header)."""
+    m = bpf.Map(fd, what, C.c_uint32, S.TableChunk)
+    hdr = m.lookup(C.c_uint32(0))
+    if hdr is None or not hdr.slot[0]:
+        return None
+    size, n, k = int(hdr.slot[0]), int(hdr.slot[1]), int(hdr.slot[2])
+    rows = [m.lookup(C.c_uint32(i)) for i in
+            [*range(1 + half * n, 1 + (half + 1) * n),
+             *range(1 + 2 * n + half * k, 1 + 2 * n + (half + 1) * k)]]
+    if any(r is None for r in rows):
+        return None
+    flat = np.frombuffer(b"".join(bytes(r) for r in rows), dtype=np.uint32).reshape(-1, 16)
+    return decode(size, flat[:n], flat[n:])
+
+
+def swap_in(outer: bpf.Map, items: list[tuple], fixed: int = 0) -> dict[int, str]:
     """Writes each table into a fresh inner map and swaps them into `outer`: each swap is
-    atomic, and a batch pays the kernel's RCU wait for map-in-map updates once. Returns
+    atomic, and a batch pays the kernel's RCU wait for map-in-map updates once. Items are
+    (gid, table) (both halves alike) or (gid, first half, second half). Returns
     {gid: error} for the tables that were not written."""
     failed: dict[int, str] = {}
     for start in range(0, len(items), TABLE_BATCH):
         gids, fds = [], []
         try:
-            for gid, table in items[start:start + TABLE_BATCH]:
+            for gid, table, *second in items[start:start + TABLE_BATCH]:
                 try:
-                    fds.append(new_inner(table, fixed))
+                    fds.append(new_inner(table, fixed, *second))
                     gids.append(gid)
                 except (BpfError, ValueError) as e:
                     failed[gid] = str(e)

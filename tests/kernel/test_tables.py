@@ -1,4 +1,4 @@
-"""Maglev tables in the kernel (meshd_maglev_v2): a size per group, and changes that flip
+"""Maglev tables in the kernel (meshd_maglev_v3): a size per group, and changes that flip
 between two halves of a group's table with plain array writes (no map-in-map update).
 
 The tc ingress program runs through BPF_PROG_TEST_RUN on the maps of a real instance, so the
@@ -19,7 +19,7 @@ from scapy.layers.inet import IP, TCP
 
 from meshd import maglev, names
 from meshd.dataplane import libbpf as bpf
-from meshd.dataplane import loader, tc
+from meshd.dataplane import loader, tables, tc
 from meshd.dataplane import structs as S
 from meshd.dataplane.kernel import KernelDataplane
 from meshd.desired import BackendRef, Frontend
@@ -196,7 +196,7 @@ def test_a_change_of_the_same_size_costs_no_grace_period():
 
 def test_layout_1_tables_are_migrated_before_the_programs_switch():
     """Maps pinned by a meshd of layout 1 (meshd_maglev_v1: one value of M slots per inner
-    map, M in meshd_meta_v1) are adopted: every table is copied into meshd_maglev_v2 at its
+    map, M in meshd_meta_v1) are adopted: every table is copied into meshd_maglev_v3 at its
     old size before the new programs replace the old ones, and the old pin goes."""
     e = Env()
     try:
@@ -228,5 +228,79 @@ def test_layout_1_tables_are_migrated_before_the_programs_switch():
             assert maps.meta.lookup(ctypes.c_uint32(0)).layout == S.LAYOUT_VERSION
         finally:
             maps.close()
+    finally:
+        e.close()
+
+
+def test_layout_2_tables_are_migrated_half_by_half():
+    """Maps pinned by a meshd of layout 2 (meshd_maglev_v2: 32-bit slots, header M and
+    chunks per half) are adopted: each table is copied into meshd_maglev_v3 with each half
+    as it was (a group mid-change keeps both), before the new programs replace the old
+    ones; the old pin goes."""
+    e = Env()
+    try:
+        pin_dir = e.maps.pin_dir
+        m, n = 1021, -(-1021 // 16)
+        first = (np.arange(m, dtype=np.uint32) % 3) + 1
+        second = (np.arange(m, dtype=np.uint32) % 5) + 10
+        rows = np.zeros((1 + 2 * n, 16), dtype=np.uint32)
+        rows[0, :2] = (m, n)
+        rows[1:1 + n].reshape(-1)[:m] = first
+        rows[1 + n:].reshape(-1)[:m] = second
+        (pin_dir / names.MAP_MAGLEV).unlink()  # what a layout-2 meshd leaves pinned
+        tmpl = bpf.map_create(bpf.MAP_TYPE_ARRAY, "meshd_v2_tmpl", 4, 64, 1 + 2 * n,
+                              flags=bpf.BPF_F_INNER_MAP)
+        outer_fd = bpf.map_create(bpf.MAP_TYPE_HASH_OF_MAPS, names.MAP_MAGLEV_V2, 4, 4, 16,
+                                  inner_map_fd=tmpl)
+        inner = bpf.map_create(bpf.MAP_TYPE_ARRAY, "meshd_mglv_tbl", 4, 64, 1 + 2 * n,
+                               flags=bpf.BPF_F_INNER_MAP)
+        try:
+            tables.write_chunks(inner, "inner", 0, rows)
+            outer = bpf.Map(outer_fd, names.MAP_MAGLEV_V2, ctypes.c_uint32, ctypes.c_uint32)
+            outer.update(ctypes.c_uint32(7), ctypes.c_uint32(inner))
+            bpf.obj_pin(outer_fd, pin_dir / names.MAP_MAGLEV_V2)
+        finally:
+            for fd in (tmpl, outer_fd, inner):
+                os.close(fd)
+        e.maps.meta.update(ctypes.c_uint32(0), S.Meta(maglev_m=0, layout=2))
+        maps = loader.load(pin_dir.parent.parent, e.instance, e.cgroup, 0, metrics=False)
+        try:
+            dp = KernelDataplane(maps)
+            assert dp.table_size(7) == m
+            assert (dp.get_table(7, 0) == first).all() and (dp.get_table(7, 1) == second).all()
+            assert not (pin_dir / names.MAP_MAGLEV_V2).exists()
+            assert maps.meta.lookup(ctypes.c_uint32(0)).layout == S.LAYOUT_VERSION == 3
+        finally:
+            maps.close()
+    finally:
+        e.close()
+
+
+def test_sixteen_bit_slots_and_member_room():
+    """A table is held as 16-bit indexes into its half's members (half the memory of
+    32-bit ids); a change whose backends outgrow the member room the inner map was made
+    with is written as a fresh inner map instead of in place, and reads back the same."""
+    e = AutoEnv()
+    try:
+        dp = KernelDataplane(e.maps)
+        m = 1021
+        ten = (np.arange(m, dtype=np.uint32) % 10) + 100
+        dp.put_table(9, ten)
+        fd = dp._open_inner(9)
+        try:
+            info = bpf.map_info(fd, "inner")
+        finally:
+            bpf.close_fd(fd)
+        n, k = -(-m // 32), 2  # 10 members: room for 20, one element is 16
+        assert info.max_entries == 1 + 2 * n + 2 * k
+        assert (dp.get_table(9, 0) == ten).all() and (dp.get_table(9, 1) == ten).all()
+        twenty = (np.arange(m, dtype=np.uint32) % 20) + 200
+        assert dp.put_tables([(9, twenty, 1)]) == {}  # fits: in place
+        assert (dp.get_table(9, 1) == twenty).all() and (dp.get_table(9, 0) == ten).all()
+        forty = (np.arange(m, dtype=np.uint32) % 40) + 300
+        assert dp.put_tables([(9, forty, 0)]) == {}  # no room: a fresh map, both halves
+        assert (dp.get_table(9, 0) == forty).all() and (dp.get_table(9, 1) == forty).all()
+        with pytest.raises(ValueError, match="65535"):
+            tables.encode(np.ones(70000, dtype=np.uint32), 1)
     finally:
         e.close()
