@@ -36,15 +36,15 @@ its quota are dropped (so a later look may claim that slot) until nothing
 changes. The result is exactly that of playing the looks one by one; m=65537 with 1000 backends builds in tens
 of milliseconds (bench/maglev_build.py).
 
-Kernel memory: one 4-byte entry per slot, twice (two halves, see docs/datapath.md), per
-service port and family:
+Kernel memory: one 2-byte index per slot (into the half's member list), twice (two
+halves, see docs/datapath.md), per service port and family:
 
-    m        table size
-    251        2 KiB
-    1021       8 KiB
-    4093      32 KiB
-    16381    128 KiB
-    65521    512 KiB
+    m        table size (two halves, with the members of as many backends as m balances)
+    251        1.2 KiB
+    1021       4.3 KiB
+    4093        17 KiB
+    16381       67 KiB
+    65521      266 KiB
 
 Rule of thumb: ``m >= 100 * (sum of weights)``, which table_size_for() picks per group. Then every backend holds about 100
 slots or more, its share is exact to one slot (about 1% of its share), and a
