@@ -44,8 +44,8 @@ from meshd import maglev
 from meshd.desired import G_POLICY, G_POLICY_OPEN, BackendRef, Frontend, Group
 from meshd.errors import DataplaneError
 # KernelSnapshot, Dataplane and Report are imported from here by the daemon and tests
-from meshd.reconcile_state import (Applied, Dataplane, FeMap, Ids, KernelSnapshot,  # noqa: F401
-                                   Report)
+from meshd.reconcile_state import (Applied, Dataplane, FeMap, Ids, IdTable,  # noqa: F401
+                                   KernelSnapshot, Report)
 from meshd.sidetables import SideTables
 from meshd.verdicts import Verdicts
 
@@ -443,7 +443,8 @@ class Reconciler:
     def _tables(self, groups: list[Group], m: int) -> list[np.ndarray]:
         """Maglev tables of backend ids, many groups of one size in one vectorised build."""
         idx = maglev.build_tables([[(ref.name, w) for ref, w in g.backends] for g in groups], m)
-        return [np.array([self.backend_ids[ref] for ref, _w in g.backends], dtype=np.uint32)[i]
+        return [IdTable.of(i, np.array([self.backend_ids[ref] for ref, _w in g.backends],
+                                       dtype=np.uint32))
                 for g, i in zip(groups, idx)]
 
     def _write_frontends(self, desired, changed, ok: dict[str, Group], rep: Report,

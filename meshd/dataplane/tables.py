@@ -56,11 +56,21 @@ def member_elements(members: int) -> int:
     return max(1, -(-2 * members // S.TABLE_CHUNK))
 
 
+def factors(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(members, index): the table's distinct backend ids and each slot's index into them.
+    A table that carries them (the reconciler's IdTable: how Maglev built it) is not
+    searched again."""
+    members, index = getattr(table, "members", None), getattr(table, "index", None)
+    if members is not None and index is not None:
+        return members, index
+    return np.unique(table, return_inverse=True)
+
+
 def encode(table: np.ndarray, k: int, fixed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """One half as inner-array elements: (n slot rows, k member rows), each (rows, 16)
     uint32. MemberRoom if its distinct ids do not fit k member elements."""
     m = _check(table, fixed)
-    members, index = np.unique(table, return_inverse=True)
+    members, index = factors(table)
     if members.size > k * S.TABLE_CHUNK:
         raise MemberRoom(f"table has {members.size} distinct backends, its inner map has "
                          f"room for {k * S.TABLE_CHUNK}")
@@ -107,9 +117,9 @@ def new_inner(table: np.ndarray, fixed: int = 0, second: np.ndarray | None = Non
     """A fresh inner map holding `table` in both halves (or `second` in the second half, of
     the same size: the migration of a table mid-change); returns its fd (caller closes)."""
     m = _check(table, fixed)
-    distinct = int(np.unique(table).size)
+    distinct = int(factors(table)[0].size)
     if second is not None:
-        distinct = max(distinct, int(np.unique(second).size))
+        distinct = max(distinct, int(factors(second)[0].size))
     n, k = slot_elements(m), member_elements(distinct)
     slots_a, members_a = encode(table, k, fixed)
     slots_b, members_b = (slots_a, members_a) if second is None else encode(second, k, fixed)
