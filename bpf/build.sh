@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Compiles bpf/*.bpf.c into meshd/bpf_obj/ (only what changed). Needs clang-19 and libbpf-dev.
+# Compiles bpf/*.bpf.c into meshd/bpf_obj/ (only what changed), and the userspace helper
+# bpf/native/maglev_fill.c into meshd/bpf_obj/maglev_fill.so (the Maglev fill; loaded with
+# ctypes by meshd/dataplane/native.py). Needs clang-19 and libbpf-dev.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT="$HERE/../meshd/bpf_obj"
@@ -23,4 +25,14 @@ for src in "$HERE"/*.bpf.c; do
     -c "$src" -o "$obj.tmp"
   mv "$obj.tmp" "$obj"
   echo "built $(basename "$obj")"
+done
+# The Maglev fill: plain userspace C (no libc calls), for the machine it is built on.
+for src in "$HERE"/native/*.c; do
+  so="$OUT/$(basename "${src%.c}").so"
+  if [ -f "$so" ] && [ "$so" -nt "$src" ]; then
+    continue
+  fi
+  "$CLANG" -O2 -g -Wall -Werror -shared -fPIC -o "$so.tmp" "$src"
+  mv "$so.tmp" "$so"
+  echo "built $(basename "$so")"
 done

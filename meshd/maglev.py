@@ -200,6 +200,21 @@ def _claims(who: np.ndarray, slot: np.ndarray, room: np.ndarray, by_backend: np.
         in_play &= keep
 
 
+# A compiled fill with the same result (meshd/dataplane/native.py installs it): called with
+# (m, backends per table, offset, skip, weight, quota, clock) -> count * m uint32 indexes.
+_fill = None
+
+
+def use_fill(fill) -> None:
+    """Builds tables with `fill` from now on (None: numpy again)."""
+    global _fill
+    _fill = fill
+
+
+def compiled_fill():
+    return _fill
+
+
 @functools.lru_cache(maxsize=8)
 def _clock(m: int) -> np.ndarray:
     clock = np.cumsum(1.0 / np.arange(m, 0, -1, dtype=np.float64))
@@ -247,6 +262,9 @@ def build_tables(groups: Sequence[Sequence[tuple[str, int]]], m: int) -> list[np
     weight = np.array([w for o in ordered for _, w in o], dtype=np.float64)
     quota = np.concatenate([_quotas([w for _, w in o], m) for o in ordered])
     clock = _clock(m)
+    if _fill is not None:  # the same looks, played one by one in C
+        table = _fill(m, sizes, offset, skip, weight, quota, clock)
+        return [table[i * m:(i + 1) * m].copy() for i in range(t_count)]
 
     table = np.zeros(t_count * m, dtype=np.uint32)
     claimed = np.zeros(t_count * m, dtype=bool)

@@ -18,7 +18,7 @@ from meshd.errors import BpfError, DataplaneError
 from meshd.reconciler import KernelSnapshot
 from meshd.dataplane import libbpf as bpf
 from meshd.dataplane import structs as S
-from meshd.dataplane import tables
+from meshd.dataplane import native, tables
 from meshd.dataplane.loader import Maps
 
 
@@ -85,6 +85,7 @@ class KernelDataplane:
         self._flipped: dict[int, float] = {}  # gid -> last frontend write (a flip, maybe)
         self.maglev_m = maps.maglev_m  # maglev.table_size when fixed; 0: auto (per group)
         self.maglev_max = maps.maglev_max  # the largest size auto may pick
+        native.install()  # the reconciler's tables for these maps: the compiled fill
 
     # ---- writes -----------------------------------------------------------------------------
     def put_backend(self, bid: int, ref: BackendRef) -> None:
