@@ -32,7 +32,9 @@ for src in "$HERE"/native/*.c; do
   if [ -f "$so" ] && [ "$so" -nt "$src" ]; then
     continue
   fi
-  "$CLANG" -O2 -g -Wall -Werror -shared -fPIC -o "$so.tmp" "$src"
+  # stripped (-s): the package strips binaries but not bpf_obj/, whose BPF objects need
+  # their BTF
+  "$CLANG" -O2 -Wall -Werror -shared -fPIC -Wl,-s -o "$so.tmp" "$src"
   mv "$so.tmp" "$so"
   echo "built $(basename "$so")"
 done

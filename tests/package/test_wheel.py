@@ -31,6 +31,8 @@ maps.close()
 tc.load(bpffs, instance).close()
 with bpf.BpfObject(object_path(OBJ)) as obj:   # CO-RE: relocated against this kernel
     obj.load()
+from meshd.dataplane import native
+assert native.load() is not None, "the compiled Maglev fill did not load"
 print(json.dumps({"meshd": meshd.__file__, "objects": str(object_path(OBJ).parent)}))
 """
 
@@ -40,7 +42,7 @@ def venv(tmp_path):
     """A fresh virtualenv with the built wheel installed (dependencies as PyPI wheels)."""
     wheel = pkglib.build_wheel()
     names = zipfile.ZipFile(wheel).namelist()
-    for obj in ("sock_lb.bpf.o", "tc_lb.bpf.o", "sock_destroy.bpf.o"):
+    for obj in ("sock_lb.bpf.o", "tc_lb.bpf.o", "sock_destroy.bpf.o", "maglev_fill.so"):
         assert f"meshd/bpf_obj/{obj}" in names, names
     v = tmp_path / "venv"
     subprocess.run(["/usr/bin/python3", "-m", "venv", str(v)], check=True)
