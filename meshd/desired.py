@@ -27,7 +27,7 @@ import ipaddress
 from dataclasses import dataclass
 from operator import itemgetter
 from socket import inet_ntoa as _inet_ntoa
-from typing import Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple
 
 from meshd.errors import RecordError
 from meshd.model import NODE_PORT_RANGE, Service
@@ -295,9 +295,16 @@ class DesiredState:
         return fronts | {Frontend(None, p.node_port, p.protocol)  # type: ignore[arg-type]
                          for p in svc.ports if p.node_port is not None}
 
-    def update(self, services: Iterable[Service], cidrs, forbidden,
-               node_ports: NodePorts = NodePorts(), node: NodeInfo = NodeInfo(),
-               external_ip_cidrs=()) -> tuple[dict[str, Group], list[RecordError]]:
+    def update(self, services: Iterable[Service] | Callable[[], Iterable[Service]], cidrs,
+               forbidden, node_ports: NodePorts = NodePorts(), node: NodeInfo = NodeInfo(),
+               external_ip_cidrs=(), updates: dict[str, Service | None] | None = None,
+               ) -> tuple[dict[str, Group], list[RecordError]]:
+        """`services`: every service of every source (or a function returning them, called
+        only if needed). `updates`: service key -> service (None: gone) for the only keys
+        that may differ from the last call's services, whose other keys are the same
+        objects now; then `services` is not looked at (a one-service change costs what it
+        touches, not a pass over 10,000 services), unless the validation inputs changed or
+        the last call kept one of several definitions of a key."""
         from meshd.model import check_services
         cidrs, forbidden, ext = tuple(cidrs), frozenset(forbidden), tuple(external_ip_cidrs)
         inputs = (cidrs, forbidden, node_ports, node, ext)
@@ -307,34 +314,19 @@ class DesiredState:
             self.__init__()  # validation inputs changed: start over
             (self._cidrs, self._forbidden, self._node_ports, self._node,
              self._ext_cidrs) = inputs
-        # The key of a service object we saw before, by identity: `Service.key` builds a
-        # string each time, and this loop runs over every service on every sync.
-        key_of, svc_now = self._key_of, self._svc
-        current: dict[str, Service] = {}
-        dups: dict[str, list[Service]] = {}
-        changed: set[str] = set()
-        for s in services:
-            key = key_of.get(id(s))
-            if key is None or svc_now.get(key) is not s:
-                key = s.key
-                changed.add(key)  # new or replaced (a duplicate is re-checked below)
-            if key in current:
-                dups.setdefault(key, [current[key]]).append(s)
-            else:
-                current[key] = s
-        self._conflicts = []
-        for key, lst in dups.items():
-            if all(s is lst[0] or s == lst[0] for s in lst):
-                continue
-            lst = sorted(lst, key=lambda s: s.model_dump_json())
-            current[key] = lst[0]
-            self._conflicts += [RecordError(key, "conflicting definitions from more than one "
-                                            "source; another definition was kept")
-                                for s in lst[1:] if s != lst[0]]
-        changed = {k for k in changed if svc_now.get(k) is not current.get(k)}
-        added = sum(1 for k in changed if k not in svc_now)
-        if len(current) - added < len(svc_now):  # some key is gone: only then scan for it
-            changed |= svc_now.keys() - current.keys()
+        svc_now = self._svc
+        if updates is not None and not reset and not self._conflicts:
+            changed = {k for k, s in updates.items() if svc_now.get(k) is not s}
+            current = svc_now
+            if changed:
+                current = dict(svc_now)
+                for k in changed:
+                    if updates[k] is None:
+                        current.pop(k, None)
+                    else:
+                        current[k] = updates[k]
+        else:
+            current, changed = self._compare(services() if callable(services) else services)
         self.changed_groups = set()
         self.changed_services = set()
         if not changed:
@@ -373,6 +365,39 @@ class DesiredState:
         if reset:
             self.changed_groups = None  # unknown: groups from before the reset may be gone
         return self.groups, list(self._errors.values()) + self._conflicts
+
+    def _compare(self, services: Iterable[Service]) -> tuple[dict[str, Service], set[str]]:
+        """(key -> service now, the keys that differ from the last call): a pass over every
+        service, one definition kept per key (conflicts noted)."""
+        # The key of a service object we saw before, by identity: `Service.key` builds a
+        # string each time, and this loop runs over every service.
+        key_of, svc_now = self._key_of, self._svc
+        current: dict[str, Service] = {}
+        dups: dict[str, list[Service]] = {}
+        changed: set[str] = set()
+        for s in services:
+            key = key_of.get(id(s))
+            if key is None or svc_now.get(key) is not s:
+                key = s.key
+                changed.add(key)  # new or replaced (a duplicate is re-checked below)
+            if key in current:
+                dups.setdefault(key, [current[key]]).append(s)
+            else:
+                current[key] = s
+        self._conflicts = []
+        for key, lst in dups.items():
+            if all(s is lst[0] or s == lst[0] for s in lst):
+                continue
+            lst = sorted(lst, key=lambda s: s.model_dump_json())
+            current[key] = lst[0]
+            self._conflicts += [RecordError(key, "conflicting definitions from more than one "
+                                            "source; another definition was kept")
+                                for s in lst[1:] if s != lst[0]]
+        changed = {k for k in changed if svc_now.get(k) is not current.get(k)}
+        added = sum(1 for k in changed if k not in svc_now)
+        if len(current) - added < len(svc_now):  # some key is gone: only then scan for it
+            changed |= svc_now.keys() - current.keys()
+        return current, changed
 
     def _closure(self, changed: set[str], current: dict[str, Service]) -> set[str]:
         """`changed` plus every service sharing a frontend with them, transitively."""

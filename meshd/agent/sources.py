@@ -34,6 +34,9 @@ class SourceState:
     synced: bool = False  # delivered at least one full snapshot
     error: str | None = None  # the source cannot be read now (its last snapshot is kept)
     triggers: list = field(default_factory=list)  # change times not yet in the kernel
+    # service key -> service for the only services that changed since the last sync took
+    # them (Sources.take_updates); None: unknown (a full pass compares every service)
+    updates: dict | None = None
 
     @property
     def up(self) -> bool:
@@ -49,14 +52,42 @@ class Sources(dict):
         self.dirty_since: float | None = None  # first change not yet in the kernel
         self.on_change = lambda: None  # status file refresh (set by the daemon)
 
-    def publish(self, name: str, services, errors, triggers=(), policies=()) -> None:
+    def publish(self, name: str, services, errors, triggers=(), policies=(),
+                updates: dict | None = None) -> None:
+        """A source's new snapshot. `updates`: service key -> service of the only services
+        that may differ from its previous snapshot (None: unknown)."""
         if self.dirty_since is None:
             self.dirty_since = time.monotonic()
         st = self[name]
         st.triggers.extend(triggers)
         st.services, st.errors, st.synced, st.error = tuple(services), tuple(errors), True, None
         st.policies = tuple(policies)
+        if updates is None or st.updates is None:
+            st.updates = None
+        else:
+            st.updates.update(updates)
         self.wake.set()
+
+    def take_updates(self) -> dict | None:
+        """What changed since the last call, as service key -> service, if that is known
+        and one source alone has services (several may define one key: only a full pass
+        decides between them); None: compare everything. Either way the next call starts
+        from now."""
+        states = list(self.values())
+        out: dict | None = None
+        if all(st.updates is not None for st in states) and \
+                sum(1 for st in states if st.services) <= 1:
+            out = {}
+            for st in states:
+                out.update(st.updates)
+        for st in states:
+            st.updates = {}
+        return out
+
+    def forget_updates(self) -> None:
+        """A sync failed after taking the updates: the next one compares everything."""
+        for st in self.values():
+            st.updates = None
 
     def set_error(self, name: str, error: str | None) -> None:
         if self[name].error != error:
@@ -165,7 +196,8 @@ class EtcdFeed:
         src = EtcdSource(self.cfg, endpoints=self.urls)
 
         async def emit(snap) -> None:
-            self.sources.publish("etcd", snap.services, snap.errors, policies=snap.policies)
+            self.sources.publish("etcd", snap.services, snap.errors, policies=snap.policies,
+                                 updates=snap.updates)
 
         mon = asyncio.create_task(_monitor(self.sources, "etcd", src), name="etcd-monitor")
         try:

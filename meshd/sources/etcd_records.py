@@ -243,6 +243,10 @@ class RegistrySnapshot:
     # them (Kubernetes: EndpointSlice last-change-trigger-time), for the programming latency
     triggers: tuple[float, ...] = ()
     policies: tuple[Policy, ...] = ()  # valid policy records, sorted by namespace/name
+    # service key -> its service in this snapshot, for every service that may differ from
+    # the previous snapshot (the others are the same objects); None: unknown (services
+    # came or went, or the first snapshot). Lets the daemon validate only what changed.
+    updates: dict | None = None
 
 
 class RegistryState:
@@ -450,16 +454,19 @@ class RegistryState:
         for skey in self._dirty:
             self._compose(skey)
         self._dirty.clear()
+        updates: dict | None = None
         if self._order_stale:
             self._order = sorted(self._composed)
             self._index = {k: i for i, k in enumerate(self._order)}
             self._slots = [self._composed[k] for k in self._order]
             self._services_out = tuple(self._slots)
             self._order_stale = False
-        elif self._patched:
-            for skey in self._patched:
-                self._slots[self._index[skey]] = self._composed[skey]
-            self._services_out = tuple(self._slots)
+        else:
+            updates = {skey: self._composed[skey] for skey in self._patched}
+            if self._patched:
+                for skey in self._patched:
+                    self._slots[self._index[skey]] = self._composed[skey]
+                self._services_out = tuple(self._slots)
         self._patched.clear()
         if self._errors_out is None:
             errs = list(self._errors.values())
@@ -470,4 +477,5 @@ class RegistryState:
         if self._policies_out is None:
             self._policies_out = tuple(self._policies[k] for k in sorted(self._policies))
         return RegistrySnapshot(services=self._services_out, errors=self._errors_out, revision=revision,
-                                orphan_endpoints=sum(self._orphans.values()), policies=self._policies_out)
+                                orphan_endpoints=sum(self._orphans.values()), policies=self._policies_out,
+                                updates=updates)
