@@ -391,6 +391,8 @@ class Daemon:
 
 
 def run(config_path: Path | None, log_level_set: bool = False) -> int:
+    from meshd.dataplane.libbpf import limit_malloc_arenas
+    limit_malloc_arenas()  # before any thread
     cfg = load_config(config_path)
     if not log_level_set:  # --log-level on the command line wins over the file
         logging.getLogger().setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))

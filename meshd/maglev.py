@@ -264,7 +264,9 @@ def build_tables(groups: Sequence[Sequence[tuple[str, int]]], m: int) -> list[np
     clock = _clock(m)
     if _fill is not None:  # the same looks, played one by one in C
         table = _fill(m, sizes, offset, skip, weight, quota, clock)
-        return [table[i * m:(i + 1) * m].copy() for i in range(t_count)]
+        # views into one array: one allocation per build, not one per table (the tables of
+        # a build are written and dropped together)
+        return [table[i * m:(i + 1) * m] for i in range(t_count)]
 
     table = np.zeros(t_count * m, dtype=np.uint32)
     claimed = np.zeros(t_count * m, dtype=bool)
