@@ -97,6 +97,7 @@ int meshd_destroy_udp(struct bpf_iter__udp *ctx)
 	struct meshd_sknat *sn;
 	struct meshd_sock *sock;
 	struct sock_common *skc;
+	int found;
 	__u32 zero = 0;
 	__u64 *n;
 
@@ -122,14 +123,14 @@ int meshd_destroy_udp(struct bpf_iter__udp *ctx)
 	/* connect() of this meshd keeps (backend, VIP) in the socket's storage; a socket
 	 * connected by an older meshd has it in meshd_sknat_v1 or in the LRU */
 	sock = bpf_sk_storage_get(&meshd_sock_v1, &udp_sk->inet.sk, 0, 0);
-	sn = sock ? 0 : bpf_sk_storage_get(&meshd_sknat_v1, &udp_sk->inet.sk, 0, 0);
-	if (sock && meshd_stored_vip(sock->be_addr, sock->be_port, sock->vip_addr,
-				     sock->vip_port, rk.addr, rk.port, &dk)) {
-		/* dk has the VIP */
-	} else if (sn && meshd_stored_vip(sn->be_addr, sn->be_port, sn->vip_addr, sn->vip_port,
-					  rk.addr, rk.port, &dk)) {
-		/* dk has the VIP */
-	} else {
+	found = sock && meshd_stored_vip(sock->be_addr, sock->be_port, sock->vip_addr,
+					 sock->vip_port, rk.addr, rk.port, &dk);
+	if (!found) {
+		sn = bpf_sk_storage_get(&meshd_sknat_v1, &udp_sk->inet.sk, 0, 0);
+		found = sn && meshd_stored_vip(sn->be_addr, sn->be_port, sn->vip_addr,
+					       sn->vip_port, rk.addr, rk.port, &dk);
+	}
+	if (!found) {
 		rk.cookie = bpf_get_socket_cookie(&udp_sk->inet.sk);
 		rv = bpf_map_lookup_elem(&meshd_revnat_v1, &rk);
 		if (!rv)

@@ -347,7 +347,7 @@ static __always_inline int meshd_vip_of(struct bpf_sock_addr *ctx, const __u32 *
 		*vip_port = sn->vip_port;
 		return 1;
 	}
-	if (ctx->sk && !sn) /* a socket an older meshd connected */
+	if (ctx->sk) /* a socket an older meshd connected (maybe tagged since by sendmsg) */
 		old = bpf_sk_storage_get(&meshd_sknat_v1, ctx->sk, 0, 0);
 	if (old && old->be_port == port && meshd_eq16(old->be_addr, addr)) {
 		__builtin_memcpy(vip, old->vip_addr, 16);

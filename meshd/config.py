@@ -40,7 +40,8 @@ from meshd.model import IPNetwork, StrictModel, explain_errors, format_loc, show
 log = logging.getLogger("meshd.config")
 
 ENV_PREFIX = "MESHD_"
-MAGLEV_MIN, MAGLEV_MAX = 251, 131071
+# tables hold 16-bit slot indexes (meshd_maglev_v3): at most 65,535 slots, 65521 the prime
+MAGLEV_MIN, MAGLEV_MAX = 251, 65521
 
 
 def _fail(template: str, **ctx: Any) -> PydanticCustomError:

@@ -145,7 +145,7 @@ def _checked(backends: Sequence[tuple[str, int]], m: int) -> list[tuple[str, int
         if isinstance(weight, bool) or not isinstance(weight, Integral) or weight < 1:
             raise ValueError(f"maglev: backend {name!r} has weight {weight!r}; need an int >= 1")
     if isinstance(m, bool) or not isinstance(m, Integral) or m < 3 or not is_prime(int(m)):
-        raise ValueError(f"maglev: table size {m!r} is not a prime >= 3 (e.g. 1021, 4093, 16381, 65537)")
+        raise ValueError(f"maglev: table size {m!r} is not a prime >= 3 (e.g. 1021, 4093, 16381, 65521)")
     if m < len(ordered):
         raise ValueError(f"maglev: table size {m} is smaller than the number of backends ({len(ordered)})")
     return [(name, int(weight)) for name, weight in ordered]

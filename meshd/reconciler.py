@@ -396,6 +396,11 @@ class Reconciler:
         t0 = time.perf_counter()
         failed = self.dp.put_tables(list(pending.values()))
         put_secs[0] += time.perf_counter() - t0
+        instead = getattr(self.dp, "swapped_instead", None)
+        if isinstance(instead, set) and instead:  # written fresh, not in place: readers
+            # have the new table already (no undo, a swap)
+            pending = {k: (gid, t, None if gid in instead else h)
+                       for k, (gid, t, h) in pending.items()}
         if len(pending) > len(failed):
             rep.ops["put_table"] += len(pending) - len(failed)
         for key, (gid, table, half) in pending.items():

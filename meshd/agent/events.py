@@ -52,7 +52,8 @@ class Namer:
         now_mono, now = time.monotonic_ns(), time.time()
         kind, proto = ev.type, ev.proto  # names (meshd.dataplane.events.Event)
         key = self.group_key(ev.group) if ev.group else None
-        identity = ev.identity or self.identity_of_cgroup(ev.cgroup)
+        # a denial's identity is the one the policy check used (0: none), never filled in
+        identity = ev.identity or (0 if kind == "denied" else self.identity_of_cgroup(ev.cgroup))
         service = None
         if key:
             svc, _, rest = key.partition(":")

@@ -86,6 +86,7 @@ class KernelDataplane:
         self.maglev_m = maps.maglev_m  # maglev.table_size when fixed; 0: auto (per group)
         self.maglev_max = maps.maglev_max  # the largest size auto may pick
         native.install()  # the reconciler's tables for these maps: the compiled fill
+        self.swapped_instead: set[int] = set()  # of the last put_tables: halves written fresh
 
     # ---- writes -----------------------------------------------------------------------------
     def put_backend(self, bid: int, ref: BackendRef) -> None:
@@ -170,6 +171,7 @@ class KernelDataplane:
         for the tables that were not written."""
         failed: dict[int, str] = {}
         fresh: list[tuple[int, np.ndarray]] = []
+        self.swapped_instead = set()
         for item in items:
             gid, table, half = (*item, None)[:3]  # (gid, table) alone: fresh
             if half is None:
@@ -179,6 +181,7 @@ class KernelDataplane:
                 self._write_half(gid, table, half)
             except tables.MemberRoom:
                 fresh.append((gid, table))
+                self.swapped_instead.add(gid)
             except (BpfError, ValueError) as e:
                 failed[gid] = str(e)
         failed.update(tables.swap_in(self.maps.maglev, fresh, self.maglev_m))

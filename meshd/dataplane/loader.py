@@ -433,13 +433,15 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
             obj.load()
         except BpfError as e:
             raise features.explain(e, f"the socket LB ({names.OBJ_SOCK_LB})", needs) from e
-        pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
         if layout in (1, 2) and names.MAP_MAGLEV not in adopted:
+            # before the new outer map is pinned: a migration that fails or is cut short
+            # leaves no half-filled map a restart would adopt (it migrates again)
             outer = bpf.Map(obj.map_fd(names.MAP_MAGLEV), names.MAP_MAGLEV, C.c_uint32,
                             C.c_uint32)  # borrowed fd: the object owns it (never closed here)
             migrate = _migrate_v1_tables if layout == 1 else _migrate_v2_tables
             log.info("migrated %d Maglev tables of layout %d to %s",
                      migrate(pin_dir, outer), layout, names.MAP_MAGLEV)
+        pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
         log.info("socket LB loaded (maglev m=%s); adopted %d pinned maps; metrics %s "
                  "(adopted %d pinned metrics maps)", maglev_m or f"auto up to {maglev_max}",
                  len([n for n in adopted if n in names.SOCK_LB_MAPS]),

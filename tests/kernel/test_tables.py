@@ -299,6 +299,7 @@ def test_sixteen_bit_slots_and_member_room():
         assert (dp.get_table(9, 1) == twenty).all() and (dp.get_table(9, 0) == ten).all()
         forty = (np.arange(m, dtype=np.uint32) % 40) + 300
         assert dp.put_tables([(9, forty, 0)]) == {}  # no room: a fresh map, both halves
+        assert dp.swapped_instead == {9}  # said, so the reconciler keeps no undo for it
         assert (dp.get_table(9, 0) == forty).all() and (dp.get_table(9, 1) == forty).all()
         with pytest.raises(ValueError, match="65535"):
             tables.encode(np.ones(70000, dtype=np.uint32), 1)

@@ -69,10 +69,11 @@ def test_etcd_defaults(tmp_path: Path) -> None:
 def test_non_prime_table_size_suggests_neighbours(tmp_path: Path) -> None:
     p = write(tmp_path, "maglev:\n  table_size: 16380\n")
     assert error(p) == f"config {p}: maglev.table_size: 16380 is not prime; nearest primes are 16369 and 16381"
-    assert "must be a prime between 251 and 131071 (got 131072)" in error(write(tmp_path, "maglev: {table_size: 131072}"))
+    # 16-bit slots: 65537 (accepted before layout 3) is refused by name
+    assert "must be a prime between 251 and 65521 (got 65537)" in error(write(tmp_path, "maglev: {table_size: 65537}"))
     assert error(write(tmp_path, "maglev: {table_size: 252}")).endswith("nearest primes are 251 and 257")
-    assert error(write(tmp_path, "maglev: {table_size: 131070}")).endswith("nearest primes are 131063 and 131071")
-    for prime in (251, 65537, 131071):
+    assert error(write(tmp_path, "maglev: {table_size: 65520}")).endswith("nearest primes are 65519 and 65521")
+    for prime in (251, 16381, 65521):
         assert load_config(write(tmp_path, f"maglev: {{table_size: {prime}}}"), env={}).maglev.table_size == prime
 
 
@@ -154,11 +155,11 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     p = write(tmp_path, "instance: fromfile\nmaglev: {table_size: 251}\n")
-    cfg = load_config(p, env={"MESHD_INSTANCE": "fromenv", "MESHD_MAGLEV__TABLE_SIZE": "65537",
+    cfg = load_config(p, env={"MESHD_INSTANCE": "fromenv", "MESHD_MAGLEV__TABLE_SIZE": "65521",
                               "MESHD_LOG_LEVEL": "warning", "MESHD_BPFFS": "/mnt/bpf",
                               "MESHD_CGROUP": "/sys/fs/cgroup", "MESHD_SERVICE_CIDRS": "10.0.0.0/8, fd00::/64",
                               "MESHD_ETCD__ENDPOINTS": "http://10.0.0.1:2379,http://10.0.0.2:2379"})
-    assert (cfg.instance, cfg.maglev.table_size, cfg.log_level) == ("fromenv", 65537, "warning")
+    assert (cfg.instance, cfg.maglev.table_size, cfg.log_level) == ("fromenv", 65521, "warning")
     assert cfg.pin_dir == Path("/mnt/bpf/meshd/fromenv") and cfg.cgroup == Path("/sys/fs/cgroup")
     assert cfg.service_cidrs == [ip_network("10.0.0.0/8"), ip_network("fd00::/64")]
     assert cfg.etcd is not None and len(cfg.etcd.endpoints) == 2

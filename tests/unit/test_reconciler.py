@@ -38,6 +38,8 @@ class FakeKernel:
         self.conntrack: set[int] | None = None  # backend ids of live tc flows; None: no tc
         self.capacity = backend_capacity
         self.fail_tables: set[int] = set()
+        self.no_room: set[int] = set()  # gids whose half writes go fresh (the kernel: MemberRoom)
+        self.swapped_instead: set[int] = set()
         self.ops = 0
         self.backend_batches = 0  # put_backends calls
         self.table_batches: list[int] = []  # tables per put_tables call
@@ -93,6 +95,9 @@ class FakeKernel:
     def put_tables(self, items):
         self.table_batches.append(len(items))
         failed = {}
+        self.swapped_instead = {gid for gid, _t, half in items
+                                if half is not None and gid in self.no_room}
+        items = [(g, t, None if g in self.swapped_instead else h) for g, t, h in items]
         for gid, table, half in items:  # a batch applies its elements one after the other
             if self.maglev_m:
                 assert table.shape == (self.maglev_m,)
@@ -249,6 +254,23 @@ def test_one_endpoint_change_rewrites_one_table_only():
     many[7] = svc("s8", "10.96.1.8", [("10.0.0.1", 1), ("10.0.0.9", 1)])
     rep = r.apply(desired_groups(many))
     assert rep.ops == {"put_backend": 1, "put_table": 1, "put_frontend": 1}
+
+
+def test_a_half_the_writer_swapped_in_fresh_is_no_in_place_change():
+    """The kernel writes a half as a fresh table when the group's backends outgrew its
+    member room: readers have the new table at once, so the reconciler keeps no undo for
+    it (a later failure must not claim the old table is still read) and counts a swap."""
+    k = FakeKernel()
+    r = Reconciler(k)
+    a = svc("a", "10.96.0.1", [("10.0.0.1", 1)])
+    r.apply(desired_groups([a]))
+    gid = next(iter(k.tables))
+    k.no_room.add(gid)
+    a2 = svc("a", "10.96.0.1", [("10.0.0.1", 1), ("10.0.0.2", 1), ("10.0.0.3", 1)])
+    swaps = k.swaps
+    rep = r.apply(desired_groups([a2]))
+    assert not rep.errors and rep.table_swaps == 1 and k.swaps == swaps + 1
+    assert not r._undo and k.serving() == expected([a2])
 
 
 def test_no_usable_backend_keeps_frontend_with_count_zero():
