@@ -268,6 +268,11 @@ def _migrate_v1_tables(pin_dir: Path, maglev_v2: bpf.Map) -> int:
     return len(items)
 
 
+class _U32(C.Structure):
+    """A __u32 key as a struct: Map.lookup_batch copies keys with from_buffer_copy."""
+    _fields_ = [("value", C.c_uint32)]
+
+
 def _migrate_v2_tables(pin_dir: Path, maglev_v3: bpf.Map) -> int:
     """Layout 2 -> 3: copies every table of the pinned meshd_maglev_v2 (32-bit slots: header
     M and chunks per half, then two halves) into meshd_maglev_v3 (16-bit slots and members),
@@ -277,32 +282,39 @@ def _migrate_v2_tables(pin_dir: Path, maglev_v3: bpf.Map) -> int:
     if not pin.exists():
         return 0
     old = bpf.Map(bpf.obj_get(pin), names.MAP_MAGLEV_V2, C.c_uint32, C.c_uint32)
-    items = []
+    items: list[tuple] = []
+    failed: dict[int, str] = {}
+    copied = 0
     try:
         for key, inner_id in old.items():
             what = f"{names.MAP_MAGLEV_V2}[{key.value}]"
             fd = bpf.map_fd_by_id(inner_id.value, what)
-            try:
-                inner = bpf.Map(fd, what, C.c_uint32, S.TableChunk)
-                hdr = inner.lookup(C.c_uint32(0))
-                if hdr is None or not hdr.slot[0]:
-                    continue
-                m, n = int(hdr.slot[0]), int(hdr.slot[1])
-                rows = [inner.lookup(C.c_uint32(i)) for i in range(1, 1 + 2 * n)]
+            try:  # the whole inner array, a batch of elements per syscall
+                rows = dict((k.value, v) for k, v in
+                            bpf.Map(fd, what, _U32, S.TableChunk).lookup_batch())
             finally:
                 bpf.close_fd(fd)
-            if any(r is None for r in rows):
+            hdr = rows.get(0)
+            if hdr is None or not hdr.slot[0]:
                 continue
-            ids = np.frombuffer(b"".join(bytes(r) for r in rows), dtype=np.uint32)
+            m, n = int(hdr.slot[0]), int(hdr.slot[1])
+            if any(i not in rows for i in range(1, 1 + 2 * n)):
+                continue
+            ids = np.frombuffer(b"".join(bytes(rows[i]) for i in range(1, 1 + 2 * n)),
+                                dtype=np.uint32)
             items.append((key.value, ids[:m].copy(), ids[n * S.TABLE_CHUNK:][:m].copy()))
+            if len(items) >= tables.TABLE_BATCH:  # a batch at a time: not every table held
+                failed.update(tables.swap_in(maglev_v3, items))
+                copied, items = copied + len(items), []
+        failed.update(tables.swap_in(maglev_v3, items))
+        copied += len(items)
     finally:
         old.close()
-    failed = tables.swap_in(maglev_v3, items)
     if failed:
         raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout 2 failed "
                              f"({next(iter(failed.values()))}); run `meshd cleanup` for this "
                              "instance and start again")
-    return len(items)
+    return copied
 
 
 def _self_cfg(self_pid: int | None) -> tuple[int, int, int]:
