@@ -22,6 +22,13 @@ def write_results(out: str | Path, result: dict) -> Path:
     return out
 
 
+def rotated(modes: tuple, rounds: int):
+    """(round, modes in that round's order): the order rotates every round, so drift and
+    warm-up hit every mode alike."""
+    for r in range(rounds):
+        yield r, modes[r % len(modes):] + modes[:r % len(modes)]
+
+
 def web_service(lab, vip: str):
     """bench/web: port http 80/TCP at `vip`, one endpoint, lab backend 1 on 8080."""
     return parse_service({"namespace": "bench", "name": "web", "vips": [vip],

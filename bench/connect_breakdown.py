@@ -4,7 +4,7 @@ client (new socket, connect(), close; nothing sent) against an accept-and-close 
 lab namespace, at 1 and 10,000 services, on meshd's shipped settings and with parts of them
 off. Bounded: each measurement runs at most --seconds and at most --max connections.
 
-  sudo .venv/bin/python bench/connect_breakdown.py [--services 1,10000] [--rounds 7]
+  sudo .venv/bin/python bench/connect_breakdown.py [--services 1,1000,10000] [--rounds 7]
 
 Each measurement is one client in meshd's cgroup whose cycles alternate between the VIP and
 the backend's own address (direct), so drift (CPU frequency, neighbours) hits both alike:
@@ -48,7 +48,7 @@ from meshd.desired import desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import Drain, write_results  # noqa: E402
+from benchlib import Drain, rotated, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 MODES = ("bare", "metrics", "shipped")
@@ -153,8 +153,7 @@ def bench_size(n: int, args, cpus: list[int]) -> dict:
 
             set_mode("shipped")
             paired(lab, n, 0.5, 2000)  # warm-up, not recorded
-            for r in range(args.rounds):
-                order = modes[r % len(modes):] + modes[:r % len(modes)]
+            for r, order in rotated(modes, args.rounds):
                 for mode in order:
                     set_mode(mode)
                     m = paired(lab, n, args.seconds, args.max)
@@ -198,7 +197,7 @@ def print_size(n: int, r: dict) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--services", default="1,10000")
+    ap.add_argument("--services", default="1,1000,10000")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--seconds", type=float, default=2.0, help="per measurement (bounded)")
     ap.add_argument("--max", type=int, default=40000, help="connections per measurement, max")

@@ -40,7 +40,7 @@ from meshd.desired import G_POLICY, desired_groups  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from meshd.verdicts import UID_ANY  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import Drain, connrate, web_service, write_results  # noqa: E402
+from benchlib import Drain, connrate, rotated, web_service, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 VIP = "10.96.0.10"
@@ -92,8 +92,7 @@ def main() -> int:
 
             set_mode("base")
             connrate(lab, VIP, 0.5, 2000)  # warm-up, not recorded
-            for r in range(args.rounds):
-                order = MODES[r % len(MODES):] + MODES[:r % len(MODES)]
+            for r, order in rotated(MODES, args.rounds):
                 for mode in order:
                     set_mode(mode)
                     m = connrate(lab, VIP, args.seconds, args.max)

@@ -194,6 +194,18 @@ def test_a_change_of_the_same_size_costs_no_grace_period():
         e.close()
 
 
+def _pin_older_outer(pin_dir, name: str, tmpl: int, outer_fd: int, inner: int) -> None:
+    """Pins `outer_fd` as an older meshd's outer Maglev map `name` holding `inner` as group
+    7's table; closes the three fds."""
+    try:
+        outer = bpf.Map(outer_fd, name, ctypes.c_uint32, ctypes.c_uint32)
+        outer.update(ctypes.c_uint32(7), ctypes.c_uint32(inner))
+        bpf.obj_pin(outer_fd, pin_dir / name)
+    finally:
+        for fd in (tmpl, outer_fd, inner):
+            os.close(fd)
+
+
 def test_layout_1_tables_are_migrated_before_the_programs_switch():
     """Maps pinned by a meshd of layout 1 (meshd_maglev_v1: one value of M slots per inner
     map, M in meshd_meta_v1) are adopted: every table is copied into meshd_maglev_v3 at its
@@ -209,15 +221,9 @@ def test_layout_1_tables_are_migrated_before_the_programs_switch():
         outer_fd = bpf.map_create(bpf.MAP_TYPE_HASH_OF_MAPS, names.MAP_MAGLEV_V1, 4, 4, 16,
                                   inner_map_fd=tmpl)
         inner = bpf.map_create(bpf.MAP_TYPE_ARRAY, "meshd_mglv_tbl", 4, 4 * m, 1)
-        try:
-            bpf.Map(inner, "inner", ctypes.c_uint32, ctypes.c_uint32 * m).update(
-                ctypes.c_uint32(0), (ctypes.c_uint32 * m).from_buffer_copy(table.tobytes()))
-            outer = bpf.Map(outer_fd, names.MAP_MAGLEV_V1, ctypes.c_uint32, ctypes.c_uint32)
-            outer.update(ctypes.c_uint32(7), ctypes.c_uint32(inner))
-            bpf.obj_pin(outer_fd, pin_dir / names.MAP_MAGLEV_V1)
-        finally:
-            for fd in (tmpl, outer_fd, inner):
-                os.close(fd)
+        bpf.Map(inner, "inner", ctypes.c_uint32, ctypes.c_uint32 * m).update(
+            ctypes.c_uint32(0), (ctypes.c_uint32 * m).from_buffer_copy(table.tobytes()))
+        _pin_older_outer(pin_dir, names.MAP_MAGLEV_V1, tmpl, outer_fd, inner)
         e.maps.meta.update(ctypes.c_uint32(0), S.Meta(maglev_m=m, layout=1))
         maps = loader.load(pin_dir.parent.parent, e.instance, e.cgroup, 0, metrics=False)
         try:
@@ -254,14 +260,8 @@ def test_layout_2_tables_are_migrated_half_by_half():
                                   inner_map_fd=tmpl)
         inner = bpf.map_create(bpf.MAP_TYPE_ARRAY, "meshd_mglv_tbl", 4, 64, 1 + 2 * n,
                                flags=bpf.BPF_F_INNER_MAP)
-        try:
-            tables.write_chunks(inner, "inner", 0, rows)
-            outer = bpf.Map(outer_fd, names.MAP_MAGLEV_V2, ctypes.c_uint32, ctypes.c_uint32)
-            outer.update(ctypes.c_uint32(7), ctypes.c_uint32(inner))
-            bpf.obj_pin(outer_fd, pin_dir / names.MAP_MAGLEV_V2)
-        finally:
-            for fd in (tmpl, outer_fd, inner):
-                os.close(fd)
+        tables.write_chunks(inner, "inner", 0, rows)
+        _pin_older_outer(pin_dir, names.MAP_MAGLEV_V2, tmpl, outer_fd, inner)
         e.maps.meta.update(ctypes.c_uint32(0), S.Meta(maglev_m=0, layout=2))
         maps = loader.load(pin_dir.parent.parent, e.instance, e.cgroup, 0, metrics=False)
         try:
