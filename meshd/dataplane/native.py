@@ -1,5 +1,5 @@
 """The compiled Maglev fill (bpf/native/maglev_fill.c, built by bpf/build.sh into
-meshd/bpf_obj/maglev_fill.so): plays a table's looks one by one in C, ~25x faster than the
+meshd/bpf_obj/maglev_fill.so): plays a table's looks one by one in C, ~6x faster than the
 numpy batches of meshd/maglev.py, with the same result slot for slot
 (tests/kernel/test_native_fill.py). install() hands it to meshd.maglev; without the
 library meshd builds its tables with numpy (and says so once)."""
@@ -33,7 +33,7 @@ def load():
         lib = C.CDLL(str(LIBRARY))
     except OSError as e:
         log.warning("the compiled Maglev fill %s cannot be loaded (%s): tables are built "
-                    "with numpy, ~25x slower (a cold sync of 10,000 services takes seconds "
+                    "with numpy, ~6x slower (a cold sync of 10,000 services takes seconds "
                     "longer); in a checkout run scripts/setup (bpf/build.sh builds it), "
                     "otherwise reinstall meshd", LIBRARY, e)
         return None

@@ -8,8 +8,9 @@ meshd_table_chunk in bpf/include/meshd_structs.h): inner arrays of 64-byte eleme
     [2n+k+1 .. 2n+2k]   second half's members
 
 Callers hand tables over as arrays of backend ids, as the reconciler builds them; the
-encoding into slot indexes and members is here. A half's members are the distinct ids of
-its table, sorted; room for twice as many members as the table first had (at least 16)
+encoding into slot indexes and members is here. A half's members are its group's backend
+ids (as the reconciler's IdTable carries them, in name order; for a plain array of ids, its
+distinct ids, sorted); room for twice as many members as the table first had (at least 16)
 is made when the inner map is created, so a change that more than doubles a group's
 backends without changing its size needs a fresh inner map (MemberRoom). Used by the
 reconciler's Dataplane (kernel.py) and by the loader's migration of older layouts; imports
