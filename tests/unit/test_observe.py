@@ -75,6 +75,8 @@ def test_an_identity_the_hook_did_not_look_up_is_named_from_the_cgroup():
     ev = n.event(raw(1, identity=0))
     assert ev["identity_id"] == 3 and ev["identity"] == "unit:web.service"
     assert n.event(raw(1, identity=3, cgroup=1))["identity_id"] == 3  # the kernel's wins
+    # a denial keeps what the policy check used, even 0 (no identity): never filled in
+    assert n.event(raw(2, identity=0, policy=4, backend=0))["identity_id"] == 0
 
 
 def test_filters():
