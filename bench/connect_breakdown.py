@@ -48,7 +48,7 @@ from meshd.desired import desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import Drain, rotated, write_results  # noqa: E402
+from benchlib import Drain, rotated, start_servers_apart, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 MODES = ("bare", "metrics", "shipped")
@@ -132,10 +132,7 @@ def bench_size(n: int, args, cpus: list[int]) -> dict:
     runs["outside"] = []
     costs: dict[str, dict] = {}
     with Lab(backends=1, ipv6=False) as lab:
-        if len(cpus) > 1:  # server on one CPU, client on another: less scheduling noise
-            os.sched_setaffinity(0, {cpus[-1]})
-        lab.start_backends(8080, udp=False, sink_port=SINK)
-        os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
+        start_servers_apart(lab, sink_port=SINK)  # servers on one CPU, clients on another
         instance = "bench-" + lab.prefix
         maps = loader.load(BPFFS, instance, lab.cgroup, 0, metrics=True)  # shipped: auto M
         drain = Drain(BPFFS, instance, set(cpus))

@@ -34,7 +34,7 @@ from meshd.desired import desired_groups  # noqa: E402
 from meshd.metrics import KernelSource  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import connrate, web_service, write_results  # noqa: E402
+from benchlib import connrate, start_servers_apart, web_service, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 M = 1021
@@ -67,10 +67,7 @@ def main() -> int:
     cpus = sorted(os.sched_getaffinity(0))
     runs: dict[str, list[dict]] = {"on": [], "off": []}
     with Lab(backends=1, ipv6=False) as lab:
-        if len(cpus) > 1:  # server on one CPU, client on another: less scheduling noise
-            os.sched_setaffinity(0, {cpus[-1]})
-        lab.start_backends(8080, udp=False)
-        os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
+        start_servers_apart(lab)  # servers on one CPU, clients on another
         instance = "bench-" + lab.prefix
         maps = loader.load(BPFFS, instance, lab.cgroup, M, metrics=True)
         try:

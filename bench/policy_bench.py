@@ -40,7 +40,8 @@ from meshd.desired import G_POLICY, desired_groups  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from meshd.verdicts import UID_ANY  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import Drain, connrate, rotated, web_service, write_results  # noqa: E402
+from benchlib import (Drain, connrate, rotated, start_servers_apart, web_service,  # noqa: E402
+                      write_results)
 
 BPFFS = Path("/sys/fs/bpf")
 VIP = "10.96.0.10"
@@ -60,10 +61,7 @@ def main() -> int:
     runs: dict[str, list[dict]] = {m: [] for m in MODES}
     drained = 0
     with Lab(backends=1, ipv6=False) as lab:
-        if len(cpus) > 1:  # server on one CPU, client on another: less scheduling noise
-            os.sched_setaffinity(0, {cpus[-1]})
-        lab.start_backends(8080, udp=False)
-        os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
+        start_servers_apart(lab)  # servers on one CPU, clients on another
         instance = "bench-" + lab.prefix
         maps = loader.load(BPFFS, instance, lab.cgroup, 0, metrics=True)
         drain = Drain(BPFFS, instance, set(cpus))

@@ -33,7 +33,7 @@ from meshd.desired import NodeInfo, desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import write_results  # noqa: E402
+from benchlib import start_servers_apart, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 M = 1021
@@ -65,10 +65,7 @@ def main() -> int:
     runs: dict[str, list[float]] = {p: [] for p in PATHS}
     p50s: dict[str, list[float]] = {p: [] for p in PATHS}  # connect() p50, us
     with Lab(backends=1, ipv6=False) as lab:
-        if len(cpus) > 1:  # servers on one CPU, clients on another: less scheduling noise
-            os.sched_setaffinity(0, {cpus[-1]})
-        lab.start_backends(8080, udp=False)
-        os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
+        start_servers_apart(lab)  # servers on one CPU, clients on another
         instance = "bench-" + lab.prefix
         maps = loader.load(BPFFS, instance, lab.cgroup, M)
         try:

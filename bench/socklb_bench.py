@@ -44,7 +44,7 @@ from meshd.desired import desired_groups  # noqa: E402
 from meshd.model import parse_service  # noqa: E402
 from meshd.reconciler import Reconciler  # noqa: E402
 from netns_lab import Lab  # noqa: E402
-from benchlib import Drain, write_results  # noqa: E402
+from benchlib import Drain, start_servers_apart, write_results  # noqa: E402
 
 BPFFS = Path("/sys/fs/bpf")
 M = 0  # the shipped default: each group's table sized for its backends (auto)
@@ -132,10 +132,7 @@ def bench_size(n: int, args) -> dict:
     namespace walks the nat chain, service or not)."""
     cpus = sorted(os.sched_getaffinity(0))
     with Lab(backends=1, ipv6=False) as lab:
-        if len(cpus) > 1:  # servers on one CPU, clients on another: less scheduling noise
-            os.sched_setaffinity(0, {cpus[-1]})
-        lab.start_backends(8080, udp=False)
-        os.sched_setaffinity(0, {cpus[0]} if len(cpus) > 1 else set(cpus))
+        start_servers_apart(lab)  # servers on one CPU, clients on another
         # iptables DNATs after the route lookup, so its VIP range needs a route (kube-proxy
         # nodes have a default route). It points at b1, inside the lab: nothing leaves.
         lab.exec("cli", ["ip", "route", "add", "10.100.0.0/16", "via", lab.backend_addr(1)])
