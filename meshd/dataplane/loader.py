@@ -228,8 +228,8 @@ def _pinned_layout(pin_dir: Path) -> tuple[int, int]:
 
 def _check_adoptable(pin_dir: Path) -> int:
     """The layout of the pinned maps (0: nothing to protect) if this meshd can adopt them:
-    its own, or layout 1 or 2 (their tables migrated by _migrate_v1_tables /
-    _migrate_v2_tables before the programs switch)."""
+    its own, or layout 1 or 2 (their tables migrated by _migrate_tables before the programs
+    switch)."""
     layout, _m = _pinned_layout(pin_dir)
     if layout not in (0, 1, 2, S.LAYOUT_VERSION):
         raise DataplaneError(f"maps pinned at {pin_dir} have layout v{layout}, this meshd "
@@ -237,81 +237,68 @@ def _check_adoptable(pin_dir: Path) -> int:
     return layout
 
 
-def _migrate_v1_tables(pin_dir: Path, maglev_v2: bpf.Map) -> int:
-    """Layout 1 -> 2: copies every table of the pinned meshd_maglev_v1 (one value of M slots
-    per inner map, M in meshd_meta_v1) into meshd_maglev_v2 (same M, both halves), so the
-    new programs find every table the old ones used when they are swapped in: no gap. The
-    reconciler later resizes them to their group's size. Returns how many were copied."""
-    pin = pin_dir / names.MAP_MAGLEV_V1
-    _layout, m = _pinned_layout(pin_dir)
-    if not pin.exists() or not m:
-        return 0
-    old = bpf.Map(bpf.obj_get(pin), names.MAP_MAGLEV_V1, C.c_uint32, C.c_uint32)
-    items = []
-    try:
-        for key, inner_id in old.items():
-            fd = bpf.map_fd_by_id(inner_id.value, f"{names.MAP_MAGLEV_V1}[{key.value}]")
-            try:
-                value = bpf.Map(fd, names.MAP_MAGLEV_V1, C.c_uint32, C.c_uint32 * m).lookup(
-                    C.c_uint32(0))
-            finally:
-                bpf.close_fd(fd)
-            if value is not None:
-                items.append((key.value, np.frombuffer(bytes(value), dtype=np.uint32).copy()))
-    finally:
-        old.close()
-    failed = tables.swap_in(maglev_v2, items)
-    if failed:
-        raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout 1 failed "
-                             f"({next(iter(failed.values()))}); run `meshd cleanup` for this "
-                             "instance and start again")
-    return len(items)
-
-
 class _U32(C.Structure):
     """A __u32 key as a struct: Map.lookup_batch copies keys with from_buffer_copy."""
     _fields_ = [("value", C.c_uint32)]
 
 
-def _migrate_v2_tables(pin_dir: Path, maglev_v3: bpf.Map) -> int:
-    """Layout 2 -> 3: copies every table of the pinned meshd_maglev_v2 (32-bit slots: header
-    M and chunks per half, then two halves) into meshd_maglev_v3 (16-bit slots and members),
-    each half as it is, so the frontends' half flags keep naming the same tables when the
-    new programs are swapped in: no gap, no flip. Returns how many were copied."""
-    pin = pin_dir / names.MAP_MAGLEV_V2
-    if not pin.exists():
+def _v1_table(fd: int, what: str, m: int) -> tuple | None:
+    """Layout 1: one value of the instance's M slots; both halves get it."""
+    value = bpf.Map(fd, what, C.c_uint32, C.c_uint32 * m).lookup(C.c_uint32(0))
+    return None if value is None else (np.frombuffer(bytes(value), dtype=np.uint32).copy(),)
+
+
+def _v2_table(fd: int, what: str, _m: int) -> tuple | None:
+    """Layout 2: header (M, chunks per half), then two halves of 32-bit ids; each half as
+    it is (a group caught mid-change keeps both)."""
+    rows = dict((k.value, v) for k, v in bpf.Map(fd, what, _U32, S.TableChunk).lookup_batch())
+    hdr = rows.get(0)
+    if hdr is None or not hdr.slot[0]:
+        return None
+    m, n = int(hdr.slot[0]), int(hdr.slot[1])
+    if any(i not in rows for i in range(1, 1 + 2 * n)):
+        return None
+    ids = np.frombuffer(b"".join(bytes(rows[i]) for i in range(1, 1 + 2 * n)), dtype=np.uint32)
+    return ids[:m].copy(), ids[n * S.TABLE_CHUNK:][:m].copy()
+
+
+def _migrate_tables(pin_dir: Path, layout: int, outer: bpf.Map) -> int:
+    """Layout 1 or 2 -> 3: copies every table of the pinned outer map of that layout
+    (meshd_maglev_v1: one value of M slots per inner map, M in meshd_meta_v1;
+    meshd_maglev_v2: 32-bit slots in two halves) into `outer` (meshd_maglev_v3, same M), so
+    the new programs find every table the old ones used, in the half the frontends name,
+    when they are swapped in: no gap, no flip. Swapped in a batch at a time (not every
+    table held at once). The reconciler later resizes tables to their group's size.
+    Returns how many were copied."""
+    name, read = ((names.MAP_MAGLEV_V1, _v1_table) if layout == 1
+                  else (names.MAP_MAGLEV_V2, _v2_table))
+    pin = pin_dir / name
+    _layout, m = _pinned_layout(pin_dir)
+    if not pin.exists() or (layout == 1 and not m):
         return 0
-    old = bpf.Map(bpf.obj_get(pin), names.MAP_MAGLEV_V2, C.c_uint32, C.c_uint32)
+    old = bpf.Map(bpf.obj_get(pin), name, C.c_uint32, C.c_uint32)
     items: list[tuple] = []
     failed: dict[int, str] = {}
     copied = 0
     try:
         for key, inner_id in old.items():
-            what = f"{names.MAP_MAGLEV_V2}[{key.value}]"
+            what = f"{name}[{key.value}]"
             fd = bpf.map_fd_by_id(inner_id.value, what)
-            try:  # the whole inner array, a batch of elements per syscall
-                rows = dict((k.value, v) for k, v in
-                            bpf.Map(fd, what, _U32, S.TableChunk).lookup_batch())
+            try:
+                halves = read(fd, what, m)
             finally:
                 bpf.close_fd(fd)
-            hdr = rows.get(0)
-            if hdr is None or not hdr.slot[0]:
-                continue
-            m, n = int(hdr.slot[0]), int(hdr.slot[1])
-            if any(i not in rows for i in range(1, 1 + 2 * n)):
-                continue
-            ids = np.frombuffer(b"".join(bytes(rows[i]) for i in range(1, 1 + 2 * n)),
-                                dtype=np.uint32)
-            items.append((key.value, ids[:m].copy(), ids[n * S.TABLE_CHUNK:][:m].copy()))
-            if len(items) >= tables.TABLE_BATCH:  # a batch at a time: not every table held
-                failed.update(tables.swap_in(maglev_v3, items))
+            if halves is not None:
+                items.append((key.value, *halves))
+            if len(items) >= tables.TABLE_BATCH:
+                failed.update(tables.swap_in(outer, items))
                 copied, items = copied + len(items), []
-        failed.update(tables.swap_in(maglev_v3, items))
+        failed.update(tables.swap_in(outer, items))
         copied += len(items)
     finally:
         old.close()
     if failed:
-        raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout 2 failed "
+        raise DataplaneError(f"migrating {len(failed)} Maglev tables of layout {layout} failed "
                              f"({next(iter(failed.values()))}); run `meshd cleanup` for this "
                              "instance and start again")
     return copied
@@ -450,9 +437,8 @@ def load(bpffs: Path, instance: str, cgroup: Path, maglev_m: int = 0, metrics: b
             # leaves no half-filled map a restart would adopt (it migrates again)
             outer = bpf.Map(obj.map_fd(names.MAP_MAGLEV), names.MAP_MAGLEV, C.c_uint32,
                             C.c_uint32)  # borrowed fd: the object owns it (never closed here)
-            migrate = _migrate_v1_tables if layout == 1 else _migrate_v2_tables
             log.info("migrated %d Maglev tables of layout %d to %s",
-                     migrate(pin_dir, outer), layout, names.MAP_MAGLEV)
+                     _migrate_tables(pin_dir, layout, outer), layout, names.MAP_MAGLEV)
         pin_new(obj, pin_dir, names.PINNED_MAPS, adopted)
         log.info("socket LB loaded (maglev m=%s); adopted %d pinned maps; metrics %s "
                  "(adopted %d pinned metrics maps)", maglev_m or f"auto up to {maglev_max}",
